@@ -1,0 +1,35 @@
+# The two set-up commands: `make run` and `make test`. Needs only python3 (3.11+) and make.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TOOLS := .tools/bin
+
+.PHONY: run test unit integration k8s lint tools bench clean
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "kvstore needs Python 3.11+"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Reinstall whenever pyproject.toml changes; the stamp records the last install.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/kvstore cluster --nodes 3 --base-port 8080
+
+lint: $(VENV)/.installed
+	$(BIN)/lint-imports
+
+test: $(VENV)/.installed lint
+	$(BIN)/pytest
+
+unit: $(VENV)/.installed
+	$(BIN)/pytest tests/unit
+
+integration: $(VENV)/.installed
+	$(BIN)/pytest tests/integration
+
+clean:
+	rm -rf $(VENV) .tools .pytest_cache .hypothesis *.egg-info

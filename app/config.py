@@ -1,0 +1,164 @@
+"""Every setting of a kvstore node: its flag, its KVSTORE_* environment variable,
+its default and why. The CLI builds its parser from NODE_OPTIONS; the README's
+configuration table lists the same rows. Imports nothing from the rest of app
+except errors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from app.errors import ConfigError
+
+ENV_PREFIX = "KVSTORE_"
+
+DEFAULT_VNODES = 1024  # measured: 3 nodes x 1024 keep the fullest within ~6% of the mean (256: ~10%)
+MAX_KEY_BYTES = 1024  # keys are identifiers, not payloads; bounded so they fit in headers and logs
+DEFAULT_MAX_VALUE_BYTES = 1024 * 1024  # 1 MiB: big enough for documents, small enough to buffer
+DEFAULT_PEER_TIMEOUT_S = 2.0  # a peer slower than this is treated as unavailable (503), not waited on
+DEFAULT_LISTEN = "127.0.0.1:8080"  # the seed's first node
+DEFAULT_STORAGE_FSYNC = "batch"  # group commit: durable within a few ms at a fraction of per-write fsync
+DEFAULT_FSYNC_WINDOW_MS = 10  # batch window: at most this much acknowledged data is exposed to power loss
+DEFAULT_TOMBSTONE_GRACE_S = 86_400.0  # 1 day: longer than any partition we expect anti-entropy to heal
+DEFAULT_SWEEP_INTERVAL_S = 30.0  # TTL / tombstone sweep pace: reclaim space without competing with traffic
+DEFAULT_CLUSTER_BASE_PORT = 8080  # `kvstore cluster`: the seed's 8080, 8081, 8082
+DEFAULT_CLUSTER_NODES = 3
+DEFAULT_CLIENT_URL = "http://127.0.0.1:8080"
+
+STORAGE_ENGINES = ("memory", "lmdb")
+FSYNC_POLICIES = ("always", "batch", "never")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One node setting: `--flag`, env var KVSTORE_FLAG, default and help text."""
+
+    flag: str
+    default: str | None
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+
+NODE_OPTIONS: tuple[Option, ...] = (
+    Option("--node-id", None, "this node's unique id (required); also its name on the ring"),
+    Option("--listen", DEFAULT_LISTEN, "HOST:PORT to serve HTTP on"),
+    Option("--advertise-url", None, "URL peers use to reach this node (default: http://LISTEN)"),
+    Option("--peers", "", "ring members as ID=URL,ID=URL,... (this node is added if missing)"),
+    Option("--vnodes", str(DEFAULT_VNODES), "virtual nodes per member on the hash ring"),
+    Option("--max-value-bytes", str(DEFAULT_MAX_VALUE_BYTES), "largest accepted value, in bytes"),
+    Option("--peer-timeout", str(DEFAULT_PEER_TIMEOUT_S), "seconds to wait for another node"),
+    Option("--storage", None, "storage engine: memory|lmdb (default: lmdb with --data-dir, else memory)"),
+    Option("--data-dir", None, "directory for durable data (implies --storage lmdb)"),
+    Option("--fsync", DEFAULT_STORAGE_FSYNC, "durability: always|batch|never"),
+    Option("--fsync-window-ms", str(DEFAULT_FSYNC_WINDOW_MS), "batch window for --fsync batch"),
+    Option("--tombstone-grace", str(DEFAULT_TOMBSTONE_GRACE_S), "seconds a delete marker is kept"),
+    Option("--sweep-interval", str(DEFAULT_SWEEP_INTERVAL_S), "seconds between TTL/tombstone sweeps"),
+    Option("--log-level", "warning", "log level: debug|info|warning|error"),
+)
+
+
+def env_default(option: Option, environ: dict[str, str] | None = None) -> str | None:
+    """The option's value from the environment, else its built-in default."""
+    env = os.environ if environ is None else environ
+    return env.get(option.env, option.default)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"config: --listen must be HOST:PORT, got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+def parse_peers(spec: str) -> dict[str, str]:
+    """'a=http://h:1,b=http://h:2' -> {'a': 'http://h:1', 'b': 'http://h:2'}."""
+    peers: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        node_id, sep, url = item.partition("=")
+        node_id, url = node_id.strip(), url.strip().rstrip("/")
+        parts = urlsplit(url)
+        if not sep or not node_id or parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"config: --peers entry must be ID=http://HOST:PORT, got {item!r}")
+        if node_id in peers and peers[node_id] != url:
+            raise ConfigError(f"config: --peers names {node_id!r} twice with different URLs")
+        peers[node_id] = url
+    return peers
+
+
+def _positive(name: str, raw: str, kind: type) -> int | float:
+    try:
+        value = kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config: {name} must be a number, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"config: {name} must be positive, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: str
+    host: str
+    port: int
+    advertise_url: str
+    peers: dict[str, str]
+    vnodes: int = DEFAULT_VNODES
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    peer_timeout: float = DEFAULT_PEER_TIMEOUT_S
+    storage: str = "memory"
+    data_dir: str | None = None
+    fsync: str = DEFAULT_STORAGE_FSYNC
+    fsync_window_ms: int = DEFAULT_FSYNC_WINDOW_MS
+    tombstone_grace: float = DEFAULT_TOMBSTONE_GRACE_S
+    sweep_interval: float = DEFAULT_SWEEP_INTERVAL_S
+    log_level: str = "warning"
+
+    @classmethod
+    def from_options(cls, values: dict[str, str | None]) -> NodeConfig:
+        """Validate raw option strings (keyed by Option.dest) into a config."""
+        node_id = (values.get("node_id") or "").strip()
+        if not node_id:
+            raise ConfigError("config: --node-id (KVSTORE_NODE_ID) is required")
+        if any(c in node_id for c in ",= /"):
+            raise ConfigError(f"config: --node-id may not contain ',', '=', '/' or spaces: {node_id!r}")
+        host, port = parse_listen(values.get("listen") or DEFAULT_LISTEN)
+        advertise = (values.get("advertise_url") or f"http://{host}:{port}").rstrip("/")
+        peers = parse_peers(values.get("peers") or "")
+        if peers.get(node_id, advertise) != advertise and values.get("advertise_url"):
+            raise ConfigError(f"config: --peers gives {node_id} a URL other than --advertise-url")
+        advertise = peers.setdefault(node_id, advertise)
+        data_dir = values.get("data_dir") or None
+        storage = values.get("storage") or ("lmdb" if data_dir else "memory")
+        if storage not in STORAGE_ENGINES:
+            raise ConfigError(f"config: --storage must be one of {', '.join(STORAGE_ENGINES)}")
+        if storage != "memory" and not data_dir:
+            raise ConfigError(f"config: --storage {storage} needs --data-dir")
+        fsync = values.get("fsync") or DEFAULT_STORAGE_FSYNC
+        if fsync not in FSYNC_POLICIES:
+            raise ConfigError(f"config: --fsync must be one of {', '.join(FSYNC_POLICIES)}")
+        return cls(
+            node_id=node_id,
+            host=host,
+            port=port,
+            advertise_url=advertise,
+            peers=peers,
+            vnodes=int(_positive("--vnodes", values.get("vnodes") or str(DEFAULT_VNODES), int)),
+            max_value_bytes=int(_positive("--max-value-bytes", values.get("max_value_bytes") or str(DEFAULT_MAX_VALUE_BYTES), int)),
+            peer_timeout=float(_positive("--peer-timeout", values.get("peer_timeout") or str(DEFAULT_PEER_TIMEOUT_S), float)),
+            storage=storage,
+            data_dir=data_dir,
+            fsync=fsync,
+            fsync_window_ms=int(_positive("--fsync-window-ms", values.get("fsync_window_ms") or str(DEFAULT_FSYNC_WINDOW_MS), int)),
+            tombstone_grace=float(_positive("--tombstone-grace", values.get("tombstone_grace") or str(DEFAULT_TOMBSTONE_GRACE_S), float)),
+            sweep_interval=float(_positive("--sweep-interval", values.get("sweep_interval") or str(DEFAULT_SWEEP_INTERVAL_S), float)),
+            log_level=(values.get("log_level") or "warning").lower(),
+        )

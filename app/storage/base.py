@@ -1,0 +1,90 @@
+"""The storage interface every engine implements, and the Record it stores.
+
+A record is a versioned value or a tombstone (value None), with an optional
+absolute expiry. Engines keep at most one record per key and apply writes
+last-writer-wins by Version; they never decide what absence means (the
+coordinator does). Pure: imports no web, network or asyncio code.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from app.clock import Version
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    version: Version
+    value: bytes | None  # None: a tombstone, the trace a delete leaves
+    expires_at_ms: int = 0  # 0: never; else wall-clock ms after which the record is gone
+
+    @property
+    def is_tombstone(self) -> bool:
+        return self.value is None
+
+    def expired(self, now_ms: int) -> bool:
+        return 0 < self.expires_at_ms <= now_ms
+
+    def live(self, now_ms: int) -> bool:
+        """True when a read should see this record's value."""
+        return self.value is not None and not self.expired(now_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    applied: bool  # the record is now the stored one (it was newer)
+    previous: Record | None  # what was stored before, if anything
+
+
+class Store(abc.ABC):
+    """One node's local records. Thread-safe; calls may block briefly."""
+
+    @abc.abstractmethod
+    def get(self, key: bytes) -> Record | None:
+        """The stored record (tombstones included; expired ones excluded)."""
+
+    @abc.abstractmethod
+    def apply(self, key: bytes, record: Record) -> ApplyResult:
+        """Store `record` if it is newer than the stored one (last writer wins)."""
+
+    @abc.abstractmethod
+    def live_count(self) -> int:
+        """Keys with a live value (an estimate is fine between sweeps)."""
+
+    @abc.abstractmethod
+    def iter_range(self, start: int, end: int) -> Iterator[tuple[bytes, Record]]:
+        """Records whose key hash h lies in the ring arc (start, end]."""
+
+    @abc.abstractmethod
+    def sweep(self, now_ms: int) -> int:
+        """Drop expired records and tombstones past their grace; return how many."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush and release the engine; further calls are errors."""
+
+    def sync(self) -> None:  # noqa: B027 - engines without a write-back buffer need nothing
+        """Make every applied write durable now (blocking)."""
+
+    def wait_durable(self) -> Future[None] | None:
+        """How a caller waits until every write applied so far is on disk.
+
+        None: nothing to wait for under this engine's durability policy (memory,
+        or fsync batch/never, where acknowledging precedes the flush). Else a
+        future that completes after the next group commit, so many concurrent
+        writers share one fsync (--fsync always). The coordinator awaits it
+        before acknowledging; the engine never blocks the event loop on disk.
+        """
+        return None
+
+
+def in_arc(token: int, start: int, end: int) -> bool:
+    """Whether `token` lies on the ring arc (start, end], which may wrap past zero.
+    start == end means the whole circle (a ring with a single point)."""
+    if start < end:
+        return start < token <= end
+    return token > start or token <= end

@@ -23,6 +23,7 @@ DEFAULT_STORAGE_FSYNC = "batch"  # group commit: durable within a few ms at a fr
 DEFAULT_FSYNC_WINDOW_MS = 10  # batch window: at most this much acknowledged data is exposed to power loss
 DEFAULT_TOMBSTONE_GRACE_S = 86_400.0  # 1 day: longer than any partition we expect anti-entropy to heal
 DEFAULT_SWEEP_INTERVAL_S = 30.0  # TTL / tombstone sweep pace: reclaim space without competing with traffic
+DEFAULT_REPLICATION_FACTOR = 1  # issue 2: one owner per key; replication raises this
 DEFAULT_CLUSTER_BASE_PORT = 8080  # `kvstore cluster`: the seed's 8080, 8081, 8082
 DEFAULT_CLUSTER_NODES = 3
 DEFAULT_CLIENT_URL = "http://127.0.0.1:8080"
@@ -54,6 +55,8 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("--advertise-url", None, "URL peers use to reach this node (default: http://LISTEN)"),
     Option("--peers", "", "ring members as ID=URL,ID=URL,... (this node is added if missing)"),
     Option("--vnodes", str(DEFAULT_VNODES), "virtual nodes per member on the hash ring"),
+    Option("--replication-factor", str(DEFAULT_REPLICATION_FACTOR), "copies of each key (capped at the ring size)"),
+    Option("--cluster-token", None, "shared secret required on internal replica routes (unset: open)"),
     Option("--max-value-bytes", str(DEFAULT_MAX_VALUE_BYTES), "largest accepted value, in bytes"),
     Option("--peer-timeout", str(DEFAULT_PEER_TIMEOUT_S), "seconds to wait for another node"),
     Option("--storage", None, "storage engine: memory|lmdb (default: lmdb with --data-dir, else memory)"),
@@ -112,6 +115,8 @@ class NodeConfig:
     advertise_url: str
     peers: dict[str, str]
     vnodes: int = DEFAULT_VNODES
+    replication_factor: int = DEFAULT_REPLICATION_FACTOR
+    cluster_token: str | None = None
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     peer_timeout: float = DEFAULT_PEER_TIMEOUT_S
     storage: str = "memory"
@@ -152,6 +157,8 @@ class NodeConfig:
             advertise_url=advertise,
             peers=peers,
             vnodes=int(_positive("--vnodes", values.get("vnodes") or str(DEFAULT_VNODES), int)),
+            replication_factor=int(_positive("--replication-factor", values.get("replication_factor") or str(DEFAULT_REPLICATION_FACTOR), int)),
+            cluster_token=values.get("cluster_token") or None,
             max_value_bytes=int(_positive("--max-value-bytes", values.get("max_value_bytes") or str(DEFAULT_MAX_VALUE_BYTES), int)),
             peer_timeout=float(_positive("--peer-timeout", values.get("peer_timeout") or str(DEFAULT_PEER_TIMEOUT_S), float)),
             storage=storage,

@@ -1,0 +1,235 @@
+"""The `kvstore` command: run a node, run a local cluster, or talk to one.
+
+    kvstore node --node-id ID --listen HOST:PORT --peers ID=URL,...   one node
+    kvstore cluster --nodes 3 --base-port 8080                         the seed's three nodes
+    kvstore put KEY VALUE | get KEY | delete KEY | ring [--url URL]    a client
+
+Every node flag also reads KVSTORE_<FLAG> from the environment (app.config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from urllib.parse import quote
+
+from app.config import (
+    DEFAULT_CLIENT_URL,
+    DEFAULT_CLUSTER_BASE_PORT,
+    DEFAULT_CLUSTER_NODES,
+    NODE_OPTIONS,
+    NodeConfig,
+    env_default,
+)
+from app.errors import ConfigError, KvstoreError
+
+CLUSTER_STOP_GRACE_S = 5.0  # how long `kvstore cluster` waits for nodes to exit before SIGKILL
+CLIENT_TIMEOUT_S = 10.0
+PR_SET_PDEATHSIG = 1  # linux prctl: signal the child when its parent dies
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvstore", description="A distributed key-value store.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    node = sub.add_parser("node", help="run one node")
+    for option in NODE_OPTIONS:
+        node.add_argument(option.flag, dest=option.dest, default=env_default(option), help=f"{option.help} [env {option.env}]")
+
+    cluster = sub.add_parser("cluster", help="run a local cluster, one process per node")
+    cluster.add_argument("--nodes", type=int, default=DEFAULT_CLUSTER_NODES, help="how many nodes")
+    cluster.add_argument("--base-port", type=int, default=DEFAULT_CLUSTER_BASE_PORT, help="first node's port; the rest follow")
+    cluster.add_argument("--host", default="127.0.0.1", help="address every node listens on")
+    cluster.add_argument("--data-dir", default=None, help="keep data durably under DIR/<node-id>")
+    cluster.add_argument("--replication-factor", default=None, help="copies of each key")
+
+    for name, help_text in (("get", "read a key"), ("delete", "delete a key")):
+        client = sub.add_parser(name, help=help_text)
+        client.add_argument("key")
+        client.add_argument("--url", default=os.environ.get("KVSTORE_URL", DEFAULT_CLIENT_URL))
+    put = sub.add_parser("put", help="write a key")
+    put.add_argument("key")
+    put.add_argument("value")
+    put.add_argument("--ttl", type=float, default=None, help="seconds until the key expires")
+    put.add_argument("--url", default=os.environ.get("KVSTORE_URL", DEFAULT_CLIENT_URL))
+    ring = sub.add_parser("ring", help="show the ring: members, reachability, shares")
+    ring.add_argument("--url", default=os.environ.get("KVSTORE_URL", DEFAULT_CLIENT_URL))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "node":
+            return run_node(args)
+        if args.command == "cluster":
+            return run_cluster(args)
+        return run_client(args)
+    except ConfigError as exc:
+        print(f"kvstore: {exc}", file=sys.stderr)
+        return 2
+    except KvstoreError as exc:
+        print(f"kvstore: {exc}", file=sys.stderr)
+        return 1
+
+
+# -- node ---------------------------------------------------------------------
+
+
+def run_node(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.web.app import create_app
+
+    config = NodeConfig.from_options({option.dest: getattr(args, option.dest) for option in NODE_OPTIONS})
+    logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s {config.node_id} %(levelname)s %(name)s: %(message)s")
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        loop="uvloop",
+        http="httptools",
+        workers=1,  # the store lives in the process: exactly one worker
+        lifespan="on",
+        access_log=False,
+        log_level=config.log_level,
+        timeout_graceful_shutdown=3,
+        server_header=False,
+    ))
+    server.run()
+    return 0 if server.started else 1
+
+
+# -- cluster ------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if `kvstore cluster` itself dies,
+    so even a SIGKILLed parent leaves no orphan node behind."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def cluster_node_args(*, index: int, count: int, host: str, base_port: int) -> list[str]:
+    peers = ",".join(f"node{i + 1}=http://{host}:{base_port + i}" for i in range(count))
+    return ["--node-id", f"node{index + 1}", "--listen", f"{host}:{base_port + index}", "--peers", peers]
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    if not 1 <= args.nodes <= 64:
+        raise ConfigError("config: --nodes must be between 1 and 64")
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for index in range(args.nodes):
+            node_args = cluster_node_args(index=index, count=args.nodes, host=args.host, base_port=args.base_port)
+            if args.data_dir:
+                node_args += ["--data-dir", os.path.join(args.data_dir, f"node{index + 1}")]
+            if args.replication_factor:
+                node_args += ["--replication-factor", str(args.replication_factor)]
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "app", "node", *node_args],
+                preexec_fn=_die_with_parent,
+                # Own session: a terminal's Ctrl-C reaches only us, and we stop
+                # the nodes in order instead of racing them.
+                start_new_session=True,
+            ))
+            print(f"kvstore: started {node_args[1]} on http://{node_args[3]} (pid {procs[-1].pid})", flush=True)
+        print("kvstore: cluster running; Ctrl-C stops it", flush=True)
+        while not stopping:
+            if any(proc.poll() is not None for proc in procs):
+                dead = [p.pid for p in procs if p.returncode is not None]
+                print(f"kvstore: node process(es) {dead} exited; stopping the cluster", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        _stop_all(procs)
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + CLUSTER_STOP_GRACE_S
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    print("kvstore: cluster stopped", flush=True)
+
+
+# -- client -------------------------------------------------------------------
+
+
+def run_client(args: argparse.Namespace) -> int:
+    import httpx
+
+    base = args.url.rstrip("/")
+    path = "/kv/" + quote(args.key, safe="") if args.command != "ring" else "/ring"
+    try:
+        with httpx.Client(base_url=base, timeout=CLIENT_TIMEOUT_S) as client:
+            if args.command == "get":
+                resp = client.get(path)
+                if resp.status_code == 200:
+                    sys.stdout.buffer.write(resp.content + b"\n")
+                    return 0
+            elif args.command == "put":
+                params = {"ttl": args.ttl} if args.ttl else None
+                resp = client.put(path, content=args.value.encode(), params=params)
+                if resp.status_code == 204:
+                    print(f"OK {resp.headers.get('x-kvstore-version', '')}".rstrip())
+                    return 0
+            elif args.command == "delete":
+                resp = client.delete(path)
+                if resp.status_code == 204:
+                    print("OK")
+                    return 0
+            else:
+                resp = client.get(path)
+                if resp.status_code == 200:
+                    print(format_ring(resp.json()))
+                    return 0
+    except httpx.HTTPError as exc:
+        print(f"kvstore: cannot reach {base}: {exc}", file=sys.stderr)
+        return 1
+    print(f"kvstore: {resp.status_code}: {_error_text(resp)}", file=sys.stderr)
+    return 1
+
+
+def _error_text(resp: object) -> str:
+    try:
+        return str(resp.json().get("error", resp.text))  # type: ignore[attr-defined]
+    except ValueError:
+        return resp.text  # type: ignore[attr-defined]
+
+
+def format_ring(ring: dict[str, object]) -> str:
+    rows = [("NODE", "URL", "REACHABLE", "SHARE", "REPLICA SHARE")]
+    for member in ring["members"]:  # type: ignore[attr-defined]
+        name = member["node_id"] + (" (self)" if member["self"] else "")
+        rows.append((name, member["url"], "yes" if member["reachable"] else "NO",
+                     f"{member['share'] * 100:.1f}%", f"{member['replica_share'] * 100:.1f}%"))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    header = f"ring of {ring['node_id']}: {len(rows) - 1} members, {ring['vnodes']} vnodes each, replication factor {ring['replication_factor']}"
+    return "\n".join([header, *lines])

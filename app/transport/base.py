@@ -1,0 +1,86 @@
+"""The peer-client interface and the replica wire protocol shared by the HTTP
+client, the internal routes that serve it, and the in-process fake.
+
+Replica routes live under INTERNAL_PREFIX and are never forwarded again: a
+node that receives one serves it from its own store, so a request crosses at
+most one internal hop. Imports storage types only; no network library.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from app.clock import Version
+from app.storage.base import Record
+
+INTERNAL_PREFIX = "/internal/v1"
+KV_PATH = INTERNAL_PREFIX + "/kv/"
+TOKEN_HEADER = "x-kvstore-token"
+VERSION_HEADER = "x-kvstore-version"
+EXPIRES_HEADER = "x-kvstore-expires"
+TOMBSTONE_HEADER = "x-kvstore-tombstone"
+APPLIED_HEADER = "x-kvstore-applied"
+EXISTED_HEADER = "x-kvstore-existed"
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    node_id: str
+    url: str
+
+    def __str__(self) -> str:
+        return f"{self.node_id} ({self.url})"
+
+
+@dataclass(frozen=True, slots=True)
+class WriteAck:
+    """A replica's answer to a write."""
+
+    applied: bool  # the write was newer than what the replica held
+    existed: bool  # the replica held a live value before the write
+
+
+def quote_key(key: bytes) -> str:
+    return quote(key, safe="")
+
+
+def record_headers(record: Record) -> dict[str, str]:
+    headers = {VERSION_HEADER: record.version.encode()}
+    if record.expires_at_ms:
+        headers[EXPIRES_HEADER] = str(record.expires_at_ms)
+    if record.value is None:
+        headers[TOMBSTONE_HEADER] = "1"
+    return headers
+
+
+def record_from_headers(headers: dict[str, str], body: bytes) -> Record:
+    """Inverse of record_headers; raises ValueError on a malformed header."""
+    version = Version.decode(headers[VERSION_HEADER])
+    expires = int(headers.get(EXPIRES_HEADER) or 0)
+    tombstone = headers.get(TOMBSTONE_HEADER) == "1"
+    return Record(version=version, value=None if tombstone else body, expires_at_ms=expires)
+
+
+class PeerClient(abc.ABC):
+    """Calls the replica routes of other nodes.
+
+    Every failure to get an answer (refused, reset, timed out, an unexpected
+    status) raises app.errors.PeerUnavailableError naming the peer.
+    """
+
+    @abc.abstractmethod
+    async def read(self, peer: Peer, key: bytes) -> Record | None:
+        """The peer's record for key (tombstones included), None if it has none."""
+
+    @abc.abstractmethod
+    async def write(self, peer: Peer, key: bytes, record: Record) -> WriteAck:
+        """Apply record on the peer; returns once the peer has made it durable."""
+
+    @abc.abstractmethod
+    async def probe(self, peer: Peer) -> bool:
+        """A cheap liveness check: True if the peer answers its health route."""
+
+    async def close(self) -> None:  # noqa: B027 - fakes hold nothing
+        """Release pooled connections."""

@@ -1,0 +1,77 @@
+"""The composition root: builds a Node from its config, the aiohttp peer
+client, the FastAPI application, and the data plane in front of it.
+
+create_app(config) returns the ASGI application uvicorn serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import __version__
+from app.cluster.node import Node
+from app.config import NodeConfig
+from app.transport.http import HttpPeerClient
+from app.web.dataplane import DataPlane
+from app.web.openapi import merge_data_routes
+from app.web.routes_ops import router as ops_router
+
+
+def create_app(config: NodeConfig) -> DataPlane:
+    node = Node(config)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await node.start(HttpPeerClient(timeout_s=config.peer_timeout, token=config.cluster_token))
+        try:
+            yield
+        finally:
+            await node.stop()
+
+    api = FastAPI(
+        title="kvstore",
+        version=__version__,
+        description="A distributed key-value store with consistent hashing.",
+        lifespan=lifespan,
+    )
+    api.state.node = node
+    api.include_router(ops_router)
+    _install_error_handlers(api)
+    _install_openapi(api)
+    return DataPlane(node=node, fallback=api)
+
+
+def _install_error_handlers(api: FastAPI) -> None:
+    """Every error FastAPI itself produces answers {"error": ...}, like the data plane."""
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+    @api.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"error": f"invalid request: {problems}"}, status_code=422)
+
+
+def _install_openapi(api: FastAPI) -> None:
+    generate = api.openapi
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            api.openapi_schema = merge_data_routes(generate())
+        return api.openapi_schema
+
+    api.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,61 @@
+"""Operations routes served by FastAPI: readiness, the ring view, metrics.
+Thin: they read the Node on app.state and shape JSON."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from app.cluster.node import Node
+from app.metrics import CONTENT_TYPE_LATEST
+
+router = APIRouter(tags=["operations"])
+
+
+def _node(request: Request) -> Node:
+    return request.app.state.node
+
+
+@router.get("/ready", summary="Readiness: 200 when the ring is known and the store is open, else 503")
+async def ready(request: Request) -> JSONResponse:
+    reason = _node(request).not_ready_reason()
+    if reason is not None:
+        return JSONResponse({"error": f"not ready: {reason}"}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/ring", summary="This node's view of the ring: members, reachability, key-space shares")
+async def ring(request: Request) -> dict[str, object]:
+    node = _node(request)
+    view = node.membership.current
+    shares = view.ring.shares()
+    replica_shares = view.ring.shares(node.config.replication_factor)
+    now = time.monotonic()
+    members = []
+    for node_id, peer in sorted(view.peers.items()):
+        state = node.health.snapshot(node_id)
+        is_self = node_id == node.config.node_id
+        members.append({
+            "node_id": node_id,
+            "url": peer.url,
+            "self": is_self,
+            "reachable": True if is_self else state.up,
+            "since_s": None if is_self else round(max(0.0, now - state.since), 3),
+            "last_error": None if is_self or state.up else state.last_error,
+            "share": round(shares[node_id], 6),
+            "replica_share": round(replica_shares[node_id], 6),
+        })
+    return {
+        "node_id": node.config.node_id,
+        "epoch": view.epoch,
+        "vnodes": view.ring.vnodes,
+        "replication_factor": min(node.config.replication_factor, len(view.ring)),
+        "members": members,
+    }
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(_node(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -59,13 +59,13 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("--cluster-token", None, "shared secret required on internal replica routes (unset: open)"),
     Option("--max-value-bytes", str(DEFAULT_MAX_VALUE_BYTES), "largest accepted value, in bytes"),
     Option("--peer-timeout", str(DEFAULT_PEER_TIMEOUT_S), "seconds to wait for another node"),
-    Option("--storage", None, "storage engine: memory|lmdb (default: lmdb with --data-dir, else memory)"),
+    Option("--storage", None, "storage engine: memory or lmdb (default: lmdb with --data-dir, else memory)"),
     Option("--data-dir", None, "directory for durable data (implies --storage lmdb)"),
-    Option("--fsync", DEFAULT_STORAGE_FSYNC, "durability: always|batch|never"),
+    Option("--fsync", DEFAULT_STORAGE_FSYNC, "durability: always, batch or never (see Durability)"),
     Option("--fsync-window-ms", str(DEFAULT_FSYNC_WINDOW_MS), "batch window for --fsync batch"),
     Option("--tombstone-grace", str(DEFAULT_TOMBSTONE_GRACE_S), "seconds a delete marker is kept"),
     Option("--sweep-interval", str(DEFAULT_SWEEP_INTERVAL_S), "seconds between TTL/tombstone sweeps"),
-    Option("--log-level", "warning", "log level: debug|info|warning|error"),
+    Option("--log-level", "warning", "log level: debug, info, warning or error"),
 )
 
 

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from starlette.testclient import TestClient
+
+from app.config import NodeConfig
+from app.web.app import create_app
+
+
+def single_node_config(**overrides: str) -> NodeConfig:
+    values = {"node_id": "n1", "listen": "127.0.0.1:9", **overrides}
+    return NodeConfig.from_options(values)
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    """A one-member node served in-process (lifespan included), no sockets."""
+    with TestClient(create_app(single_node_config(max_value_bytes="4096"))) as test_client:
+        yield test_client

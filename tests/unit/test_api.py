@@ -1,0 +1,135 @@
+"""The HTTP API of one node, through the ASGI app: the seed's routes, the REST
+routes, operations routes, and every kind of bad input."""
+
+from __future__ import annotations
+
+import pytest
+from starlette.testclient import TestClient
+
+from tests.unit.conftest import single_node_config
+from app.web.app import create_app
+
+
+def test_seed_put_get_delete_roundtrip(client: TestClient) -> None:
+    resp = client.put("/put", content=b'{"key":"alpha", "value":"value1"}')
+    assert resp.status_code == 200 and resp.json()["key"] == "alpha"
+    resp = client.get("/get", params={"key": "alpha"})
+    assert resp.status_code == 200
+    assert resp.json() == {"key": "alpha", "value": "value1"}
+    assert client.delete("/delete", params={"key": "alpha"}).status_code == 200
+    resp = client.get("/get", params={"key": "alpha"})
+    assert resp.status_code == 404 and "error" in resp.json()
+    assert client.delete("/delete", params={"key": "alpha"}).status_code == 404
+
+
+def test_health_is_plain_ok(client: TestClient) -> None:
+    resp = client.get("/health")
+    assert resp.status_code == 200 and resp.text == "OK"
+
+
+def test_rest_values_are_binary_safe(client: TestClient) -> None:
+    value = bytes(range(256)) * 3
+    assert client.put("/kv/bin%2Fkey", content=value).status_code == 204
+    resp = client.get("/kv/bin%2Fkey")
+    assert resp.status_code == 200 and resp.content == value
+    assert resp.headers["content-type"] == "application/octet-stream"
+    assert resp.headers["x-kvstore-version"].endswith(".n1")
+    # The seed's JSON route refuses to mangle binary values.
+    assert client.get("/get", params={"key": "bin/key"}).status_code == 406
+    assert client.delete("/kv/bin%2Fkey").status_code == 204
+    assert client.get("/kv/bin%2Fkey").status_code == 404
+    assert client.delete("/kv/never-there").status_code == 204
+
+
+def test_unicode_keys_work_on_both_apis(client: TestClient) -> None:
+    assert client.put("/put", json={"key": "café ☕", "value": "crème"}).status_code == 200
+    assert client.get("/kv/caf%C3%A9%20%E2%98%95").content == "crème".encode()
+
+
+def test_ready_ring_metrics(client: TestClient) -> None:
+    assert client.get("/ready").json() == {"status": "ready"}
+    ring = client.get("/ring").json()
+    assert ring["node_id"] == "n1" and ring["members"][0]["share"] == pytest.approx(1.0)
+    client.put("/put", json={"key": "k", "value": "v"})
+    client.get("/get", params={"key": "k"})
+    text = client.get("/metrics").text
+    assert 'kvstore_requests_total{op="put",status="200"} 1.0' in text
+    assert 'kvstore_request_duration_seconds_bucket{le="0.0002",op="get"}' in text
+    assert "kvstore_keys 1.0" in text
+    assert "kvstore_forwarded_requests_total" in text
+
+
+def test_openapi_describes_every_route(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    for route in ("/put", "/get", "/delete", "/health", "/kv/{key}", "/ready", "/ring", "/metrics"):
+        assert route in paths, route
+    assert set(paths["/kv/{key}"]) == {"get", "put", "delete"}
+
+
+BAD_REQUESTS = [
+    # (method, path, body, expected status, words the error must contain)
+    ("GET", "/get", None, 400, "missing"),
+    ("GET", "/get?key=", None, 400, "empty"),
+    ("GET", "/get?key=" + "k" * 1025, None, 400, "1025 bytes"),
+    ("GET", "/get?key=%FF%FE", None, 400, "UTF-8"),
+    ("GET", "/kv/%FF", None, 400, "UTF-8"),
+    ("PUT", "/kv/" + "k" * 1025, b"v", 400, "limit"),
+    ("PUT", "/put", b"not json", 400, "JSON"),
+    ("PUT", "/put", b"[1, 2]", 400, "object"),
+    ("PUT", "/put", b'{"key": "a"}', 400, "value"),
+    ("PUT", "/put", b'{"value": "a"}', 400, "key"),
+    ("PUT", "/put", b'{"key": 5, "value": "a"}', 400, "key"),
+    ("PUT", "/put", b'{"key": "a", "value": {"x": 1}}', 400, "value"),
+    ("PUT", "/put", b'{"key": "", "value": "a"}', 400, "empty"),
+    ("PUT", "/put", b'{"key": "a", "value": "b", "ttl": -1}', 400, "ttl"),
+    ("PUT", "/put", b'{"key": "a", "value": "b", "ttl": "soon"}', 400, "ttl"),
+    ("PUT", "/kv/a?ttl=0", b"v", 400, "ttl"),
+    ("GET", "/get?key=a&consistency=most", None, 400, "consistency"),
+    ("PUT", "/put", b'{"key": "a", "value": "' + b"x" * 5000 + b'"}', 413, "limit"),
+    ("PUT", "/kv/big", b"x" * 5000, 413, "limit"),
+    ("POST", "/get?key=a", None, 405, "GET"),
+    ("GET", "/put", None, 405, "PUT"),
+    ("PUT", "/delete?key=a", None, 405, "DELETE"),
+    ("PATCH", "/kv/a", b"x", 405, "PUT"),
+    ("POST", "/health", None, 405, "GET"),
+    ("POST", "/ready", None, 405, "not allowed"),
+    ("GET", "/no/such/route", None, 404, "no route"),
+    ("GET", "/internal/v1/kv/%FF", None, 400, "UTF-8"),
+    ("PUT", "/internal/v1/kv/a", b"v", 400, "version"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "words"), BAD_REQUESTS)
+def test_bad_input_is_a_4xx_with_a_json_error_and_harms_nothing(
+    client: TestClient, method: str, path: str, body: bytes | None, status: int, words: str
+) -> None:
+    client.put("/put", json={"key": "survivor", "value": "still here"})
+    resp = client.request(method, path, content=body)
+    assert resp.status_code == status, resp.text
+    assert words in resp.json()["error"]
+    # The node still serves, and the earlier write is intact.
+    assert client.get("/get", params={"key": "survivor"}).json()["value"] == "still here"
+    assert client.put("/put", json={"key": "after", "value": "ok"}).status_code == 200
+
+
+def test_ttl_makes_a_key_expire(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    import app.clock
+
+    now = [app.clock.wall_ms()]
+    for module in ("app.clock", "app.cluster.coordinator", "app.storage.memory"):
+        monkeypatch.setattr(f"{module}.wall_ms", lambda: now[0])
+    assert client.put("/kv/ephemeral?ttl=5", content=b"v").status_code == 204
+    assert client.put("/put", json={"key": "e2", "value": "v", "ttl": 5}).status_code == 200
+    assert client.get("/kv/ephemeral").status_code == 200
+    now[0] += 6000
+    assert client.get("/kv/ephemeral").status_code == 404
+    assert client.get("/get", params={"key": "e2"}).status_code == 404
+
+
+def test_internal_routes_require_the_cluster_token_when_set() -> None:
+    with TestClient(create_app(single_node_config(cluster_token="s3cret"))) as client:
+        assert client.get("/internal/v1/kv/a").status_code == 401
+        assert client.get("/internal/v1/kv/a", headers={"x-kvstore-token": "wrong"}).status_code == 403
+        assert client.get("/internal/v1/kv/a", headers={"x-kvstore-token": "s3cret"}).status_code == 404
+        # Client routes stay open.
+        assert client.put("/kv/a", content=b"v").status_code == 204

@@ -1,0 +1,53 @@
+"""Settings: parsing, validation, environment defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.config import NODE_OPTIONS, NodeConfig, env_default, parse_peers
+from app.errors import ConfigError
+
+
+def test_peers_parse_and_self_is_added() -> None:
+    config = NodeConfig.from_options({"node_id": "n3", "listen": "127.0.0.1:8082", "peers": "n1=http://h:1, n2=http://h:2/"})
+    assert config.peers == {"n1": "http://h:1", "n2": "http://h:2", "n3": "http://127.0.0.1:8082"}
+    assert config.advertise_url == "http://127.0.0.1:8082"
+
+
+def test_self_url_comes_from_the_peer_list_when_named_there() -> None:
+    config = NodeConfig.from_options({"node_id": "n1", "listen": "0.0.0.0:80", "peers": "n1=http://node-1.svc:80"})
+    assert config.advertise_url == "http://node-1.svc:80" and config.host == "0.0.0.0"
+
+
+@pytest.mark.parametrize(
+    ("values", "words"),
+    [
+        ({}, "--node-id"),
+        ({"node_id": "a,b"}, "may not contain"),
+        ({"node_id": "n", "listen": "nowhere"}, "HOST:PORT"),
+        ({"node_id": "n", "listen": "h:70000"}, "HOST:PORT"),
+        ({"node_id": "n", "peers": "n2"}, "ID=http"),
+        ({"node_id": "n", "peers": "n2=ftp://x"}, "ID=http"),
+        ({"node_id": "n", "peers": "a=http://x:1,a=http://y:2"}, "twice"),
+        ({"node_id": "n", "vnodes": "0"}, "positive"),
+        ({"node_id": "n", "vnodes": "many"}, "number"),
+        ({"node_id": "n", "storage": "floppy"}, "--storage"),
+        ({"node_id": "n", "fsync": "sometimes"}, "--fsync"),
+        ({"node_id": "n", "storage": "lmdb"}, "--data-dir"),
+    ],
+)
+def test_bad_settings_are_refused_with_a_clear_message(values: dict[str, str], words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        NodeConfig.from_options(values)
+
+
+def test_every_option_reads_its_kvstore_env_var() -> None:
+    envs = {option.env for option in NODE_OPTIONS}
+    assert "KVSTORE_NODE_ID" in envs and "KVSTORE_PEERS" in envs and "KVSTORE_VNODES" in envs
+    option = next(o for o in NODE_OPTIONS if o.flag == "--vnodes")
+    assert env_default(option, {"KVSTORE_VNODES": "64"}) == "64"
+    assert env_default(option, {}) == option.default
+
+
+def test_empty_peer_entries_are_ignored() -> None:
+    assert parse_peers(" , a=http://x:1 ,") == {"a": "http://x:1"}

@@ -23,7 +23,12 @@ DEFAULT_STORAGE_FSYNC = "batch"  # group commit: durable within a few ms at a fr
 DEFAULT_FSYNC_WINDOW_MS = 10  # batch window: at most this much acknowledged data is exposed to power loss
 DEFAULT_TOMBSTONE_GRACE_S = 86_400.0  # 1 day: longer than any partition we expect anti-entropy to heal
 DEFAULT_SWEEP_INTERVAL_S = 30.0  # TTL / tombstone sweep pace: reclaim space without competing with traffic
-DEFAULT_REPLICATION_FACTOR = 1  # issue 2: one owner per key; replication raises this
+DEFAULT_LMDB_MAP_SIZE = 64 << 30  # 64 GiB of address space, not disk: the file grows only with data; ~400M small records
+LMDB_SWEEP_BATCH = 512  # records purged per sweep transaction: each holds the write lock ~1 ms, so puts never wait long
+LMDB_SCAN_CHUNK = 1024  # records read per iter_range/digest transaction: no read txn outlives a chunk, so pages recycle
+DEFAULT_REPLICATION_FACTOR = 3  # survives one node down with quorum reads and writes (R + W > N)
+DEFAULT_ANTI_ENTROPY_INTERVAL_S = 30.0  # replicas converge within minutes even with no reads; cheap when in sync
+DEFAULT_SYNC_DEADLINE_S = 60.0  # a joining node stops waiting for unreachable sources after this; repair catches up
 DEFAULT_CLUSTER_BASE_PORT = 8080  # `kvstore cluster`: the seed's 8080, 8081, 8082
 DEFAULT_CLUSTER_NODES = 3
 DEFAULT_CLIENT_URL = "http://127.0.0.1:8080"
@@ -56,6 +61,8 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("--peers", "", "ring members as ID=URL,ID=URL,... (this node is added if missing)"),
     Option("--vnodes", str(DEFAULT_VNODES), "virtual nodes per member on the hash ring"),
     Option("--replication-factor", str(DEFAULT_REPLICATION_FACTOR), "copies of each key (capped at the ring size)"),
+    Option("--anti-entropy-interval", str(DEFAULT_ANTI_ENTROPY_INTERVAL_S), "seconds between anti-entropy rounds"),
+    Option("--sync-deadline", str(DEFAULT_SYNC_DEADLINE_S), "seconds a joining node waits to pull its ranges before serving anyway"),
     Option("--cluster-token", None, "shared secret required on internal replica routes (unset: open)"),
     Option("--max-value-bytes", str(DEFAULT_MAX_VALUE_BYTES), "largest accepted value, in bytes"),
     Option("--peer-timeout", str(DEFAULT_PEER_TIMEOUT_S), "seconds to wait for another node"),
@@ -117,6 +124,8 @@ class NodeConfig:
     vnodes: int = DEFAULT_VNODES
     replication_factor: int = DEFAULT_REPLICATION_FACTOR
     cluster_token: str | None = None
+    anti_entropy_interval: float = DEFAULT_ANTI_ENTROPY_INTERVAL_S
+    sync_deadline: float = DEFAULT_SYNC_DEADLINE_S
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     peer_timeout: float = DEFAULT_PEER_TIMEOUT_S
     storage: str = "memory"
@@ -133,7 +142,7 @@ class NodeConfig:
         node_id = (values.get("node_id") or "").strip()
         if not node_id:
             raise ConfigError("config: --node-id (KVSTORE_NODE_ID) is required")
-        if any(c in node_id for c in ",= /"):
+        if any(c in node_id for c in ",= /") or not node_id.isprintable():
             raise ConfigError(f"config: --node-id may not contain ',', '=', '/' or spaces: {node_id!r}")
         host, port = parse_listen(values.get("listen") or DEFAULT_LISTEN)
         advertise = (values.get("advertise_url") or f"http://{host}:{port}").rstrip("/")
@@ -159,6 +168,8 @@ class NodeConfig:
             vnodes=int(_positive("--vnodes", values.get("vnodes") or str(DEFAULT_VNODES), int)),
             replication_factor=int(_positive("--replication-factor", values.get("replication_factor") or str(DEFAULT_REPLICATION_FACTOR), int)),
             cluster_token=values.get("cluster_token") or None,
+            anti_entropy_interval=float(_positive("--anti-entropy-interval", values.get("anti_entropy_interval") or str(DEFAULT_ANTI_ENTROPY_INTERVAL_S), float)),
+            sync_deadline=float(_positive("--sync-deadline", values.get("sync_deadline") or str(DEFAULT_SYNC_DEADLINE_S), float)),
             max_value_bytes=int(_positive("--max-value-bytes", values.get("max_value_bytes") or str(DEFAULT_MAX_VALUE_BYTES), int)),
             peer_timeout=float(_positive("--peer-timeout", values.get("peer_timeout") or str(DEFAULT_PEER_TIMEOUT_S), float)),
             storage=storage,

@@ -50,6 +50,42 @@ class NodeMetrics:
             ["peer"], registry=r,
         )
         self.ring_members = Gauge("kvstore_ring_members", "Members of this node's hash ring.", registry=r)
+        self.quorum_failures = Counter(
+            "kvstore_quorum_failures_total", "Client operations refused because too few replicas answered.",
+            ["op"], registry=r,
+        )
+        self.replica_write_failures = Counter(
+            "kvstore_replica_write_failures_total", "Writes a replica could not take directly, by replica.",
+            ["peer"], registry=r,
+        )
+        self.replica_read_failures = Counter(
+            "kvstore_replica_read_failures_total", "Replica reads that failed, by replica.", ["peer"], registry=r,
+        )
+        self.hints_stored = Counter("kvstore_hints_stored_total", "Writes held as hints for an unreachable replica.", registry=r)
+        self.hints_delivered = Counter("kvstore_hints_delivered_total", "Hints delivered to their replica.", registry=r)
+        self.hints_pending = Gauge("kvstore_hints_pending", "Hints this node holds, not yet delivered.", registry=r)
+        self.read_repairs = Counter("kvstore_read_repairs_total", "Stale replicas updated by read repair.", registry=r)
+        self.ae_ranges_compared = Counter(
+            "kvstore_anti_entropy_ranges_compared_total", "Ring arcs whose digests anti-entropy compared.", registry=r,
+        )
+        self.ae_ranges_mismatched = Counter(
+            "kvstore_anti_entropy_ranges_mismatched_total", "Compared arcs whose digests differed.", registry=r,
+        )
+        self.ae_keys_repaired = Counter(
+            "kvstore_anti_entropy_keys_repaired_total", "Records anti-entropy fixed, here or on a peer.", registry=r,
+        )
+        self.rebalance_keys_streamed = Counter(
+            "kvstore_rebalance_keys_streamed_total", "Records moved by rebalancing after a membership change.",
+            ["direction"], registry=r,
+        )
+        self.syncing_ranges = Gauge("kvstore_syncing_ranges", "Arcs this node is still pulling after a membership change.", registry=r)
+        self.peers_reachable = Gauge("kvstore_peers_reachable", "Other members this node currently sees as reachable.", registry=r)
+        self.peer_outstanding = Gauge(
+            "kvstore_peer_outstanding_requests", "Requests in flight to each peer (read load balancing).", ["peer"], registry=r,
+        )
+        self.peer_latency = Gauge(
+            "kvstore_peer_latency_seconds", "Moving average of each peer's response time.", ["peer"], registry=r,
+        )
         self._observers = {op: self.duration.labels(op) for op in OPS}
         self._counters: dict[tuple[str, int], Callable[[], None]] = {}
 

@@ -120,6 +120,10 @@ class HashRing:
         bounds = self._tokens
         return [((bounds[i - 1] if i else bounds[-1]), bounds[i]) for i in range(len(bounds))]
 
+    def replica_sets(self, n: int) -> list[tuple[tuple[int, int], tuple[str, ...]]]:
+        """Every arc with its n replicas."""
+        return [(arc, self.owners_of_token(arc[1], n)) for arc in self.ranges()]
+
     def replica_ranges(self, member: str, n: int) -> list[tuple[int, int]]:
         """The arcs (start, end] for which `member` is one of the n replicas."""
         return [
@@ -142,3 +146,62 @@ class HashRing:
 
     def __repr__(self) -> str:
         return f"HashRing(members={list(self._members)!r}, vnodes={self._vnodes})"
+
+
+def in_arc(token: int, start: int, end: int) -> bool:
+    """Whether token lies on the arc (start, end], which may wrap past zero.
+    start == end means the whole circle (a ring with a single point)."""
+    if start < end:
+        return start < token <= end
+    return token > start or token <= end
+
+
+class ArcSet:
+    """A set of disjoint arcs with O(log n) membership of a token.
+
+    Used for the ranges a node is still syncing, and to bin records into the
+    arcs anti-entropy compares."""
+
+    __slots__ = ("arcs", "_ends", "_wrap")
+
+    def __init__(self, arcs: Iterable[tuple[int, int]]) -> None:
+        ordered = sorted(arcs, key=lambda arc: arc[1])
+        self.arcs = ordered
+        self._ends = [end for _, end in ordered]
+        # At most one arc wraps past zero; when present it sorts first by end.
+        self._wrap = next((i for i, (start, end) in enumerate(ordered) if start >= end), None)
+
+    def __len__(self) -> int:
+        return len(self.arcs)
+
+    def locate(self, token: int) -> int | None:
+        """Index (in .arcs) of the arc holding token, or None."""
+        if not self.arcs:
+            return None
+        index = bisect.bisect_left(self._ends, token)
+        if index < len(self.arcs):
+            start, end = self.arcs[index]
+            if in_arc(token, start, end):
+                return index
+        if self._wrap is not None and in_arc(token, *self.arcs[self._wrap]):
+            return self._wrap
+        return None
+
+    def __contains__(self, token: object) -> bool:
+        return isinstance(token, int) and self.locate(token) is not None
+
+
+def segments(old: HashRing, new: HashRing, n: int) -> list[tuple[int, int, tuple[str, ...], tuple[str, ...]]]:
+    """Cut the circle at every token of both rings: each piece (start, end] has
+    one replica set before and one after a membership change.
+    Returns (start, end, old_replicas, new_replicas) for every piece."""
+    bounds = sorted(set(old._tokens) | set(new._tokens))
+    if not bounds:
+        return []
+    pieces = []
+    for i, end in enumerate(bounds):
+        start = bounds[i - 1] if i else bounds[-1]
+        before = old.owners_of_token(end, n) if len(old) else ()
+        after = new.owners_of_token(end, n) if len(new) else ()
+        pieces.append((start, end, before, after))
+    return pieces

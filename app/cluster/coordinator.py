@@ -1,10 +1,12 @@
 """The coordinator: turns one client operation into calls on the key's replicas.
 
-Whichever node a client hits coordinates: it stamps writes with its hybrid
-clock, sends them to the key's preference list (its own store directly, other
-replicas through the PeerClient), and answers once enough replicas have. It
-also serves the replica side (replica_read / replica_write) that the internal
-routes and the in-process fake transport call. No HTTP here: errors are
+Whichever node a client hits coordinates (Dynamo-style): it stamps writes with
+its hybrid clock and sends them to the key's N replicas in parallel, answering
+once W are durable; a replica that cannot take a write has it held as a hint
+by the next reachable node on the ring (sloppy quorum), or by the coordinator
+itself when the ring has no spare node. Reads ask the R least-loaded replicas
+(asking more only when one fails or is still syncing), answer with the newest
+version, and repair stale replicas in the background. No HTTP here: errors are
 app.errors types, absence is None.
 """
 
@@ -12,21 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Iterator
 from typing import TypeVar
 
 from app.clock import HybridClock, Version, wall_ms
 from app.cluster.health import PeerHealth
 from app.cluster.membership import MembershipView
+from app.cluster.replica import Replica
 from app.errors import InvalidRequestError, PeerUnavailableError, QuorumError
 from app.metrics import NodeMetrics
-from app.storage.base import Record, Store
-from app.transport.base import Peer, PeerClient, WriteAck
+from app.storage.base import Record
+from app.transport.base import Peer, PeerClient, ReadAnswer, WriteAck
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CONSISTENCY_LEVELS = ("one", "quorum", "all")
+DIRECT, HINTED, UNCOUNTED = "direct", "hinted", "uncounted"  # how a replica write landed
 
 
 def required_acks(consistency: str, replicas: int) -> int:
@@ -44,7 +48,7 @@ class Coordinator:
         self,
         *,
         membership: MembershipView,
-        store: Store,
+        replica: Replica,
         clock: HybridClock,
         transport: PeerClient,
         health: PeerHealth,
@@ -52,7 +56,7 @@ class Coordinator:
         replication_factor: int,
     ) -> None:
         self.membership = membership
-        self.store = store
+        self.replica = replica
         self.clock = clock
         self.transport = transport
         self.health = health
@@ -61,29 +65,90 @@ class Coordinator:
         self.node_id = clock.node_id
         self._background: set[asyncio.Task[object]] = set()
 
-    # -- client side -------------------------------------------------------
-
     def replicas_for(self, key: bytes) -> list[Peer]:
         view = self.membership.current
-        owners = view.ring.owners(key, self.replication_factor)
-        return [view.peers[node_id] for node_id in owners]
+        return [view.peers[node_id] for node_id in view.ring.owners(key, self.replication_factor)]
+
+    # -- reads ----------------------------------------------------------------
 
     async def get(self, key: bytes, *, consistency: str = "quorum") -> Record | None:
         """The newest live record among the replicas asked, or None if absent."""
         replicas = self.replicas_for(key)
         needed = required_acks(consistency, len(replicas))
         if len(replicas) == 1 and replicas[0].node_id == self.node_id:
-            answers = [self.replica_read(key)]  # the single-owner local hit: no tasks, no gather
-        else:
-            answers = await self._quorum(replicas, needed, "read", lambda peer: self._read_one(peer, key))
-        newest = max((record for record in answers if record is not None), default=None, key=_version)
+            record = self.replica.read(key).record  # the single-owner local hit: no tasks
+            return record if record is not None and record.live(wall_ms()) else None
+        answers = await self._read_quorum(key, replicas, needed)
+        newest = max((a.record for _, a in answers if a.record is not None), default=None, key=_version)
+        if newest is not None:
+            stale = [peer for peer, a in answers if a.record is None or a.record.version < newest.version]
+            if stale:
+                self._keep(asyncio.ensure_future(self._repair(key, newest, stale)))
         if newest is None or not newest.live(wall_ms()):
             return None
         return newest
 
-    async def put(
-        self, key: bytes, value: bytes, *, ttl_s: float | None = None, consistency: str = "quorum"
-    ) -> Version:
+    def _read_order(self, replicas: list[Peer]) -> list[Peer]:
+        """This node first when it is a replica (no hop), the rest by load."""
+        by_id = {peer.node_id: peer for peer in replicas}
+        local = [by_id.pop(self.node_id)] if self.node_id in by_id else []
+        return local + [by_id[node_id] for node_id in self.health.rank(list(by_id))]
+
+    async def _read_quorum(self, key: bytes, replicas: list[Peer], needed: int) -> list[tuple[Peer, ReadAnswer]]:
+        """Ask `needed` replicas; for each that fails or is still syncing, ask
+        one more. Every answer is returned (non-authoritative ones too: they
+        may still hold the newest version, and are repaired if stale)."""
+        order = iter(self._read_order(replicas))
+        pending: dict[asyncio.Future[ReadAnswer], Peer] = {}
+        for peer in _take(order, needed):
+            pending[asyncio.ensure_future(self._read_one(peer, key))] = peer
+        answers: list[tuple[Peer, ReadAnswer]] = []
+        authoritative, failures = 0, []
+        while pending and authoritative < needed:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                peer = pending.pop(task)
+                exc = task.exception()
+                if exc is None:
+                    answer = task.result()
+                    answers.append((peer, answer))
+                    if answer.authoritative:
+                        authoritative += 1
+                        continue
+                elif isinstance(exc, PeerUnavailableError):
+                    failures.append(str(exc))
+                else:
+                    raise exc
+                for extra in _take(order, 1):
+                    pending[asyncio.ensure_future(self._read_one(extra, key))] = extra
+        for task in pending:
+            self._keep(task)
+        if authoritative < needed:
+            self.metrics.quorum_failures.labels("read").inc()
+            raise _quorum_error("read", answered=authoritative, needed=needed, asked=len(replicas), failures=failures)
+        return answers
+
+    async def _read_one(self, peer: Peer, key: bytes) -> ReadAnswer:
+        if peer.node_id == self.node_id:
+            return self.replica.read(key)
+        self.metrics.forwarded.labels(peer.node_id, "read").inc()
+        return await self._remote(peer, self.transport.read(peer, key))
+
+    async def _repair(self, key: bytes, newest: Record, stale: list[Peer]) -> None:
+        """Read repair: bring replicas that answered with an older version up to date."""
+        for peer in stale:
+            try:
+                if peer.node_id == self.node_id:
+                    await self.replica.write(key, newest)
+                else:
+                    await self._remote(peer, self.transport.write(peer, key, newest))
+                self.metrics.read_repairs.inc()
+            except PeerUnavailableError:
+                pass  # anti-entropy gets it later
+
+    # -- writes ---------------------------------------------------------------
+
+    async def put(self, key: bytes, value: bytes, *, ttl_s: float | None = None, consistency: str = "quorum") -> Version:
         expires = wall_ms() + int(ttl_s * 1000) if ttl_s else 0
         record = Record(version=self.clock.now(), value=value, expires_at_ms=expires)
         await self._write(key, record, consistency)
@@ -95,90 +160,110 @@ class Coordinator:
         return any(ack.existed for ack in acks)
 
     async def _write(self, key: bytes, record: Record, consistency: str) -> list[WriteAck]:
-        replicas = self.replicas_for(key)
-        needed = required_acks(consistency, len(replicas))
-        return await self._quorum(replicas, needed, "write", lambda peer: self._write_one(peer, key, record))
-
-    async def _read_one(self, peer: Peer, key: bytes) -> Record | None:
-        if peer.node_id == self.node_id:
-            return self.replica_read(key)
-        self.metrics.forwarded.labels(peer.node_id, "read").inc()
-        return await self._remote(peer, self.transport.read(peer, key))
-
-    async def _write_one(self, peer: Peer, key: bytes, record: Record) -> WriteAck:
-        if peer.node_id == self.node_id:
-            return await self.replica_write(key, record)
-        self.metrics.forwarded.labels(peer.node_id, "write").inc()
-        return await self._remote(peer, self.transport.write(peer, key, record))
-
-    async def _remote(self, peer: Peer, call: Awaitable[T]) -> T:
-        try:
-            result = await call
-        except PeerUnavailableError as exc:
-            self.health.mark_down(peer.node_id, str(exc))
-            raise
-        self.health.mark_up(peer.node_id)
-        return result
-
-    async def _quorum(
-        self, replicas: list[Peer], needed: int, what: str, call: Callable[[Peer], Awaitable[T]]
-    ) -> list[T]:
-        """Run call on every replica in parallel; return once `needed` succeeded.
-
-        Calls still running after that finish in the background (a write still
-        reaches every replica). Raises QuorumError when too few can succeed.
-        """
-        if len(replicas) == 1:
-            return [await call(replicas[0])]  # its PeerUnavailableError names the owner
-        pending = {asyncio.ensure_future(call(peer)) for peer in replicas}
-        results: list[T] = []
+        view = self.membership.current
+        owners = view.ring.owners(key, self.replication_factor)
+        needed = required_acks(consistency, len(owners))
+        if len(owners) == 1 and owners[0] == self.node_id:
+            return [await self.replica.write(key, record)]
+        # Spare nodes for sloppy quorum: the rest of the ring, clockwise, reachable now.
+        spares = iter([
+            view.peers[n] for n in view.ring.owners(key, len(view.ring))[len(owners):]
+            if n == self.node_id or self.health.is_up(n)
+        ])
+        pending = {asyncio.ensure_future(self._replicate(view.peers[n], key, record, spares)) for n in owners}
+        acks: list[WriteAck] = []
         failures: list[str] = []
-        while pending and len(results) < needed:
+        while pending and len(acks) < needed:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 exc = task.exception()
                 if exc is None:
-                    results.append(task.result())
+                    how, ack = task.result()
+                    if how != UNCOUNTED:
+                        acks.append(ack)
+                    else:
+                        failures.append("a replica was unreachable and no spare node could hold its hint")
                 elif isinstance(exc, PeerUnavailableError):
                     failures.append(str(exc))
                 else:
                     raise exc
         for task in pending:
-            self._keep(task)
-        if len(results) < needed:
-            raise QuorumError(
-                f"{what} quorum not reached: {len(results)} of {needed} required replicas answered"
-                f" ({len(replicas)} asked): " + "; ".join(failures),
-                required=needed,
-                answered=len(results),
-            )
-        return results
+            self._keep(task)  # the remaining replicas still get the write
+        if len(acks) < needed:
+            self.metrics.quorum_failures.labels("write").inc()
+            raise _quorum_error("write", answered=len(acks), needed=needed, asked=len(owners), failures=failures)
+        return acks
 
-    def _keep(self, task: asyncio.Task[object]) -> None:
+    async def _replicate(self, peer: Peer, key: bytes, record: Record, spares: Iterator[Peer]) -> tuple[str, WriteAck]:
+        """Write to one replica; if it cannot take it, have a spare hold a hint."""
+        if peer.node_id == self.node_id:
+            return DIRECT, await self.replica.write(key, record)
+        if self.health.is_up(peer.node_id):
+            try:
+                self.metrics.forwarded.labels(peer.node_id, "write").inc()
+                return DIRECT, await self._remote(peer, self.transport.write(peer, key, record))
+            except PeerUnavailableError:
+                self.metrics.replica_write_failures.labels(peer.node_id).inc()
+        for spare in spares:
+            try:
+                if spare.node_id == self.node_id:
+                    ack = await self.replica.write(key, record, hint_for=peer.node_id)
+                else:
+                    ack = await self._remote(spare, self.transport.write(spare, key, record, hint_for=peer.node_id))
+                self.metrics.hints_stored.inc()
+                return HINTED, ack
+            except PeerUnavailableError:
+                continue
+        # No spare left: keep the hint here so the replica still gets the write
+        # when it returns, but it is no extra copy, so it does not count toward W.
+        await self.replica.write(key, record, hint_for=peer.node_id)
+        self.metrics.hints_stored.inc()
+        return UNCOUNTED, WriteAck(applied=False, existed=False)
+
+    # -- plumbing -------------------------------------------------------------
+
+    async def _remote(self, peer: Peer, call: Awaitable[T]) -> T:
+        started = self.health.begin(peer.node_id)
+        try:
+            result = await call
+        except PeerUnavailableError as exc:
+            self.health.mark_down(peer.node_id, str(exc))
+            raise
+        finally:
+            self.health.end(peer.node_id, started)
+        self.health.mark_up(peer.node_id)
+        return result
+
+    def _keep(self, task: asyncio.Future[object]) -> None:
         """Hold a reference to a background task and log its failure."""
-        self._background.add(task)
+        self._background.add(task)  # type: ignore[arg-type]
 
-        def done(t: asyncio.Task[object]) -> None:
-            self._background.discard(t)
+        def done(t: asyncio.Future[object]) -> None:
+            self._background.discard(t)  # type: ignore[arg-type]
             if not t.cancelled() and t.exception() is not None:
                 log.debug("background replica call failed: %s", t.exception())
 
         task.add_done_callback(done)
 
-    # -- replica side -------------------------------------------------------
 
-    def replica_read(self, key: bytes) -> Record | None:
-        return self.store.get(key)
+def _quorum_error(what: str, *, answered: int, needed: int, asked: int, failures: list[str]) -> QuorumError:
+    detail = "; ".join(failures) if failures else "replicas did not answer in time"
+    return QuorumError(
+        f"{what} quorum not reached: {answered} of {needed} required replicas answered ({asked} replicas): {detail}",
+        required=needed,
+        answered=answered,
+    )
 
-    async def replica_write(self, key: bytes, record: Record) -> WriteAck:
-        """Apply a write here; return once it is as durable as the policy asks."""
-        self.clock.observe(record.version)
-        result = self.store.apply(key, record)
-        durable = self.store.wait_durable()
-        if durable is not None:
-            await asyncio.wrap_future(durable)
-        previous = result.previous
-        return WriteAck(applied=result.applied, existed=previous is not None and previous.live(wall_ms()))
+
+def _take(iterator: Iterator[T], count: int) -> list[T]:
+    taken: list[T] = []
+    if count <= 0:
+        return taken
+    for item in iterator:
+        taken.append(item)
+        if len(taken) == count:
+            break
+    return taken
 
 
 def _version(record: Record) -> Version:

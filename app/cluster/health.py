@@ -1,15 +1,21 @@
-"""Reachability: which peers this node currently sees as answering.
+"""Reachability and load of each peer, as this node sees them.
 
 Distinct from membership on purpose: a crashed node stays a member and keeps
 its ranges; it is only marked down here, and routing reacts. Failed calls mark
 a peer down; successful calls and the node's periodic probe mark it up.
+Outstanding requests and a latency EWMA per peer drive replica choice for
+reads (power of two choices), so a slow node sheds read load.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+EWMA_WEIGHT = 0.2  # each new sample moves the average a fifth of the way: reacts within ~10 calls
+INITIAL_LATENCY_S = 0.001  # a peer we have not timed yet is assumed fast, so it gets tried
 
 
 @dataclass
@@ -17,12 +23,20 @@ class PeerState:
     up: bool = True  # optimistic: a peer is reachable until a call says otherwise
     since: float = 0.0  # monotonic time of the last flip
     last_error: str = ""
+    outstanding: int = 0
+    latency_s: float = INITIAL_LATENCY_S
+
+    @property
+    def load_score(self) -> float:
+        """Expected wait if we send one more request: queue length x service time."""
+        return (self.outstanding + 1) * self.latency_s
 
 
 class PeerHealth:
-    def __init__(self, *, on_flip: Callable[[str, bool], None] | None = None) -> None:
+    def __init__(self, *, on_flip: Callable[[str, bool], None] | None = None, rng: random.Random | None = None) -> None:
         self._states: dict[str, PeerState] = {}
         self._on_flip = on_flip
+        self._rng = rng or random.Random()
 
     def _state(self, node_id: str) -> PeerState:
         state = self._states.get(node_id)
@@ -48,6 +62,31 @@ class PeerHealth:
             state.up, state.since = False, time.monotonic()
             if self._on_flip:
                 self._on_flip(node_id, False)
+
+    def begin(self, node_id: str) -> float:
+        self._state(node_id).outstanding += 1
+        return time.perf_counter()
+
+    def end(self, node_id: str, started: float) -> None:
+        state = self._state(node_id)
+        state.outstanding -= 1
+        state.latency_s += EWMA_WEIGHT * ((time.perf_counter() - started) - state.latency_s)
+
+    def rank(self, node_ids: list[str]) -> list[str]:
+        """Order replicas for a read: reachable before unreachable, and among
+        reachable ones by repeated power-of-two-choices on the load score (two
+        random candidates, the less loaded goes next), which spreads load
+        without herding every coordinator onto the single fastest peer."""
+        pool = [n for n in node_ids if self.is_up(n)]
+        ordered: list[str] = []
+        while len(pool) > 1:
+            a, b = self._rng.sample(pool, 2)
+            pick = a if self._state(a).load_score <= self._state(b).load_score else b
+            ordered.append(pick)
+            pool.remove(pick)
+        ordered.extend(pool)
+        ordered.extend(n for n in node_ids if not self.is_up(n))
+        return ordered
 
     def down_peers(self) -> list[str]:
         return [node_id for node_id, state in self._states.items() if not state.up]

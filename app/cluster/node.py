@@ -1,5 +1,6 @@
-"""A node: the store, the membership view, peer health and the coordinator,
-plus the background loops that keep them fresh (peer probes, TTL sweeps).
+"""A node: store, hints, membership view, peer health, the coordinator, and
+the background loops that keep replicas converging (peer probes, hint
+delivery, anti-entropy with foreign-record handoff, TTL sweeps).
 
 Built by the composition root (app.web.app), which hands it the peer client;
 it never imports a web or network library itself.
@@ -13,17 +14,22 @@ import time
 from collections.abc import Awaitable, Callable
 
 from app.clock import HybridClock, wall_ms
-from app.cluster.coordinator import Coordinator
+from app.cluster.coordinator import Coordinator, required_acks
+from app.cluster.handoff import Handoff
 from app.cluster.health import PeerHealth
 from app.cluster.membership import Membership, MembershipView
+from app.cluster.repair import AntiEntropy
+from app.cluster.replica import Replica
 from app.config import NodeConfig
+from app.errors import PeerUnavailableError
 from app.metrics import NodeMetrics
-from app.storage import Store, open_store
+from app.storage import open_hint_store, open_store
 from app.transport.base import PeerClient
 
 log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 1.0  # how soon a peer that came back is routed to again
+HINT_INTERVAL_S = 1.0  # how soon hints reach a replica after it is back
 MAX_LOOP_BACKOFF_S = 30.0  # a failing background loop retries at most this far apart
 
 
@@ -34,29 +40,44 @@ class Node:
         self.clock = HybridClock(config.node_id)
         self.membership = MembershipView(self_id=config.node_id, members=config.peers, vnodes=config.vnodes)
         self.health = PeerHealth(on_flip=self._on_peer_flip)
-        self.store: Store | None = None
+        self.replica: Replica | None = None
         self.coordinator: Coordinator | None = None
+        self.handoff: Handoff | None = None
+        self.anti_entropy: AntiEntropy | None = None
         self.started_at = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
         self.membership.on_change(self._on_membership_change)
         self._on_membership_change(self.membership.current, self.membership.current)
 
+    @property
+    def store(self):  # type: ignore[no-untyped-def]
+        return self.replica.store if self.replica else None
+
     async def start(self, transport: PeerClient) -> None:
-        """Open the store (off the event loop: a big LMDB may take a moment) and
-        start the background loops."""
-        self.store = await asyncio.to_thread(open_store, self.config)
-        self.metrics.track_keys(self.store.live_count)
-        self.coordinator = Coordinator(
-            membership=self.membership,
-            store=self.store,
-            clock=self.clock,
-            transport=transport,
-            health=self.health,
-            metrics=self.metrics,
-            replication_factor=self.config.replication_factor,
+        """Open the stores (off the event loop: a big LMDB may take a moment),
+        start pulling this node's ranges if it starts empty, start the loops."""
+        store = await asyncio.to_thread(open_store, self.config)
+        hints = await asyncio.to_thread(open_hint_store, self.config)
+        self.metrics.track_keys(store.live_count)
+        self.replica = Replica(store=store, hints=hints, clock=self.clock)
+        common = dict(
+            replica=self.replica, transport=transport, health=self.health,
+            membership=self.membership, metrics=self.metrics, replication_factor=self.config.replication_factor,
         )
+        self.coordinator = Coordinator(clock=self.clock, **common)  # type: ignore[arg-type]
+        self.handoff = Handoff(
+            node_id=self.config.node_id,
+            write_quorum=required_acks("quorum", self.config.replication_factor),
+            sync_deadline_s=self.config.sync_deadline,
+            **common,  # type: ignore[arg-type]
+        )
+        self.anti_entropy = AntiEntropy(node_id=self.config.node_id, **common)  # type: ignore[arg-type]
+        if store.live_count() == 0 and len(self.membership.current.peers) > 1:
+            self.handoff.bootstrap()
         self._tasks = [
             asyncio.create_task(self._forever("peer probe", PROBE_INTERVAL_S, self._probe_down_peers)),
+            asyncio.create_task(self._forever("hint delivery", HINT_INTERVAL_S, self.handoff.deliver_hints)),
+            asyncio.create_task(self._forever("anti-entropy", self.config.anti_entropy_interval, self._repair_round)),
             asyncio.create_task(self._forever("sweep", self.config.sweep_interval, self._sweep)),
         ]
 
@@ -66,19 +87,42 @@ class Node:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.coordinator is not None:
             await self.coordinator.transport.close()
-        if self.store is not None:
-            await asyncio.to_thread(self.store.close)
-            self.store = None
+        if self.replica is not None:
+            await asyncio.to_thread(self.replica.store.close)
+            await asyncio.to_thread(self.replica.hints.close)
+            self.replica = None
 
     def not_ready_reason(self) -> str | None:
-        """None when the node can serve: ring known, store open."""
-        if self.store is None or self.coordinator is None:
+        """None when the node can serve: store open, ring known, initial sync done."""
+        if self.replica is None or self.coordinator is None:
             return "store is not open yet"
         if self.config.node_id not in self.membership.current.ring:
             return "this node is not a member of its own ring"
+        if self.handoff is not None and self.handoff.status.syncing and self.handoff.bootstrapping:
+            return f"pulling {self.handoff.status.pending_ranges} ranges from their previous replicas"
         return None
 
-    async def _forever(self, name: str, interval: float, step: Callable[[], Awaitable[None]]) -> None:
+    async def apply_membership(self, members: dict[str, str], *, propagate: bool) -> tuple[Membership, list[str]]:
+        """Swap in a new member list; with propagate, tell every old and new
+        member too. Returns the new view and the members that could not be told."""
+        old = self.membership.current
+        new = self.membership.update(members)
+        failed: list[str] = []
+        if propagate and self.coordinator is not None:
+            targets = {**old.peers, **new.peers}
+            targets.pop(self.config.node_id, None)
+
+            async def tell(node_id: str) -> None:
+                try:
+                    await self.coordinator.transport.set_membership(targets[node_id], members)  # type: ignore[union-attr]
+                except PeerUnavailableError as exc:
+                    log.warning("could not propagate membership to %s: %s", node_id, exc)
+                    failed.append(node_id)
+
+            await asyncio.gather(*(tell(node_id) for node_id in targets))
+        return new, failed
+
+    async def _forever(self, name: str, interval: float, step: Callable[[], Awaitable[object]]) -> None:
         """Run step every interval; never die silently: log and back off on errors."""
         delay = interval
         while True:
@@ -90,6 +134,11 @@ class Node:
                 log.exception("%s loop failed; retrying", name)
                 delay = min(delay * 2, MAX_LOOP_BACKOFF_S)
 
+    async def _repair_round(self) -> None:
+        assert self.anti_entropy is not None and self.handoff is not None
+        await self.anti_entropy.run_round()
+        await self.handoff.handoff_foreign()
+
     async def _probe_down_peers(self) -> None:
         assert self.coordinator is not None
         view = self.membership.current
@@ -98,14 +147,24 @@ class Node:
         for peer, answered in zip(down, results):
             if answered:
                 self.health.mark_up(peer.node_id)
+        for node_id in view.peers:
+            if node_id != self.config.node_id:
+                state = self.health.snapshot(node_id)
+                self.metrics.peer_outstanding.labels(node_id).set(state.outstanding)
+                self.metrics.peer_latency.labels(node_id).set(state.latency_s)
 
     async def _sweep(self) -> None:
-        store = self.store
-        if store is not None:
-            await asyncio.to_thread(store.sweep, wall_ms())
+        if self.replica is not None:
+            await asyncio.to_thread(self.replica.store.sweep, wall_ms())
+            await asyncio.to_thread(self.replica.hints.sweep, wall_ms())
 
     def _on_peer_flip(self, node_id: str, up: bool) -> None:
         self.metrics.peer_up.labels(node_id).set(1 if up else 0)
+        self._count_reachable()
+
+    def _count_reachable(self) -> None:
+        others = [n for n in self.membership.current.peers if n != self.config.node_id]
+        self.metrics.peers_reachable.set(sum(self.health.is_up(n) for n in others))
 
     def _on_membership_change(self, old: Membership, new: Membership) -> None:
         self.metrics.ring_members.set(len(new.peers))
@@ -115,3 +174,6 @@ class Node:
         for node_id in set(old.peers) - set(new.peers):
             self.health.forget(node_id)
             self.metrics.peer_up.remove(node_id)
+        self._count_reachable()
+        if old is not new and self.handoff is not None:
+            self.handoff.on_membership_change(old, new)

@@ -1,16 +1,46 @@
-"""Storage engines behind one interface (base.Store); open_store picks one."""
+"""Storage engines behind one interface (base.Store); open_store picks one.
+
+`memory` forgets on exit (tests, quick start); `lmdb` is the durable engine
+(lmdb_store.py). Called by app.cluster.node, off the event loop."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 from app.config import NodeConfig
+from app.errors import ConfigError
 from app.storage.base import ApplyResult, Record, Store, in_arc
+from app.storage.hints import HintStore
+from app.storage.lmdb_store import LmdbStore
 from app.storage.memory import MemoryStore
 
-__all__ = ["ApplyResult", "MemoryStore", "Record", "Store", "in_arc", "open_store"]
+__all__ = [
+    "ApplyResult", "HintStore", "LmdbStore", "MemoryStore", "Record", "Store", "in_arc", "open_hint_store", "open_store",
+]
+
+HINTS_SUBDIR = "hints"  # hints live in their own engine beside the data, never mixed with replica records
 
 
 def open_store(config: NodeConfig) -> Store:
     """The engine the config names, opened and ready."""
     if config.storage == "memory":
         return MemoryStore(tombstone_grace_s=config.tombstone_grace)
+    if config.storage == "lmdb":
+        if not config.data_dir:
+            raise ConfigError("config: --storage lmdb needs --data-dir")
+        return LmdbStore(
+            path=config.data_dir,
+            node_id=config.node_id,
+            fsync=config.fsync,
+            fsync_window_ms=config.fsync_window_ms,
+            tombstone_grace_s=config.tombstone_grace,
+        )
     raise NotImplementedError(f"storage engine {config.storage!r} is not built yet")
+
+
+def open_hint_store(config: NodeConfig) -> HintStore:
+    """The hint store, on the same engine as the data, in its own directory."""
+    if config.data_dir is None:
+        return HintStore(open_store(config))
+    return HintStore(open_store(dataclasses.replace(config, data_dir=os.path.join(config.data_dir, HINTS_SUBDIR))))

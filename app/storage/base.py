@@ -9,11 +9,15 @@ coordinator does). Pure: imports no web, network or asyncio code.
 from __future__ import annotations
 
 import abc
+import hashlib
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 from app.clock import Version
+from app.ring import in_arc  # noqa: F401 - re-exported for engines
+
+DIGEST_BYTES = 16  # 128 bits: two differing arcs collide with odds no anti-entropy run will meet
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,12 @@ class Store(abc.ABC):
     def apply(self, key: bytes, record: Record) -> ApplyResult:
         """Store `record` if it is newer than the stored one (last writer wins)."""
 
+    def discard(self, key: bytes, version: Version) -> bool:
+        """Physically remove key if its stored record has exactly this version
+        (a newer write in between survives). For records handed off to their
+        new owners, and delivered hints. True if something was removed."""
+        raise NotImplementedError(f"{type(self).__name__} cannot discard records")
+
     @abc.abstractmethod
     def live_count(self) -> int:
         """Keys with a live value (an estimate is fine between sweeps)."""
@@ -67,6 +77,20 @@ class Store(abc.ABC):
     def close(self) -> None:
         """Flush and release the engine; further calls are errors."""
 
+    def digest(self, start: int, end: int) -> bytes:
+        """A fingerprint of the (key, version) pairs in the arc (start, end].
+
+        The XOR of one hash per record, so it depends on which records are
+        there and never on the order they were written in; it changes when any
+        record's version does. Every engine gives the same digest for the same
+        records, so replicas on different engines compare equal. Expired
+        records are left out, as iter_range leaves them out.
+        """
+        acc = 0
+        for key, record in self.iter_range(start, end):
+            acc ^= fingerprint(key, record.version.hlc, record.version.node.encode())
+        return acc.to_bytes(DIGEST_BYTES, "big")
+
     def sync(self) -> None:  # noqa: B027 - engines without a write-back buffer need nothing
         """Make every applied write durable now (blocking)."""
 
@@ -82,9 +106,8 @@ class Store(abc.ABC):
         return None
 
 
-def in_arc(token: int, start: int, end: int) -> bool:
-    """Whether `token` lies on the ring arc (start, end], which may wrap past zero.
-    start == end means the whole circle (a ring with a single point)."""
-    if start < end:
-        return start < token <= end
-    return token > start or token <= end
+def fingerprint(key: bytes, hlc: int, node: bytes) -> int:
+    """One record's share of a digest. The key is length-prefixed so that
+    (key, node) boundaries cannot shift and collide."""
+    material = len(key).to_bytes(4, "big") + key + hlc.to_bytes(8, "big") + node
+    return int.from_bytes(hashlib.blake2b(material, digest_size=DIGEST_BYTES).digest(), "big")

@@ -1,10 +1,11 @@
 """The in-memory engine: a dict behind a lock. For tests and the quick start;
-it forgets everything when the process exits."""
+it forgets everything when the process exits. Same contract as the durable
+engine (the conformance suite in tests/unit/storage runs both)."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from app.clock import wall_ms
 from app.ring import stable_hash
@@ -12,35 +13,39 @@ from app.storage.base import ApplyResult, Record, Store, in_arc
 
 
 class MemoryStore(Store):
-    def __init__(self, *, tombstone_grace_s: float) -> None:
+    def __init__(self, *, tombstone_grace_s: float, clock: Callable[[], int] = wall_ms) -> None:
         self._records: dict[bytes, Record] = {}
         self._lock = threading.Lock()
         self._grace_ms = int(tombstone_grace_s * 1000)
+        self._clock = clock  # wall ms; tests inject one to expire records without sleeping
+        # Stored records with a value, expired-but-unswept ones included: the
+        # sweep is what takes them out, as in the durable engine.
         self._live = 0
 
     def get(self, key: bytes) -> Record | None:
         record = self._records.get(key)
-        if record is not None and record.expired(wall_ms()):
+        if record is not None and record.expired(self._clock()):
             return None
         return record
 
     def apply(self, key: bytes, record: Record) -> ApplyResult:
-        now = wall_ms()
+        now = self._clock()
         with self._lock:
-            previous = self._records.get(key)
-            if previous is not None and previous.expired(now):
-                previous = None
+            stored = self._records.get(key)
+            previous = None if stored is None or stored.expired(now) else stored
             if record.expired(now) or (previous is not None and previous.version >= record.version):
                 return ApplyResult(applied=False, previous=previous)
             self._records[key] = record
-            self._live += (record.value is not None) - (previous is not None and previous.value is not None)
+            # Count against what was stored, not what a read saw: replacing an
+            # expired value removes it from the count just as a sweep would.
+            self._live += (record.value is not None) - (stored is not None and stored.value is not None)
             return ApplyResult(applied=True, previous=previous)
 
     def live_count(self) -> int:
         return self._live
 
     def iter_range(self, start: int, end: int) -> Iterator[tuple[bytes, Record]]:
-        now = wall_ms()
+        now = self._clock()
         for key, record in list(self._records.items()):
             if not record.expired(now) and in_arc(stable_hash(key), start, end):
                 yield key, record

@@ -23,6 +23,12 @@ EXPIRES_HEADER = "x-kvstore-expires"
 TOMBSTONE_HEADER = "x-kvstore-tombstone"
 APPLIED_HEADER = "x-kvstore-applied"
 EXISTED_HEADER = "x-kvstore-existed"
+HINT_HEADER = "x-kvstore-hint-for"  # a write held for another replica (hinted handoff)
+SYNCING_HEADER = "x-kvstore-syncing"  # the replica is still pulling this range: its answer may be stale
+BATCH_PATH = INTERNAL_PREFIX + "/batch"
+DIGESTS_PATH = INTERNAL_PREFIX + "/digests"
+RANGE_PATH = INTERNAL_PREFIX + "/range"
+MEMBERSHIP_PATH = INTERNAL_PREFIX + "/membership"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +46,14 @@ class WriteAck:
 
     applied: bool  # the write was newer than what the replica held
     existed: bool  # the replica held a live value before the write
+
+
+@dataclass(frozen=True, slots=True)
+class ReadAnswer:
+    """A replica's answer to a read."""
+
+    record: Record | None
+    authoritative: bool = True  # False while the replica is still syncing the key's range
 
 
 def quote_key(key: bytes) -> str:
@@ -71,12 +85,29 @@ class PeerClient(abc.ABC):
     """
 
     @abc.abstractmethod
-    async def read(self, peer: Peer, key: bytes) -> Record | None:
-        """The peer's record for key (tombstones included), None if it has none."""
+    async def read(self, peer: Peer, key: bytes) -> ReadAnswer:
+        """The peer's record for key (tombstones included; None if it has none)."""
 
     @abc.abstractmethod
-    async def write(self, peer: Peer, key: bytes, record: Record) -> WriteAck:
-        """Apply record on the peer; returns once the peer has made it durable."""
+    async def write(self, peer: Peer, key: bytes, record: Record, *, hint_for: str | None = None) -> WriteAck:
+        """Apply record on the peer (or, with hint_for, hold it there for that
+        node); returns once the peer has made it durable."""
+
+    @abc.abstractmethod
+    async def write_batch(self, peer: Peer, records: list[tuple[bytes, Record]]) -> int:
+        """Apply many records on the peer (last writer wins); how many were newer."""
+
+    @abc.abstractmethod
+    async def digests(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[bytes]:
+        """The peer's digest of its records in each arc (anti-entropy)."""
+
+    @abc.abstractmethod
+    async def fetch_range(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
+        """Every record the peer holds in the arcs (tombstones included)."""
+
+    @abc.abstractmethod
+    async def set_membership(self, peer: Peer, members: dict[str, str]) -> None:
+        """Tell the peer the new member list (it applies it without propagating)."""
 
     @abc.abstractmethod
     async def probe(self, peer: Peer) -> bool:

@@ -1,39 +1,56 @@
-"""An in-process PeerClient for unit tests: calls other nodes' coordinators
+"""An in-process PeerClient for unit tests: calls other nodes' replica side
 directly, no sockets, with fault injection (a peer can be made unreachable).
 Integration tests use the real HTTP client; this keeps unit tests fast."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from app.errors import PeerUnavailableError
 from app.storage.base import Record
-from app.transport.base import Peer, PeerClient, WriteAck
+from app.transport.base import Peer, PeerClient, ReadAnswer, WriteAck
 
 
 class ReplicaSide(Protocol):
-    def replica_read(self, key: bytes) -> Record | None: ...
-    async def replica_write(self, key: bytes, record: Record) -> WriteAck: ...
+    def read(self, key: bytes) -> ReadAnswer: ...
+    async def write(self, key: bytes, record: Record, *, hint_for: str | None = None) -> WriteAck: ...
+    async def write_batch(self, records: list[tuple[bytes, Record]]) -> int: ...
+    def digests(self, arcs: list[tuple[int, int]]) -> list[bytes]: ...
+    def range(self, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]: ...
 
 
 class InProcessPeerClient(PeerClient):
     def __init__(self, replicas: dict[str, ReplicaSide] | None = None) -> None:
         self.replicas: dict[str, ReplicaSide] = replicas if replicas is not None else {}
+        self.membership_handlers: dict[str, Callable[[dict[str, str]], object]] = {}
         self.unreachable: set[str] = set()
-        self.calls: list[tuple[str, str]] = []  # (node_id, "read" | "write"), for assertions
+        self.calls: list[tuple[str, str]] = []  # (node_id, operation), for assertions
 
-    def _target(self, peer: Peer) -> ReplicaSide:
+    def _target(self, peer: Peer, operation: str) -> ReplicaSide:
+        self.calls.append((peer.node_id, operation))
         if peer.node_id in self.unreachable or peer.node_id not in self.replicas:
             raise PeerUnavailableError(f"peer {peer} unreachable: injected fault", peer=peer.node_id)
         return self.replicas[peer.node_id]
 
-    async def read(self, peer: Peer, key: bytes) -> Record | None:
-        self.calls.append((peer.node_id, "read"))
-        return self._target(peer).replica_read(key)
+    async def read(self, peer: Peer, key: bytes) -> ReadAnswer:
+        return self._target(peer, "read").read(key)
 
-    async def write(self, peer: Peer, key: bytes, record: Record) -> WriteAck:
-        self.calls.append((peer.node_id, "write"))
-        return await self._target(peer).replica_write(key, record)
+    async def write(self, peer: Peer, key: bytes, record: Record, *, hint_for: str | None = None) -> WriteAck:
+        return await self._target(peer, "hint" if hint_for else "write").write(key, record, hint_for=hint_for)
+
+    async def write_batch(self, peer: Peer, records: list[tuple[bytes, Record]]) -> int:
+        return await self._target(peer, "batch").write_batch(records)
+
+    async def digests(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[bytes]:
+        return self._target(peer, "digests").digests(arcs)
+
+    async def fetch_range(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
+        return self._target(peer, "range").range(arcs)
+
+    async def set_membership(self, peer: Peer, members: dict[str, str]) -> None:
+        self._target(peer, "membership")
+        self.membership_handlers[peer.node_id](members)
 
     async def probe(self, peer: Peer) -> bool:
         return peer.node_id in self.replicas and peer.node_id not in self.unreachable

@@ -8,19 +8,30 @@ errors are translated once, here, into PeerUnavailableError.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import aiohttp
+import orjson
 from yarl import URL
 
 from app.errors import PeerUnavailableError
 from app.storage.base import Record
+from app.transport import codec
 from app.transport.base import (
     APPLIED_HEADER,
+    BATCH_PATH,
+    DIGESTS_PATH,
     EXISTED_HEADER,
+    HINT_HEADER,
     KV_PATH,
+    MEMBERSHIP_PATH,
+    RANGE_PATH,
+    SYNCING_HEADER,
     TOKEN_HEADER,
     Peer,
     PeerClient,
+    ReadAnswer,
     WriteAck,
     quote_key,
     record_from_headers,
@@ -29,6 +40,8 @@ from app.transport.base import (
 
 CONNECTIONS_PER_PEER = 64  # keep-alive pool per peer: enough for a fan-out under load, bounded
 PROBE_TIMEOUT_S = 1.0  # a health probe that takes longer than this counts as down
+BULK_TIMEOUT_S = 60.0  # range fetches and batches move many records: allow more than one request's time
+_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError)
 
 
 class HttpPeerClient(PeerClient):
@@ -42,35 +55,59 @@ class HttpPeerClient(PeerClient):
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
         self._token_headers = {TOKEN_HEADER: token} if token else {}
+        self._bulk_timeout = aiohttp.ClientTimeout(total=max(BULK_TIMEOUT_S, timeout_s))
 
     def _url(self, peer: Peer, key: bytes) -> URL:
         return URL(peer.url + KV_PATH + quote_key(key), encoded=True)
 
-    async def read(self, peer: Peer, key: bytes) -> Record | None:
+    @asynccontextmanager
+    async def _call(self, peer: Peer, what: str) -> AsyncIterator[None]:
+        """Translate every client-side failure into PeerUnavailableError."""
         try:
-            async with self._session.get(self._url(peer, key), headers=self._token_headers) as resp:
-                body = await resp.read()
-                if resp.status == 404:
-                    return None
-                if resp.status != 200:
-                    raise PeerUnavailableError(f"peer {peer} answered {resp.status} to a read", peer=peer.node_id)
-                return record_from_headers(resp.headers, body)  # type: ignore[arg-type]
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError) as exc:
-            raise PeerUnavailableError(f"peer {peer} unreachable: {_describe(exc)}", peer=peer.node_id) from exc
+            yield
+        except PeerUnavailableError:
+            raise
+        except _FAILURES as exc:
+            raise PeerUnavailableError(f"peer {peer} unreachable ({what}): {_describe(exc)}", peer=peer.node_id) from exc
 
-    async def write(self, peer: Peer, key: bytes, record: Record) -> WriteAck:
+    async def read(self, peer: Peer, key: bytes) -> ReadAnswer:
+        async with self._call(peer, "read"), self._session.get(self._url(peer, key), headers=self._token_headers) as resp:
+            body = await resp.read()
+            syncing = resp.headers.get(SYNCING_HEADER) == "1"
+            if resp.status == 404:
+                return ReadAnswer(None, authoritative=not syncing)
+            _expect(resp, 200, peer, "read")
+            return ReadAnswer(record_from_headers(resp.headers, body), authoritative=not syncing)  # type: ignore[arg-type]
+
+    async def write(self, peer: Peer, key: bytes, record: Record, *, hint_for: str | None = None) -> WriteAck:
         headers = record_headers(record) | self._token_headers
-        try:
-            async with self._session.put(self._url(peer, key), data=record.value or b"", headers=headers) as resp:
-                await resp.read()
-                if resp.status != 200:
-                    raise PeerUnavailableError(f"peer {peer} answered {resp.status} to a write", peer=peer.node_id)
-                return WriteAck(
-                    applied=resp.headers.get(APPLIED_HEADER) == "1",
-                    existed=resp.headers.get(EXISTED_HEADER) == "1",
-                )
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise PeerUnavailableError(f"peer {peer} unreachable: {_describe(exc)}", peer=peer.node_id) from exc
+        if hint_for is not None:
+            headers[HINT_HEADER] = hint_for
+        async with self._call(peer, "write"), self._session.put(self._url(peer, key), data=record.value or b"", headers=headers) as resp:
+            await resp.read()
+            _expect(resp, 200, peer, "write")
+            return WriteAck(applied=resp.headers.get(APPLIED_HEADER) == "1", existed=resp.headers.get(EXISTED_HEADER) == "1")
+
+    async def _post(self, peer: Peer, path: str, body: bytes, what: str, content_type: str = "application/octet-stream") -> bytes:
+        url = URL(peer.url + path, encoded=True)
+        headers = {"content-type": content_type} | self._token_headers
+        async with self._call(peer, what), self._session.post(url, data=body, headers=headers, timeout=self._bulk_timeout) as resp:
+            data = await resp.read()
+            _expect(resp, 200, peer, what)
+            return data
+
+    async def write_batch(self, peer: Peer, records: list[tuple[bytes, Record]]) -> int:
+        answer = await self._post(peer, BATCH_PATH, codec.encode_records(records), "batch write")
+        return int(orjson.loads(answer)["applied"])
+
+    async def digests(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[bytes]:
+        return codec.decode_digests(await self._post(peer, DIGESTS_PATH, codec.encode_arcs(arcs), "digests"))
+
+    async def fetch_range(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
+        return codec.decode_records(await self._post(peer, RANGE_PATH, codec.encode_arcs(arcs), "range fetch"))
+
+    async def set_membership(self, peer: Peer, members: dict[str, str]) -> None:
+        await self._post(peer, MEMBERSHIP_PATH, orjson.dumps({"peers": members}), "membership", "application/json")
 
     async def probe(self, peer: Peer) -> bool:
         try:
@@ -83,6 +120,11 @@ class HttpPeerClient(PeerClient):
 
     async def close(self) -> None:
         await self._session.close()
+
+
+def _expect(resp: aiohttp.ClientResponse, status: int, peer: Peer, what: str) -> None:
+    if resp.status != status:
+        raise PeerUnavailableError(f"peer {peer} answered {resp.status} to a {what}", peer=peer.node_id)
 
 
 def _describe(exc: BaseException) -> str:

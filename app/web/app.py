@@ -21,6 +21,8 @@ from app.config import NodeConfig
 from app.transport.http import HttpPeerClient
 from app.web.dataplane import DataPlane
 from app.web.openapi import merge_data_routes
+from app.web.routes_internal import admin as admin_router
+from app.web.routes_internal import internal as internal_router
 from app.web.routes_ops import router as ops_router
 
 
@@ -43,6 +45,8 @@ def create_app(config: NodeConfig) -> DataPlane:
     )
     api.state.node = node
     api.include_router(ops_router)
+    api.include_router(admin_router)
+    api.include_router(internal_router)
     _install_error_handlers(api)
     _install_openapi(api)
     return DataPlane(node=node, fallback=api)

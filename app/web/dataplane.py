@@ -26,7 +26,9 @@ from app.storage.base import Record
 from app.transport.base import (
     APPLIED_HEADER,
     EXISTED_HEADER,
+    HINT_HEADER,
     KV_PATH,
+    SYNCING_HEADER,
     TOKEN_HEADER,
     record_from_headers,
     record_headers,
@@ -50,6 +52,7 @@ REST_PREFIX = "/kv/"
 REST_PREFIX_BYTES = REST_PREFIX.encode()
 INTERNAL_PREFIX_BYTES = KV_PATH.encode()
 TOKEN_HEADER_BYTES = TOKEN_HEADER.encode()
+SYNCING = (SYNCING_HEADER.encode(), b"1")
 
 
 class Disconnected(Exception):
@@ -247,19 +250,21 @@ class DataPlane:
     # -- replica routes: /internal/v1/kv/{key} (never forwarded again) --------
 
     async def _internal(self, scope: Scope, receive: Receive, method: str) -> Reply:
-        denied = self._check_token(scope)
+        denied = check_token(scope, self.token)
         if denied is not None:
             return denied
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         key = key_from_path(raw_path[len(INTERNAL_PREFIX_BYTES):])
-        coordinator = self.node.coordinator
-        assert coordinator is not None
+        replica = self.node.replica
+        assert replica is not None
         if method == "GET":
             self._internal_reads.inc()
-            record = coordinator.replica_read(key)
-            if record is None:
-                return Reply(404)
-            return Reply(200, record.value or b"", OCTETS, _encode_headers(record_headers(record)))
+            answer = replica.read(key)
+            extra = [] if answer.authoritative else [SYNCING]
+            if answer.record is None:
+                return Reply(404, headers=extra)
+            headers = _encode_headers(record_headers(answer.record)) + extra
+            return Reply(200, answer.record.value or b"", OCTETS, headers)
         if method == "PUT":
             self._internal_writes.inc()
             body = await read_body(scope, receive, self.max_value)
@@ -268,22 +273,25 @@ class DataPlane:
                 record = record_from_headers(headers, body)
             except (KeyError, ValueError):
                 raise InvalidRequestError("replica write needs a valid x-kvstore-version header") from None
-            ack = await coordinator.replica_write(key, record)
+            ack = await replica.write(key, record, hint_for=headers.get(HINT_HEADER) or None)
             return Reply(200, headers=[
                 (APPLIED_HEADER.encode(), b"1" if ack.applied else b"0"),
                 (EXISTED_HEADER.encode(), b"1" if ack.existed else b"0"),
             ])
         return method_not_allowed(method, KV_PATH + "{key}", ("GET", "PUT"))
 
-    def _check_token(self, scope: Scope) -> Reply | None:
-        if self.token is None:
-            return None
-        for name, value in scope["headers"]:
-            if name == TOKEN_HEADER_BYTES:
-                if hmac.compare_digest(value, self.token):
-                    return None
-                return error(403, "wrong cluster token on an internal route")
-        return error(401, "internal routes need the cluster token (x-kvstore-token)")
+
+
+def check_token(scope: Scope, token: bytes | None) -> Reply | None:
+    """None when the request may use internal routes, else the refusal."""
+    if token is None:
+        return None
+    for name, value in scope["headers"]:
+        if name == TOKEN_HEADER_BYTES:
+            if hmac.compare_digest(value, token):
+                return None
+            return error(403, "wrong cluster token on an internal route")
+    return error(401, "internal routes need the cluster token (x-kvstore-token)")
 
 
 _REST_OPS = {"GET": "get", "HEAD": "get", "PUT": "put", "DELETE": "delete"}

@@ -44,11 +44,15 @@ async def ring(request: Request) -> dict[str, object]:
             "reachable": True if is_self else state.up,
             "since_s": None if is_self else round(max(0.0, now - state.since), 3),
             "last_error": None if is_self or state.up else state.last_error,
+            "outstanding_requests": None if is_self else state.outstanding,
+            "latency_ms": None if is_self else round(state.latency_s * 1000, 3),
             "share": round(shares[node_id], 6),
             "replica_share": round(replica_shares[node_id], 6),
         })
+    status = node.handoff.status if node.handoff else None
     return {
         "node_id": node.config.node_id,
+        "syncing": bool(status and status.syncing),
         "epoch": view.epoch,
         "vnodes": view.ring.vnodes,
         "replication_factor": min(node.config.replication_factor, len(view.ring)),

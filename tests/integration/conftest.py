@@ -5,17 +5,24 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.history import Load
 from tests.integration.nodes import Cluster
+from tests.integration.proxy import ProxyMesh
 
 
 @pytest.fixture
 def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     """Start clusters of real node processes; every one is stopped at teardown,
-    whatever the test did."""
+    whatever the test did (nodes added later with Cluster.add_node included)."""
     clusters: list[Cluster] = []
 
-    def make(size: int = 3, args: list[str] | None = None, durable: bool = False) -> Cluster:
-        cluster = Cluster(size=size, log_dir=tmp_path, args=args, data_root=tmp_path / "data" if durable else None)
+    def make(
+        size: int = 3,
+        args: list[str] | None = None,
+        durable: bool = False,
+        peers_for: Callable[[str, dict[str, str]], dict[str, str]] | None = None,
+    ) -> Cluster:
+        cluster = Cluster(size=size, log_dir=tmp_path, args=args, data_root=tmp_path / "data" if durable else None, peers_for=peers_for)
         clusters.append(cluster)
         return cluster.start()
 
@@ -24,3 +31,32 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     finally:
         for cluster in clusters:
             cluster.stop()
+
+
+@pytest.fixture
+def proxy_mesh() -> Iterator[ProxyMesh]:
+    """Per-pair TCP proxies (pass `proxy_mesh.route` as make_cluster's peers_for);
+    all closed at teardown."""
+    mesh = ProxyMesh()
+    try:
+        yield mesh
+    finally:
+        mesh.close()
+
+
+@pytest.fixture
+def start_load() -> Iterator[Callable[..., Load]]:
+    """Start background client loads (see history.Load); any still running
+    at teardown is stopped."""
+    loads: list[Load] = []
+
+    def start(**kwargs: object) -> Load:
+        load = Load(**kwargs)  # type: ignore[arg-type]
+        loads.append(load)
+        return load.start()
+
+    try:
+        yield start
+    finally:
+        for load in loads:
+            load.halt()

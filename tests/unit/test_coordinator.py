@@ -9,8 +9,10 @@ from app.clock import HybridClock
 from app.cluster.coordinator import Coordinator, required_acks
 from app.cluster.health import PeerHealth
 from app.cluster.membership import MembershipView
-from app.errors import InvalidRequestError, PeerUnavailableError, QuorumError
+from app.cluster.replica import Replica
+from app.errors import InvalidRequestError, QuorumError
 from app.metrics import NodeMetrics
+from app.storage.hints import HintStore
 from app.storage.memory import MemoryStore
 from app.transport.fake import InProcessPeerClient
 
@@ -23,14 +25,14 @@ def build_cluster(replication_factor: int) -> tuple[dict[str, Coordinator], InPr
     for node_id in NODES:
         coordinators[node_id] = Coordinator(
             membership=MembershipView(self_id=node_id, members=NODES, vnodes=32),
-            store=MemoryStore(tombstone_grace_s=60),
-            clock=HybridClock(node_id),
+            replica=Replica(store=MemoryStore(tombstone_grace_s=60), hints=HintStore(MemoryStore(tombstone_grace_s=60)), clock=(clock := HybridClock(node_id))),
+            clock=clock,
             transport=transport,
             health=PeerHealth(),
             metrics=NodeMetrics(),
             replication_factor=replication_factor,
         )
-    transport.replicas.update(coordinators)
+    transport.replicas.update({node_id: c.replica for node_id, c in coordinators.items()})
     return coordinators, transport
 
 
@@ -52,8 +54,8 @@ async def test_single_owner_routes_to_the_owner_only() -> None:
     nodes, transport = build_cluster(replication_factor=1)
     key = key_owned_by(nodes["a"], "b")
     await nodes["a"].put(key, b"v")
-    assert nodes["b"].store.get(key).value == b"v"  # type: ignore[union-attr]
-    assert nodes["a"].store.get(key) is None and nodes["c"].store.get(key) is None
+    assert nodes["b"].replica.store.get(key).value == b"v"  # type: ignore[union-attr]
+    assert nodes["a"].replica.store.get(key) is None and nodes["c"].replica.store.get(key) is None
     assert (await nodes["c"].get(key)).value == b"v"  # type: ignore[union-attr]
     assert transport.calls == [("b", "write"), ("b", "read")]
 
@@ -62,11 +64,11 @@ async def test_unreachable_owner_is_named_and_marked_down() -> None:
     nodes, transport = build_cluster(replication_factor=1)
     key = key_owned_by(nodes["a"], "c")
     transport.unreachable.add("c")
-    with pytest.raises(PeerUnavailableError, match=r"peer c \(http://c\) unreachable"):
+    with pytest.raises(QuorumError, match=r"peer c \(http://c\) unreachable"):
         await nodes["a"].get(key)
     assert not nodes["a"].health.is_up("c")
     transport.unreachable.clear()
-    await nodes["a"].put(key, b"back")
+    assert await nodes["a"].get(key) is None  # a down owner is still tried when it is the only one
     assert nodes["a"].health.is_up("c")
 
 
@@ -91,7 +93,7 @@ async def test_read_returns_the_newest_version_among_replicas() -> None:
     transport.unreachable.add("c")
     await nodes["a"].put(b"k", b"new")  # c misses this one
     transport.unreachable.clear()
-    assert nodes["c"].store.get(b"k").value == b"old"  # type: ignore[union-attr]
+    assert nodes["c"].replica.store.get(b"k").value == b"old"  # type: ignore[union-attr]
     for reader in nodes.values():
         assert (await reader.get(b"k", consistency="all")).value == b"new"  # type: ignore[union-attr]
 
@@ -102,7 +104,7 @@ async def test_delete_reports_whether_the_key_existed_and_hides_it() -> None:
     await nodes["b"].put(b"k", b"v")
     assert await nodes["c"].delete(b"k") is True
     assert await nodes["a"].get(b"k", consistency="all") is None
-    assert nodes["a"].store.get(b"k").is_tombstone  # type: ignore[union-attr]
+    assert nodes["a"].replica.store.get(b"k").is_tombstone  # type: ignore[union-attr]
 
 
 async def test_replicas_observe_the_coordinators_clock() -> None:

@@ -1,0 +1,392 @@
+"""The durable engine: records in LMDB, one node's data directory.
+
+Chosen over SQLite-WAL by measurement (bench/storage_engines.py, BENCHMARKS.md).
+Keys are stored as 8-byte big-endian ring hash + key, so one ring arc is one
+cursor range. Two index sub-databases (expiry time -> key, tombstone time ->
+key) let the sweep visit only what it purges, and persist with the data.
+Commits never fsync; durability is a policy (--fsync) run by a flusher thread:
+`always` group-commits waiters into one env.sync, `batch` syncs every window.
+Called by app.cluster (event-loop thread and executor threads); no asyncio here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+
+import lmdb
+
+from app.clock import Version, wall_ms
+from app.config import DEFAULT_LMDB_MAP_SIZE, FSYNC_POLICIES, LMDB_SCAN_CHUNK, LMDB_SWEEP_BATCH
+from app.errors import NodeIdMismatchError, StorageError
+from app.ring import HASH_SPACE, stable_hash
+from app.storage.base import DIGEST_BYTES, ApplyResult, Record, Store, fingerprint
+
+log = logging.getLogger(__name__)
+
+FORMAT = b"1"  # on-disk layout version, bumped (with a migration) if the encoding below changes
+
+_U64 = struct.Struct(">Q")  # big-endian, so byte order is numeric order in LMDB's memcmp
+# hlc, expires_at_ms, flags, len(node id); then the node id, then the value.
+_HEADER = struct.Struct(">QQBH")
+_TOMBSTONE = 0x01
+_MAX_HASH = HASH_SPACE - 1
+
+_META_NODE_ID = b"node_id"
+_META_FORMAT = b"format"
+
+
+def _encode(record: Record) -> bytes:
+    node = record.version.node.encode()
+    flags = _TOMBSTONE if record.value is None else 0
+    header = _HEADER.pack(record.version.hlc, record.expires_at_ms, flags, len(node))
+    return header + node + (record.value or b"")
+
+
+def _decode(raw: bytes) -> Record:
+    hlc, expires_at, flags, node_len = _HEADER.unpack_from(raw)
+    body = _HEADER.size + node_len
+    node = raw[_HEADER.size : body].decode()
+    value = None if flags & _TOMBSTONE else raw[body:]
+    return Record(version=Version(hlc, node), value=value, expires_at_ms=expires_at)
+
+
+def _data_key(key: bytes) -> bytes:
+    return _U64.pack(stable_hash(key)) + key
+
+
+def _arc_spans(start: int, end: int) -> list[tuple[bytes, bytes]]:
+    """The arc (start, end] as inclusive [low, high] hash spans (8-byte keys).
+    A wrapping arc (start >= end; equal means the whole circle) is two spans."""
+    if start < end:
+        return [(_U64.pack(start + 1), _U64.pack(end))]
+    spans = [(_U64.pack(start + 1), _U64.pack(_MAX_HASH))] if start < _MAX_HASH else []
+    return [*spans, (_U64.pack(0), _U64.pack(end))]
+
+
+class LmdbStore(Store):
+    """One LMDB environment in `path`, owned by `node_id`."""
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        node_id: str,
+        fsync: str,
+        fsync_window_ms: int,
+        tombstone_grace_s: float,
+        map_size: int = DEFAULT_LMDB_MAP_SIZE,
+        clock: Callable[[], int] = wall_ms,
+    ) -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, got {fsync!r}")
+        self._path = path
+        self._fsync = fsync
+        self._grace_ms = int(tombstone_grace_s * 1000)
+        self._clock = clock  # wall ms; tests inject one to expire records without sleeping
+        try:
+            os.makedirs(path, exist_ok=True)
+            # sync/metasync off: a commit is a write() into the page cache, so
+            # apply() on the event loop never waits for the disk; the policy
+            # threads below decide when env.sync makes it durable. No writemap:
+            # measured no faster here, and without it LMDB keeps its ACI
+            # guarantees on a power loss when the filesystem orders writes.
+            self._env = lmdb.open(
+                path,
+                map_size=map_size,
+                max_dbs=4,
+                sync=False,
+                metasync=False,
+                readahead=False,  # random ring-hash access: readahead only inflates RSS
+            )
+            self._data = self._env.open_db(b"data")
+            self._expiry = self._env.open_db(b"expiry")  # expires_at u64 + data key -> b""
+            self._tombs = self._env.open_db(b"tombstones")  # version wall ms u64 + data key -> b""
+            self._meta = self._env.open_db(b"meta")
+            self._claim(node_id)
+        except lmdb.Error as exc:
+            raise StorageError(f"storage: cannot open LMDB in {path}: {exc}") from exc
+
+        # Durability bookkeeping: a sequence number per applied write, and the
+        # highest one an env.sync is known to cover.
+        self._seq_lock = threading.Lock()
+        self._applied_seq = 0
+        self._durable_seq = 0
+        self._closed = False
+        self._wake = threading.Condition()
+        self._waiters: list[Future[None]] = []
+        self._flusher: threading.Thread | None = None
+        if fsync == "always":
+            self._flusher = threading.Thread(target=self._group_commit_loop, name="lmdb-group-commit", daemon=True)
+        elif fsync == "batch":
+            self._window_s = fsync_window_ms / 1000
+            self._flusher = threading.Thread(target=self._batch_loop, name="lmdb-batch-sync", daemon=True)
+        if self._flusher is not None:
+            self._flusher.start()
+
+    def _claim(self, node_id: str) -> None:
+        """Record the owning node id in a new directory; refuse someone else's."""
+        with self._env.begin(write=True, db=self._meta) as txn:
+            owner = txn.get(_META_NODE_ID)
+            layout = txn.get(_META_FORMAT)
+            if owner is None:
+                txn.put(_META_NODE_ID, node_id.encode())
+                txn.put(_META_FORMAT, FORMAT)
+        if owner is None:
+            self._env.sync(True)
+        elif owner.decode() != node_id:
+            self._env.close()
+            raise NodeIdMismatchError(
+                f"storage: data dir {self._path} belongs to node {owner.decode()!r}, not {node_id!r}; "
+                f"give each node its own --data-dir, or start it as --node-id {owner.decode()}"
+            )
+        elif layout != FORMAT:
+            self._env.close()
+            raise StorageError(f"storage: data dir {self._path} has layout {layout!r}; this build reads {FORMAT!r}")
+
+    # -- reads ----------------------------------------------------------------
+
+    def get(self, key: bytes) -> Record | None:
+        try:
+            with self._env.begin(db=self._data) as txn:
+                raw = txn.get(_data_key(key))
+        except lmdb.Error as exc:
+            raise StorageError(f"storage: get failed: {exc}") from exc
+        if raw is None:
+            return None
+        record = _decode(raw)
+        return None if record.expired(self._clock()) else record
+
+    def live_count(self) -> int:
+        # O(1): LMDB keeps entry counts per sub-database, and exactly the
+        # tombstones are indexed, so no counter has to be kept or rebuilt.
+        try:
+            with self._env.begin() as txn:
+                return txn.stat(self._data)["entries"] - txn.stat(self._tombs)["entries"]
+        except lmdb.Error as exc:
+            raise StorageError(f"storage: live_count failed: {exc}") from exc
+
+    def _scan(self, start: int, end: int) -> Iterator[tuple[bytes, bytes]]:
+        """Raw (data key, value) pairs in the arc, read LMDB_SCAN_CHUNK at a time,
+        each chunk in its own short read transaction."""
+        for low, high in _arc_spans(start, end):
+            position = low
+            while True:
+                chunk: list[tuple[bytes, bytes]] = []
+                try:
+                    with self._env.begin(db=self._data) as txn:
+                        cursor = txn.cursor()
+                        if cursor.set_range(position):
+                            for data_key, raw in cursor:
+                                if data_key[:8] > high:
+                                    break
+                                chunk.append((data_key, raw))
+                                if len(chunk) == LMDB_SCAN_CHUNK:
+                                    break
+                except lmdb.Error as exc:
+                    raise StorageError(f"storage: range scan failed: {exc}") from exc
+                yield from chunk
+                if len(chunk) < LMDB_SCAN_CHUNK:
+                    break
+                position = chunk[-1][0] + b"\x00"  # the smallest key after the last one read
+
+    def iter_range(self, start: int, end: int) -> Iterator[tuple[bytes, Record]]:
+        now = self._clock()
+        for data_key, raw in self._scan(start, end):
+            record = _decode(raw)
+            if not record.expired(now):
+                yield data_key[8:], record
+
+    def digest(self, start: int, end: int) -> bytes:
+        # Same value as Store.digest, straight from the raw bytes: no value is decoded.
+        now = self._clock()
+        acc = 0
+        for data_key, raw in self._scan(start, end):
+            hlc, expires_at, _, node_len = _HEADER.unpack_from(raw)
+            if 0 < expires_at <= now:
+                continue
+            acc ^= fingerprint(data_key[8:], hlc, raw[_HEADER.size : _HEADER.size + node_len])
+        return acc.to_bytes(DIGEST_BYTES, "big")
+
+    # -- writes ---------------------------------------------------------------
+
+    def apply(self, key: bytes, record: Record) -> ApplyResult:
+        now = self._clock()
+        data_key = _data_key(key)
+        try:
+            txn = self._env.begin(write=True)
+            try:
+                raw = txn.get(data_key, db=self._data)
+                stored = None if raw is None else _decode(raw)
+                previous = None if stored is None or stored.expired(now) else stored
+                if record.expired(now) or (previous is not None and previous.version >= record.version):
+                    txn.abort()
+                    return ApplyResult(applied=False, previous=previous)
+                if stored is not None:
+                    self._unindex(txn, data_key, stored)
+                txn.put(data_key, _encode(record), db=self._data)
+                self._index(txn, data_key, record)
+                txn.commit()
+            except BaseException:
+                txn.abort()
+                raise
+        except lmdb.MapFullError as exc:
+            raise StorageError(f"storage: LMDB map full in {self._path}; reopen with a larger map size") from exc
+        except lmdb.Error as exc:
+            raise StorageError(f"storage: apply failed: {exc}") from exc
+        with self._seq_lock:
+            self._applied_seq += 1
+        return ApplyResult(applied=True, previous=previous)
+
+    def discard(self, key: bytes, version: Version) -> bool:
+        data_key = _data_key(key)
+        try:
+            with self._env.begin(write=True) as txn:
+                raw = txn.get(data_key, db=self._data)
+                if raw is None:
+                    return False
+                stored = _decode(raw)
+                if stored.version != version:
+                    return False  # a newer write arrived since the caller read it: keep it
+                self._unindex(txn, data_key, stored)
+                txn.delete(data_key, db=self._data)
+        except lmdb.Error as exc:
+            raise StorageError(f"storage: discard failed: {exc}") from exc
+        with self._seq_lock:
+            self._applied_seq += 1
+        return True
+
+    def _index(self, txn: lmdb.Transaction, data_key: bytes, record: Record) -> None:
+        if record.expires_at_ms:
+            txn.put(_U64.pack(record.expires_at_ms) + data_key, b"", db=self._expiry)
+        if record.value is None:
+            txn.put(_U64.pack(record.version.wall_ms) + data_key, b"", db=self._tombs)
+
+    def _unindex(self, txn: lmdb.Transaction, data_key: bytes, record: Record) -> None:
+        if record.expires_at_ms:
+            txn.delete(_U64.pack(record.expires_at_ms) + data_key, db=self._expiry)
+        if record.value is None:
+            txn.delete(_U64.pack(record.version.wall_ms) + data_key, db=self._tombs)
+
+    def sweep(self, now_ms: int) -> int:
+        """Purge expired records, then tombstones past their grace, walking
+        only the index entries due (never a full scan), in short transactions."""
+        purged = self._sweep_index(self._expiry, limit=now_ms)
+        purged += self._sweep_index(self._tombs, limit=now_ms - self._grace_ms)
+        if purged:
+            with self._seq_lock:
+                self._applied_seq += 1
+        return purged
+
+    def _sweep_index(self, index: lmdb._Database, *, limit: int) -> int:
+        """Remove every record whose index time is <= limit; return how many."""
+        if limit < 0:
+            return 0
+        bound = _U64.pack(limit)
+        purged = 0
+        while True:
+            batch = 0
+            try:
+                with self._env.begin(write=True) as txn:
+                    cursor = txn.cursor(db=index)
+                    due = []
+                    for index_key in cursor.iternext(values=False):
+                        if index_key[:8] > bound or len(due) == LMDB_SWEEP_BATCH:
+                            break
+                        due.append(index_key)
+                    for index_key in due:
+                        data_key = index_key[8:]
+                        raw = txn.get(data_key, db=self._data)
+                        if raw is None:  # cannot happen while the indexes are kept in step
+                            txn.delete(index_key, db=index)
+                            continue
+                        self._unindex(txn, data_key, _decode(raw))
+                        txn.delete(data_key, db=self._data)
+                        purged += 1
+                    batch = len(due)
+            except lmdb.Error as exc:
+                raise StorageError(f"storage: sweep failed: {exc}") from exc
+            if batch < LMDB_SWEEP_BATCH:
+                return purged
+
+    # -- durability -------------------------------------------------------------
+
+    def sync(self) -> None:
+        with self._seq_lock:
+            covered = self._applied_seq
+        try:
+            self._env.sync(True)
+        except lmdb.Error as exc:
+            raise StorageError(f"storage: sync failed: {exc}") from exc
+        with self._seq_lock:
+            self._durable_seq = max(self._durable_seq, covered)
+
+    def wait_durable(self) -> Future[None] | None:
+        if self._fsync != "always":
+            return None
+        future: Future[None] = Future()
+        with self._seq_lock:
+            already = self._applied_seq <= self._durable_seq
+        if already:
+            future.set_result(None)
+            return future
+        with self._wake:
+            if self._closed:
+                raise StorageError("storage: the store is closed")
+            self._waiters.append(future)
+            self._wake.notify()
+        return future
+
+    def _group_commit_loop(self) -> None:
+        """--fsync always: one env.sync for everyone waiting when it starts.
+        Writers that arrive during a sync share the next one."""
+        while True:
+            with self._wake:
+                while not self._waiters and not self._closed:
+                    self._wake.wait()
+                waiters, self._waiters = self._waiters, []
+                closing = self._closed
+            if waiters:
+                try:
+                    self.sync()
+                except Exception as exc:  # the waiters learn of it; the loop keeps serving
+                    for future in waiters:
+                        future.set_exception(exc)
+                else:
+                    for future in waiters:
+                        future.set_result(None)
+            if closing:
+                return
+
+    def _batch_loop(self) -> None:
+        """--fsync batch: sync every window, when something was written."""
+        while True:
+            with self._wake:
+                if self._closed:
+                    return
+                self._wake.wait(self._window_s)
+            with self._seq_lock:
+                dirty = self._applied_seq > self._durable_seq
+            if dirty:
+                try:
+                    self.sync()
+                except StorageError:
+                    # The next window retries; close() makes a last attempt and raises.
+                    log.exception("batch fsync failed; retrying next window")
+
+    def close(self) -> None:
+        with self._wake:
+            if self._closed:
+                return
+            self._closed = True
+            self._wake.notify_all()
+        if self._flusher is not None:
+            self._flusher.join()
+        try:
+            self._env.sync(True)
+        finally:
+            self._env.close()

@@ -1,0 +1,477 @@
+"""The storage contract (app.storage.base.Store), run against every engine.
+
+Time is a FakeClock: TTL and tombstone grace are crossed by moving it, never by
+sleeping. LMDB-only behaviour (reopen, node identity, fsync policies) follows
+the shared part, still parametrized so the memory engine states its side.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from app.config import NodeConfig
+from app.errors import NodeIdMismatchError, StorageError
+from app.ring import HASH_SPACE, in_arc, stable_hash
+from app.storage import LmdbStore, MemoryStore, Record, Store, open_store
+from app.storage import lmdb_store
+from tests.unit.storage.conftest import GRACE_S, START_MS, FakeClock, StoreFactory, put, tombstone, version
+
+T = START_MS
+KEYS = [f"key-{i}".encode() for i in range(200)]
+
+
+def whole(store: Store) -> dict[bytes, Record]:
+    return dict(store.iter_range(0, 0))
+
+
+# -- put / get / delete ------------------------------------------------------
+
+
+def test_get_of_an_unknown_key_is_none(store: Store) -> None:
+    assert store.get(b"nope") is None
+
+
+def test_put_then_get_returns_the_record(store: Store) -> None:
+    record = put(b"v1", at=T)
+    result = store.apply(b"k", record)
+    assert result.applied and result.previous is None
+    assert store.get(b"k") == record
+
+
+def test_binary_and_empty_values_and_keys_round_trip(store: Store) -> None:
+    records = {b"": put(b"empty key", at=T), b"\x00\xff": put(b"", at=T), "ключ".encode(): put(bytes(range(256)), at=T)}
+    for key, record in records.items():
+        store.apply(key, record)
+    for key, record in records.items():
+        assert store.get(key) == record
+
+
+def test_a_long_node_id_round_trips(store: Store) -> None:
+    record = Record(version=version(T, node="node-" + "x" * 300), value=b"v")
+    store.apply(b"k", record)
+    assert store.get(b"k") == record
+
+
+def test_overwrite_returns_the_previous_record(store: Store) -> None:
+    first, second = put(b"v1", at=T), put(b"v2", at=T + 1)
+    store.apply(b"k", first)
+    result = store.apply(b"k", second)
+    assert result.applied and result.previous == first
+    assert store.get(b"k") == second
+
+
+def test_delete_leaves_a_tombstone(store: Store) -> None:
+    store.apply(b"k", put(b"v1", at=T))
+    result = store.apply(b"k", tombstone(at=T + 1))
+    assert result.applied and result.previous is not None and result.previous.value == b"v1"
+    got = store.get(b"k")
+    assert got is not None and got.is_tombstone and not got.live(T)
+
+
+def test_a_tombstone_for_an_unknown_key_is_stored(store: Store) -> None:
+    # A replica may see the delete before the put it deletes.
+    assert store.apply(b"k", tombstone(at=T + 5)).applied
+    assert not store.apply(b"k", put(b"late", at=T)).applied
+    got = store.get(b"k")
+    assert got is not None and got.is_tombstone
+
+
+# -- last writer wins --------------------------------------------------------
+
+
+def test_tombstone_ordering(store: Store) -> None:
+    store.apply(b"k", put(b"v1", at=T))
+    store.apply(b"k", tombstone(at=T + 10))
+    older = store.apply(b"k", put(b"stale", at=T + 5))
+    assert not older.applied and older.previous is not None and older.previous.is_tombstone
+    newer = store.apply(b"k", put(b"v2", at=T + 20))
+    assert newer.applied
+    assert store.get(b"k") == put(b"v2", at=T + 20)
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(4))))
+def test_out_of_order_versions_converge_on_the_newest(store: Store, order: tuple[int, ...]) -> None:
+    records = [put(f"v{i}".encode(), at=T + i) if i != 2 else tombstone(at=T + i) for i in range(4)]
+    newest_so_far = -1
+    for i in order:
+        result = store.apply(b"k", records[i])
+        assert result.applied == (i > newest_so_far)
+        newest_so_far = max(newest_so_far, i)
+    assert store.get(b"k") == records[3]
+    assert store.live_count() == 1
+
+
+def test_an_equal_version_is_not_applied(store: Store) -> None:
+    first = put(b"v1", at=T)
+    store.apply(b"k", first)
+    same_version = Record(version=first.version, value=b"other")
+    result = store.apply(b"k", same_version)
+    assert not result.applied and result.previous == first
+    assert store.get(b"k") == first
+
+
+def test_the_node_id_breaks_ties_between_equal_timestamps(store: Store) -> None:
+    store.apply(b"k", put(b"from-b", at=T, node="b"))
+    assert not store.apply(b"k", put(b"from-a", at=T, node="a")).applied
+    assert store.apply(b"k", put(b"from-c", at=T, node="c")).applied
+    assert store.get(b"k") == put(b"from-c", at=T, node="c")
+
+
+def test_the_logical_counter_orders_writes_in_the_same_millisecond(store: Store) -> None:
+    later = Record(version=version(T, logical=2), value=b"later")
+    store.apply(b"k", later)
+    assert not store.apply(b"k", Record(version=version(T, logical=1), value=b"earlier")).applied
+    assert store.get(b"k") == later
+
+
+# -- TTL -----------------------------------------------------------------------
+
+
+def test_a_record_expires_at_its_deadline(store: Store, clock: FakeClock) -> None:
+    record = put(b"v", at=T, expires_at_ms=T + 1000)
+    store.apply(b"k", record)
+    clock.advance(999)
+    assert store.get(b"k") == record
+    assert whole(store) == {b"k": record}
+    clock.advance(1)
+    assert store.get(b"k") is None
+    assert whole(store) == {}
+    assert store.digest(0, 0) == bytes(16)
+
+
+def test_applying_an_already_expired_record_is_a_no_op(store: Store) -> None:
+    result = store.apply(b"k", put(b"v", at=T - 10, expires_at_ms=T))
+    assert not result.applied and result.previous is None
+    assert store.get(b"k") is None
+    assert store.live_count() == 0
+    assert store.sweep(T) == 0
+
+
+def test_an_expired_record_no_longer_blocks_writes(store: Store, clock: FakeClock) -> None:
+    store.apply(b"k", put(b"short", at=T, expires_at_ms=T + 10))
+    clock.advance(10)
+    # Expired means absent: a write is compared with what a read would see.
+    result = store.apply(b"k", put(b"again", at=T - 5))
+    assert result.applied and result.previous is None
+    assert store.get(b"k") == put(b"again", at=T - 5)
+
+
+def test_overwriting_with_a_ttl_and_without_one(store: Store, clock: FakeClock) -> None:
+    store.apply(b"k", put(b"v1", at=T, expires_at_ms=T + 10))
+    store.apply(b"k", put(b"v2", at=T + 1))  # the newer write has no TTL: it stays
+    clock.advance(100)
+    assert store.get(b"k") == put(b"v2", at=T + 1)
+    assert store.sweep(clock()) == 0
+    store.apply(b"k", put(b"v3", at=T + 2, expires_at_ms=T + 200))
+    clock.advance(100)
+    assert store.sweep(clock()) == 1
+    assert store.get(b"k") is None
+
+
+# -- sweep -------------------------------------------------------------------
+
+
+def test_sweep_purges_expired_records(store: Store, clock: FakeClock) -> None:
+    for i in range(10):
+        store.apply(KEYS[i], put(b"v", at=T, expires_at_ms=T + 100 * (i + 1)))
+    store.apply(b"forever", put(b"v", at=T))
+    assert store.sweep(T + 450) == 4
+    assert store.sweep(T + 450) == 0
+    clock.advance(450)
+    assert len(whole(store)) == 7
+    assert store.sweep(T + 10_000) == 6
+    assert whole(store) == {b"forever": put(b"v", at=T)}
+
+
+def test_sweep_purges_tombstones_only_after_their_grace(store: Store, clock: FakeClock) -> None:
+    grace_ms = int(GRACE_S * 1000)
+    store.apply(b"old", tombstone(at=T))
+    store.apply(b"young", tombstone(at=T + 1000))
+    store.apply(b"value", put(b"v", at=T))
+    assert store.sweep(T + grace_ms - 1) == 0
+    assert store.sweep(T + grace_ms) == 1
+    clock.advance(grace_ms)
+    assert store.get(b"old") is None
+    young = store.get(b"young")
+    assert young is not None and young.is_tombstone
+    assert store.sweep(T + grace_ms + 1000) == 1
+    assert set(whole(store)) == {b"value"}
+
+
+def test_a_purged_tombstone_lets_any_write_in_again(store: Store) -> None:
+    store.apply(b"k", tombstone(at=T))
+    store.sweep(T + int(GRACE_S * 1000))
+    assert store.apply(b"k", put(b"v", at=T - 1)).applied
+
+
+def test_sweep_in_many_batches(make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lmdb_store, "LMDB_SWEEP_BATCH", 7)
+    store = make_store()
+    for key in KEYS[:50]:
+        store.apply(key, put(b"v", at=T, expires_at_ms=T + 5))
+    for key in KEYS[50:80]:
+        store.apply(key, tombstone(at=T))
+    assert store.sweep(T + int(GRACE_S * 1000)) == 80
+    assert store.live_count() == 0 and whole(store) == {}
+
+
+# -- iteration by ring arc ---------------------------------------------------
+
+
+def _fill(store: Store, keys: list[bytes]) -> dict[bytes, Record]:
+    records = {key: put(key + b"-value", at=T) for key in keys}
+    for key, record in records.items():
+        store.apply(key, record)
+    return records
+
+
+def _arcs(keys: list[bytes]) -> list[tuple[int, int]]:
+    hashes = sorted(stable_hash(key) for key in keys)
+    lo, mid, hi = hashes[10], hashes[len(hashes) // 2], hashes[-10]
+    return [
+        (lo, hi),  # plain
+        (lo - 1, lo),  # just the key at lo: the end is inclusive
+        (lo, lo + 1),  # empty: the start is exclusive
+        (hi, lo),  # wraps past zero
+        (mid, mid),  # the whole circle, cut at mid
+        (0, 0),
+        (HASH_SPACE - 1, HASH_SPACE - 1),
+        (HASH_SPACE - 1, 0),  # only hash 0
+        (HASH_SPACE - 2, HASH_SPACE - 1),
+        (0, HASH_SPACE - 1),  # everything but hash 0
+    ]
+
+
+def test_iter_range_returns_exactly_the_keys_on_the_arc(store: Store) -> None:
+    records = _fill(store, KEYS)
+    for start, end in _arcs(KEYS):
+        expected = {key: record for key, record in records.items() if in_arc(stable_hash(key), start, end)}
+        assert dict(store.iter_range(start, end)) == expected, (start, end)
+
+
+def test_iter_range_includes_tombstones_and_skips_expired(store: Store) -> None:
+    store.apply(b"gone", tombstone(at=T))
+    store.apply(b"dead", put(b"v", at=T - 10, expires_at_ms=T))
+    store.apply(b"ttl", put(b"v", at=T - 10, expires_at_ms=T + 1))
+    assert set(whole(store)) == {b"gone", b"ttl"}
+
+
+def test_iter_range_crosses_scan_chunks(make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lmdb_store, "LMDB_SCAN_CHUNK", 3)
+    store = make_store()
+    records = _fill(store, KEYS)
+    assert whole(store) == records
+    for start, end in _arcs(KEYS):
+        assert {key for key, _ in store.iter_range(start, end)} == {
+            key for key in records if in_arc(stable_hash(key), start, end)
+        }
+
+
+def test_iter_range_survives_writes_while_iterating(store: Store) -> None:
+    _fill(store, KEYS)
+    seen = 0
+    for i, _ in enumerate(store.iter_range(0, 0)):
+        store.apply(f"new-{i}".encode(), put(b"v", at=T))
+        seen += 1
+    assert seen >= len(KEYS)
+
+
+# -- digest ------------------------------------------------------------------
+
+
+def test_digest_is_independent_of_write_order(make_store: StoreFactory, tmp_path: Path) -> None:
+    a, b = make_store(path=tmp_path / "a"), make_store(path=tmp_path / "b")
+    records = [(key, put(key, at=T + i)) for i, key in enumerate(KEYS)]
+    for key, record in records:
+        a.apply(key, record)
+    shuffled = records[:]
+    random.Random(7).shuffle(shuffled)
+    for key, record in shuffled:
+        b.apply(key, record)
+    for start, end in _arcs(KEYS):
+        assert a.digest(start, end) == b.digest(start, end)
+    assert a.digest(0, 0) == a.digest(0, 0)  # stable on repeat
+
+
+def test_digest_changes_with_any_version(store: Store) -> None:
+    _fill(store, KEYS)
+    before = store.digest(0, 0)
+    key = KEYS[17]
+    store.apply(key, put(key + b"-value", at=T + 1))  # same value, newer version
+    after_put = store.digest(0, 0)
+    store.apply(key, tombstone(at=T + 2))
+    after_delete = store.digest(0, 0)
+    store.apply(b"brand-new", put(b"v", at=T))
+    after_insert = store.digest(0, 0)
+    assert len({before, after_put, after_delete, after_insert}) == 4
+
+
+def test_digest_only_covers_its_arc(store: Store) -> None:
+    _fill(store, KEYS)
+    hashes = sorted(stable_hash(key) for key in KEYS)
+    inside, outside = hashes[50], hashes[150]
+    arc = (hashes[40], hashes[60])
+    before = store.digest(*arc)
+    store.apply(next(k for k in KEYS if stable_hash(k) == outside), tombstone(at=T + 1))
+    assert store.digest(*arc) == before
+    store.apply(next(k for k in KEYS if stable_hash(k) == inside), tombstone(at=T + 1))
+    assert store.digest(*arc) != before
+
+
+def test_digests_of_adjacent_arcs_combine(store: Store) -> None:
+    _fill(store, KEYS)
+    cut = sorted(stable_hash(key) for key in KEYS)[100]
+    left, right = store.digest(0, cut), store.digest(cut, 0)
+    combined = bytes(x ^ y for x, y in zip(left, right))
+    assert combined == store.digest(0, 0)
+    assert store.digest(cut, cut) == store.digest(0, 0)
+
+
+def test_every_engine_computes_the_same_digest(tmp_path: Path, clock: FakeClock) -> None:
+    memory = MemoryStore(tombstone_grace_s=GRACE_S, clock=clock)
+    durable = LmdbStore(path=str(tmp_path), node_id="n1", fsync="never", fsync_window_ms=5, tombstone_grace_s=GRACE_S, clock=clock)
+    try:
+        for i, key in enumerate(KEYS):
+            record = tombstone(at=T + i) if i % 5 == 0 else put(key, at=T + i, node=f"n{i % 3}")
+            memory.apply(key, record)
+            durable.apply(key, record)
+        for start, end in _arcs(KEYS):
+            assert memory.digest(start, end) == durable.digest(start, end)
+        assert memory.digest(0, 0) != bytes(16)
+    finally:
+        durable.close()
+
+
+# -- live_count --------------------------------------------------------------
+
+
+def test_live_count_follows_puts_overwrites_deletes_and_expiry(store: Store, clock: FakeClock) -> None:
+    assert store.live_count() == 0
+    for key in KEYS[:5]:
+        store.apply(key, put(b"v", at=T))
+    assert store.live_count() == 5
+    store.apply(KEYS[0], put(b"v2", at=T + 1))  # overwrite
+    store.apply(KEYS[1], put(b"stale", at=T - 1))  # rejected
+    assert store.live_count() == 5
+    store.apply(KEYS[2], tombstone(at=T + 1))  # delete
+    store.apply(KEYS[3], tombstone(at=T + 1))
+    store.apply(b"never-written", tombstone(at=T + 1))
+    assert store.live_count() == 3
+    store.apply(KEYS[2], put(b"back", at=T + 2))  # re-put after delete
+    assert store.live_count() == 4
+    store.apply(b"ttl-1", put(b"v", at=T, expires_at_ms=T + 10))
+    store.apply(b"ttl-2", put(b"v", at=T, expires_at_ms=T + 10))
+    assert store.live_count() == 6
+    clock.advance(10)
+    store.apply(b"ttl-2", put(b"fresh", at=T + 3))  # replaces an expired, unswept value
+    store.sweep(clock())
+    assert store.live_count() == 5
+    assert store.live_count() == sum(1 for _, r in store.iter_range(0, 0) if r.live(clock()))
+
+
+# -- durability policy -------------------------------------------------------
+
+
+@pytest.mark.parametrize("fsync", ["always", "batch", "never"])
+def test_wait_durable_per_fsync_policy(make_store: StoreFactory, engine: str, fsync: str) -> None:
+    store = make_store(fsync=fsync)
+    store.apply(b"k", put(b"v", at=T))
+    waiter = store.wait_durable()
+    if engine == "lmdb" and fsync == "always":
+        assert waiter is not None
+        assert waiter.result(timeout=10) is None
+        # Nothing written since: the next wait is already done.
+        already = store.wait_durable()
+        assert already is not None and already.done()
+    else:
+        assert waiter is None
+    store.sync()
+
+
+def test_group_commit_serves_many_concurrent_writers(make_store: StoreFactory, engine: str) -> None:
+    store = make_store(fsync="always")
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(20):
+                store.apply(f"w{n}-{i}".encode(), put(b"v", at=T + i))
+                waiter = store.wait_durable()
+                if waiter is not None:
+                    waiter.result(timeout=10)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert store.live_count() == 160
+
+
+# -- LMDB: restarts and identity ---------------------------------------------
+
+
+# The memory engine keeps nothing across a close and has no directory: these
+# override the engine parametrization to LMDB alone.
+lmdb_only = pytest.mark.parametrize("engine", ["lmdb"])
+
+
+@lmdb_only
+def test_everything_survives_a_reopen(make_store: StoreFactory, engine: str, clock: FakeClock) -> None:
+    store = make_store(fsync="batch")
+    records = _fill(store, KEYS[:100])
+    store.apply(KEYS[0], tombstone(at=T + 1))
+    store.apply(b"ttl", put(b"v", at=T, expires_at_ms=T + 100))
+    digest = store.digest(0, 0)
+    store.close()
+
+    again = make_store(fsync="batch")
+    assert again.live_count() == 100
+    assert again.get(KEYS[5]) == records[KEYS[5]]
+    old = again.get(KEYS[0])
+    assert old is not None and old.is_tombstone
+    assert again.digest(0, 0) == digest
+    assert not again.apply(KEYS[0], put(b"stale", at=T)).applied
+    # The expiry and tombstone indexes came back too: the sweep still finds them.
+    clock.advance(int(GRACE_S * 1000) + 1)
+    assert again.sweep(clock()) == 2
+    assert again.live_count() == 99
+
+
+@lmdb_only
+def test_a_data_dir_refuses_another_node_id(make_store: StoreFactory, engine: str, tmp_path: Path) -> None:
+    make_store(node_id="n1").close()
+    with pytest.raises(NodeIdMismatchError, match="belongs to node 'n1', not 'n2'"):
+        make_store(node_id="n2")
+    assert make_store(node_id="n1").get(b"k") is None  # the owner still opens it
+
+
+@lmdb_only
+def test_a_closed_store_raises_storage_errors(make_store: StoreFactory, engine: str) -> None:
+    store = make_store()
+    store.close()
+    with pytest.raises(StorageError):
+        store.get(b"k")
+    with pytest.raises(StorageError):
+        store.apply(b"k", put(b"v", at=T))
+    store.close()  # idempotent
+
+
+def test_open_store_picks_the_engine(tmp_path: Path) -> None:
+    memory = open_store(NodeConfig.from_options({"node_id": "n1"}))
+    assert isinstance(memory, MemoryStore)
+    memory.close()
+    durable = open_store(NodeConfig.from_options({"node_id": "n1", "data_dir": str(tmp_path), "fsync": "always"}))
+    try:
+        assert isinstance(durable, LmdbStore)
+        assert durable.wait_durable() is not None
+    finally:
+        durable.close()

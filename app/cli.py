@@ -41,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     node = sub.add_parser("node", help="run one node")
     for option in NODE_OPTIONS:
-        node.add_argument(option.flag, dest=option.dest, default=env_default(option), help=f"{option.help} [env {option.env}]")
+        help_text = f"{option.help} [env {option.env}]"
+        if option.repeatable:
+            node.add_argument(option.flag, dest=option.dest, action="append", default=None, help=help_text)
+        else:
+            node.add_argument(option.flag, dest=option.dest, default=env_default(option), help=help_text)
 
     cluster = sub.add_parser("cluster", help="run a local cluster, one process per node")
     cluster.add_argument("--nodes", type=int, default=DEFAULT_CLUSTER_NODES, help="how many nodes")
@@ -88,7 +92,12 @@ def run_node(args: argparse.Namespace) -> int:
 
     from app.web.app import create_app
 
-    config = NodeConfig.from_options({option.dest: getattr(args, option.dest) for option in NODE_OPTIONS})
+    values = {option.dest: getattr(args, option.dest) for option in NODE_OPTIONS}
+    for option in NODE_OPTIONS:
+        if option.repeatable:  # flags given: they win; else the env var's comma-separated list
+            given = values[option.dest]
+            values[option.dest] = ",".join(given) if given else env_default(option)
+    config = NodeConfig.from_options(values)
     logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s {config.node_id} %(levelname)s %(name)s: %(message)s")
     server = uvicorn.Server(uvicorn.Config(
         create_app(config),

@@ -86,6 +86,14 @@ class NodeMetrics:
         self.peer_latency = Gauge(
             "kvstore_peer_latency_seconds", "Moving average of each peer's response time.", ["peer"], registry=r,
         )
+        self.membership_errors = Counter(
+            "kvstore_membership_source_errors_total",
+            "Failures reading or watching the membership source (the last known ring stays in use).", registry=r,
+        )
+        self.membership_staleness = Gauge(
+            "kvstore_membership_staleness_seconds", "Seconds since the membership source last confirmed the ring.",
+            registry=r,
+        )
         self._observers = {op: self.duration.labels(op) for op in OPS}
         self._counters: dict[tuple[str, int], Callable[[], None]] = {}
 

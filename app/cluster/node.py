@@ -21,6 +21,8 @@ from app.cluster.membership import Membership, MembershipView
 from app.cluster.repair import AntiEntropy
 from app.cluster.replica import Replica
 from app.config import NodeConfig
+from app.discovery.base import MembershipSource
+from app.discovery.static import StaticMembership
 from app.errors import PeerUnavailableError
 from app.metrics import NodeMetrics
 from app.storage import open_hint_store, open_store
@@ -45,6 +47,9 @@ class Node:
         self.handoff: Handoff | None = None
         self.anti_entropy: AntiEntropy | None = None
         self.started_at = time.monotonic()
+        self.members_known = False
+        self.source: MembershipSource = StaticMembership(config.peers)
+        self._starts_empty = False
         self._tasks: list[asyncio.Task[None]] = []
         self.membership.on_change(self._on_membership_change)
         self._on_membership_change(self.membership.current, self.membership.current)
@@ -53,9 +58,10 @@ class Node:
     def store(self):  # type: ignore[no-untyped-def]
         return self.replica.store if self.replica else None
 
-    async def start(self, transport: PeerClient) -> None:
+    async def start(self, transport: PeerClient, *, source: MembershipSource | None = None) -> None:
         """Open the stores (off the event loop: a big LMDB may take a moment),
-        start pulling this node's ranges if it starts empty, start the loops."""
+        start the membership source and the loops. A node that starts empty
+        pulls its ranges once it knows its ring (see set_members)."""
         store = await asyncio.to_thread(open_store, self.config)
         hints = await asyncio.to_thread(open_hint_store, self.config)
         self.metrics.track_keys(store.live_count)
@@ -72,14 +78,39 @@ class Node:
             **common,  # type: ignore[arg-type]
         )
         self.anti_entropy = AntiEntropy(node_id=self.config.node_id, **common)  # type: ignore[arg-type]
-        if store.live_count() == 0 and len(self.membership.current.peers) > 1:
-            self.handoff.bootstrap()
+        self._starts_empty = store.live_count() == 0
+        self.source = source or StaticMembership(self.config.peers)
+        self.metrics.membership_staleness.set_function(self.source.staleness_s)
         self._tasks = [
+            asyncio.create_task(self._run_source()),
             asyncio.create_task(self._forever("peer probe", PROBE_INTERVAL_S, self._probe_down_peers)),
             asyncio.create_task(self._forever("hint delivery", HINT_INTERVAL_S, self.handoff.deliver_hints)),
             asyncio.create_task(self._forever("anti-entropy", self.config.anti_entropy_interval, self._repair_round)),
             asyncio.create_task(self._forever("sweep", self.config.sweep_interval, self._sweep)),
         ]
+
+    async def drain(self) -> None:
+        """Before exiting: a node that is no longer a member hands every record
+        to its new owners first (a scale-down must not drop a key below N
+        copies). Bounded by --sync-deadline; a member just stops."""
+        if self.handoff is None:
+            return
+        try:
+            await asyncio.wait_for(self.source.refresh(self), timeout=PROBE_INTERVAL_S * 5)
+        except Exception:  # an unreachable API must not block shutdown
+            log.warning("could not re-read membership before exiting", exc_info=True)
+        if self.config.node_id in self.membership.current.peers:
+            return
+        log.warning("this node left the ring: handing its records to their owners before exiting")
+        deadline = time.monotonic() + self.config.sync_deadline
+        self.handoff.foreign_dirty = True
+        while time.monotonic() < deadline:
+            await self.handoff.handoff_foreign()
+            if not self.handoff.foreign_dirty:
+                log.warning("hand-off complete")
+                return
+            await asyncio.sleep(PROBE_INTERVAL_S)
+        log.error("hand-off incomplete at the deadline: %d records left", self.handoff.status.foreign_keys)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -92,10 +123,48 @@ class Node:
             await asyncio.to_thread(self.replica.hints.close)
             self.replica = None
 
+    # -- the membership source's sink ----------------------------------------
+
+    async def set_members(self, members: dict[str, str]) -> None:
+        await self.apply_membership(members, propagate=False)
+        if not self.members_known:
+            self.members_known = True
+            if self._starts_empty and len(self.membership.current.peers) > 1 and self.handoff is not None:
+                self.handoff.bootstrap()
+
+    def set_ready(self, node_id: str, ready: bool) -> None:
+        if node_id == self.config.node_id:
+            return
+        if ready:
+            self.health.mark_up(node_id)
+        else:
+            self.health.mark_down(node_id, "its pod is not ready")
+
+    def record_source_error(self, reason: str) -> None:
+        self.metrics.membership_errors.inc()
+        log.warning("membership source: %s", reason)
+
+    async def _run_source(self) -> None:
+        """The source runs for the node's lifetime; if it ever fails, restart it."""
+        delay = PROBE_INTERVAL_S
+        while True:
+            try:
+                await self.source.run(self)
+                if self.members_known:
+                    return  # a one-shot source (static) is done
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("membership source failed; restarting it")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_LOOP_BACKOFF_S)
+
     def not_ready_reason(self) -> str | None:
         """None when the node can serve: store open, ring known, initial sync done."""
         if self.replica is None or self.coordinator is None:
             return "store is not open yet"
+        if not self.members_known:
+            return "waiting for the first member list from the membership source"
         if self.config.node_id not in self.membership.current.ring:
             return "this node is not a member of its own ring"
         if self.handoff is not None and self.handoff.status.syncing and self.handoff.bootstrapping:

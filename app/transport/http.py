@@ -8,7 +8,9 @@ errors are translated once, here, into PeerUnavailableError.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
+from typing import Any
 from contextlib import asynccontextmanager
 
 import aiohttp
@@ -44,12 +46,34 @@ BULK_TIMEOUT_S = 60.0  # range fetches and batches move many records: allow more
 _FAILURES = (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError)
 
 
+class OverrideResolver(aiohttp.abc.AbstractResolver):
+    """DNS with fixed answers for some names (--resolve NAME=ADDRESS), the way
+    curl's --resolve works: lets tests and developers run pods' DNS names on
+    loopback addresses without touching /etc/hosts."""
+
+    def __init__(self, overrides: dict[str, str]) -> None:
+        self._overrides = overrides
+        self._fallback = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
+        address = self._overrides.get(host)
+        if address is None:
+            return await self._fallback.resolve(host, port, family)  # type: ignore[return-value]
+        return [{"hostname": host, "host": address, "port": port, "family": socket.AF_INET, "proto": 0, "flags": socket.AI_NUMERICHOST}]
+
+    async def close(self) -> None:
+        await self._fallback.close()
+
+
 class HttpPeerClient(PeerClient):
     """Must be created inside the running event loop (aiohttp binds to it)."""
 
-    def __init__(self, *, timeout_s: float, token: str | None = None) -> None:
+    def __init__(self, *, timeout_s: float, token: str | None = None, resolve: dict[str, str] | None = None) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=CONNECTIONS_PER_PEER, keepalive_timeout=60),
+            connector=aiohttp.TCPConnector(
+                limit=0, limit_per_host=CONNECTIONS_PER_PEER, keepalive_timeout=60,
+                resolver=OverrideResolver(resolve) if resolve else None,
+            ),
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding"),

@@ -18,6 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app import __version__
 from app.cluster.node import Node
 from app.config import NodeConfig
+from app.discovery.base import MembershipSource
+from app.discovery.static import StaticMembership
 from app.transport.http import HttpPeerClient
 from app.web.dataplane import DataPlane
 from app.web.openapi import merge_data_routes
@@ -31,9 +33,11 @@ def create_app(config: NodeConfig) -> DataPlane:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await node.start(HttpPeerClient(timeout_s=config.peer_timeout, token=config.cluster_token))
+        transport = HttpPeerClient(timeout_s=config.peer_timeout, token=config.cluster_token, resolve=config.resolve)
+        await node.start(transport, source=membership_source(config))
         try:
             yield
+            await node.drain()
         finally:
             await node.stop()
 
@@ -50,6 +54,14 @@ def create_app(config: NodeConfig) -> DataPlane:
     _install_error_handlers(api)
     _install_openapi(api)
     return DataPlane(node=node, fallback=api)
+
+
+def membership_source(config: NodeConfig) -> MembershipSource:
+    if config.membership == "kubernetes":
+        from app.discovery.kubernetes import KubernetesMembership  # the kubernetes client loads only when used
+
+        return KubernetesMembership.from_config(config)
+    return StaticMembership(config.peers)
 
 
 def _install_error_handlers(api: FastAPI) -> None:

@@ -56,6 +56,7 @@ async def ring(request: Request) -> dict[str, object]:
         "epoch": view.epoch,
         "vnodes": view.ring.vnodes,
         "replication_factor": min(node.config.replication_factor, len(view.ring)),
+        "membership_source": node.source.status() | {"staleness_s": round(node.source.staleness_s(), 3)},
         "members": members,
     }
 

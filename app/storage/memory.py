@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 
-from app.clock import wall_ms
+from app.clock import Version, wall_ms
 from app.ring import stable_hash
 from app.storage.base import ApplyResult, Record, Store, in_arc
 
@@ -40,6 +40,15 @@ class MemoryStore(Store):
             # expired value removes it from the count just as a sweep would.
             self._live += (record.value is not None) - (stored is not None and stored.value is not None)
             return ApplyResult(applied=True, previous=previous)
+
+    def discard(self, key: bytes, version: Version) -> bool:
+        with self._lock:
+            record = self._records.get(key)
+            if record is None or record.version != version:
+                return False  # a newer write arrived since the caller read it: keep it
+            del self._records[key]
+            self._live -= record.value is not None
+            return True
 
     def live_count(self) -> int:
         return self._live

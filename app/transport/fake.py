@@ -4,6 +4,7 @@ Integration tests use the real HTTP client; this keeps unit tests fast."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Protocol
 
@@ -50,7 +51,9 @@ class InProcessPeerClient(PeerClient):
 
     async def set_membership(self, peer: Peer, members: dict[str, str]) -> None:
         self._target(peer, "membership")
-        self.membership_handlers[peer.node_id](members)
+        result = self.membership_handlers[peer.node_id](members)
+        if inspect.isawaitable(result):
+            await result
 
     async def probe(self, peer: Peer) -> bool:
         return peer.node_id in self.replicas and peer.node_id not in self.unreachable

@@ -11,12 +11,14 @@ Called by app.cluster (event-loop thread and executor threads); no asyncio here.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import struct
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from typing import TextIO
 
 import lmdb
 
@@ -35,6 +37,8 @@ _U64 = struct.Struct(">Q")  # big-endian, so byte order is numeric order in LMDB
 _HEADER = struct.Struct(">QQBH")
 _TOMBSTONE = 0x01
 _MAX_HASH = HASH_SPACE - 1
+
+LOCK_FILE = "kvstore.lock"  # beside LMDB's data.mdb and lock.mdb; holds the owning pid
 
 _META_NODE_ID = b"node_id"
 _META_FORMAT = b"format"
@@ -89,8 +93,8 @@ class LmdbStore(Store):
         self._fsync = fsync
         self._grace_ms = int(tombstone_grace_s * 1000)
         self._clock = clock  # wall ms; tests inject one to expire records without sleeping
+        self._lock_file = self._lock_directory(path)
         try:
-            os.makedirs(path, exist_ok=True)
             # sync/metasync off: a commit only touches the page cache, so
             # apply() on the event loop never waits for the disk; the policy
             # threads below decide when env.sync makes it durable. writemap:
@@ -114,7 +118,11 @@ class LmdbStore(Store):
             self._meta = self._env.open_db(b"meta")
             self._claim(node_id)
         except lmdb.Error as exc:
+            self._lock_file.close()
             raise StorageError(f"storage: cannot open LMDB in {path}: {exc}") from exc
+        except StorageError:
+            self._lock_file.close()
+            raise
 
         # Durability bookkeeping: a sequence number per applied write, and the
         # highest one an env.sync is known to cover.
@@ -132,6 +140,29 @@ class LmdbStore(Store):
             self._flusher = threading.Thread(target=self._batch_loop, name="lmdb-batch-sync", daemon=True)
         if self._flusher is not None:
             self._flusher.start()
+
+    @staticmethod
+    def _lock_directory(path: str) -> TextIO:
+        """Hold an exclusive lock on the directory while open. LMDB itself lets
+        several processes share an environment; two nodes must never (say, two
+        pods given one volume by mistake). The kernel drops it if we die."""
+        try:
+            os.makedirs(path, exist_ok=True)
+            lock_file = open(os.path.join(path, LOCK_FILE), "a+")  # noqa: SIM115 - held until close()
+        except OSError as exc:
+            raise StorageError(f"storage: cannot use data dir {path}: {exc}") from exc
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "unknown"
+            lock_file.close()
+            raise StorageError(f"storage: data dir {path} is in use by another process (pid {holder})") from None
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(f"{os.getpid()}\n")
+        lock_file.flush()
+        return lock_file
 
     def _claim(self, node_id: str) -> None:
         """Record the owning node id in a new directory; refuse someone else's."""
@@ -399,3 +430,4 @@ class LmdbStore(Store):
             self._env.sync(True)
         finally:
             self._env.close()
+            self._lock_file.close()

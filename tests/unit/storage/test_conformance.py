@@ -23,6 +23,9 @@ from tests.unit.storage.conftest import GRACE_S, START_MS, FakeClock, StoreFacto
 
 T = START_MS
 KEYS = [f"key-{i}".encode() for i in range(200)]
+# For what only a durable engine has (a directory, an owner, fsync threads):
+# overrides the engine parametrization to LMDB alone.
+lmdb_only = pytest.mark.parametrize("engine", ["lmdb"])
 
 
 def whole(store: Store) -> dict[bytes, Record]:
@@ -393,6 +396,34 @@ def test_wait_durable_per_fsync_policy(make_store: StoreFactory, engine: str, fs
     store.sync()
 
 
+@lmdb_only
+def test_a_waiter_that_gives_up_does_not_break_group_commit(make_store: StoreFactory, engine: str) -> None:
+    store = make_store(fsync="always")
+    store.apply(b"a", put(b"v", at=T))
+    abandoned = store.wait_durable()
+    assert abandoned is not None
+    assert not abandoned.cancel()  # what asyncio.wrap_future does when its task is cancelled
+    store.apply(b"b", put(b"v", at=T))
+    later = store.wait_durable()
+    assert later is not None and later.result(timeout=10) is None
+    assert abandoned.result(timeout=10) is None
+
+
+async def test_wait_durable_under_asyncio_wrap_future(make_store: StoreFactory, engine: str) -> None:
+    import asyncio  # the coordinator's side of the contract; storage itself never imports it
+
+    store = make_store(fsync="always")
+
+    async def write(i: int) -> None:
+        store.apply(f"k{i}".encode(), put(b"v", at=T))
+        waiter = store.wait_durable()
+        if waiter is not None:
+            await asyncio.wrap_future(waiter)
+
+    await asyncio.gather(*(write(i) for i in range(32)))
+    assert store.live_count() == 32
+
+
 def test_group_commit_serves_many_concurrent_writers(make_store: StoreFactory, engine: str) -> None:
     store = make_store(fsync="always")
     errors: list[BaseException] = []
@@ -417,11 +448,6 @@ def test_group_commit_serves_many_concurrent_writers(make_store: StoreFactory, e
 
 
 # -- LMDB: restarts and identity ---------------------------------------------
-
-
-# The memory engine keeps nothing across a close and has no directory: these
-# override the engine parametrization to LMDB alone.
-lmdb_only = pytest.mark.parametrize("engine", ["lmdb"])
 
 
 @lmdb_only
@@ -452,6 +478,15 @@ def test_a_data_dir_refuses_another_node_id(make_store: StoreFactory, engine: st
     with pytest.raises(NodeIdMismatchError, match="belongs to node 'n1', not 'n2'"):
         make_store(node_id="n2")
     assert make_store(node_id="n1").get(b"k") is None  # the owner still opens it
+
+
+@lmdb_only
+def test_a_data_dir_is_used_by_one_open_store_at_a_time(make_store: StoreFactory, engine: str) -> None:
+    first = make_store()
+    with pytest.raises(StorageError, match=r"in use by another process \(pid \d+\)"):
+        make_store()
+    first.close()
+    make_store().apply(b"k", put(b"v", at=T))
 
 
 @lmdb_only

@@ -92,3 +92,11 @@ def test_counts_and_success_ratio() -> None:
     assert success_ratio(ops, since=10) == (1.0, 0)
     assert "4 requests" in verdict.summary()
     assert allowed_states([]) == {None}
+
+
+def test_a_request_cut_short_by_the_fault_counts_against_it() -> None:
+    # Sent at 1, before the crash at 2; the connection broke at 2.1.
+    cut = Op(0, "put", "k", b"x", 1.0, None, "unknown", "ReadError", finished=2.1)
+    before = Op(0, "put", "k", b"y", 0.5, 0.9, "ok", finished=0.9)
+    after = Op(1, "put", "k", b"z", 2.5, 2.6, "ok", finished=2.6)
+    assert success_ratio([cut, before, after], since=2.0, until=3.0) == (0.5, 2)

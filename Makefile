@@ -22,8 +22,15 @@ run: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/lint-imports
 
-test: $(VENV)/.installed lint
+# The real helm and hadolint binaries, hash-pinned, into .tools/bin (the chart and image tests need them).
+tools: $(VENV)/.installed
+	$(BIN)/python scripts/install_tools.py
+
+test: $(VENV)/.installed lint tools
 	$(BIN)/pytest
+
+k8s: $(VENV)/.installed tools
+	$(BIN)/pytest tests/k8s
 
 unit: $(VENV)/.installed
 	$(BIN)/pytest tests/unit

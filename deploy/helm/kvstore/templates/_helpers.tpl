@@ -1,0 +1,154 @@
+{{/*
+Helpers for the kvstore chart. Every define is namespaced `kvstore.`.
+*/}}
+
+{{/* kvstore.name: the chart name, or nameOverride; 63 chars max (DNS label). */}}
+{{- define "kvstore.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* kvstore.fullname: <release>-<name>, or fullnameOverride. Kept to 52 chars so
+"<fullname>-headless" and the pod names "<fullname>-<ordinal>" stay valid labels. */}}
+{{- define "kvstore.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 52 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* kvstore.chart: chart name and version, for the helm.sh/chart label. */}}
+{{- define "kvstore.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* kvstore.selectorLabels: the immutable labels that select the node pods. */}}
+{{- define "kvstore.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kvstore.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: node
+{{- end -}}
+
+{{/* kvstore.labels: the app.kubernetes.io/* labels every resource carries. */}}
+{{- define "kvstore.labels" -}}
+helm.sh/chart: {{ include "kvstore.chart" . }}
+{{ include "kvstore.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kvstore
+{{- end -}}
+
+{{/* kvstore.headlessServiceName: the headless Service that gives each pod its stable DNS name. */}}
+{{- define "kvstore.headlessServiceName" -}}
+{{- printf "%s-headless" (include "kvstore.fullname" .) -}}
+{{- end -}}
+
+{{/* kvstore.serviceAccountName: the ServiceAccount the pods run as. */}}
+{{- define "kvstore.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "kvstore.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* kvstore.secretName: the Secret holding the cluster token (given or chart-made). */}}
+{{- define "kvstore.secretName" -}}
+{{- default (include "kvstore.fullname" .) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{/* kvstore.clusterToken: the token for the chart-made Secret: auth.token if given, else the
+token already stored in the release's Secret (lookup, so upgrades keep it), else a new random one.
+Offline (helm template, --dry-run) lookup finds nothing and a new token is drawn. */}}
+{{- define "kvstore.clusterToken" -}}
+{{- if .Values.auth.token -}}
+{{- .Values.auth.token -}}
+{{- else -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "kvstore.secretName" .) -}}
+{{- $stored := "" -}}
+{{- if and $existing $existing.data -}}
+{{- $stored = index $existing.data .Values.auth.secretKey | default "" -}}
+{{- end -}}
+{{- if $stored -}}
+{{- $stored | b64dec -}}
+{{- else -}}
+{{- randAlphaNum 32 -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* kvstore.image: repository:tag, the tag defaulting to the chart's appVersion. */}}
+{{- define "kvstore.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* kvstore.dataDir: where the data volume is mounted; the same path is KVSTORE_DATA_DIR. */}}
+{{- define "kvstore.dataDir" -}}
+{{- .Values.persistence.mountPath -}}
+{{- end -}}
+
+{{/* kvstore.clientUrl: the client Service's in-cluster URL. */}}
+{{- define "kvstore.clientUrl" -}}
+{{- printf "http://%s.%s.svc.%s:%d" (include "kvstore.fullname" .) .Release.Namespace .Values.clusterDomain (int .Values.service.port) -}}
+{{- end -}}
+
+{{/* kvstore.clientLabel: the label that lets a pod through the NetworkPolicy as a client. */}}
+{{- define "kvstore.clientLabel" -}}
+{{- printf "%s-client" (include "kvstore.fullname" .) -}}
+{{- end -}}
+
+{{/* kvstore.serviceMonitorEnabled: "true" when a ServiceMonitor is asked for and the cluster serves its API. */}}
+{{- define "kvstore.serviceMonitorEnabled" -}}
+{{- if and .Values.metrics.serviceMonitor.enabled (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1") -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* kvstore.podAntiAffinity: the affinity for podAntiAffinityPreset soft | hard | none. */}}
+{{- define "kvstore.podAntiAffinity" -}}
+{{- if eq .Values.podAntiAffinityPreset "hard" -}}
+podAntiAffinity:
+  requiredDuringSchedulingIgnoredDuringExecution:
+    - topologyKey: kubernetes.io/hostname
+      labelSelector:
+        matchLabels:
+          {{- include "kvstore.selectorLabels" . | nindent 10 }}
+{{- else if eq .Values.podAntiAffinityPreset "soft" -}}
+podAntiAffinity:
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      podAffinityTerm:
+        topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include "kvstore.selectorLabels" . | nindent 12 }}
+{{- end -}}
+{{- end -}}
+
+{{/* kvstore.validateValues: fail with a fix-it message on combinations the schema cannot express.
+replicationFactor > replicaCount is refused at install/upgrade: the ring would have fewer members
+than copies asked for. A later `kubectl scale` below it is not seen by helm; the app then caps the
+factor at the ring size until the StatefulSet grows again. */}}
+{{- define "kvstore.validateValues" -}}
+{{- $errors := list -}}
+{{- if gt (int .Values.replicationFactor) (int .Values.replicaCount) -}}
+{{- $errors = append $errors (printf "replicationFactor (%d) exceeds replicaCount (%d): every key needs that many distinct pods. Fix: --set replicaCount=%d, or --set replicationFactor=%d. A single-pod dev install wants replicationFactor=1." (int .Values.replicationFactor) (int .Values.replicaCount) (int .Values.replicationFactor) (int .Values.replicaCount)) -}}
+{{- end -}}
+{{- if and .Values.auth.token .Values.auth.existingSecret -}}
+{{- $errors = append $errors "auth.token and auth.existingSecret are both set: the chart would ignore one. Fix: set only one of them." -}}
+{{- end -}}
+{{- if and .Values.pdb.create (ge (int .Values.pdb.maxUnavailable) (int .Values.replicationFactor)) (gt (int .Values.replicationFactor) 1) -}}
+{{- $errors = append $errors (printf "pdb.maxUnavailable (%d) lets a drain take down every copy of a key (replicationFactor %d). Fix: --set pdb.maxUnavailable=1." (int .Values.pdb.maxUnavailable) (int .Values.replicationFactor)) -}}
+{{- end -}}
+{{- if and (not .Values.serviceAccount.create) .Values.rbac.create (not .Values.serviceAccount.name) -}}
+{{- $errors = append $errors "rbac.create is true but serviceAccount.create is false and serviceAccount.name is empty: the Role would be bound to the namespace's \"default\" ServiceAccount. Fix: --set serviceAccount.name=<existing account>, or --set serviceAccount.create=true." -}}
+{{- end -}}
+{{- if $errors -}}
+{{- fail (printf "\n\nkvstore: invalid values:\n  - %s\n" (join "\n  - " $errors)) -}}
+{{- end -}}
+{{- end -}}

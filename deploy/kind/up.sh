@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Bring kvstore up on a local kind cluster and smoke-test it:
+#   create the cluster (1 control plane + 3 workers) -> docker build the image ->
+#   kind load it -> helm install the chart -> wait for the rollout ->
+#   port-forward the client Service -> PUT/GET/DELETE a key with curl -> helm test.
+# Needs: docker, kind, kubectl, helm (v3 or v4), curl. Idempotent: re-running upgrades in place.
+# Settings (env): CLUSTER_NAME=kvstore IMAGE=kvstore:dev RELEASE=kvstore NAMESPACE=kvstore
+#                 LOCAL_PORT=8080 HELM_ARGS="--set replicaCount=3 ..."
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+CLUSTER_NAME="${CLUSTER_NAME:-kvstore}"
+IMAGE="${IMAGE:-kvstore:dev}"
+RELEASE="${RELEASE:-kvstore}"
+NAMESPACE="${NAMESPACE:-kvstore}"
+LOCAL_PORT="${LOCAL_PORT:-8080}"
+HELM_ARGS="${HELM_ARGS:-}"
+ROLLOUT_TIMEOUT="${ROLLOUT_TIMEOUT:-5m}"
+
+say() { printf '\n==> %s\n' "$*"; }
+die() { printf 'up.sh: %s\n' "$*" >&2; exit 1; }
+
+HELM="${HELM:-helm}"
+if ! command -v "$HELM" >/dev/null 2>&1 && [ -x "$ROOT/.tools/bin/helm" ]; then
+  HELM="$ROOT/.tools/bin/helm"  # from `python scripts/install_tools.py`
+fi
+for tool in docker kind kubectl "$HELM" curl; do
+  command -v "$tool" >/dev/null 2>&1 || die "'$tool' is not installed (see deploy/README.md)"
+done
+
+say "kind cluster '$CLUSTER_NAME'"
+if kind get clusters 2>/dev/null | grep -qx "$CLUSTER_NAME"; then
+  echo "exists; reusing it"
+else
+  kind create cluster --name "$CLUSTER_NAME" --config "$ROOT/deploy/kind/kind-config.yaml" --wait 120s
+fi
+KUBECTL=(kubectl --context "kind-$CLUSTER_NAME" --namespace "$NAMESPACE")
+
+say "docker build -t $IMAGE"
+docker build -t "$IMAGE" "$ROOT"
+
+say "kind load docker-image $IMAGE"
+kind load docker-image "$IMAGE" --name "$CLUSTER_NAME"
+
+say "helm upgrade --install $RELEASE (namespace $NAMESPACE)"
+# shellcheck disable=SC2086  # HELM_ARGS is a list of flags on purpose
+"$HELM" upgrade --install "$RELEASE" "$ROOT/deploy/helm/kvstore" \
+  --kube-context "kind-$CLUSTER_NAME" --namespace "$NAMESPACE" --create-namespace \
+  --set image.repository="${IMAGE%:*}" --set image.tag="${IMAGE##*:}" --set image.pullPolicy=IfNotPresent \
+  $HELM_ARGS
+
+STS="$("${KUBECTL[@]}" get statefulset -l "app.kubernetes.io/instance=$RELEASE" -o jsonpath='{.items[0].metadata.name}')"
+[ -n "$STS" ] || die "no StatefulSet for release $RELEASE"
+SVC="$STS"  # the client Service shares the StatefulSet's name; the headless one is $STS-headless
+
+say "waiting for statefulset/$STS"
+"${KUBECTL[@]}" rollout status "statefulset/$STS" --timeout "$ROLLOUT_TIMEOUT"
+"${KUBECTL[@]}" get pods -l "app.kubernetes.io/instance=$RELEASE,app.kubernetes.io/component=node" -o wide
+
+say "port-forward service/$SVC to 127.0.0.1:$LOCAL_PORT"
+SVC_PORT="$("${KUBECTL[@]}" get service "$SVC" -o jsonpath='{.spec.ports[0].port}')"
+"${KUBECTL[@]}" port-forward "service/$SVC" "$LOCAL_PORT:$SVC_PORT" >/dev/null 2>&1 &
+PF_PID=$!
+trap 'kill "$PF_PID" 2>/dev/null || true' EXIT
+URL="http://127.0.0.1:$LOCAL_PORT"
+for _ in $(seq 1 50); do
+  if curl -fsS "$URL/health" >/dev/null 2>&1; then break; fi
+  kill -0 "$PF_PID" 2>/dev/null || die "kubectl port-forward exited (is port $LOCAL_PORT free?)"
+  sleep 0.2
+done
+
+say "smoke test against $URL"
+KEY="smoke-$(date +%s)"
+set -x
+curl -fsS -X PUT "$URL/kv/$KEY" --data-binary 'hello from up.sh'
+got="$(curl -fsS "$URL/kv/$KEY")"
+[ "$got" = 'hello from up.sh' ] || die "GET /kv/$KEY returned '$got'"
+curl -fsS -X PUT "$URL/put" -d "{\"key\":\"$KEY-json\",\"value\":\"v1\"}"
+curl -fsS "$URL/get?key=$KEY-json"
+curl -fsS -X DELETE "$URL/delete?key=$KEY-json"
+curl -fsS -X DELETE "$URL/kv/$KEY"
+status="$(curl -sS -o /dev/null -w '%{http_code}' "$URL/kv/$KEY")"
+[ "$status" = 404 ] || die "GET after DELETE answered $status, not 404"
+curl -fsS "$URL/ring"
+set +x
+
+say "helm test $RELEASE"
+"$HELM" test "$RELEASE" --kube-context "kind-$CLUSTER_NAME" --namespace "$NAMESPACE" --logs
+
+cat <<MSG
+
+kvstore is up: StatefulSet $STS in namespace $NAMESPACE of kind cluster $CLUSTER_NAME; smoke test passed.
+
+  Reach it:   kubectl --context kind-$CLUSTER_NAME -n $NAMESPACE port-forward service/$SVC $LOCAL_PORT:$SVC_PORT
+              curl -X PUT http://127.0.0.1:$LOCAL_PORT/kv/hello --data-binary world
+  Scale:      kubectl --context kind-$CLUSTER_NAME -n $NAMESPACE scale statefulset/$STS --replicas=4
+  Tear down:  $ROOT/deploy/kind/down.sh      (or: kind delete cluster --name $CLUSTER_NAME)
+MSG

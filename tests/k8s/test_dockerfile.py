@@ -1,0 +1,205 @@
+"""The image recipe (Dockerfile, .dockerignore): hadolint clean, the shape the chart
+relies on (user, port, entrypoint), and the install the Dockerfile performs, replayed
+into a fresh venv (no Docker engine here): dependencies from pyproject.toml only,
+then the project non-editable from the files .dockerignore lets in, then the
+entrypoint `kvstore node` must serve /health and stop cleanly on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.error
+import urllib.request
+import venv
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.k8s.conftest import CHART, REPO
+
+DOCKERFILE = REPO / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
+PIP_TIMEOUT_S = 240  # a cold cache; usually ~20 s
+START_TIMEOUT_S = 20
+STOP_TIMEOUT_S = 10
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
+    logical: list[str] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    return [(head.upper(), rest.strip()) for head, _, rest in (item.partition(" ") for item in logical)]
+
+
+def stages() -> list[list[tuple[str, str]]]:
+    result: list[list[tuple[str, str]]] = []
+    for instruction in instructions():
+        if instruction[0] == "FROM":
+            result.append([])
+        if result:
+            result[-1].append(instruction)
+    return result
+
+
+def test_hadolint_is_clean(hadolint: Path) -> None:
+    proc = subprocess.run([str(hadolint), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_image_shape_matches_the_chart() -> None:
+    builder, runtime = stages()
+    assert builder[0][1].split()[0] == runtime[0][1].split()[0], "the runtime stage must use the builder's Python"
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    runtime_ops = dict(runtime)
+    assert runtime_ops["ENTRYPOINT"] == '["kvstore", "node"]', "exec-form entrypoint"
+    assert runtime_ops["EXPOSE"] == str(values["containerPort"])
+    uid, _, gid = runtime_ops["USER"].partition(":")
+    assert uid.isdigit() and int(uid) != 0, "a numeric non-root USER lets runAsNonRoot verify it"
+    assert (int(uid), int(gid)) == (values["podSecurityContext"]["runAsUser"], values["podSecurityContext"]["runAsGroup"])
+    runtime_text = " ".join(args for _, args in runtime)
+    for tool in ("gcc", "build-essential", "apt-get install", "pip install"):
+        assert tool not in runtime_text, f"the runtime stage must not install {tool!r}"
+    # Dependencies get their own layer: pyproject.toml is copied and installed before the code.
+    builder_ops = [(op, args) for op, args in builder if op in ("COPY", "RUN")]
+    first_code = next(i for i, (op, args) in enumerate(builder_ops) if op == "COPY" and "app" in args.split())
+    assert any(op == "COPY" and "pyproject.toml" in args for op, args in builder_ops[:first_code])
+    assert any(op == "RUN" and "-r /tmp/requirements.txt" in args for op, args in builder_ops[:first_code])
+
+
+def dockerignore_admits(relpath: str) -> bool:
+    """Docker's rule: the last matching pattern wins; '!' re-admits."""
+    admitted = True
+    for raw in DOCKERIGNORE.read_text().splitlines():
+        pattern = raw.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        pattern = pattern.replace("**/", "*")
+        if fnmatch.fnmatch(relpath, pattern) or fnmatch.fnmatch(relpath, pattern + "/*"):
+            admitted = negate
+    return admitted
+
+
+def build_context(dest: Path) -> Path:
+    """The files `docker build .` would send, per .dockerignore (the COPY sources)."""
+    for path in sorted(REPO.rglob("*")):
+        rel = path.relative_to(REPO).as_posix()
+        if rel.startswith((".git/", ".venv/", ".tools/")) or not path.is_file() or not dockerignore_admits(rel):
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    return dest
+
+
+def test_dockerignore_sends_only_what_the_build_copies(tmp_path: Path) -> None:
+    context = build_context(tmp_path / "ctx")
+    top = {p.name for p in context.iterdir()}
+    assert top == {"pyproject.toml", "README.md", "app"}
+    assert not list(context.rglob("__pycache__"))
+    assert not dockerignore_admits(".venv/bin/python") and not dockerignore_admits("tests/unit/test_ring.py")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pip_install(target: Path, *args: str, cwd: Path) -> None:
+    """This interpreter's pip, installing into the venv `target` (pip --python): it skips
+    seeding pip into the fresh venv (~9 s). The machine's pip configuration (index,
+    find-links, certificates, cache) applies as in a developer's shell."""
+    cmd = [sys.executable, "-m", "pip", "--python", str(target), "install", "--disable-pip-version-check", "--quiet", *args]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
+    assert proc.returncode == 0, f"pip install {shlex.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+@pytest.fixture(scope="module")
+def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Dockerfile's builder stage, replayed: a fresh venv, the dependencies listed in
+    pyproject.toml, then the project itself (`pip install --no-deps .`) from the build context."""
+    root = tmp_path_factory.mktemp("image")
+    context = build_context(root / "src")
+    env_dir = root / "venv"
+    venv.EnvBuilder(with_pip=False, clear=True).create(env_dir)
+    python = env_dir / "bin" / "python"
+    requirements = root / "requirements.txt"
+    with (context / "pyproject.toml").open("rb") as fh:
+        requirements.write_text("\n".join(tomllib.load(fh)["project"]["dependencies"]) + "\n")
+    pip_install(python, "-r", str(requirements), cwd=root)
+    pip_install(python, "--no-deps", str(context), cwd=root)
+    return env_dir
+
+
+@pytest.fixture
+def node_process(image_venv: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("KVSTORE_")}
+    env.update(KVSTORE_NODE_ID="n1", KVSTORE_LISTEN=f"127.0.0.1:{port}", PATH=f"{image_venv / 'bin'}:{env.get('PATH', '')}")
+    log = tmp_path / "node.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([str(image_venv / "bin" / "kvstore"), "node"], cwd=tmp_path, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc, port, log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=STOP_TIMEOUT_S)
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_installed_entrypoint_serves_health_and_stops_on_sigterm(image_venv: Path, node_process: tuple[subprocess.Popen[bytes], int, Path]) -> None:
+    proc, port, log = node_process
+    # The installed package, not the source tree, is what runs.
+    where = subprocess.run([str(image_venv / "bin" / "python"), "-c", "import app; print(app.__file__)"],
+                           cwd=log.parent, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    assert Path(where).is_relative_to(image_venv), where
+    deadline = time.monotonic() + START_TIMEOUT_S
+    status, body = 0, ""
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"kvstore node exited with {proc.returncode}:\n{log.read_text()}"
+        try:
+            status, body = get(f"http://127.0.0.1:{port}/health")
+            break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.1)
+    assert (status, body.strip()) == (200, "OK"), log.read_text()
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"kvstore node ignored SIGTERM for {STOP_TIMEOUT_S}s:\n{log.read_text()}")
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal so the exit status
+    # reports it (uvicorn >= 0.29): -SIGTERM is a clean stop too; anything else is a crash.
+    assert code in (0, -signal.SIGTERM), f"kvstore node exited {code} on SIGTERM:\n{log.read_text()}"
+

@@ -25,6 +25,7 @@ class PeerState:
     last_error: str = ""
     outstanding: int = 0
     latency_s: float = INITIAL_LATENCY_S
+    source_ready: bool = True  # the membership source's word (a pod's Ready condition); probes cannot overrule it
 
     @property
     def load_score(self) -> float:
@@ -46,14 +47,27 @@ class PeerHealth:
 
     def is_up(self, node_id: str) -> bool:
         state = self._states.get(node_id)
-        return state is None or state.up
+        return state is None or (state.up and state.source_ready)
+
+    def set_source_ready(self, node_id: str, ready: bool) -> None:
+        """Readiness as the membership source reports it (Kubernetes: the pod's
+        Ready condition). Routing avoids a not-ready peer even while it answers
+        probes; it still serves range pulls, which do not consult health."""
+        state = self._state(node_id)
+        was = state.up and state.source_ready
+        state.source_ready = ready
+        if not ready and state.up:
+            state.last_error = "its pod is not ready"
+        now = state.up and state.source_ready
+        if was != now and self._on_flip:
+            self._on_flip(node_id, now)
 
     def mark_up(self, node_id: str) -> None:
         state = self._state(node_id)
         if not state.up:
             state.up, state.since, state.last_error = True, time.monotonic(), ""
             if self._on_flip:
-                self._on_flip(node_id, True)
+                self._on_flip(node_id, self.is_up(node_id))
 
     def mark_down(self, node_id: str, reason: str) -> None:
         state = self._state(node_id)
@@ -61,7 +75,7 @@ class PeerHealth:
         if state.up:
             state.up, state.since = False, time.monotonic()
             if self._on_flip:
-                self._on_flip(node_id, False)
+                self._on_flip(node_id, self.is_up(node_id))
 
     def begin(self, node_id: str) -> float:
         self._state(node_id).outstanding += 1

@@ -133,12 +133,8 @@ class Node:
                 self.handoff.bootstrap()
 
     def set_ready(self, node_id: str, ready: bool) -> None:
-        if node_id == self.config.node_id:
-            return
-        if ready:
-            self.health.mark_up(node_id)
-        else:
-            self.health.mark_down(node_id, "its pod is not ready")
+        if node_id != self.config.node_id:
+            self.health.set_source_ready(node_id, ready)
 
     def record_source_error(self, reason: str) -> None:
         self.metrics.membership_errors.inc()

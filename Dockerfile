@@ -1,4 +1,4 @@
-# kvstore node image: `docker build -t kvstore:dev .` then run with KVSTORE_* env (see deploy/README.md).
+# kvstore node image: `docker build -t kvstore:dev .` then run with KVSTORE_* env (see the Kubernetes section of README.md).
 # Two stages on the same Python: the builder makes a venv in /opt/venv, dependencies
 # first (a layer that changes only with pyproject.toml), then the project; the runtime
 # stage copies the venv and nothing else: no compilers, no pip cache, no sources.

@@ -25,7 +25,7 @@ if ! command -v "$HELM" >/dev/null 2>&1 && [ -x "$ROOT/.tools/bin/helm" ]; then
   HELM="$ROOT/.tools/bin/helm"  # from `python scripts/install_tools.py`
 fi
 for tool in docker kind kubectl "$HELM" curl; do
-  command -v "$tool" >/dev/null 2>&1 || die "'$tool' is not installed (see deploy/README.md)"
+  command -v "$tool" >/dev/null 2>&1 || die "'$tool' is not installed (see the Kubernetes section of README.md)"
 done
 
 say "kind cluster '$CLUSTER_NAME'"

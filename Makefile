@@ -38,5 +38,10 @@ unit: $(VENV)/.installed
 integration: $(VENV)/.installed
 	$(BIN)/pytest tests/integration
 
+# Load benchmarks (not tests): need wrk and taskset; results go in BENCHMARKS.md.
+bench: $(VENV)/.installed
+	$(BIN)/python bench/http_node.py
+	$(BIN)/python bench/peer_clients.py --clients aiohttp,raw
+
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .hypothesis *.egg-info

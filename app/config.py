@@ -30,6 +30,7 @@ LMDB_SCAN_CHUNK = 1024  # records read per iter_range/digest transaction: no rea
 DEFAULT_REPLICATION_FACTOR = 3  # survives one node down with quorum reads and writes (R + W > N)
 DEFAULT_ANTI_ENTROPY_INTERVAL_S = 30.0  # replicas converge within minutes even with no reads; cheap when in sync
 DEFAULT_SYNC_DEADLINE_S = 60.0  # a joining node stops waiting for unreachable sources after this; repair catches up
+GC_THRESHOLDS = (50_000, 50, 100)  # young-generation collections every 50k allocations, not 700: see app/cli.py run_node
 DEFAULT_CLUSTER_BASE_PORT = 8080  # `kvstore cluster`: the seed's 8080, 8081, 8082
 DEFAULT_CLUSTER_NODES = 3
 DEFAULT_CLIENT_URL = "http://127.0.0.1:8080"

@@ -42,6 +42,7 @@ integration: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/http_node.py
 	$(BIN)/python bench/peer_clients.py --clients aiohttp,raw
+	$(BIN)/python bench/cluster.py
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .hypothesis *.egg-info

@@ -56,6 +56,7 @@ def uvicorn_config(asgi_app: Any, *, host: str, port: int) -> Any:
         log_level="warning",
         timeout_graceful_shutdown=3,
         server_header=False,
+        proxy_headers=False,
     )
 
 

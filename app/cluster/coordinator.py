@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from app.clock import HybridClock, Version, wall_ms
 from app.cluster.health import PeerHealth
-from app.cluster.membership import MembershipView
+from app.cluster.membership import Membership, MembershipView
 from app.cluster.replica import Replica
 from app.errors import InvalidRequestError, PeerUnavailableError, QuorumError
 from app.metrics import NodeMetrics
@@ -63,7 +63,8 @@ class Coordinator:
         self.metrics = metrics
         self.replication_factor = replication_factor
         self.node_id = clock.node_id
-        self._background: set[asyncio.Task[object]] = set()
+        self._background: set[asyncio.Future[object]] = set()
+        self._forward_counters: dict[tuple[str, str], object] = {}
 
     def replicas_for(self, key: bytes) -> list[Peer]:
         view = self.membership.current
@@ -98,40 +99,21 @@ class Coordinator:
         """Ask `needed` replicas; for each that fails or is still syncing, ask
         one more. Every answer is returned (non-authoritative ones too: they
         may still hold the newest version, and are repaired if stale)."""
-        order = iter(self._read_order(replicas))
-        pending: dict[asyncio.Future[ReadAnswer], Peer] = {}
-        for peer in _take(order, needed):
-            pending[asyncio.ensure_future(self._read_one(peer, key))] = peer
-        answers: list[tuple[Peer, ReadAnswer]] = []
-        authoritative, failures = 0, []
-        while pending and authoritative < needed:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                peer = pending.pop(task)
-                exc = task.exception()
-                if exc is None:
-                    answer = task.result()
-                    answers.append((peer, answer))
-                    if answer.authoritative:
-                        authoritative += 1
-                        continue
-                elif isinstance(exc, PeerUnavailableError):
-                    failures.append(str(exc))
-                else:
-                    raise exc
-                for extra in _take(order, 1):
-                    pending[asyncio.ensure_future(self._read_one(extra, key))] = extra
-        for task in pending:
-            self._keep(task)
-        if authoritative < needed:
+        round_ = _ReadRound(self, key, iter(self._read_order(replicas)), needed)
+        await round_.finished
+        if round_.authoritative < needed:
             self.metrics.quorum_failures.labels("read").inc()
-            raise _quorum_error("read", answered=authoritative, needed=needed, asked=len(replicas), failures=failures)
-        return answers
+            raise _quorum_error("read", answered=round_.authoritative, needed=needed, asked=len(replicas), failures=round_.failures)
+        return round_.answers
 
-    async def _read_one(self, peer: Peer, key: bytes) -> ReadAnswer:
-        if peer.node_id == self.node_id:
-            return self.replica.read(key)
-        self.metrics.forwarded.labels(peer.node_id, "read").inc()
+    def _forwarded(self, node_id: str, op: str) -> None:
+        counter = self._forward_counters.get((node_id, op))
+        if counter is None:  # labels() takes a lock and a dict lookup: once per peer and op
+            counter = self._forward_counters[(node_id, op)] = self.metrics.forwarded.labels(node_id, op)
+        counter.inc()
+
+    async def _read_remote(self, peer: Peer, key: bytes) -> ReadAnswer:
+        self._forwarded(peer.node_id, "read")
         return await self._remote(peer, self.transport.read(peer, key))
 
     async def _repair(self, key: bytes, newest: Record, stale: list[Peer]) -> None:
@@ -165,34 +147,24 @@ class Coordinator:
         needed = required_acks(consistency, len(owners))
         if len(owners) == 1 and owners[0] == self.node_id:
             return [await self.replica.write(key, record)]
-        # Spare nodes for sloppy quorum: the rest of the ring, clockwise, reachable now.
-        spares = iter([
-            view.peers[n] for n in view.ring.owners(key, len(view.ring))[len(owners):]
-            if n == self.node_id or self.health.is_up(n)
-        ])
-        pending = {asyncio.ensure_future(self._replicate(view.peers[n], key, record, spares)) for n in owners}
-        acks: list[WriteAck] = []
-        failures: list[str] = []
-        while pending and len(acks) < needed:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                exc = task.exception()
-                if exc is None:
-                    how, ack = task.result()
-                    if how != UNCOUNTED:
-                        acks.append(ack)
-                    else:
-                        failures.append("a replica was unreachable and no spare node could hold its hint")
-                elif isinstance(exc, PeerUnavailableError):
-                    failures.append(str(exc))
-                else:
-                    raise exc
-        for task in pending:
-            self._keep(task)  # the remaining replicas still get the write
-        if len(acks) < needed:
+        spares = self._spares(view, key, len(owners))
+        round_ = _WriteRound(needed, len(owners))
+        for node_id in owners:  # the replicas that are still running after the quorum still get the write
+            task = asyncio.ensure_future(self._replicate(view.peers[node_id], key, record, spares))
+            self._keep(task)
+            task.add_done_callback(round_.on_done)
+        await round_.finished
+        if len(round_.acks) < needed:
             self.metrics.quorum_failures.labels("write").inc()
-            raise _quorum_error("write", answered=len(acks), needed=needed, asked=len(owners), failures=failures)
-        return acks
+            raise _quorum_error("write", answered=len(round_.acks), needed=needed, asked=len(owners), failures=round_.failures)
+        return round_.acks
+
+    def _spares(self, view: Membership, key: bytes, skip: int) -> Iterator[Peer]:
+        """Spare nodes for sloppy quorum: the rest of the ring, clockwise,
+        reachable now. Lazy: only a failed replica write walks it."""
+        for node_id in view.ring.owners(key, len(view.ring))[skip:]:
+            if node_id == self.node_id or self.health.is_up(node_id):
+                yield view.peers[node_id]
 
     async def _replicate(self, peer: Peer, key: bytes, record: Record, spares: Iterator[Peer]) -> tuple[str, WriteAck]:
         """Write to one replica; if it cannot take it, have a spare hold a hint."""
@@ -200,7 +172,7 @@ class Coordinator:
             return DIRECT, await self.replica.write(key, record)
         if self.health.is_up(peer.node_id):
             try:
-                self.metrics.forwarded.labels(peer.node_id, "write").inc()
+                self._forwarded(peer.node_id, "write")
                 return DIRECT, await self._remote(peer, self.transport.write(peer, key, record))
             except PeerUnavailableError:
                 self.metrics.replica_write_failures.labels(peer.node_id).inc()
@@ -244,6 +216,95 @@ class Coordinator:
                 log.debug("background replica call failed: %s", t.exception())
 
         task.add_done_callback(done)
+
+
+class _ReadRound:
+    """One quorum read: asks replicas in order until `needed` authoritative
+    answers arrive or the order runs out; a failed or still-syncing replica
+    makes it ask one more. Driven by done-callbacks rather than asyncio.wait,
+    which rebuilds its waiter set on every wake-up: this runs per request."""
+
+    def __init__(self, coordinator: Coordinator, key: bytes, order: Iterator[Peer], needed: int) -> None:
+        self.coordinator, self.key, self.order, self.needed = coordinator, key, order, needed
+        self.answers: list[tuple[Peer, ReadAnswer]] = []
+        self.failures: list[str] = []
+        self.authoritative = 0
+        self.in_flight = 0
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for peer in _take(order, needed):
+            self._ask(peer)
+        self._maybe_finish()
+
+    def _ask(self, peer: Peer) -> None:
+        coordinator = self.coordinator
+        if peer.node_id == coordinator.node_id:  # the local copy: no task, no hop
+            self._answered(peer, coordinator.replica.read(self.key))
+            return
+        task = asyncio.ensure_future(coordinator._read_remote(peer, self.key))
+        coordinator._keep(task)  # a late answer still lands in health and metrics
+        self.in_flight += 1
+        task.add_done_callback(lambda t: self._on_done(peer, t))
+
+    def _on_done(self, peer: Peer, task: asyncio.Future[ReadAnswer]) -> None:
+        self.in_flight -= 1
+        if self.finished.done():
+            return
+        exc = task.exception() if not task.cancelled() else PeerUnavailableError(f"read from {peer} cancelled", peer=peer.node_id)
+        if exc is None:
+            self._answered(peer, task.result())
+        elif isinstance(exc, PeerUnavailableError):
+            self.failures.append(str(exc))
+            self._ask_one_more()
+        else:
+            self.finished.set_exception(exc)
+            return
+        self._maybe_finish()
+
+    def _answered(self, peer: Peer, answer: ReadAnswer) -> None:
+        self.answers.append((peer, answer))
+        if answer.authoritative:
+            self.authoritative += 1
+        else:
+            self._ask_one_more()
+
+    def _ask_one_more(self) -> None:
+        for extra in _take(self.order, 1):
+            self._ask(extra)
+
+    def _maybe_finish(self) -> None:
+        if not self.finished.done() and (self.authoritative >= self.needed or self.in_flight == 0):
+            self.finished.set_result(None)
+
+
+class _WriteRound:
+    """Counts replica write outcomes; `finished` resolves once `needed` acks
+    are in or every replica has answered."""
+
+    def __init__(self, needed: int, replicas: int) -> None:
+        self.needed, self.remaining = needed, replicas
+        self.acks: list[WriteAck] = []
+        self.failures: list[str] = []
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_done(self, task: asyncio.Future[tuple[str, WriteAck]]) -> None:
+        self.remaining -= 1
+        if self.finished.done():
+            return
+        if task.cancelled():
+            self.failures.append("a replica write was cancelled")
+        elif (exc := task.exception()) is None:
+            how, ack = task.result()
+            if how != UNCOUNTED:
+                self.acks.append(ack)
+            else:
+                self.failures.append("a replica was unreachable and no spare node could hold its hint")
+        elif isinstance(exc, PeerUnavailableError):
+            self.failures.append(str(exc))
+        else:
+            self.finished.set_exception(exc)
+            return
+        if len(self.acks) >= self.needed or self.remaining == 0:
+            self.finished.set_result(None)
 
 
 def _quorum_error(what: str, *, answered: int, needed: int, asked: int, failures: list[str]) -> QuorumError:

@@ -43,6 +43,32 @@ class Replica:
         previous = result.previous
         return WriteAck(applied=result.applied, existed=previous is not None and previous.live(wall_ms()))
 
+    def read_many(self, keys: list[bytes]) -> list[ReadAnswer]:
+        return [self.read(key) for key in keys]
+
+    async def write_many(self, writes: list[tuple[bytes, Record, str | None]]) -> list[WriteAck]:
+        """Several writes (coalesced by the sender), each as `write` would
+        apply it; one wait for durability covers them all."""
+        acks = []
+        held = applied_here = False
+        now = wall_ms()
+        for key, record, hint_for in writes:
+            self.clock.observe(record.version)
+            if hint_for is not None:
+                self.hints.add(hint_for, key, record)
+                acks.append(WriteAck(applied=True, existed=False))
+                held = True
+            else:
+                result = self.store.apply(key, record)
+                previous = result.previous
+                acks.append(WriteAck(applied=result.applied, existed=previous is not None and previous.live(now)))
+                applied_here = True
+        if applied_here:
+            await _durable(self.store.wait_durable())
+        if held:
+            await _durable(self.hints.wait_durable())
+        return acks
+
     async def write_batch(self, records: list[tuple[bytes, Record]]) -> int:
         applied = 0
         for key, record in records:

@@ -29,6 +29,10 @@ BATCH_PATH = INTERNAL_PREFIX + "/batch"
 DIGESTS_PATH = INTERNAL_PREFIX + "/digests"
 RANGE_PATH = INTERNAL_PREFIX + "/range"
 MEMBERSHIP_PATH = INTERNAL_PREFIX + "/membership"
+WRITES_PATH = INTERNAL_PREFIX + "/writes"  # coalesced single-key writes (app.transport.coalesce)
+READS_PATH = INTERNAL_PREFIX + "/reads"  # coalesced single-key reads
+COALESCE_MAX_CALLS = 64  # calls per coalesced request: one request's worth of work, not a bulk transfer
+COALESCE_MAX_BYTES = 256 * 1024  # body bytes per coalesced request; a bigger single write goes alone
 
 
 @dataclass(frozen=True, slots=True)

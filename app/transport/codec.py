@@ -1,8 +1,13 @@
 """Binary framing for bulk replica traffic (anti-entropy, rebalancing, hint
-delivery): lists of arcs, digests and records. Pure: struct and bytes only.
+delivery, coalesced single-key calls): lists of arcs, digests, records, keys
+and per-call answers. Pure: struct and bytes only.
 
 A record frame: >H key length, >I value length (NO_VALUE for a tombstone),
 >Q hlc, >Q expiry ms, >B node-id length, then key, node id, value.
+A coalesced write: >B hint length (0: a plain write), the hint's node id,
+then a record frame; its answer is one byte of ACK_* flags.
+A coalesced read: >H key length, then key; its answer is one byte of READ_*
+flags, then a record frame when READ_FOUND is set.
 """
 
 from __future__ import annotations
@@ -15,7 +20,11 @@ from app.storage.base import DIGEST_BYTES, Record
 
 _ARC = struct.Struct(">QQ")
 _HEAD = struct.Struct(">HIQQB")
+_KEY = struct.Struct(">H")
+_HINT = struct.Struct(">B")
 NO_VALUE = 0xFFFFFFFF
+ACK_APPLIED, ACK_EXISTED = 1, 2
+READ_FOUND, READ_SYNCING = 1, 2
 
 
 def encode_arcs(arcs: Iterable[tuple[int, int]]) -> bytes:
@@ -38,17 +47,44 @@ def decode_digests(data: bytes) -> list[bytes]:
     return [data[offset:offset + DIGEST_BYTES] for offset in range(0, len(data), DIGEST_BYTES)]
 
 
+def _append_record(parts: list[bytes], key: bytes, record: Record) -> None:
+    node = record.version.node.encode()
+    value = record.value
+    parts.append(_HEAD.pack(len(key), NO_VALUE if value is None else len(value),
+                            record.version.hlc, record.expires_at_ms, len(node)))
+    parts.append(key)
+    parts.append(node)
+    if value:
+        parts.append(value)
+
+
+def _decode_record(data: bytes, offset: int) -> tuple[bytes, Record, int]:
+    """The record frame at offset, and the offset after it."""
+    size = len(data)
+    if offset + _HEAD.size > size:
+        raise ValueError("truncated record frame")
+    key_len, value_len, hlc, expires, node_len = _HEAD.unpack_from(data, offset)
+    offset += _HEAD.size
+    key = data[offset:offset + key_len]
+    offset += key_len
+    node = data[offset:offset + node_len].decode()
+    offset += node_len
+    if value_len == NO_VALUE:
+        value = None
+    else:
+        value = data[offset:offset + value_len]
+        offset += value_len
+        if len(value) != value_len:
+            raise ValueError("truncated record value")
+    if len(key) != key_len or offset > size:
+        raise ValueError("truncated record frame")
+    return key, Record(Version(hlc, node), value, expires), offset
+
+
 def encode_records(records: Iterable[tuple[bytes, Record]]) -> bytes:
     parts: list[bytes] = []
     for key, record in records:
-        node = record.version.node.encode()
-        value = record.value
-        parts.append(_HEAD.pack(len(key), NO_VALUE if value is None else len(value),
-                                record.version.hlc, record.expires_at_ms, len(node)))
-        parts.append(key)
-        parts.append(node)
-        if value:
-            parts.append(value)
+        _append_record(parts, key, record)
     return b"".join(parts)
 
 
@@ -56,22 +92,75 @@ def decode_records(data: bytes) -> list[tuple[bytes, Record]]:
     records = []
     offset, size = 0, len(data)
     while offset < size:
-        if offset + _HEAD.size > size:
-            raise ValueError("truncated record frame")
-        key_len, value_len, hlc, expires, node_len = _HEAD.unpack_from(data, offset)
-        offset += _HEAD.size
-        key = data[offset:offset + key_len]
-        offset += key_len
-        node = data[offset:offset + node_len].decode()
-        offset += node_len
-        if value_len == NO_VALUE:
-            value = None
-        else:
-            value = data[offset:offset + value_len]
-            offset += value_len
-            if len(value) != value_len:
-                raise ValueError("truncated record value")
-        if len(key) != key_len or offset > size:
-            raise ValueError("truncated record frame")
-        records.append((key, Record(Version(hlc, node), value, expires)))
+        key, record, offset = _decode_record(data, offset)
+        records.append((key, record))
     return records
+
+
+def encode_writes(writes: Iterable[tuple[bytes, Record, str | None]]) -> bytes:
+    """(key, record, hint_for) triples: hint_for names the node a held write is for."""
+    parts: list[bytes] = []
+    for key, record, hint_for in writes:
+        hint = hint_for.encode() if hint_for else b""
+        parts.append(_HINT.pack(len(hint)))
+        parts.append(hint)
+        _append_record(parts, key, record)
+    return b"".join(parts)
+
+
+def decode_writes(data: bytes) -> list[tuple[bytes, Record, str | None]]:
+    writes = []
+    offset, size = 0, len(data)
+    while offset < size:
+        (hint_len,) = _HINT.unpack_from(data, offset)
+        offset += _HINT.size
+        hint = data[offset:offset + hint_len].decode() if hint_len else None
+        offset += hint_len
+        key, record, offset = _decode_record(data, offset)
+        writes.append((key, record, hint))
+    return writes
+
+
+def encode_keys(keys: Iterable[bytes]) -> bytes:
+    return b"".join(_KEY.pack(len(key)) + key for key in keys)
+
+
+def decode_keys(data: bytes) -> list[bytes]:
+    keys = []
+    offset, size = 0, len(data)
+    while offset < size:
+        if offset + _KEY.size > size:
+            raise ValueError("truncated key frame")
+        (key_len,) = _KEY.unpack_from(data, offset)
+        offset += _KEY.size
+        key = data[offset:offset + key_len]
+        if len(key) != key_len:
+            raise ValueError("truncated key")
+        offset += key_len
+        keys.append(key)
+    return keys
+
+
+def encode_read_answers(answers: Iterable[tuple[bytes, Record | None, bool]]) -> bytes:
+    """(key, record or None, syncing) per key read."""
+    parts: list[bytes] = []
+    for key, record, syncing in answers:
+        flags = (READ_FOUND if record is not None else 0) | (READ_SYNCING if syncing else 0)
+        parts.append(bytes((flags,)))
+        if record is not None:
+            _append_record(parts, key, record)
+    return b"".join(parts)
+
+
+def decode_read_answers(data: bytes) -> list[tuple[Record | None, bool]]:
+    """(record or None, syncing) in request order."""
+    answers: list[tuple[Record | None, bool]] = []
+    offset, size = 0, len(data)
+    while offset < size:
+        flags = data[offset]
+        offset += 1
+        record = None
+        if flags & READ_FOUND:
+            _, record, offset = _decode_record(data, offset)
+        answers.append((record, bool(flags & READ_SYNCING)))
+    return answers

@@ -23,11 +23,16 @@ import orjson
 from app.cluster.node import Node
 from app.errors import InvalidRequestError, KvstoreError, ValueTooLargeError
 from app.storage.base import Record
+from app.transport import codec
 from app.transport.base import (
     APPLIED_HEADER,
+    COALESCE_MAX_BYTES,
+    COALESCE_MAX_CALLS,
     EXISTED_HEADER,
     HINT_HEADER,
     KV_PATH,
+    READS_PATH,
+    WRITES_PATH,
     SYNCING_HEADER,
     TOKEN_HEADER,
     record_from_headers,
@@ -48,6 +53,7 @@ JSON = b"application/json"
 OCTETS = b"application/octet-stream"
 TEXT = b"text/plain; charset=utf-8"
 JSON_BODY_OVERHEAD = 64 * 1024  # room for the seed body's key, quotes and escapes around the value
+FRAME_OVERHEAD = 1024 + 300  # per coalesced call: its key, node ids and fixed fields
 REST_PREFIX = "/kv/"
 REST_PREFIX_BYTES = REST_PREFIX.encode()
 INTERNAL_PREFIX_BYTES = KV_PATH.encode()
@@ -133,6 +139,13 @@ class DataPlane:
             "/put": self._seed_put,
             "/delete": self._seed_delete,
         }
+        self._internal_exact: dict[str, Callable[[Scope, Receive, str], Awaitable[Reply]]] = {
+            WRITES_PATH: self._internal_writes_coalesced,
+            READS_PATH: self._internal_reads_coalesced,
+        }
+        # A coalesced body holds calls up to COALESCE_MAX_BYTES in all, or a single
+        # write of any allowed size (the sender never batches a bigger one with others).
+        self.max_coalesced = max(self.max_value, COALESCE_MAX_BYTES) + COALESCE_MAX_CALLS * FRAME_OVERHEAD
         self._observe = node.metrics.observe
         self._internal_reads = node.metrics.internal.labels("read")
         self._internal_writes = node.metrics.internal.labels("write")
@@ -154,6 +167,8 @@ class DataPlane:
             handler, op = self._rest, _REST_OPS.get(method, "rest")
         elif path.startswith(KV_PATH):
             handler, op = self._internal, "internal"
+        elif path in self._internal_exact:
+            handler, op = self._internal_exact[path], "internal"
         else:
             return await self.fallback(scope, receive, send)
         started = time.perf_counter()
@@ -280,6 +295,38 @@ class DataPlane:
             ])
         return method_not_allowed(method, KV_PATH + "{key}", ("GET", "PUT"))
 
+    async def _internal_writes_coalesced(self, scope: Scope, receive: Receive, method: str) -> Reply:
+        denied = check_token(scope, self.token)
+        if denied is not None:
+            return denied
+        if method != "POST":
+            return method_not_allowed(method, WRITES_PATH, ("POST",))
+        writes = _decode_calls(codec.decode_writes, await read_body(scope, receive, self.max_coalesced))
+        for key, record, _ in writes:
+            validate_key(key)
+            if record.value is not None and len(record.value) > self.max_value:
+                raise ValueTooLargeError(f"value of {len(record.value)} bytes exceeds the limit of {self.max_value} bytes")
+        self._internal_writes.inc(len(writes))
+        acks = await self.node.replica.write_many(writes)  # type: ignore[union-attr]
+        return Reply(200, bytes(
+            (codec.ACK_APPLIED if ack.applied else 0) | (codec.ACK_EXISTED if ack.existed else 0) for ack in acks
+        ), OCTETS)
+
+    async def _internal_reads_coalesced(self, scope: Scope, receive: Receive, method: str) -> Reply:
+        denied = check_token(scope, self.token)
+        if denied is not None:
+            return denied
+        if method != "POST":
+            return method_not_allowed(method, READS_PATH, ("POST",))
+        keys = _decode_calls(codec.decode_keys, await read_body(scope, receive, COALESCE_MAX_CALLS * FRAME_OVERHEAD + COALESCE_MAX_BYTES))
+        for key in keys:
+            validate_key(key)
+        self._internal_reads.inc(len(keys))
+        answers = self.node.replica.read_many(keys)  # type: ignore[union-attr]
+        return Reply(200, codec.encode_read_answers(
+            (key, answer.record, not answer.authoritative) for key, answer in zip(keys, answers)
+        ), OCTETS)
+
 
 
 def check_token(scope: Scope, token: bytes | None) -> Reply | None:
@@ -295,6 +342,16 @@ def check_token(scope: Scope, token: bytes | None) -> Reply | None:
 
 
 _REST_OPS = {"GET": "get", "HEAD": "get", "PUT": "put", "DELETE": "delete"}
+
+
+def _decode_calls(decode, body: bytes):  # type: ignore[no-untyped-def] - any codec decoder
+    try:
+        calls = decode(body)
+    except (ValueError, IndexError, UnicodeDecodeError):
+        raise InvalidRequestError("malformed coalesced call frames") from None
+    if len(calls) > COALESCE_MAX_CALLS:
+        raise InvalidRequestError(f"{len(calls)} coalesced calls; the limit is {COALESCE_MAX_CALLS}")
+    return calls
 
 
 def _encode_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:

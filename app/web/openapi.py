@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.transport.base import KV_PATH
+from app.transport.base import KV_PATH, READS_PATH, WRITES_PATH
 
 _ERROR = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 _KEY_QUERY = {"name": "key", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 1024}}
@@ -76,6 +76,20 @@ DATA_ROUTES_OPENAPI: dict[str, Any] = {
             "tags": ["internal"], "summary": "Replica write (node to node; needs x-kvstore-token when a cluster token is set)",
             "parameters": [_KEY_PATH],
             "responses": {"200": {"description": "Applied or ignored as older"}, "401": _ERROR, "403": _ERROR},
+        },
+    },
+    WRITES_PATH: {
+        "post": {
+            "tags": ["internal"], "summary": "Coalesced replica writes: up to 64 framed records (app/transport/codec.py); one flag byte per write back",
+            "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+            "responses": {"200": {"description": "Applied flags, in request order"}, "400": _ERROR, "401": _ERROR, "403": _ERROR, "413": _ERROR},
+        },
+    },
+    READS_PATH: {
+        "post": {
+            "tags": ["internal"], "summary": "Coalesced replica reads: up to 64 framed keys; a flag byte and the record, per key",
+            "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+            "responses": {"200": {"description": "Answers, in request order"}, "400": _ERROR, "401": _ERROR, "403": _ERROR, "413": _ERROR},
         },
     },
 }

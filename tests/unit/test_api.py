@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 from starlette.testclient import TestClient
 
-from tests.unit.conftest import single_node_config
+from app.clock import Version
+from app.storage.base import Record
+from app.transport import codec
 from app.web.app import create_app
+from tests.unit.conftest import single_node_config
 
 
 def test_seed_put_get_delete_roundtrip(client: TestClient) -> None:
@@ -96,6 +99,12 @@ BAD_REQUESTS = [
     ("GET", "/no/such/route", None, 404, "no route"),
     ("GET", "/internal/v1/kv/%FF", None, 400, "UTF-8"),
     ("PUT", "/internal/v1/kv/a", b"v", 400, "version"),
+    ("POST", "/internal/v1/writes", b"\x05ab", 400, "malformed"),
+    ("POST", "/internal/v1/writes", codec.encode_writes([(b"big", Record(Version(1, "n1"), b"x" * 5000, 0), None)]), 413, "limit"),
+    ("GET", "/internal/v1/writes", None, 405, "POST"),
+    ("POST", "/internal/v1/reads", b"\x00", 400, "malformed"),
+    ("POST", "/internal/v1/reads", codec.encode_keys([b"a", b""]), 400, "empty"),
+    ("POST", "/internal/v1/reads", codec.encode_keys([b"k"] * 65), 400, "limit"),
 ]
 
 
@@ -131,5 +140,26 @@ def test_internal_routes_require_the_cluster_token_when_set() -> None:
         assert client.get("/internal/v1/kv/a").status_code == 401
         assert client.get("/internal/v1/kv/a", headers={"x-kvstore-token": "wrong"}).status_code == 403
         assert client.get("/internal/v1/kv/a", headers={"x-kvstore-token": "s3cret"}).status_code == 404
+        keys = codec.encode_keys([b"a"])
+        assert client.post("/internal/v1/reads", content=keys).status_code == 401
+        assert client.post("/internal/v1/writes", content=b"", headers={"x-kvstore-token": "wrong"}).status_code == 403
+        assert client.post("/internal/v1/reads", content=keys, headers={"x-kvstore-token": "s3cret"}).status_code == 200
         # Client routes stay open.
         assert client.put("/kv/a", content=b"v").status_code == 204
+
+
+def test_coalesced_replica_calls_apply_each_write_and_answer_each_read(client: TestClient) -> None:
+    old, new = Version(100, "n9"), Version(200, "n9")
+    client.post("/internal/v1/writes", content=codec.encode_writes([(b"lww", Record(new, b"new", 0), None)]))
+    answer = client.post("/internal/v1/writes", content=codec.encode_writes([
+        (b"c1", Record(new, b"one", 0), None),
+        (b"lww", Record(old, b"older", 0), None),  # older than what is stored: ignored
+        (b"gone", Record(new, None, 0), None),  # a tombstone for a key never written
+    ]))
+    assert answer.status_code == 200
+    assert list(answer.content) == [codec.ACK_APPLIED, codec.ACK_EXISTED, codec.ACK_APPLIED]
+    reads = client.post("/internal/v1/reads", content=codec.encode_keys([b"c1", b"lww", b"gone", b"never"]))
+    assert codec.decode_read_answers(reads.content) == [
+        (Record(new, b"one", 0), False), (Record(new, b"new", 0), False), (Record(new, None, 0), False), (None, False),
+    ]
+    assert client.get("/kv/c1").content == b"one"

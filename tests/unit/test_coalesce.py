@@ -1,0 +1,132 @@
+"""Coalescing of single-key peer calls, and the frames they travel in."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from app.clock import Version
+from app.storage.base import Record
+from app.transport import codec
+from app.transport.coalesce import Coalescer
+
+
+class Recorder:
+    """A send function that records each batch and answers item * 10."""
+
+    def __init__(self, *, fail_with: BaseException | None = None, delay_s: float = 0.0) -> None:
+        self.batches: list[list[int]] = []
+        self.fail_with = fail_with
+        self.delay_s = delay_s
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.fail_with is not None:
+            raise self.fail_with
+        return [item * 10 for item in items]
+
+
+def coalescer(send: Recorder, *, max_items: int = 64, max_bytes: int = 1 << 20) -> Coalescer[int, int]:
+    return Coalescer(send, max_items=max_items, max_bytes=max_bytes, size_of=lambda item: item)
+
+
+async def test_calls_made_in_one_loop_iteration_travel_together() -> None:
+    send = Recorder()
+    c = coalescer(send)
+    results = await asyncio.gather(*(c.submit(i) for i in range(1, 6)))
+    assert results == [10, 20, 30, 40, 50]
+    assert send.batches == [[1, 2, 3, 4, 5]]
+
+
+async def test_calls_in_later_iterations_go_in_later_batches() -> None:
+    send = Recorder()
+    c = coalescer(send)
+    assert await c.submit(1) == 10
+    assert await c.submit(2) == 20
+    assert send.batches == [[1], [2]]
+
+
+async def test_batches_are_split_by_count_and_by_bytes() -> None:
+    send = Recorder()
+    results = await asyncio.gather(*(coalescer(send, max_items=2).submit(i) for i in range(1, 6)))
+    assert results == [10, 20, 30, 40, 50]
+    assert len(send.batches) == 5  # separate coalescers: nothing shared
+
+    send = Recorder()
+    c = coalescer(send, max_items=2)
+    await asyncio.gather(*(c.submit(i) for i in range(1, 6)))
+    assert send.batches == [[1, 2], [3, 4], [5]]
+
+    send = Recorder()
+    c = coalescer(send, max_bytes=10)
+    await asyncio.gather(*(c.submit(i) for i in (4, 5, 6, 30, 1)))
+    assert send.batches == [[4, 5], [6], [30], [1]]  # an item over the limit goes alone
+
+
+async def test_a_failed_batch_fails_every_call_in_it_and_only_those() -> None:
+    send = Recorder(fail_with=ConnectionResetError("peer went away"))
+    c = coalescer(send)
+    results = await asyncio.gather(*(c.submit(i) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, ConnectionResetError) for r in results)
+    send.fail_with = None
+    assert await c.submit(7) == 70
+
+
+async def test_a_short_answer_fails_the_batch() -> None:
+    async def short(items: list[int]) -> list[int]:
+        return items[:-1]
+
+    c: Coalescer[int, int] = Coalescer(short, max_items=8, max_bytes=100, size_of=lambda item: 1)
+    results = await asyncio.gather(c.submit(1), c.submit(2), return_exceptions=True)
+    assert all(isinstance(r, ValueError) for r in results)
+
+
+async def test_a_caller_cancelled_before_the_flush_is_left_out() -> None:
+    send = Recorder()
+    c = coalescer(send)
+    gone = asyncio.ensure_future(c.submit(1))
+    kept = asyncio.ensure_future(c.submit(2))
+    await asyncio.sleep(0)  # both submitted, flush scheduled but not run
+    gone.cancel()
+    assert await kept == 20
+    assert send.batches == [[2]]
+
+
+async def test_a_caller_cancelled_while_its_batch_is_in_flight_does_not_disturb_the_others() -> None:
+    send = Recorder(delay_s=0.05)
+    c = coalescer(send)
+    first = asyncio.ensure_future(c.submit(1))
+    second = asyncio.ensure_future(c.submit(2))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    assert await second == 20
+    assert first.cancelled()
+
+
+def test_write_frames_round_trip_with_hints_and_tombstones() -> None:
+    writes = [
+        (b"k1", Record(Version(5, "n1"), b"abc", 0), None),
+        (b"k\xc3\xa9", Record(Version(6, "n2"), None, 99), "node-3"),
+        (b"k3", Record(Version(7, "n1"), b"", 0), None),
+    ]
+    assert codec.decode_writes(codec.encode_writes(writes)) == writes
+
+
+def test_read_answer_frames_round_trip() -> None:
+    answers = [(b"a", Record(Version(1, "n1"), b"x" * 300, 0), False), (b"b", None, True), (b"c", Record(Version(2, "n2"), None, 5), True)]
+    assert codec.decode_read_answers(codec.encode_read_answers(answers)) == [(r, s) for _, r, s in answers]
+    assert codec.decode_keys(codec.encode_keys([b"a", b"bb", b"x" * 1024])) == [b"a", b"bb", b"x" * 1024]
+
+
+@pytest.mark.parametrize("decode, frames", [
+    (codec.decode_writes, codec.encode_writes([(b"k", Record(Version(1, "n"), b"value", 0), "h")])),
+    (codec.decode_keys, codec.encode_keys([b"key"])),
+    (codec.decode_read_answers, codec.encode_read_answers([(b"k", Record(Version(1, "n"), b"value", 0), False)])),
+])
+def test_truncated_frames_are_refused(decode, frames) -> None:  # type: ignore[no-untyped-def]
+    for cut in range(1, len(frames)):
+        with pytest.raises(ValueError):
+            decode(frames[:cut])

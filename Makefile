@@ -43,6 +43,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/http_node.py
 	$(BIN)/python bench/peer_clients.py --clients aiohttp,raw
 	$(BIN)/python bench/cluster.py
+	$(BIN)/python bench/storage_http.py
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .hypothesis *.egg-info

@@ -142,6 +142,28 @@ def _kill_group(server: Server) -> None:
 
 
 @contextmanager
+def spawned(name: str, argv: Sequence[str], *, logdir: Path) -> Iterator[Server]:
+    """Start argv pinned to the server core in its own process group and
+    return at once (no health check); always kill the group afterwards."""
+    log_path = logdir / f"{name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            ["taskset", "-c", SERVER_CORE, *argv],  # taskset execs argv: proc.pid is the server's own pid
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=APP_DIR,
+            env={**os.environ, "PYTHONPATH": str(APP_DIR)},
+        )
+    server = Server(name=name, proc=proc, log_path=log_path)
+    try:
+        yield server
+    finally:
+        _kill_group(server)
+
+
+@contextmanager
 def serving(
     name: str,
     argv: Sequence[str],
@@ -152,19 +174,9 @@ def serving(
 ) -> Iterator[Server]:
     """Start argv pinned to the server core in its own process group; wait until
     every health URL answers 200; always kill the group afterwards."""
-    log_path = logdir / f"{name}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            ["taskset", "-c", SERVER_CORE, *argv],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=APP_DIR,
-            env={**os.environ, "PYTHONPATH": str(APP_DIR)},
-        )
-    server = Server(name=name, proc=proc, log_path=log_path, url=health_urls[0] if health_urls else "")
-    try:
+    with spawned(name, argv, logdir=logdir) as server:
+        server.url = health_urls[0] if health_urls else ""
+        proc = server.proc
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         for url in health_urls:
             while True:
@@ -178,8 +190,6 @@ def serving(
         server.extra_pids = descendants(proc.pid)
         server._extra_starts = {pid: _start_time(pid) for pid in server.extra_pids}
         yield server
-    finally:
-        _kill_group(server)
 
 
 def wait_ready(urls: Sequence[str], path: str = "/ready", *, servers: Sequence[Server] = ()) -> None:
@@ -231,6 +241,19 @@ def cpu_seconds(pids: Sequence[int]) -> float:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
     return total / tick
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon and RssFile of a process, in KiB (/proc/PID/status)."""
+    fields: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM"):
+                fields[name] = int(value.split()[0])
+    except OSError:
+        pass
+    return fields
 
 
 # -- a tiny keep-alive client for setup (preloading keys, reading metrics) -----
@@ -295,15 +318,18 @@ def run_wrk(
     warmup_s: float,
     server_pids: Sequence[int],
     other_pids: Sequence[int] = (),
+    script_args: Sequence[str] = (),
 ) -> Result:
     """A short warm-up run (discarded), then the measured one; server CPU time
-    is sampled from /proc around the measured run."""
+    is sampled from /proc around the measured run. script_args go to the Lua
+    script's init(args) (after wrk's `--`)."""
     base = ["taskset", "-c", LOAD_CORE, "wrk", f"-t{WRK_THREADS}", f"-c{CONNECTIONS}",
             "--latency", f"--timeout={WRK_TIMEOUT}", "-s", str(lua)]
+    extra = ["--", *script_args] if script_args else []
     if warmup_s > 0:
-        subprocess.run([*base, f"-d{warmup_s:g}s", url], capture_output=True, check=False, timeout=warmup_s + 30)
+        subprocess.run([*base, f"-d{warmup_s:g}s", url, *extra], capture_output=True, check=False, timeout=warmup_s + 30)
     cpu_before, other_before = cpu_seconds(server_pids), cpu_seconds(other_pids)
-    out = subprocess.run([*base, f"-d{duration_s:g}s", url], capture_output=True, text=True,
+    out = subprocess.run([*base, f"-d{duration_s:g}s", url, *extra], capture_output=True, text=True,
                          check=False, timeout=duration_s + 30)
     cpu_after, other_after = cpu_seconds(server_pids), cpu_seconds(other_pids)
     line = next((l for l in out.stdout.splitlines() if l.startswith("WRK_RESULT ")), None)

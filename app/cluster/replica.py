@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from app.clock import HybridClock, wall_ms
 from app.ring import ArcSet, stable_hash
-from app.storage.base import DIGEST_BYTES, Record, Store, fingerprint
+from app.storage.base import DIGEST_BYTES, ApplyResult, Record, Store, fingerprint
 from app.storage.hints import HintStore
 from app.transport.base import ReadAnswer, WriteAck
 
@@ -24,6 +24,9 @@ class Replica:
         self.hints = hints
         self.clock = clock
         self.syncing = ArcSet(())  # ranges still being pulled after a membership change
+        # Writes arriving in one event-loop turn, applied together at the end of
+        # it in one storage transaction (one commit instead of one per write).
+        self._pending: list[tuple[bytes, Record, asyncio.Future[ApplyResult]]] = []
 
     def read(self, key: bytes) -> ReadAnswer:
         record = self.store.get(key)
@@ -38,10 +41,34 @@ class Replica:
             self.hints.add(hint_for, key, record)
             await _durable(self.hints.wait_durable())
             return WriteAck(applied=True, existed=False)
-        result = self.store.apply(key, record)
+        result = await self._apply_coalesced(key, record)
         await _durable(self.store.wait_durable())
         previous = result.previous
         return WriteAck(applied=result.applied, existed=previous is not None and previous.live(wall_ms()))
+
+    def _apply_coalesced(self, key: bytes, record: Record) -> asyncio.Future[ApplyResult]:
+        """Queue the write; the first one queued in this turn of the loop
+        schedules the flush, which runs after every request already ready
+        has queued its own. Acknowledged only once its transaction committed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ApplyResult] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush_pending)
+        self._pending.append((key, record, future))
+        return future
+
+    def _flush_pending(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            results = self.store.apply_many([(key, record) for key, record, _ in batch])
+        except Exception as exc:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, _, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)
 
     def read_many(self, keys: list[bytes]) -> list[ReadAnswer]:
         return [self.read(key) for key in keys]
@@ -49,8 +76,9 @@ class Replica:
     async def write_many(self, writes: list[tuple[bytes, Record, str | None]]) -> list[WriteAck]:
         """Several writes (coalesced by the sender), each as `write` would
         apply it; one wait for durability covers them all."""
-        acks = []
-        held = applied_here = False
+        acks: list[WriteAck | None] = []
+        local: list[tuple[int, bytes, Record]] = []  # applied together, in one transaction
+        held = False
         now = wall_ms()
         for key, record, hint_for in writes:
             self.clock.observe(record.version)
@@ -59,21 +87,22 @@ class Replica:
                 acks.append(WriteAck(applied=True, existed=False))
                 held = True
             else:
-                result = self.store.apply(key, record)
+                local.append((len(acks), key, record))
+                acks.append(None)
+        if local:
+            results = self.store.apply_many([(key, record) for _, key, record in local])
+            for (position, _, _), result in zip(local, results):
                 previous = result.previous
-                acks.append(WriteAck(applied=result.applied, existed=previous is not None and previous.live(now)))
-                applied_here = True
-        if applied_here:
+                acks[position] = WriteAck(applied=result.applied, existed=previous is not None and previous.live(now))
             await _durable(self.store.wait_durable())
         if held:
             await _durable(self.hints.wait_durable())
-        return acks
+        return acks  # type: ignore[return-value] - every slot is filled above
 
     async def write_batch(self, records: list[tuple[bytes, Record]]) -> int:
-        applied = 0
-        for key, record in records:
+        for _, record in records:
             self.clock.observe(record.version)
-            applied += self.store.apply(key, record).applied
+        applied = sum(result.applied for result in self.store.apply_many(records))
         await _durable(self.store.wait_durable())
         return applied
 

@@ -55,6 +55,11 @@ class Store(abc.ABC):
     def apply(self, key: bytes, record: Record) -> ApplyResult:
         """Store `record` if it is newer than the stored one (last writer wins)."""
 
+    def apply_many(self, writes: list[tuple[bytes, Record]]) -> list[ApplyResult]:
+        """apply() each write in order; an engine with transactions does them
+        in one (one commit for many writes). One result per write."""
+        return [self.apply(key, record) for key, record in writes]
+
     def discard(self, key: bytes, version: Version) -> bool:
         """Physically remove key if its stored record has exactly this version
         (a newer write in between survives). For records handed off to their

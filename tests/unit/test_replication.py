@@ -9,11 +9,16 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from app.clock import HybridClock
+from app.cluster.replica import Replica
 from app.config import NodeConfig
 from app.cluster.node import Node
 from app.discovery.static import StaticMembership
 from app.errors import QuorumError
 from app.ring import ArcSet, HashRing
+from app.storage.base import Record
+from app.storage.hints import HintStore
+from app.storage.memory import MemoryStore
 from app.transport.fake import InProcessPeerClient
 
 
@@ -175,3 +180,29 @@ async def test_a_syncing_replica_is_not_counted_toward_the_read_quorum(cluster: 
     cluster.transport.unreachable.add("c")
     with pytest.raises(QuorumError, match="1 of 2"):
         await cluster.nodes["a"].coordinator.get(b"k")  # type: ignore[union-attr]
+
+
+class CountingStore(MemoryStore):
+    """Counts the storage transactions (apply_many calls) it is asked for."""
+
+    def __init__(self) -> None:
+        super().__init__(tombstone_grace_s=60)
+        self.transactions: list[int] = []
+
+    def apply_many(self, writes):  # type: ignore[no-untyped-def]
+        self.transactions.append(len(writes))
+        return super().apply_many(writes)
+
+
+async def test_local_writes_arriving_together_share_one_storage_transaction() -> None:
+    store = CountingStore()
+    replica = Replica(store=store, hints=HintStore(MemoryStore(tombstone_grace_s=60)), clock=HybridClock("n1"))
+    clock = HybridClock("writer")
+    records = [Record(clock.now(), f"v{i}".encode()) for i in range(10)]
+    acks = await asyncio.gather(*(replica.write(f"k{i % 7}".encode(), record) for i, record in enumerate(records)))
+    assert store.transactions == [10]
+    assert [ack.applied for ack in acks] == [True] * 10  # versions rise, so each overwrite wins
+    assert [ack.existed for ack in acks] == [False] * 7 + [True] * 3
+    assert store.get(b"k0").value == b"v7" and store.get(b"k6").value == b"v6"
+    await replica.write(b"alone", Record(clock.now(), b"x"))
+    assert store.transactions == [10, 1]

@@ -109,6 +109,22 @@ def test_out_of_order_versions_converge_on_the_newest(store: Store, order: tuple
     assert store.live_count() == 1
 
 
+@pytest.mark.parametrize("order", list(itertools.permutations(range(4))))
+def test_apply_many_is_apply_in_order_within_one_batch(store: Store, order: tuple[int, ...]) -> None:
+    records = [put(f"v{i}".encode(), at=T + i) if i != 2 else tombstone(at=T + i) for i in range(4)]
+    store.apply(b"other", put(b"before", at=T))
+    results = store.apply_many([(b"k", records[i]) for i in order] + [(b"other", put(b"after", at=T + 1))])
+    newest_so_far = -1
+    for i, result in zip(order, results):
+        assert result.applied == (i > newest_so_far)
+        newest_so_far = max(newest_so_far, i)
+    assert results[-1].applied and results[-1].previous == put(b"before", at=T)
+    assert store.get(b"k") == records[3]
+    assert store.get(b"other") == put(b"after", at=T + 1)
+    assert store.live_count() == 2
+    assert store.apply_many([(b"k", records[0])])[0].applied is False  # older than stored: nothing to commit
+
+
 def test_an_equal_version_is_not_applied(store: Store) -> None:
     first = put(b"v1", at=T)
     store.apply(b"k", first)

@@ -16,6 +16,16 @@ from dataclasses import dataclass
 
 EWMA_WEIGHT = 0.2  # each new sample moves the average a fifth of the way: reacts within ~10 calls
 INITIAL_LATENCY_S = 0.001  # a peer we have not timed yet is assumed fast, so it gets tried
+# The latency EWMA already includes queueing at the peer, so outstanding
+# requests only nudge the score: 64 in flight (a full pool) double it. Scoring
+# (outstanding + 1) x latency double-counted the queue: under 64-way load the
+# busy healthy peer looked as slow as a peer slowed by 20 ms, and ~4% of reads
+# went to the slow one (BENCHMARKS.md, issue 4).
+OUTSTANDING_SCALE = 64
+# A reachable peer not asked for this long gets the next read, so the estimate
+# of a peer that was slow and recovered is refreshed: about one read a second
+# per peer, far under 1% of a loaded node's reads, so it never shows in p99.
+EXPLORE_AFTER_S = 1.0
 
 
 @dataclass
@@ -26,18 +36,26 @@ class PeerState:
     outstanding: int = 0
     latency_s: float = INITIAL_LATENCY_S
     source_ready: bool = True  # the membership source's word (a pod's Ready condition); probes cannot overrule it
+    last_asked: float = 0.0  # monotonic time a read was last sent (or promised) to it
 
     @property
     def load_score(self) -> float:
-        """Expected wait if we send one more request: queue length x service time."""
-        return (self.outstanding + 1) * self.latency_s
+        """Lower is better: recent response time, nudged up by the requests in flight."""
+        return self.latency_s * (1 + self.outstanding / OUTSTANDING_SCALE)
 
 
 class PeerHealth:
-    def __init__(self, *, on_flip: Callable[[str, bool], None] | None = None, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        on_flip: Callable[[str, bool], None] | None = None,
+        rng: random.Random | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._states: dict[str, PeerState] = {}
         self._on_flip = on_flip
         self._rng = rng or random.Random()
+        self._monotonic = monotonic
 
     def _state(self, node_id: str) -> PeerState:
         state = self._states.get(node_id)
@@ -78,7 +96,9 @@ class PeerHealth:
                 self._on_flip(node_id, self.is_up(node_id))
 
     def begin(self, node_id: str) -> float:
-        self._state(node_id).outstanding += 1
+        state = self._state(node_id)
+        state.outstanding += 1
+        state.last_asked = self._monotonic()
         return time.perf_counter()
 
     def end(self, node_id: str, started: float) -> None:
@@ -90,9 +110,18 @@ class PeerHealth:
         """Order replicas for a read: reachable before unreachable, and among
         reachable ones by repeated power-of-two-choices on the load score (two
         random candidates, the less loaded goes next), which spreads load
-        without herding every coordinator onto the single fastest peer."""
+        without herding every coordinator onto the single fastest peer. A
+        reachable peer not asked for EXPLORE_AFTER_S goes first, once."""
         pool = [n for n in node_ids if self.is_up(n)]
         ordered: list[str] = []
+        now = self._monotonic()
+        for node_id in pool:
+            state = self._state(node_id)
+            if now - state.last_asked > EXPLORE_AFTER_S:
+                state.last_asked = now  # promised now: concurrent reads do not all explore it
+                ordered.append(node_id)
+                pool.remove(node_id)
+                break
         while len(pool) > 1:
             a, b = self._rng.sample(pool, 2)
             pick = a if self._state(a).load_score <= self._state(b).load_score else b

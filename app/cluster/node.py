@@ -239,6 +239,10 @@ class Node:
         for node_id in set(old.peers) - set(new.peers):
             self.health.forget(node_id)
             self.metrics.peer_up.remove(node_id)
+        if self.coordinator is not None:
+            for node_id, peer in old.peers.items():  # gone, or moved to another URL
+                if node_id not in new.peers or new.peers[node_id].url != peer.url:
+                    self.coordinator.transport.forget(peer)
         self._count_reachable()
         if old is not new and self.handoff is not None:
             self.handoff.on_membership_change(old, new)

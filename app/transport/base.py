@@ -117,5 +117,9 @@ class PeerClient(abc.ABC):
     async def probe(self, peer: Peer) -> bool:
         """A cheap liveness check: True if the peer answers its health route."""
 
+    def forget(self, peer: Peer) -> None:  # noqa: B027 - fakes hold nothing
+        """The peer left the membership: drop its pooled connections. A later
+        call to it (a handoff, say) opens new ones."""
+
     async def close(self) -> None:  # noqa: B027 - fakes hold nothing
         """Release pooled connections."""

@@ -250,6 +250,13 @@ class HttpPeerClient(PeerClient):
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False
 
+    def forget(self, peer: Peer) -> None:
+        pool = self._pools.pop(peer.url, None)
+        self._reads.pop(peer.url, None)
+        self._writes.pop(peer.url, None)
+        if pool is not None:
+            pool.close()  # idle connections now; busy ones when their call ends
+
     async def close(self) -> None:
         for pool in self._pools.values():
             if pool is not None:

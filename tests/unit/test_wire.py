@@ -170,3 +170,28 @@ async def test_a_refused_connection_raises_oserror() -> None:
     pool = PeerPool("127.0.0.1", port, host_header="x", limit=2, timeout_s=1.0)
     with pytest.raises(OSError):
         await pool.request(b"GET", "/a")
+
+
+async def test_forgetting_a_peer_closes_its_connections_and_a_later_call_reconnects() -> None:
+    from app.transport.base import Peer
+    from app.transport.http import HttpPeerClient
+
+    async def not_found(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+
+    async with ScriptedServer(not_found) as server:
+        client = HttpPeerClient(timeout_s=2.0)
+        peer = Peer("n2", f"http://127.0.0.1:{server.port}")
+        try:
+            assert (await client.read(peer, b"k")).record is None
+            assert server.open_now == 1
+            client.forget(peer)
+            for _ in range(50):
+                if server.open_now == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert server.open_now == 0
+            assert (await client.read(peer, b"k")).record is None
+            assert server.connections == 2
+        finally:
+            await client.close()

@@ -163,3 +163,11 @@ def test_coalesced_replica_calls_apply_each_write_and_answer_each_read(client: T
         (Record(new, b"one", 0), False), (Record(new, b"new", 0), False), (Record(new, None, 0), False), (None, False),
     ]
     assert client.get("/kv/c1").content == b"one"
+    held = client.post("/internal/v1/writes", content=codec.encode_writes([
+        (b"for-n7", Record(new, b"held", 0), "n7"),  # a hint: held for n7, not stored as ours
+        (b"c2", Record(new, b"two", 0), None),
+    ]))
+    assert list(held.content) == [codec.ACK_APPLIED, codec.ACK_APPLIED]
+    assert client.get("/kv/for-n7").status_code == 404
+    assert client.get("/kv/c2").content == b"two"
+    assert client.app.node.replica.hints.for_target("n7", 10) == [(b"for-n7", Record(new, b"held", 0))]  # type: ignore[attr-defined]

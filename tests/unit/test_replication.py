@@ -206,3 +206,19 @@ async def test_local_writes_arriving_together_share_one_storage_transaction() ->
     assert store.get(b"k0").value == b"v7" and store.get(b"k6").value == b"v6"
     await replica.write(b"alone", Record(clock.now(), b"x"))
     assert store.transactions == [10, 1]
+
+
+async def test_no_foreign_record_scan_when_every_member_replicates_everything(cluster: InProcessCluster) -> None:
+    three = members("a", "b", "c")
+    for node_id in three:
+        await cluster.add(node_id, three)
+    await cluster.settle()
+    node = cluster.nodes["a"]
+
+    def no_full_scan(start: int, end: int):  # type: ignore[no-untyped-def]
+        raise AssertionError("scanned the whole store although no key can be foreign at N=3 on 3 nodes")
+
+    node.replica.store.iter_range = no_full_scan  # type: ignore[union-attr, method-assign]
+    assert node.handoff.foreign_dirty  # type: ignore[union-attr]
+    await node.handoff.handoff_foreign()  # type: ignore[union-attr]
+    assert not node.handoff.foreign_dirty  # type: ignore[union-attr]

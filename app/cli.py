@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from urllib.parse import quote
 
 from app.config import (
@@ -127,6 +127,8 @@ def run_node(args: argparse.Namespace) -> int:
 
 # -- cluster ------------------------------------------------------------------
 
+CLUSTER_READY_WAIT_S = 30.0  # how long `kvstore cluster` waits for every node's /ready before saying so
+
 
 def _die_with_parent() -> None:
     """In the child, before exec: get SIGTERM if `kvstore cluster` itself dies,
@@ -170,7 +172,13 @@ def run_cluster(args: argparse.Namespace) -> int:
                 start_new_session=True,
             ))
             print(f"kvstore: started {node_args[1]} on http://{node_args[3]} (pid {procs[-1].pid})", flush=True)
-        print("kvstore: cluster running; Ctrl-C stops it", flush=True)
+        urls = [f"http://{cluster_node_args(index=i, count=args.nodes, host=args.host, base_port=args.base_port)[3]}"
+                for i in range(args.nodes)]
+        if _wait_until_ready(urls, procs, lambda: stopping):
+            print("kvstore: cluster running, every node ready; Ctrl-C stops it", flush=True)
+        elif not stopping:
+            print(f"kvstore: cluster running, but not every node was ready within {CLUSTER_READY_WAIT_S:.0f} s "
+                  "(see GET /ready on each); Ctrl-C stops it", flush=True)
         while not stopping:
             if any(proc.poll() is not None for proc in procs):
                 dead = [p.pid for p in procs if p.returncode is not None]
@@ -180,6 +188,29 @@ def run_cluster(args: argparse.Namespace) -> int:
         return 0
     finally:
         _stop_all(procs)
+
+
+def _wait_until_ready(urls: list[str], procs: list[subprocess.Popen[bytes]], stopping: Callable[[], bool]) -> bool:
+    """Poll each node's /ready: a fresh cluster's nodes first pull their
+    ranges from each other, and until then quorum reads may get 503. Saying
+    "running" only after that keeps the seed's walkthrough from racing it."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + CLUSTER_READY_WAIT_S
+    pending = list(urls)
+    while pending and not stopping() and time.monotonic() < deadline:
+        if any(proc.poll() is not None for proc in procs):
+            return False  # the main loop reports the dead node
+        try:
+            with urllib.request.urlopen(pending[0] + "/ready", timeout=1) as resp:
+                if resp.status == 200:
+                    pending.pop(0)
+                    continue
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    return not pending
 
 
 def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:

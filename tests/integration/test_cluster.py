@@ -172,6 +172,7 @@ def test_cluster_command_starts_three_nodes_and_stops_them_on_sigint_or_sigterm(
                 if "(pid " in line:
                     pids.append(int(line.rsplit("(pid ", 1)[1].rstrip(")\n")))
             assert len(pids) == 3
+            assert "every node ready" in line  # said only once each node's /ready answers 200
             deadline = time.monotonic() + 20
             for port in range(base, base + 3):
                 while True:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from urllib.parse import quote
 
 from app.config import (
+    CLUSTER_READY_WAIT_S,
     DEFAULT_CLIENT_URL,
     DEFAULT_CLUSTER_BASE_PORT,
     DEFAULT_CLUSTER_NODES,
@@ -127,8 +128,6 @@ def run_node(args: argparse.Namespace) -> int:
 
 # -- cluster ------------------------------------------------------------------
 
-CLUSTER_READY_WAIT_S = 30.0  # how long `kvstore cluster` waits for every node's /ready before saying so
-
 
 def _die_with_parent() -> None:
     """In the child, before exec: get SIGTERM if `kvstore cluster` itself dies,
@@ -172,8 +171,7 @@ def run_cluster(args: argparse.Namespace) -> int:
                 start_new_session=True,
             ))
             print(f"kvstore: started {node_args[1]} on http://{node_args[3]} (pid {procs[-1].pid})", flush=True)
-        urls = [f"http://{cluster_node_args(index=i, count=args.nodes, host=args.host, base_port=args.base_port)[3]}"
-                for i in range(args.nodes)]
+        urls = [f"http://{args.host}:{args.base_port + i}" for i in range(args.nodes)]
         if _wait_until_ready(urls, procs, lambda: stopping):
             print("kvstore: cluster running, every node ready; Ctrl-C stops it", flush=True)
         elif not stopping:

@@ -33,6 +33,7 @@ DEFAULT_SYNC_DEADLINE_S = 60.0  # a joining node stops waiting for unreachable s
 GC_THRESHOLDS = (50_000, 50, 100)  # young-generation collections every 50k allocations, not 700: see app/cli.py run_node
 DEFAULT_CLUSTER_BASE_PORT = 8080  # `kvstore cluster`: the seed's 8080, 8081, 8082
 DEFAULT_CLUSTER_NODES = 3
+CLUSTER_READY_WAIT_S = 30.0  # `kvstore cluster` waits this long for every node's /ready before saying it runs
 DEFAULT_CLIENT_URL = "http://127.0.0.1:8080"
 
 STORAGE_ENGINES = ("memory", "lmdb")

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Sized
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sized
+from typing import Any, TypeVar
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
@@ -53,6 +53,7 @@ from app.transport.coalesce import Coalescer
 from app.transport.wire import PeerPool
 
 Write = tuple[bytes, Record, "str | None"]  # key, record, hint_for
+T = TypeVar("T")
 
 CONNECTIONS_PER_PEER = 64  # keep-alive pool per peer: enough for a fan-out under load, bounded
 PROBE_TIMEOUT_S = 1.0  # a health probe that takes longer than this counts as down
@@ -159,7 +160,7 @@ class HttpPeerClient(PeerClient):
         if len(keys) == 1:
             return [await self._read_one(peer, pool, keys[0])]
         answer = await self._exchange(peer, pool, b"POST", READS_PATH, self._octets_line, codec.encode_keys(keys), "read")
-        decoded = _decoded(codec.decode_read_answers, answer, peer)
+        decoded = _decoded(lambda: codec.decode_read_answers(answer), peer)
         _expect_count(decoded, keys, peer)
         return [ReadAnswer(record, authoritative=not syncing) for record, syncing in decoded]
 
@@ -171,16 +172,13 @@ class HttpPeerClient(PeerClient):
         return [WriteAck(applied=bool(flags & codec.ACK_APPLIED), existed=bool(flags & codec.ACK_EXISTED)) for flags in answer]
 
     async def _read_one(self, peer: Peer, pool: PeerPool, key: bytes) -> ReadAnswer:
-        try:
-            status, headers, body = await pool.request(b"GET", KV_PATH + quote_key(key), headers=self._token_line)
-            syncing = headers.get(SYNCING_HEADER) == "1"
-            if status == 404:
-                return ReadAnswer(None, authoritative=not syncing)
-            if status != 200:
-                raise PeerUnavailableError(f"peer {peer} answered {status} to a read", peer=peer.node_id)
-            return ReadAnswer(record_from_headers(headers, body), authoritative=not syncing)
-        except _FAILURES as exc:
-            raise PeerUnavailableError(f"peer {peer} unreachable (read): {_describe(exc)}", peer=peer.node_id) from exc
+        status, headers, body = await self._request(peer, pool, b"GET", KV_PATH + quote_key(key), self._token_line, b"", "read")
+        syncing = headers.get(SYNCING_HEADER) == "1"
+        if status == 404:
+            return ReadAnswer(None, authoritative=not syncing)
+        if status != 200:
+            raise PeerUnavailableError(f"peer {peer} answered {status} to a read", peer=peer.node_id)
+        return ReadAnswer(_decoded(lambda: record_from_headers(headers, body), peer), authoritative=not syncing)
 
     async def _write_one(self, peer: Peer, pool: PeerPool, key: bytes, record: Record, hint_for: str | None) -> WriteAck:
         headers = record_headers(record)
@@ -269,10 +267,11 @@ def _write_size(item: Write) -> int:
     return len(key) + len(record.value or b"")
 
 
-def _decoded(decode, data: bytes, peer: Peer):  # type: ignore[no-untyped-def] - any codec decoder
+def _decoded(parse: Callable[[], T], peer: Peer) -> T:
+    """parse() a peer's answer; a malformed one makes the peer unavailable."""
     try:
-        return decode(data)
-    except ValueError as exc:
+        return parse()
+    except (KeyError, ValueError) as exc:
         raise PeerUnavailableError(f"peer {peer} sent a malformed answer: {exc}", peer=peer.node_id) from exc
 
 

@@ -14,6 +14,7 @@ from app.ring import ArcSet, stable_hash
 from app.storage.base import DIGEST_BYTES, ApplyResult, Record, Store, fingerprint
 from app.storage.hints import HintStore
 from app.transport.base import ReadAnswer, WriteAck
+from app.transport.coalesce import Coalescer
 
 FULL_SCAN_ABOVE_ARCS = 64  # past this many arcs one pass over the store beats a range scan per arc
 
@@ -24,9 +25,10 @@ class Replica:
         self.hints = hints
         self.clock = clock
         self.syncing = ArcSet(())  # ranges still being pulled after a membership change
-        # Writes arriving in one event-loop turn, applied together at the end of
-        # it in one storage transaction (one commit instead of one per write).
-        self._pending: list[tuple[bytes, Record, asyncio.Future[ApplyResult]]] = []
+        # Writes arriving in one event-loop turn are applied together in one
+        # storage transaction (one commit instead of one per write); each is
+        # acknowledged only once that transaction committed.
+        self._applies: Coalescer[tuple[bytes, Record], ApplyResult] = Coalescer(self._apply_batch)
 
     def read(self, key: bytes) -> ReadAnswer:
         record = self.store.get(key)
@@ -41,34 +43,13 @@ class Replica:
             self.hints.add(hint_for, key, record)
             await _durable(self.hints.wait_durable())
             return WriteAck(applied=True, existed=False)
-        result = await self._apply_coalesced(key, record)
+        result = await self._applies.submit((key, record))
         await _durable(self.store.wait_durable())
         previous = result.previous
         return WriteAck(applied=result.applied, existed=previous is not None and previous.live(wall_ms()))
 
-    def _apply_coalesced(self, key: bytes, record: Record) -> asyncio.Future[ApplyResult]:
-        """Queue the write; the first one queued in this turn of the loop
-        schedules the flush, which runs after every request already ready
-        has queued its own. Acknowledged only once its transaction committed."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[ApplyResult] = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._flush_pending)
-        self._pending.append((key, record, future))
-        return future
-
-    def _flush_pending(self) -> None:
-        batch, self._pending = self._pending, []
-        try:
-            results = self.store.apply_many([(key, record) for key, record, _ in batch])
-        except Exception as exc:
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for (_, _, future), result in zip(batch, results):
-            if not future.done():
-                future.set_result(result)
+    async def _apply_batch(self, writes: list[tuple[bytes, Record]]) -> list[ApplyResult]:
+        return self.store.apply_many(writes)
 
     def read_many(self, keys: list[bytes]) -> list[ReadAnswer]:
         return [self.read(key) for key in keys]

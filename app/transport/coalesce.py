@@ -1,5 +1,6 @@
-"""Message coalescing: single-key calls to one peer made in the same event-loop
-iteration travel as one request.
+"""Coalescing: calls made in the same event-loop iteration are handled as one
+batch — single-key calls to one peer as one request (app.transport.http), a
+replica's local writes as one storage transaction (app.cluster.replica).
 
 Under load a coordinator fans out many replica reads and writes per loop
 iteration, each of which would otherwise be one HTTP exchange with its own
@@ -14,6 +15,7 @@ alone; a lone call is sent alone.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -26,13 +28,15 @@ class Coalescer(Generic[Item, Result]):
         self,
         send: Callable[[list[Item]], Awaitable[list[Result]]],
         *,
-        max_items: int,
-        max_bytes: int,
-        size_of: Callable[[Item], int],
+        max_items: int | None = None,
+        max_bytes: int | None = None,
+        size_of: Callable[[Item], int] = lambda item: 0,
     ) -> None:
+        """Batches hold at most max_items items and max_bytes by size_of
+        (None: no bound); an item bigger than max_bytes goes alone."""
         self._send = send
-        self._max_items = max_items
-        self._max_bytes = max_bytes
+        self._max_items = max_items if max_items is not None else sys.maxsize
+        self._max_bytes = max_bytes if max_bytes is not None else sys.maxsize
         self._size_of = size_of
         self._queued: list[tuple[Item, asyncio.Future[Result]]] = []
         self._flushing: set[asyncio.Task[None]] = set()

@@ -222,8 +222,7 @@ class DataPlane:
             raise InvalidRequestError('body field "value" must be a string')
         key_bytes = validate_key(key.encode("utf-8"))
         value_bytes = value.encode("utf-8")
-        if len(value_bytes) > self.max_value:
-            raise ValueTooLargeError(f"value of {len(value_bytes)} bytes exceeds the limit of {self.max_value} bytes")
+        self._check_value_size(value_bytes)
         version = await self.node.coordinator.put(  # type: ignore[union-attr]
             key_bytes, value_bytes, ttl_s=ttl_from(doc.get("ttl")), consistency=query.get("consistency", "quorum")
         )
@@ -295,17 +294,28 @@ class DataPlane:
             ])
         return method_not_allowed(method, KV_PATH + "{key}", ("GET", "PUT"))
 
-    async def _internal_writes_coalesced(self, scope: Scope, receive: Receive, method: str) -> Reply:
+    def _refuse_internal_post(self, scope: Scope, method: str, path: str) -> Reply | None:
+        """The refusal for a coalesced-call request, or None to serve it."""
         denied = check_token(scope, self.token)
         if denied is not None:
             return denied
         if method != "POST":
-            return method_not_allowed(method, WRITES_PATH, ("POST",))
+            return method_not_allowed(method, path, ("POST",))
+        return None
+
+    def _check_value_size(self, value: bytes) -> None:
+        if len(value) > self.max_value:
+            raise ValueTooLargeError(f"value of {len(value)} bytes exceeds the limit of {self.max_value} bytes")
+
+    async def _internal_writes_coalesced(self, scope: Scope, receive: Receive, method: str) -> Reply:
+        refused = self._refuse_internal_post(scope, method, WRITES_PATH)
+        if refused is not None:
+            return refused
         writes = _decode_calls(codec.decode_writes, await read_body(scope, receive, self.max_coalesced))
         for key, record, _ in writes:
             validate_key(key)
-            if record.value is not None and len(record.value) > self.max_value:
-                raise ValueTooLargeError(f"value of {len(record.value)} bytes exceeds the limit of {self.max_value} bytes")
+            if record.value is not None:
+                self._check_value_size(record.value)
         self._internal_writes.inc(len(writes))
         acks = await self.node.replica.write_many(writes)  # type: ignore[union-attr]
         return Reply(200, bytes(
@@ -313,11 +323,9 @@ class DataPlane:
         ), OCTETS)
 
     async def _internal_reads_coalesced(self, scope: Scope, receive: Receive, method: str) -> Reply:
-        denied = check_token(scope, self.token)
-        if denied is not None:
-            return denied
-        if method != "POST":
-            return method_not_allowed(method, READS_PATH, ("POST",))
+        refused = self._refuse_internal_post(scope, method, READS_PATH)
+        if refused is not None:
+            return refused
         keys = _decode_calls(codec.decode_keys, await read_body(scope, receive, COALESCE_MAX_CALLS * FRAME_OVERHEAD + COALESCE_MAX_BYTES))
         for key in keys:
             validate_key(key)
@@ -326,7 +334,6 @@ class DataPlane:
         return Reply(200, codec.encode_read_answers(
             (key, answer.record, not answer.authoritative) for key, answer in zip(keys, answers)
         ), OCTETS)
-
 
 
 def check_token(scope: Scope, token: bytes | None) -> Reply | None:

@@ -303,6 +303,19 @@ class Result:
         return self.server_cpu_s / self.seconds if self.seconds else 0.0
 
 
+def lua_rest_put(keyspace: int, value: str) -> str:
+    """wrk script: PUT /kv/k<i> with a fixed raw body, i cycling over keyspace
+    keys (bounded data, mostly overwrites)."""
+    return f"""
+local counter = 0
+local value = "{value}"
+request = function()
+  counter = counter + 1
+  return wrk.format("PUT", "/kv/k" .. (counter % {keyspace}), nil, value)
+end
+"""
+
+
 def write_lua(logdir: Path, name: str, body: str) -> Path:
     path = logdir / f"{name}.lua"
     path.write_text(body + "\n" + _DONE_LUA)

@@ -66,6 +66,7 @@ from _common import (  # noqa: E402
     format_table,
     free_port_block,
     http_request,
+    lua_rest_put,
     machine_summary,
     require_wrk,
     run_wrk,
@@ -98,14 +99,7 @@ request = function()
   return wrk.format("GET", "/kv/s" .. (counter % {SPREAD_KEYS}))
 end
 """
-LUA_PUT = f"""
-local counter = 0
-local value = "{VALUE.decode()}"
-request = function()
-  counter = counter + 1
-  return wrk.format("PUT", "/kv/k" .. (counter % {PUT_KEYSPACE}), nil, value)
-end
-"""
+LUA_PUT = lua_rest_put(PUT_KEYSPACE, VALUE.decode())
 
 
 def b64(data: bytes) -> str:

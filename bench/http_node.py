@@ -29,6 +29,7 @@ from _common import (  # noqa: E402
     free_port,
     free_port_block,
     http_request,
+    lua_rest_put,
     machine_summary,
     require_wrk,
     run_wrk,
@@ -62,14 +63,7 @@ request = function()
   return wrk.format("PUT", "/put", {{["Content-Type"] = "application/json"}}, body)
 end
 """
-LUA_REST_PUT = f"""
-local counter = 0
-local value = "{VALUE}"
-request = function()
-  counter = counter + 1
-  return wrk.format("PUT", "/kv/k" .. (counter % {PUT_KEYSPACE}), nil, value)
-end
-"""
+LUA_REST_PUT = lua_rest_put(PUT_KEYSPACE, VALUE)
 LUA_SPREAD_GET = f"""
 local counter = 0
 request = function()

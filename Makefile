@@ -4,17 +4,36 @@ VENV := .venv
 BIN := $(VENV)/bin
 TOOLS := .tools/bin
 
-.PHONY: run test unit integration k8s lint tools bench clean
+LOCK := requirements
+# What `make lock` compiles with: uv, itself installed from a hash-pinned lock (only `make lock` needs it).
+LOCK_TOOL := .tools/lock
+UV_COMPILE = $(LOCK_TOOL)/bin/uv pip compile --quiet --generate-hashes --universal --python-version 3.11 --custom-compile-command 'make lock'
+
+.PHONY: run test unit integration k8s image-test container-tools lint tools lock bench clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "kvstore needs Python 3.11+"'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 
-# Reinstall whenever pyproject.toml changes; the stamp records the last install.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test]'
+# Reinstall whenever the lock changes; the stamp records the last install. Every
+# package comes from the lock (pinned, hash-checked); the project itself is
+# installed editable without dependencies, built by the locked setuptools.
+$(VENV)/.installed: pyproject.toml $(LOCK)/test.txt $(LOCK)/build.txt | $(BIN)/python
+	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)/build.txt -r $(LOCK)/test.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+# Re-resolve the locks from pyproject.toml's ranges (newest matching releases), with hashes.
+# runtime.txt: what the image and a node run; test.txt: the test extras, constrained to
+# runtime.txt's versions; build.txt: the build backend (pyproject's [build-system]).
+lock:
+	test -x $(LOCK_TOOL)/bin/python || $(PYTHON) -m venv $(LOCK_TOOL)
+	$(LOCK_TOOL)/bin/pip install --quiet --require-hashes -r $(LOCK)/lock-tool.txt
+	$(UV_COMPILE) pyproject.toml -o $(LOCK)/runtime.txt
+	$(UV_COMPILE) pyproject.toml --extra test -c $(LOCK)/runtime.txt -o $(LOCK)/test.txt
+	$(PYTHON) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'], sep='\n')" \
+		| $(UV_COMPILE) - -o $(LOCK)/build.txt
+	echo 'uv==0.13.9' | $(UV_COMPILE) - -o $(LOCK)/lock-tool.txt
 
 run: $(VENV)/.installed
 	$(BIN)/kvstore cluster --nodes 3 --base-port 8080
@@ -26,8 +45,16 @@ lint: $(VENV)/.installed
 tools: $(VENV)/.installed
 	$(BIN)/python scripts/install_tools.py
 
-test: $(VENV)/.installed lint tools
+# podman, buildah, runc and debootstrap (apt-get, where missing): the image tests build and run the image.
+container-tools:
+	$(PYTHON) scripts/image.py tools
+
+test: $(VENV)/.installed lint tools container-tools
 	$(BIN)/pytest
+
+# The image built from the Dockerfile with podman and run as the chart runs it (tests/image).
+image-test: $(VENV)/.installed tools container-tools
+	$(BIN)/pytest tests/image
 
 k8s: $(VENV)/.installed tools
 	$(BIN)/pytest tests/k8s

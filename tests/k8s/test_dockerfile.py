@@ -1,14 +1,18 @@
 """The image recipe (Dockerfile, .dockerignore): hadolint clean, the shape the chart
-relies on (user, port, entrypoint), and the install the Dockerfile performs, replayed
-into a fresh venv (no Docker engine here): dependencies from pyproject.toml only,
-then the project non-editable from the files .dockerignore lets in, then the
-entrypoint `kvstore node` must serve /health and stop cleanly on SIGTERM.
+relies on (user, port, entrypoint), the HEALTHCHECK's probe, and the install the
+Dockerfile performs, replayed into a fresh venv: dependencies from the lock
+(requirements/runtime.txt, --require-hashes), then the project non-editable from
+the files .dockerignore lets in, built by the locked setuptools; the entrypoint
+`kvstore node` must serve /health and stop cleanly on SIGTERM. The image itself
+is built and run with podman in tests/image/.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -67,8 +71,11 @@ def test_hadolint_is_clean(hadolint: Path) -> None:
 
 
 def test_image_shape_matches_the_chart() -> None:
-    builder, runtime = stages()
-    assert builder[0][1].split()[0] == runtime[0][1].split()[0], "the runtime stage must use the builder's Python"
+    builder, rootfs, runtime = stages()
+    assert builder[0][1].split()[0] == rootfs[0][1].split()[0], "the runtime's root must be the builder's Python"
+    assert runtime[0][1].split()[0] == "scratch", "the runtime stage copies the pruned root; it inherits no base layers"
+    copies = [args for op, args in runtime if op == "COPY"]
+    assert copies[:2] == ["--from=rootfs / /", "--from=builder /opt/venv /opt/venv"], copies
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     runtime_ops = dict(runtime)
     assert runtime_ops["ENTRYPOINT"] == '["kvstore", "node"]', "exec-form entrypoint"
@@ -82,8 +89,23 @@ def test_image_shape_matches_the_chart() -> None:
     # Dependencies get their own layer: pyproject.toml is copied and installed before the code.
     builder_ops = [(op, args) for op, args in builder if op in ("COPY", "RUN")]
     first_code = next(i for i, (op, args) in enumerate(builder_ops) if op == "COPY" and "app" in args.split())
-    assert any(op == "COPY" and "pyproject.toml" in args for op, args in builder_ops[:first_code])
-    assert any(op == "RUN" and "-r /tmp/requirements.txt" in args for op, args in builder_ops[:first_code])
+    assert any(op == "COPY" and "requirements/runtime.txt" in args for op, args in builder_ops[:first_code])
+    assert any(op == "RUN" and "--require-hashes -r requirements/runtime.txt" in args for op, args in builder_ops[:first_code])
+    last_run = [args for op, args in builder_ops if op == "RUN"][-1]
+    assert "pip uninstall --yes setuptools wheel packaging pip" in last_run, "the installers must not reach the image"
+
+
+def healthcheck_command() -> list[str]:
+    """The HEALTHCHECK's exec-form command, from the runtime stage."""
+    args = dict(stages()[-1])["HEALTHCHECK"]
+    return json.loads(args[args.index("CMD ") + len("CMD "):])
+
+
+def run_healthcheck(python: Path, listen: str) -> subprocess.CompletedProcess[str]:
+    command = healthcheck_command()
+    assert command[0] == "python", command
+    env = {"PATH": os.environ.get("PATH", ""), "KVSTORE_LISTEN": listen}
+    return subprocess.run([str(python), *command[1:]], env=env, capture_output=True, text=True, timeout=30, check=False)
 
 
 def dockerignore_admits(relpath: str) -> bool:
@@ -116,7 +138,8 @@ def build_context(dest: Path) -> Path:
 def test_dockerignore_sends_only_what_the_build_copies(tmp_path: Path) -> None:
     context = build_context(tmp_path / "ctx")
     top = {p.name for p in context.iterdir()}
-    assert top == {"pyproject.toml", "README.md", "app"}
+    assert top == {"pyproject.toml", "README.md", "app", "requirements"}
+    assert {p.name for p in (context / "requirements").iterdir()} == {"runtime.txt", "build.txt"}
     assert not list(context.rglob("__pycache__"))
     assert not dockerignore_admits(".venv/bin/python") and not dockerignore_admits("tests/unit/test_ring.py")
 
@@ -138,32 +161,46 @@ def pip_install(target: Path, *args: str, cwd: Path) -> None:
 
 @pytest.fixture(scope="module")
 def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The Dockerfile's builder stage, replayed: a fresh venv, the dependencies listed in
-    pyproject.toml, then the project itself (`pip install --no-deps .`) from the build context."""
+    """The Dockerfile's builder stage, replayed: a fresh venv, the locked dependencies with
+    their hashes, then the project itself (`pip install --no-deps --no-build-isolation .`,
+    built by the locked setuptools) from the build context."""
     root = tmp_path_factory.mktemp("image")
     context = build_context(root / "src")
     env_dir = root / "venv"
     venv.EnvBuilder(with_pip=False, clear=True).create(env_dir)
     python = env_dir / "bin" / "python"
-    requirements = root / "requirements.txt"
-    with (context / "pyproject.toml").open("rb") as fh:
-        requirements.write_text("\n".join(tomllib.load(fh)["project"]["dependencies"]) + "\n")
-    pip_install(python, "-r", str(requirements), cwd=root)
-    pip_install(python, "--no-deps", str(context), cwd=root)
+    pip_install(python, "--require-hashes", "-r", str(context / "requirements" / "runtime.txt"), cwd=root)
+    pip_install(python, "--require-hashes", "-r", str(context / "requirements" / "build.txt"), cwd=root)
+    pip_install(python, "--no-deps", "--no-build-isolation", str(context), cwd=root)
     return env_dir
 
 
-@pytest.fixture
-def node_process(image_venv: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+def test_lock_pins_every_runtime_dependency_with_hashes() -> None:
+    """requirements/runtime.txt (make lock) covers pyproject's dependencies, each `==` with sha256 hashes."""
+    with (REPO / "pyproject.toml").open("rb") as fh:
+        wanted = {re.split(r"[\[<>=~!; ]", dep, maxsplit=1)[0].lower() for dep in tomllib.load(fh)["project"]["dependencies"]}
+    for name in ("runtime.txt", "test.txt", "build.txt"):
+        text = (REPO / "requirements" / name).read_text()
+        pins = dict(re.findall(r"^([a-z0-9][a-z0-9._-]*)==(\S+)", text, re.M))
+        blocks = re.split(r"^(?=[a-z0-9])", text, flags=re.M)[1:]
+        assert pins and all("--hash=sha256:" in block for block in blocks), f"{name}: every pin needs its hashes"
+        if name != "build.txt":
+            assert wanted <= set(pins), f"{name} misses {sorted(wanted - set(pins))}: run make lock"
+
+
+@pytest.fixture(params=["127.0.0.1", "127.0.0.3"])
+def node_process(request: pytest.FixtureRequest, image_venv: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+    """The installed entrypoint, on loopback and on another loopback address (as a pod on its own IP)."""
+    host = request.param
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("KVSTORE_")}
-    env.update(KVSTORE_NODE_ID="n1", KVSTORE_LISTEN=f"127.0.0.1:{port}", PATH=f"{image_venv / 'bin'}:{env.get('PATH', '')}")
+    env.update(KVSTORE_NODE_ID="n1", KVSTORE_LISTEN=f"{host}:{port}", PATH=f"{image_venv / 'bin'}:{env.get('PATH', '')}")
     log = tmp_path / "node.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([str(image_venv / "bin" / "kvstore"), "node"], cwd=tmp_path, env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        yield proc, port, log
+        yield proc, port, log, host
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -178,8 +215,8 @@ def get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def test_installed_entrypoint_serves_health_and_stops_on_sigterm(image_venv: Path, node_process: tuple[subprocess.Popen[bytes], int, Path]) -> None:
-    proc, port, log = node_process
+def test_installed_entrypoint_serves_health_and_stops_on_sigterm(image_venv: Path, node_process: tuple[subprocess.Popen[bytes], int, Path, str]) -> None:
+    proc, port, log, host = node_process
     # The installed package, not the source tree, is what runs.
     where = subprocess.run([str(image_venv / "bin" / "python"), "-c", "import app; print(app.__file__)"],
                            cwd=log.parent, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
@@ -189,11 +226,21 @@ def test_installed_entrypoint_serves_health_and_stops_on_sigterm(image_venv: Pat
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"kvstore node exited with {proc.returncode}:\n{log.read_text()}"
         try:
-            status, body = get(f"http://127.0.0.1:{port}/health")
+            status, body = get(f"http://{host}:{port}/health")
             break
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.1)
     assert (status, body.strip()) == (200, "OK"), log.read_text()
+
+    # The HEALTHCHECK probes the address the node listens on (defect: it always probed 127.0.0.1),
+    # and the loopback for a wildcard: a node on 0.0.0.0 answers on 127.0.0.1 too.
+    python = image_venv / "bin" / "python"
+    assert run_healthcheck(python, f"{host}:{port}").returncode == 0
+    if host == "127.0.0.1":
+        assert run_healthcheck(python, f"0.0.0.0:{port}").returncode == 0
+    else:
+        assert run_healthcheck(python, f"127.0.0.1:{port}").returncode != 0, "nothing listens there: the probe must fail"
+    assert run_healthcheck(python, f"{host}:{free_port()}").returncode != 0, "a probe of a closed port must fail"
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         code = proc.wait(timeout=STOP_TIMEOUT_S)

@@ -50,6 +50,7 @@ class Node:
         self.members_known = False
         self.source: MembershipSource = StaticMembership(config.peers)
         self._starts_empty = False
+        self._source_error: str | None = None  # the source's last failure, shown by /ready until members are known
         self._tasks: list[asyncio.Task[None]] = []
         self.membership.on_change(self._on_membership_change)
         self._on_membership_change(self.membership.current, self.membership.current)
@@ -92,25 +93,35 @@ class Node:
     async def drain(self) -> None:
         """Before exiting: a node that is no longer a member hands every record
         to its new owners first (a scale-down must not drop a key below N
-        copies). Bounded by --sync-deadline; a member just stops."""
+        copies). The whole drain, re-read included, is bounded by
+        --drain-deadline (the chart fits it inside the pod's grace period, so
+        the kubelet never kills a hand-off half-way); what is left then is
+        logged. A member just stops."""
         if self.handoff is None:
             return
+        deadline = time.monotonic() + self.config.drain_deadline
         try:
-            await asyncio.wait_for(self.source.refresh(self), timeout=PROBE_INTERVAL_S * 5)
+            await asyncio.wait_for(self.source.refresh(self), timeout=min(PROBE_INTERVAL_S * 5, self.config.drain_deadline))
         except Exception:  # an unreachable API must not block shutdown
             log.warning("could not re-read membership before exiting", exc_info=True)
         if self.config.node_id in self.membership.current.peers:
             return
-        log.warning("this node left the ring: handing its records to their owners before exiting")
-        deadline = time.monotonic() + self.config.sync_deadline
+        log.warning("this node left the ring: handing its records to their owners before exiting (at most %.1f s, --drain-deadline)",
+                    max(0.0, deadline - time.monotonic()))
         self.handoff.foreign_dirty = True
-        while time.monotonic() < deadline:
-            await self.handoff.handoff_foreign()
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(self.handoff.handoff_foreign(), timeout=remaining)
+            except asyncio.TimeoutError:
+                break
             if not self.handoff.foreign_dirty:
                 log.warning("hand-off complete")
                 return
-            await asyncio.sleep(PROBE_INTERVAL_S)
-        log.error("hand-off incomplete at the deadline: %d records left", self.handoff.status.foreign_keys)
+            await asyncio.sleep(min(PROBE_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+        left = self.handoff.status.foreign_keys
+        log.error("drain: %s records not handed off within --drain-deadline %.1f s (KVSTORE_DRAIN_DEADLINE; the chart derives it from "
+                  "terminationGracePeriodSeconds): their other replicas still hold them if they were written at quorum, and "
+                  "anti-entropy restores the missing copies", left if left else "an unknown number of", self.config.drain_deadline)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -138,6 +149,7 @@ class Node:
 
     def record_source_error(self, reason: str) -> None:
         self.metrics.membership_errors.inc()
+        self._source_error = reason
         log.warning("membership source: %s", reason)
 
     async def _run_source(self) -> None:
@@ -160,6 +172,8 @@ class Node:
         if self.replica is None or self.coordinator is None:
             return "store is not open yet"
         if not self.members_known:
+            if self._source_error:
+                return f"waiting for the first member list from the membership source: {self._source_error}"
             return "waiting for the first member list from the membership source"
         if self.config.node_id not in self.membership.current.ring:
             return "this node is not a member of its own ring"

@@ -27,6 +27,7 @@ CHART_ENV = frozenset({
     "KVSTORE_NAMESPACE",
     "KVSTORE_LISTEN",
     "KVSTORE_DATA_DIR",
+    "KVSTORE_DRAIN_DEADLINE",
     "KVSTORE_MEMBERSHIP",
     "KVSTORE_STATEFULSET",
     "KVSTORE_HEADLESS_SERVICE",
@@ -209,6 +210,7 @@ def test_schema_rejects_bad_values(helm: Path, kwargs: dict[str, Any], complaint
         (["auth.token=abc", "auth.existingSecret=mine"], "auth.token and auth.existingSecret are both set"),
         (["pdb.maxUnavailable=3"], "pdb.maxUnavailable (3)"),
         (["serviceAccount.create=false"], "rbac.create is true but serviceAccount.create is false"),
+        (["terminationGracePeriodSeconds=10"], "terminationGracePeriodSeconds (10) leaves no time to drain"),
     ],
 )
 def test_validate_values_refuses_impossible_combinations(helm: Path, set_values: list[str], complaint: str) -> None:
@@ -428,6 +430,23 @@ def test_graceful_scale_down_settings(render: Render) -> None:
     assert int(sleep[1]) < pod["terminationGracePeriodSeconds"]
     no_hook = statefulset(render(values_files=[EXISTING_SECRET]))["spec"]["template"]["spec"]["containers"][0]
     assert "lifecycle" not in no_hook
+
+
+@pytest.mark.parametrize(("set_values", "grace", "deadline"), [
+    ([], 60, 50),  # 60 - 5 (preStop) - 5 (margin)
+    (["terminationGracePeriodSeconds=30", "lifecycle.preStopSleepSeconds=10", "lifecycle.drainMarginSeconds=3"], 30, 17),
+    (["lifecycle.preStopSleepSeconds=0"], 60, 55),
+])
+def test_drain_deadline_fits_inside_the_grace_period(render: Render, set_values: list[str], grace: int, deadline: int) -> None:
+    """The kubelet SIGKILLs a pod terminationGracePeriodSeconds after it starts stopping, preStop
+    sleep included: the node's drain (KVSTORE_DRAIN_DEADLINE) must end before that, with a margin."""
+    docs = render(set_values=set_values)
+    container = node_container(docs)
+    sleep = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", ["sleep", "0"])
+    drain = int(env_of(container)["KVSTORE_DRAIN_DEADLINE"]["value"])
+    assert statefulset(docs)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == grace
+    assert drain == deadline
+    assert int(sleep[1]) + drain < grace
 
 
 @pytest.mark.parametrize(("kwargs", "kind"), [

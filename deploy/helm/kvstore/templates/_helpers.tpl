@@ -130,6 +130,12 @@ podAntiAffinity:
 {{- end -}}
 {{- end -}}
 
+{{/* kvstore.drainDeadlineSeconds: the node's KVSTORE_DRAIN_DEADLINE, what the pod's grace period leaves
+after the preStop sleep and a margin for exiting, so the kubelet never kills a hand-off half-way. */}}
+{{- define "kvstore.drainDeadlineSeconds" -}}
+{{- sub (sub (int .Values.terminationGracePeriodSeconds) (int .Values.lifecycle.preStopSleepSeconds)) (int .Values.lifecycle.drainMarginSeconds) -}}
+{{- end -}}
+
 {{/* kvstore.validateValues: fail with a fix-it message on combinations the schema cannot express.
 replicationFactor > replicaCount is refused at install/upgrade: the ring would have fewer members
 than copies asked for. A later `kubectl scale` below it is not seen by helm; the app then caps the
@@ -147,6 +153,9 @@ factor at the ring size until the StatefulSet grows again. */}}
 {{- end -}}
 {{- if and (not .Values.serviceAccount.create) .Values.rbac.create (not .Values.serviceAccount.name) -}}
 {{- $errors = append $errors "rbac.create is true but serviceAccount.create is false and serviceAccount.name is empty: the Role would be bound to the namespace's \"default\" ServiceAccount. Fix: --set serviceAccount.name=<existing account>, or --set serviceAccount.create=true." -}}
+{{- end -}}
+{{- if lt (int (include "kvstore.drainDeadlineSeconds" .)) 1 -}}
+{{- $errors = append $errors (printf "terminationGracePeriodSeconds (%d) leaves no time to drain after lifecycle.preStopSleepSeconds (%d) and lifecycle.drainMarginSeconds (%d): a pod leaving on scale-down would be killed before handing off its records. Fix: --set terminationGracePeriodSeconds=%d or more." (int .Values.terminationGracePeriodSeconds) (int .Values.lifecycle.preStopSleepSeconds) (int .Values.lifecycle.drainMarginSeconds) (add (int .Values.lifecycle.preStopSleepSeconds) (int .Values.lifecycle.drainMarginSeconds) 30)) -}}
 {{- end -}}
 {{- if $errors -}}
 {{- fail (printf "\n\nkvstore: invalid values:\n  - %s\n" (join "\n  - " $errors)) -}}

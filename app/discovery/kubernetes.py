@@ -53,6 +53,7 @@ BACKOFF_INITIAL_S = 0.5  # first retry after a failure
 BACKOFF_MAX_S = 30.0  # capped: a long API outage is retried twice a minute per watch
 STOP_JOIN_S = 1.0  # how long run() waits for its threads on cancellation (they are daemons; sockets are shut)
 DEFAULT_REPLICAS = 1  # what Kubernetes assumes when spec.replicas is absent
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # where the kubelet mounts the token and ca.crt
 
 STATEFULSETS = "statefulsets"
 PODS = "pods"
@@ -92,12 +93,29 @@ def pod_matches(obj: dict[str, Any], *, statefulset: str, selector: dict[str, st
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items()) and re.fullmatch(rf"{re.escape(statefulset)}-\d+", name) is not None
 
 
+# What to fix, appended to the reason a connection to the API server failed (the node stays unready meanwhile).
+UNTRUSTED_HINT = (f"the server's certificate is not signed by the CA the node trusts: {SERVICE_ACCOUNT_DIR}/ca.crt "
+                  "in a pod (the service-account token mount), else the kubeconfig's certificate-authority")
+UNREACHABLE_HINT = ("check KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT in a pod (set by the kubelet), "
+                    "else the kubeconfig's server, and any NetworkPolicy egress to the API server")
+NO_CREDENTIALS_HINT = ("mount the service-account token (automountServiceAccountToken: true; chart: "
+                       "serviceAccount.automountServiceAccountToken) or pass --kubeconfig (KVSTORE_KUBECONFIG)")
+
+
 def describe(exc: BaseException) -> str:
-    """A client error as one short line (the translation boundary: nothing else leaves this module)."""
+    """A client error as one short line (the translation boundary: nothing else leaves this module).
+    A connection that fails says which setting to check."""
     if isinstance(exc, ApiException):
         return f"API error {exc.status}: {exc.reason}"
     if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
-        return f"API unreachable: {type(exc.reason).__name__}: {exc.reason}"
+        pool = getattr(exc, "pool", None)
+        where = f" at {pool.host}:{pool.port}" if pool is not None else ""
+        cause = exc.reason
+        if isinstance(cause, urllib3.exceptions.SSLError):
+            detail = str(cause.args[0] if cause.args else cause).splitlines()[0]
+            return f"API server{where} untrusted ({detail}): {UNTRUSTED_HINT}"
+        detail = str(cause).rpartition(": ")[2] or type(cause).__name__
+        return f"API server{where} unreachable ({type(cause).__name__}: {detail}): {UNREACHABLE_HINT}"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -477,8 +495,9 @@ def api_client_from(kubeconfig: str | None) -> Any:
         else:
             kubernetes.config.load_incluster_config(client_configuration=configuration)
     except (ConfigException, OSError) as exc:
-        where = f"kubeconfig {path}" if path else "the in-cluster service account"
-        raise ConfigError(f"config: cannot load Kubernetes credentials from {where}: {exc}") from exc
+        if path:
+            raise ConfigError(f"config: cannot load Kubernetes credentials from kubeconfig {path} (--kubeconfig, KUBECONFIG): {exc}") from exc
+        raise ConfigError(f"config: no in-cluster Kubernetes credentials ({exc}): {NO_CREDENTIALS_HINT}") from exc
     configuration.retries = HTTP_RETRIES
     return kubernetes.client.ApiClient(configuration)
 

@@ -16,7 +16,8 @@ from app.storage.lmdb_store import LmdbStore
 from app.storage.memory import MemoryStore
 
 __all__ = [
-    "ApplyResult", "HintStore", "LmdbStore", "MemoryStore", "Record", "Store", "in_arc", "open_hint_store", "open_store",
+    "ApplyResult", "HintStore", "LmdbStore", "MemoryStore", "Record", "Store", "check_data_dir", "in_arc", "open_hint_store",
+    "open_store",
 ]
 
 HINTS_SUBDIR = "hints"  # hints live in their own engine beside the data, never mixed with replica records
@@ -44,3 +45,23 @@ def open_hint_store(config: NodeConfig) -> HintStore:
     if config.data_dir is None:
         return HintStore(open_store(config))
     return HintStore(open_store(dataclasses.replace(config, data_dir=os.path.join(config.data_dir, HINTS_SUBDIR))))
+
+
+def check_data_dir(config: NodeConfig) -> None:
+    """Refuse to start, in one line, when the data dir cannot be written by this
+    process: the usual cause in Kubernetes is a volume owned by root that the
+    pod's non-root user cannot write (no fsGroup). Called by the composition
+    root before the server starts, so the failure is not a lifespan traceback."""
+    if config.data_dir is None:
+        return
+    probe = os.path.join(config.data_dir, f".kvstore-write-check-{os.getpid()}")
+    try:
+        os.makedirs(config.data_dir, exist_ok=True)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(
+            f"config: data dir {config.data_dir} (--data-dir, KVSTORE_DATA_DIR) is not writable by uid {os.getuid()} gid {os.getgid()} "
+            f"({exc.strerror}): give the pod securityContext.fsGroup {os.getgid()} (chart: podSecurityContext.fsGroup), "
+            f"or make the volume owned by that uid"
+        ) from exc

@@ -20,6 +20,7 @@ from app.cluster.node import Node
 from app.config import NodeConfig
 from app.discovery.base import MembershipSource
 from app.discovery.static import StaticMembership
+from app.storage import check_data_dir
 from app.transport.http import HttpPeerClient
 from app.web.dataplane import DataPlane
 from app.web.openapi import merge_data_routes
@@ -29,12 +30,16 @@ from app.web.routes_ops import router as ops_router
 
 
 def create_app(config: NodeConfig) -> DataPlane:
+    # Settings that cannot work fail here, before the server starts: one ConfigError line
+    # from the CLI, not a lifespan traceback (and no peer client left open behind it).
+    check_data_dir(config)
+    source = membership_source(config)
     node = Node(config)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         transport = HttpPeerClient(timeout_s=config.peer_timeout, token=config.cluster_token, resolve=config.resolve)
-        await node.start(transport, source=membership_source(config))
+        await node.start(transport, source=source)
         try:
             yield
             await node.drain()

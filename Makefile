@@ -52,9 +52,9 @@ container-tools:
 test: $(VENV)/.installed lint tools container-tools
 	$(BIN)/pytest
 
-# The image built from the Dockerfile with podman and run as the chart runs it (tests/image).
+# The image built from the Dockerfile with podman and run as the chart runs it (tests/k8s/test_image.py).
 image-test: $(VENV)/.installed tools container-tools
-	$(BIN)/pytest tests/image
+	$(BIN)/pytest tests/k8s/test_image.py
 
 k8s: $(VENV)/.installed tools
 	$(BIN)/pytest tests/k8s

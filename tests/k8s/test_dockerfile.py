@@ -4,7 +4,7 @@ Dockerfile performs, replayed into a fresh venv: dependencies from the lock
 (requirements/runtime.txt, --require-hashes), then the project non-editable from
 the files .dockerignore lets in, built by the locked setuptools; the entrypoint
 `kvstore node` must serve /health and stop cleanly on SIGTERM. The image itself
-is built and run with podman in tests/image/.
+is built and run with podman in tests/k8s/test_image.py.
 """
 
 from __future__ import annotations

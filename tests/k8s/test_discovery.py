@@ -24,7 +24,8 @@ What kmock cannot emulate, so these tests do not cover it:
   watch request itself is handled by the same code but not exercised;
 - no authentication or RBAC: the Role's least privilege is checked on the
   chart (test_chart.py), not enforced here; in-cluster config
-  (load_incluster_config) cannot target kmock, so only the kubeconfig path runs;
+  (load_incluster_config) cannot target kmock directly, so only the kubeconfig path
+  runs here (test_image.py runs the in-cluster path, through a TLS front);
 - no controllers: nothing creates, deletes or readies pods; the test does,
   so the ordering of a real rollout (pods created before or after the
   replicas change, termination grace) is only as realistic as the test's;

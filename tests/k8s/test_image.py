@@ -113,11 +113,11 @@ def create_statefulset(api: KubeAPI, template: PodTemplate, replicas: int) -> No
                            service=template.service, labels=template.labels)
 
 
-def start_pod(kubelet: Kubelet, api: KubeAPI, ordinal: int, **kwargs: object) -> Pod:
+def start_pod(kubelet: Kubelet, *, api: KubeAPI, ordinal: int) -> Pod:
     """The StatefulSet controller creates the pod object (not ready), the kubelet runs its container."""
     t = kubelet.template
     api.create_pod(namespace=t.namespace, name=t.pod_name(ordinal), labels=t.labels, ready=False)
-    return kubelet.run(ordinal, **kwargs)  # type: ignore[arg-type]
+    return kubelet.run(ordinal)
 
 
 def ready_reason(pod: Pod) -> str | None:
@@ -128,7 +128,7 @@ def ready_reason(pod: Pod) -> str | None:
     return None if resp.status_code == 200 else f"{pod.name}: {resp.status_code} {resp.text[:1000]}"
 
 
-def mark_ready(kubelet: Kubelet, api: KubeAPI, pod: Pod) -> None:
+def mark_ready(kubelet: Kubelet, *, api: KubeAPI, pod: Pod) -> None:
     """The readiness probe passes (/ready 200), so the pod's Ready condition turns True."""
     def check() -> str | None:
         if not pod.running():
@@ -191,9 +191,12 @@ def test_image_is_lean_and_installs_the_lock(image: str) -> None:
     assert set(found["absent"]) == {"pip", "setuptools", "wheel", "pkg_resources", "kubernetes.aio"}, found["absent"]
     versions = {re.sub(r"[-_.]+", "-", name): version for name, version in found["versions"].items()}
     wrong = {name: (versions.get(name), pin) for name, pin in lock.items() if versions.get(name) != pin and name in versions}
-    missing = sorted(name for name in lock if name not in versions and name not in ("uvloop",))
+    missing = sorted(name for name in lock if name not in versions)
     assert not wrong and not missing, f"image differs from requirements/runtime.txt: {wrong} missing {missing}"
     assert importlib.metadata.version("kvstore") == found["versions"]["kvstore"]
+    # podman keeps HEALTHCHECK only in the docker format (scripts/image.py builds with --format docker).
+    health = json.loads(podman("image", "inspect", "--format", "{{json .HealthCheck}}", image).stdout)
+    assert health and health["Test"][:2] == ["CMD", "python"], health
 
 
 # -- one pod ---------------------------------------------------------------------------
@@ -206,8 +209,8 @@ def test_one_pod_serves_is_healthy_keeps_its_data_and_stops_in_time(
     docs = render(set_values=[f"containerPort={port}", "replicaCount=1", "replicationFactor=1"], show_tests=False)
     kubelet = make_kubelet(docs, api=api, ca_crt=pki.ca_crt)
     create_statefulset(kube, kubelet.template, 1)
-    pod = start_pod(kubelet, kube, 0)
-    mark_ready(kubelet, kube, pod)
+    pod = start_pod(kubelet, api=kube, ordinal=0)
+    mark_ready(kubelet, api=kube, pod=pod)
 
     # HEALTHCHECK (kept by --format docker) probes the pod's own address, not 127.0.0.1.
     health = podman("healthcheck", "run", pod.container, check=False)
@@ -221,7 +224,7 @@ def test_one_pod_serves_is_healthy_keeps_its_data_and_stops_in_time(
     assert stopped_cleanly(code) and took < kubelet.template.grace_s - kubelet.template.pre_stop_sleep_s, (code, took, pod.logs())
 
     again = kubelet.run(0, volume=pod.data_dir, tag="-again")  # a new container on the same volume
-    mark_ready(kubelet, kube, again)
+    mark_ready(kubelet, api=kube, pod=again)
     assert unreadable([again], {k: f"v-{k}" for k in keys}) is None
 
 
@@ -237,9 +240,9 @@ def test_three_pods_form_a_ring_through_the_api_and_scale_3_4_3_without_loss(
     t = kubelet.template
     assert t.replicas == 3 and t.automount_token
     create_statefulset(kube, t, 3)
-    pods = [start_pod(kubelet, kube, ordinal) for ordinal in range(3)]
+    pods = [start_pod(kubelet, api=kube, ordinal=ordinal) for ordinal in range(3)]
     for pod in pods:
-        mark_ready(kubelet, kube, pod)
+        mark_ready(kubelet, api=kube, pod=pod)
     token = pods[0].token
 
     def urls(members: list[Pod]) -> dict[str, str]:
@@ -256,8 +259,8 @@ def test_three_pods_form_a_ring_through_the_api_and_scale_3_4_3_without_loss(
     write_keys(pods, keys, tag="v")
 
     kube.scale_statefulset(namespace=t.namespace, name=t.statefulset, replicas=4)
-    pods.append(start_pod(kubelet, kube, 3))
-    mark_ready(kubelet, kube, pods[3])
+    pods.append(start_pod(kubelet, api=kube, ordinal=3))
+    mark_ready(kubelet, api=kube, pod=pods[3])
     same_ring(pods, 4)
     wait_for(lambda: rebalancing_left(urls(pods), token=token), timeout=SETTLE_TIMEOUT_S, what="rebalancing after the join")
     late = [f"late-{i}" for i in range(KEYS)]
@@ -320,7 +323,7 @@ def test_a_bad_api_server_keeps_the_pod_up_and_unready_with_the_reason(
         kubelet.api_port = free_port_on([API_HOST])
         expected = ("unreachable", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT")
     create_statefulset(kube, kubelet.template, 1)
-    pod = start_pod(kubelet, kube, 0)
+    pod = start_pod(kubelet, api=kube, ordinal=0)
 
     def reason() -> str | None:
         assert pod.running(), f"the pod exited instead of waiting unready:\n{pod.logs()}"

@@ -42,6 +42,7 @@ SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 PODMAN_TIMEOUT_S = 60  # one podman call (run, exec, stop, rm); a start is ~0.5 s
 FRONT_START_TIMEOUT_S = 5.0
 CERT_DAYS = 2  # the certificates live for one test session
+CONTAINER_PREFIX = "kvstore-test-"  # + the test process's pid: remove_orphans knows a dead run's containers
 
 
 def load_image_script() -> Any:
@@ -323,7 +324,7 @@ class Kubelet:
     api_host: str | None = None
     api_port: int | None = None
     service_account: Path | None = None
-    prefix: str = field(default_factory=lambda: f"kvstore-test-{os.getpid()}-{int(time.time())}")
+    prefix: str = field(default_factory=lambda: f"{CONTAINER_PREFIX}{os.getpid()}-{int(time.time())}")
     containers: list[str] = field(default_factory=list)
 
     def volume(self, name: str, *, fs_group: bool = True) -> Path:
@@ -383,6 +384,19 @@ class Kubelet:
         for container in self.containers:
             podman("rm", "--force", "--time", "0", container, check=False)
         self.containers.clear()
+
+
+def remove_orphans() -> list[str]:
+    """Remove containers a killed test run left behind: ours by name, made by a process that is gone."""
+    names = podman("ps", "--all", "--format", "{{.Names}}", check=False).stdout.split()
+    orphans = []
+    for name in names:
+        pid = name.removeprefix(CONTAINER_PREFIX).split("-", 1)[0]
+        if name.startswith(CONTAINER_PREFIX) and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            orphans.append(name)
+    if orphans:
+        podman("rm", "--force", "--time", "0", *orphans, check=False)
+    return orphans
 
 
 def write_service_account(directory: Path, *, namespace: str, ca_crt: Path, token: str = "test-token") -> Path:

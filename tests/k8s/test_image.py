@@ -33,7 +33,7 @@ import pytest
 from tests.integration.nodes import membership_disagreement, read_replicas, rebalancing_left, wait_for
 from tests.k8s.conftest import REPO, Render
 from tests.k8s.kube_api import KubeAPI
-from tests.k8s.pods import IMAGE_SCRIPT, Kubelet, Pki, Pod, PodTemplate, TlsFront, make_pki, podman, write_service_account
+from tests.k8s.pods import IMAGE_SCRIPT, Kubelet, Pki, Pod, PodTemplate, TlsFront, make_pki, podman, remove_orphans, write_service_account
 from tests.k8s.test_discovery import free_port_on
 
 API_HOST = "127.0.0.60"  # the API server's TLS front (kubernetes.default.svc)
@@ -52,6 +52,7 @@ def image() -> str:
     if missing:
         pytest.fail(f"{', '.join(missing)} missing: run `make container-tools` (make test does)", pytrace=False)
     IMAGE_SCRIPT.build_image()
+    remove_orphans()  # a run killed before its finalizers (SIGKILL, power loss) leaves containers
     return IMAGE_SCRIPT.IMAGE
 
 

@@ -70,6 +70,9 @@ class HintStore:
     def sweep(self, now_ms: int) -> int:
         return self._store.sweep(now_ms)
 
+    def high_water(self) -> int:
+        return self._store.high_water()
+
     def _iter(self) -> Iterator[tuple[bytes, Record]]:
         return self._store.iter_range(0, 0)
 

@@ -1,8 +1,9 @@
 """Fixtures for the storage conformance suite: every engine, one fake clock.
 
-`make_store` opens an engine (memory, or LMDB in tmp_path) against a clock the
-test moves by hand, so TTL and tombstone grace are tested without sleeping.
-Every store opened is closed at teardown.
+`make_store` opens an engine (memory, or LMDB in tmp_path). Engines judge no
+time themselves: the sweep is handed the time, from a clock the test moves by
+hand, so TTL and tombstone grace are tested without sleeping. Every store
+opened is closed at teardown.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def engine(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def make_store(engine: str, clock: FakeClock, tmp_path: Path) -> Iterator[StoreFactory]:
+def make_store(engine: str, tmp_path: Path) -> Iterator[StoreFactory]:
     """Open a store of the parametrized engine. LMDB keyword overrides
     (node_id, fsync, path) let a test reopen or re-own the same directory."""
     opened: list[Store] = []
@@ -73,7 +74,7 @@ def make_store(engine: str, clock: FakeClock, tmp_path: Path) -> Iterator[StoreF
     ) -> Store:
         store: Store
         if engine == "memory":
-            store = MemoryStore(tombstone_grace_s=grace_s, clock=clock)
+            store = MemoryStore(tombstone_grace_s=grace_s)
         else:
             store = LmdbStore(
                 path=str(path or tmp_path / "data"),
@@ -81,7 +82,6 @@ def make_store(engine: str, clock: FakeClock, tmp_path: Path) -> Iterator[StoreF
                 fsync=fsync,
                 fsync_window_ms=5,
                 tombstone_grace_s=grace_s,
-                clock=clock,
             )
         opened.append(store)
         return store

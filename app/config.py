@@ -29,6 +29,7 @@ LMDB_SWEEP_BATCH = 512  # records purged per sweep transaction: each holds the w
 LMDB_SCAN_CHUNK = 1024  # records read per iter_range/digest transaction: no read txn outlives a chunk, so pages recycle
 DEFAULT_REPLICATION_FACTOR = 3  # survives one node down with quorum reads and writes (R + W > N)
 DEFAULT_ANTI_ENTROPY_INTERVAL_S = 30.0  # replicas converge within minutes even with no reads; cheap when in sync
+DEFAULT_MAX_CLOCK_OFFSET_S = 0.5  # CockroachDB's default; NTP keeps healthy clocks within a few ms of each other
 DEFAULT_SYNC_DEADLINE_S = 60.0  # a joining node stops waiting for unreachable sources after this; repair catches up
 GC_THRESHOLDS = (50_000, 50, 100)  # young-generation collections every 50k allocations, not 700: see app/cli.py run_node
 DEFAULT_CLUSTER_BASE_PORT = 8080  # `kvstore cluster`: the seed's 8080, 8081, 8082
@@ -70,6 +71,7 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("--replication-factor", str(DEFAULT_REPLICATION_FACTOR), "copies of each key (capped at the ring size)"),
     Option("--anti-entropy-interval", str(DEFAULT_ANTI_ENTROPY_INTERVAL_S), "seconds between anti-entropy rounds"),
     Option("--sync-deadline", str(DEFAULT_SYNC_DEADLINE_S), "seconds a joining node waits to pull its ranges before serving anyway"),
+    Option("--max-clock-offset", str(DEFAULT_MAX_CLOCK_OFFSET_S), "seconds two clocks may differ: a node further off from most peers stops coordinating writes, and versions further ahead are refused"),
     Option("--cluster-token", None, "shared secret required on internal replica routes (unset: open)"),
     Option("--max-value-bytes", str(DEFAULT_MAX_VALUE_BYTES), "largest accepted value, in bytes"),
     Option("--peer-timeout", str(DEFAULT_PEER_TIMEOUT_S), "seconds to wait for another node"),
@@ -151,6 +153,7 @@ class NodeConfig:
     cluster_token: str | None = None
     anti_entropy_interval: float = DEFAULT_ANTI_ENTROPY_INTERVAL_S
     sync_deadline: float = DEFAULT_SYNC_DEADLINE_S
+    max_clock_offset: float = DEFAULT_MAX_CLOCK_OFFSET_S
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     peer_timeout: float = DEFAULT_PEER_TIMEOUT_S
     storage: str = "memory"
@@ -209,6 +212,7 @@ class NodeConfig:
             cluster_token=values.get("cluster_token") or None,
             anti_entropy_interval=float(_positive("--anti-entropy-interval", values.get("anti_entropy_interval") or str(DEFAULT_ANTI_ENTROPY_INTERVAL_S), float)),
             sync_deadline=float(_positive("--sync-deadline", values.get("sync_deadline") or str(DEFAULT_SYNC_DEADLINE_S), float)),
+            max_clock_offset=float(_positive("--max-clock-offset", values.get("max_clock_offset") or str(DEFAULT_MAX_CLOCK_OFFSET_S), float)),
             max_value_bytes=int(_positive("--max-value-bytes", values.get("max_value_bytes") or str(DEFAULT_MAX_VALUE_BYTES), int)),
             peer_timeout=float(_positive("--peer-timeout", values.get("peer_timeout") or str(DEFAULT_PEER_TIMEOUT_S), float)),
             storage=storage,

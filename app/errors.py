@@ -7,9 +7,17 @@
     │   └── ValueTooLargeError value over the configured limit (413)
     ├── StorageError           the local engine failed or refused
     │   └── NodeIdMismatchError data dir belongs to another node id
-    └── PeerError              talking to another node failed
-        ├── PeerUnavailableError  could not reach it, or it timed out
+    ├── ClockError             clocks too far apart to order writes safely
+    │   ├── ClockOffsetError    this node's clock is off from most peers' (503: it will not coordinate)
+    │   └── FutureVersionError  a version from further ahead than --max-clock-offset (409)
+    ├── WriteNotWonError       replicas kept a newer version; re-stamping did not win in time (503)
+    └── PeerError              talking to another node failed (it answered wrongly: 500 or garbage)
+        ├── PeerUnavailableError  could not reach it, it timed out, or it said 503 (marks it down)
+        ├── PeerRefusedError      it answered and refused the call (409, other 4xx)
         └── QuorumError           too few replicas answered
+
+Only PeerUnavailableError makes a node count a peer as unreachable: a refusal
+or a garbled answer comes from a peer that is up, and a local bug is no outage.
 """
 
 from __future__ import annotations
@@ -39,6 +47,23 @@ class NodeIdMismatchError(StorageError):
     """The data directory was created by a different node id."""
 
 
+class ClockError(KvstoreError):
+    """Clocks are too far apart for versions to order writes safely."""
+
+
+class ClockOffsetError(ClockError):
+    """This node's clock is further from most of its peers' than --max-clock-offset."""
+
+
+class FutureVersionError(ClockError):
+    """A version stamped further ahead of this node's clock than --max-clock-offset."""
+
+
+class WriteNotWonError(KvstoreError):
+    """Replicas kept a newer version than the write's, and re-stamping it above
+    theirs did not win within the attempts allowed. Some replicas may hold it."""
+
+
 class PeerError(KvstoreError):
     """A call to another node failed."""
 
@@ -49,6 +74,10 @@ class PeerError(KvstoreError):
 
 class PeerUnavailableError(PeerError):
     """The peer could not be reached, refused, or did not answer in time."""
+
+
+class PeerRefusedError(PeerError):
+    """The peer answered and refused the call (a clock offset, a token, a bad request)."""
 
 
 class QuorumError(PeerError):

@@ -86,6 +86,15 @@ class NodeMetrics:
         self.peer_latency = Gauge(
             "kvstore_peer_latency_seconds", "Moving average of each peer's response time.", ["peer"], registry=r,
         )
+        self.write_restamps = Counter(
+            "kvstore_write_restamps_total",
+            "Writes re-stamped and sent again because a replica kept a newer version (a clock behind the cluster's).",
+            registry=r,
+        )
+        self.clock_offset = Gauge(
+            "kvstore_clock_offset_seconds", "Each peer's wall clock minus this node's, as last measured by a probe.",
+            ["peer"], registry=r,
+        )
         self.membership_errors = Counter(
             "kvstore_membership_source_errors_total",
             "Failures reading or watching the membership source (the last known ring stays in use).", registry=r,

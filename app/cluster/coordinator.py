@@ -8,20 +8,37 @@ itself when the ring has no spare node. Reads ask the R least-loaded replicas
 (asking more only when one fails or is still syncing), answer with the newest
 version, and repair stale replicas in the background. No HTTP here: errors are
 app.errors types, absence is None.
+
+A write is acknowledged only if it won. Each replica's ack says whether it
+kept a newer version instead (a clock behind the cluster's, or a restart that
+forgot the clock); then the write is re-stamped above that version and sent
+again, up to MAX_WRITE_ROUNDS times, and otherwise fails with 503
+(WriteNotWonError): never a 2xx for a value that will not be read back.
+A node whose clock is off from most of its peers' coordinates no write.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Iterator
 from typing import TypeVar
 
 from app.clock import HybridClock, Version, wall_ms
+from app.cluster.clock_offsets import ClockOffsets
 from app.cluster.health import PeerHealth
 from app.cluster.membership import Membership, MembershipView
 from app.cluster.replica import Replica
-from app.errors import InvalidRequestError, PeerUnavailableError, QuorumError
+from app.errors import (
+    ClockOffsetError,
+    FutureVersionError,
+    InvalidRequestError,
+    PeerError,
+    PeerUnavailableError,
+    QuorumError,
+    WriteNotWonError,
+)
 from app.metrics import NodeMetrics
 from app.storage.base import Record
 from app.transport.base import Peer, PeerClient, ReadAnswer, WriteAck
@@ -31,6 +48,10 @@ T = TypeVar("T")
 
 CONSISTENCY_LEVELS = ("one", "quorum", "all")
 DIRECT, HINTED, UNCOUNTED = "direct", "hinted", "uncounted"  # how a replica write landed
+# A write that lost to a newer version is re-stamped above it and sent again.
+# One re-stamp fixes a clock that was behind; a third loss means another
+# writer keeps racing this key, and the client is better told (503) and retrying.
+MAX_WRITE_ROUNDS = 3
 
 
 def required_acks(consistency: str, replicas: int) -> int:
@@ -54,6 +75,7 @@ class Coordinator:
         health: PeerHealth,
         metrics: NodeMetrics,
         replication_factor: int,
+        offsets: ClockOffsets,
     ) -> None:
         self.membership = membership
         self.replica = replica
@@ -61,6 +83,7 @@ class Coordinator:
         self.transport = transport
         self.health = health
         self.metrics = metrics
+        self.offsets = offsets
         self.replication_factor = replication_factor
         self.node_id = clock.node_id
         self._background: set[asyncio.Future[object]] = set()
@@ -82,6 +105,9 @@ class Coordinator:
         answers = await self._read_quorum(key, replicas, needed)
         newest = max((a.record for _, a in answers if a.record is not None), default=None, key=_version)
         if newest is not None:
+            # A version this node has seen: its next stamp must be later (a
+            # clock far ahead of ours is not followed; its writes get refused).
+            self.clock.observe_if_plausible(newest.version)
             stale = [peer for peer, a in answers if a.record is None or a.record.version < newest.version]
             if stale:
                 self._keep(asyncio.ensure_future(self._repair(key, newest, stale)))
@@ -125,28 +151,55 @@ class Coordinator:
                 else:
                     await self._remote(peer, self.transport.write(peer, key, newest))
                 self.metrics.read_repairs.inc()
-            except PeerUnavailableError:
+            except (PeerError, FutureVersionError):
                 pass  # anti-entropy gets it later
 
     # -- writes ---------------------------------------------------------------
 
     async def put(self, key: bytes, value: bytes, *, ttl_s: float | None = None, consistency: str = "quorum") -> Version:
+        self._refuse_if_clock_off()
         expires = wall_ms() + int(ttl_s * 1000) if ttl_s else 0
         record = Record(version=self.clock.now(), value=value, expires_at_ms=expires)
-        await self._write(key, record, consistency)
-        return record.version
+        written, _ = await self._write(key, record, consistency)
+        return written.version
 
     async def delete(self, key: bytes, *, consistency: str = "quorum") -> bool:
         """Write a tombstone; True if any replica that answered held a live value."""
-        acks = await self._write(key, Record(version=self.clock.now(), value=None), consistency)
+        self._refuse_if_clock_off()
+        _, acks = await self._write(key, Record(version=self.clock.now(), value=None), consistency)
         return any(ack.existed for ack in acks)
 
-    async def _write(self, key: bytes, record: Record, consistency: str) -> list[WriteAck]:
+    def _refuse_if_clock_off(self) -> None:
+        reason = self.offsets.refusal()
+        if reason is not None:
+            raise ClockOffsetError(f"{reason}; this node coordinates no writes until then, send them to another node")
+
+    async def _write(self, key: bytes, record: Record, consistency: str) -> tuple[Record, list[WriteAck]]:
+        """Write until the record wins on enough replicas; the record as
+        finally stamped, and the acks of the replicas that hold it."""
         view = self.membership.current
         owners = view.ring.owners(key, self.replication_factor)
         needed = required_acks(consistency, len(owners))
-        if len(owners) == 1 and owners[0] == self.node_id:
-            return [await self.replica.write(key, record)]
+        for _ in range(MAX_WRITE_ROUNDS):
+            if len(owners) == 1 and owners[0] == self.node_id:
+                ack = await self.replica.write(key, record)
+                acks, newer = ([ack], None) if ack.won else ([], ack.newer)
+            else:
+                round_ = await self._write_round(view, key, record, owners, needed)
+                if round_.newer is None and len(round_.acks) < needed:
+                    self.metrics.quorum_failures.labels("write").inc()
+                    raise _quorum_error("write", answered=len(round_.acks), needed=needed, asked=len(owners), failures=round_.failures)
+                acks, newer = round_.acks, round_.newer
+            if newer is None:
+                return record, acks
+            record = self._restamp(record, above=newer)
+        self.metrics.quorum_failures.labels("write").inc()
+        raise WriteNotWonError(
+            f"write not acknowledged: after {MAX_WRITE_ROUNDS} rounds replicas still held a newer version "
+            f"({newer.encode()}): other writers keep racing this key; retry"
+        )
+
+    async def _write_round(self, view: Membership, key: bytes, record: Record, owners: tuple[str, ...], needed: int) -> _WriteRound:
         spares = self._spares(view, key, len(owners))
         round_ = _WriteRound(needed, len(owners))
         for node_id in owners:  # the replicas that are still running after the quorum still get the write
@@ -154,10 +207,19 @@ class Coordinator:
             self._keep(task)
             task.add_done_callback(round_.on_done)
         await round_.finished
-        if len(round_.acks) < needed:
+        return round_
+
+    def _restamp(self, record: Record, *, above: Version) -> Record:
+        """The record again, stamped later than `above`, a version a replica
+        kept instead of it. A version beyond the clock bound cannot be
+        overtaken honestly: the write fails rather than jump the clock."""
+        try:
+            self.clock.observe(above)
+        except FutureVersionError as exc:
             self.metrics.quorum_failures.labels("write").inc()
-            raise _quorum_error("write", answered=len(round_.acks), needed=needed, asked=len(owners), failures=round_.failures)
-        return round_.acks
+            raise WriteNotWonError(f"write not acknowledged: a replica holds a newer version: {exc}") from exc
+        self.metrics.write_restamps.inc()
+        return dataclasses.replace(record, version=self.clock.now())
 
     def _spares(self, view: Membership, key: bytes, skip: int) -> Iterator[Peer]:
         """Spare nodes for sloppy quorum: the rest of the ring, clockwise,
@@ -174,8 +236,10 @@ class Coordinator:
             try:
                 self._forwarded(peer.node_id, "write")
                 return DIRECT, await self._remote(peer, self.transport.write(peer, key, record))
-            except PeerUnavailableError:
+            except PeerError as exc:  # unreachable, or refused (say, its clock is behind ours by more than the bound)
                 self.metrics.replica_write_failures.labels(peer.node_id).inc()
+                if not isinstance(exc, PeerUnavailableError):
+                    log.info("replica %s refused a write: %s", peer.node_id, exc)
         for spare in spares:
             try:
                 if spare.node_id == self.node_id:
@@ -184,7 +248,7 @@ class Coordinator:
                     ack = await self._remote(spare, self.transport.write(spare, key, record, hint_for=peer.node_id))
                 self.metrics.hints_stored.inc()
                 return HINTED, ack
-            except PeerUnavailableError:
+            except PeerError:
                 continue
         # No spare left: keep the hint here so the replica still gets the write
         # when it returns, but it is no extra copy, so it does not count toward W.
@@ -252,7 +316,7 @@ class _ReadRound:
         exc = task.exception() if not task.cancelled() else PeerUnavailableError(f"read from {peer} cancelled", peer=peer.node_id)
         if exc is None:
             self._answered(peer, task.result())
-        elif isinstance(exc, PeerUnavailableError):
+        elif isinstance(exc, PeerError):
             self.failures.append(str(exc))
             self._ask_one_more()
         else:
@@ -277,12 +341,14 @@ class _ReadRound:
 
 
 class _WriteRound:
-    """Counts replica write outcomes; `finished` resolves once `needed` acks
-    are in or every replica has answered."""
+    """Counts replica write outcomes; `finished` resolves once `needed`
+    replicas hold the write or every replica has answered. `newer` is the
+    newest version a replica kept instead of the write, if any did."""
 
     def __init__(self, needed: int, replicas: int) -> None:
         self.needed, self.remaining = needed, replicas
         self.acks: list[WriteAck] = []
+        self.newer: Version | None = None
         self.failures: list[str] = []
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -294,11 +360,14 @@ class _WriteRound:
             self.failures.append("a replica write was cancelled")
         elif (exc := task.exception()) is None:
             how, ack = task.result()
-            if how != UNCOUNTED:
-                self.acks.append(ack)
-            else:
+            if how == UNCOUNTED:
                 self.failures.append("a replica was unreachable and no spare node could hold its hint")
-        elif isinstance(exc, PeerUnavailableError):
+            elif not ack.won:
+                assert ack.newer is not None
+                self.newer = ack.newer if self.newer is None else max(self.newer, ack.newer)
+            else:
+                self.acks.append(ack)
+        elif isinstance(exc, (PeerError, FutureVersionError)):
             self.failures.append(str(exc))
         else:
             self.finished.set_exception(exc)

@@ -1,6 +1,7 @@
 """A node: store, hints, membership view, peer health, the coordinator, and
-the background loops that keep replicas converging (peer probes, hint
-delivery, anti-entropy with foreign-record handoff, TTL sweeps).
+the background loops that keep replicas converging (peer probes, which also
+measure clock offsets, hint delivery, anti-entropy with foreign-record
+handoff, TTL sweeps).
 
 Built by the composition root (app.web.app), which hands it the peer client;
 it never imports a web or network library itself.
@@ -9,11 +10,13 @@ it never imports a web or network library itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from app.clock import HybridClock, wall_ms
+from app.cluster.clock_offsets import ClockOffsets
 from app.cluster.coordinator import Coordinator, required_acks
 from app.cluster.handoff import Handoff
 from app.cluster.health import PeerHealth
@@ -23,10 +26,10 @@ from app.cluster.replica import Replica
 from app.config import NodeConfig
 from app.discovery.base import MembershipSource
 from app.discovery.static import StaticMembership
-from app.errors import PeerUnavailableError
+from app.errors import PeerError
 from app.metrics import NodeMetrics
 from app.storage import open_hint_store, open_store
-from app.transport.base import PeerClient
+from app.transport.base import Peer, PeerClient
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,9 @@ class Node:
     def __init__(self, config: NodeConfig, *, metrics: NodeMetrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or NodeMetrics()
-        self.clock = HybridClock(config.node_id)
+        max_offset_ms = int(config.max_clock_offset * 1000)
+        self.clock = HybridClock(config.node_id, max_offset_ms=max_offset_ms)
+        self.offsets = ClockOffsets(max_offset_ms=max_offset_ms)
         self.membership = MembershipView(self_id=config.node_id, members=config.peers, vnodes=config.vnodes)
         self.health = PeerHealth(on_flip=self._on_peer_flip)
         self.replica: Replica | None = None
@@ -64,13 +69,16 @@ class Node:
         pulls its ranges once it knows its ring (see set_members)."""
         store = await asyncio.to_thread(open_store, self.config)
         hints = await asyncio.to_thread(open_hint_store, self.config)
+        # Never stamp below a version this node already holds, whatever its
+        # wall clock says after the restart.
+        self.clock.restore(max(store.high_water(), hints.high_water()))
         self.metrics.track_keys(store.live_count)
         self.replica = Replica(store=store, hints=hints, clock=self.clock)
         common = dict(
             replica=self.replica, transport=transport, health=self.health,
             membership=self.membership, metrics=self.metrics, replication_factor=self.config.replication_factor,
         )
-        self.coordinator = Coordinator(clock=self.clock, **common)  # type: ignore[arg-type]
+        self.coordinator = Coordinator(clock=self.clock, offsets=self.offsets, **common)  # type: ignore[arg-type]
         self.handoff = Handoff(
             node_id=self.config.node_id,
             write_quorum=required_acks("quorum", self.config.replication_factor),
@@ -83,7 +91,7 @@ class Node:
         self.metrics.membership_staleness.set_function(self.source.staleness_s)
         self._tasks = [
             asyncio.create_task(self._run_source()),
-            asyncio.create_task(self._forever("peer probe", PROBE_INTERVAL_S, self._probe_down_peers)),
+            asyncio.create_task(self._forever("peer probe", PROBE_INTERVAL_S, self._probe_peers)),
             asyncio.create_task(self._forever("hint delivery", HINT_INTERVAL_S, self.handoff.deliver_hints)),
             asyncio.create_task(self._forever("anti-entropy", self.config.anti_entropy_interval, self._repair_round)),
             asyncio.create_task(self._forever("sweep", self.config.sweep_interval, self._sweep)),
@@ -165,7 +173,7 @@ class Node:
             return "this node is not a member of its own ring"
         if self.handoff is not None and self.handoff.status.syncing and self.handoff.bootstrapping:
             return f"pulling {self.handoff.status.pending_ranges} ranges from their previous replicas"
-        return None
+        return self.offsets.refusal()
 
     async def apply_membership(self, members: dict[str, str], *, propagate: bool) -> tuple[Membership, list[str]]:
         """Swap in a new member list; with propagate, tell every old and new
@@ -180,7 +188,7 @@ class Node:
             async def tell(node_id: str) -> None:
                 try:
                     await self.coordinator.transport.set_membership(targets[node_id], members)  # type: ignore[union-attr]
-                except PeerUnavailableError as exc:
+                except PeerError as exc:
                     log.warning("could not propagate membership to %s: %s", node_id, exc)
                     failed.append(node_id)
 
@@ -204,19 +212,40 @@ class Node:
         await self.anti_entropy.run_round()
         await self.handoff.handoff_foreign()
 
-    async def _probe_down_peers(self) -> None:
+    async def _probe_peers(self) -> None:
+        """A down peer is asked whether it is back; an up one what time it is."""
         assert self.coordinator is not None
         view = self.membership.current
-        down = [view.peers[node_id] for node_id in self.health.down_peers() if node_id in view.peers]
-        results = await asyncio.gather(*(self.coordinator.transport.probe(peer) for peer in down))
-        for peer, answered in zip(down, results):
-            if answered:
+        down = set(self.health.down_peers())
+        others = [peer for node_id, peer in view.peers.items() if node_id != self.config.node_id]
+        results = await asyncio.gather(*(
+            self.coordinator.transport.probe(peer) if peer.node_id in down else self._measure_offset(peer)
+            for peer in others
+        ))
+        for peer, answered in zip(others, results):
+            if answered and peer.node_id in down:
                 self.health.mark_up(peer.node_id)
         for node_id in view.peers:
             if node_id != self.config.node_id:
                 state = self.health.snapshot(node_id)
                 self.metrics.peer_outstanding.labels(node_id).set(state.outstanding)
                 self.metrics.peer_latency.labels(node_id).set(state.latency_s)
+
+    async def _measure_offset(self, peer: Peer) -> bool:
+        """Read the peer's wall clock between two of ours (NTP's midpoint rule)."""
+        assert self.coordinator is not None
+        sent_wall = self.clock.wall_ms()
+        started = time.monotonic()
+        try:
+            theirs = await self.coordinator.transport.wall_clock(peer)
+        except PeerError:
+            return False
+        self.offsets.record(peer.node_id, sent_wall_ms=sent_wall, round_trip_ms=(time.monotonic() - started) * 1000,
+                            peer_wall_ms=theirs)
+        offset = self.offsets.offset_ms(peer.node_id)
+        if offset is not None:
+            self.metrics.clock_offset.labels(peer.node_id).set(offset / 1000)
+        return True
 
     async def _sweep(self) -> None:
         if self.replica is not None:
@@ -238,7 +267,10 @@ class Node:
                 self.metrics.peer_up.labels(node_id).set(1 if self.health.is_up(node_id) else 0)
         for node_id in set(old.peers) - set(new.peers):
             self.health.forget(node_id)
+            self.offsets.forget(node_id)
             self.metrics.peer_up.remove(node_id)
+            with contextlib.suppress(KeyError):  # never measured
+                self.metrics.clock_offset.remove(node_id)
         if self.coordinator is not None:
             for node_id, peer in old.peers.items():  # gone, or moved to another URL
                 if node_id not in new.peers or new.peers[node_id].url != peer.url:

@@ -2,6 +2,10 @@
 fake transport) call on the node that holds a key's copy. Reads and writes the
 local store, holds hints for other nodes, answers digests and range fetches
 for anti-entropy and rebalancing. Never forwards anything.
+
+Every version that arrives advances the node's clock first; one from further
+ahead than --max-clock-offset is refused (FutureVersionError) before anything
+is applied, whether it comes alone, coalesced or in a batch.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from app.clock import HybridClock, wall_ms
 from app.ring import ArcSet, stable_hash
 from app.storage.base import DIGEST_BYTES, ApplyResult, Record, Store, fingerprint
 from app.storage.hints import HintStore
-from app.transport.base import ReadAnswer, WriteAck
+from app.transport.base import ReadAnswer, WriteAck, ack_for
 from app.transport.coalesce import Coalescer
 
 FULL_SCAN_ABOVE_ARCS = 64  # past this many arcs one pass over the store beats a range scan per arc
@@ -37,7 +41,8 @@ class Replica:
         return ReadAnswer(record)
 
     async def write(self, key: bytes, record: Record, *, hint_for: str | None = None) -> WriteAck:
-        """Apply (or hold for hint_for) a write; return once durable under the policy."""
+        """Apply (or hold for hint_for) a write; return once durable under the policy.
+        The ack says whether the replica kept a newer version instead."""
         self.clock.observe(record.version)
         if hint_for is not None:
             self.hints.add(hint_for, key, record)
@@ -45,8 +50,7 @@ class Replica:
             return WriteAck(applied=True, existed=False)
         result = await self._applies.submit((key, record))
         await _durable(self.store.wait_durable())
-        previous = result.previous
-        return WriteAck(applied=result.applied, existed=previous is not None and previous.live(wall_ms()))
+        return ack_for(record, applied=result.applied, previous=result.previous, now_ms=wall_ms())
 
     async def _apply_batch(self, writes: list[tuple[bytes, Record]]) -> list[ApplyResult]:
         return self.store.apply_many(writes)
@@ -61,8 +65,9 @@ class Replica:
         local: list[tuple[int, bytes, Record]] = []  # applied together, in one transaction
         held = False
         now = wall_ms()
+        for _, record, _ in writes:
+            self.clock.observe(record.version)  # all checked before any is applied
         for key, record, hint_for in writes:
-            self.clock.observe(record.version)
             if hint_for is not None:
                 self.hints.add(hint_for, key, record)
                 acks.append(WriteAck(applied=True, existed=False))
@@ -72,9 +77,8 @@ class Replica:
                 acks.append(None)
         if local:
             results = self.store.apply_many([(key, record) for _, key, record in local])
-            for (position, _, _), result in zip(local, results):
-                previous = result.previous
-                acks[position] = WriteAck(applied=result.applied, existed=previous is not None and previous.live(now))
+            for (position, _, record), result in zip(local, results):
+                acks[position] = ack_for(record, applied=result.applied, previous=result.previous, now_ms=now)
             await _durable(self.store.wait_durable())
         if held:
             await _durable(self.hints.wait_durable())

@@ -23,12 +23,14 @@ EXPIRES_HEADER = "x-kvstore-expires"
 TOMBSTONE_HEADER = "x-kvstore-tombstone"
 APPLIED_HEADER = "x-kvstore-applied"
 EXISTED_HEADER = "x-kvstore-existed"
+NEWER_HEADER = "x-kvstore-newer"  # on a write's answer: the newer version the replica kept instead
 HINT_HEADER = "x-kvstore-hint-for"  # a write held for another replica (hinted handoff)
 SYNCING_HEADER = "x-kvstore-syncing"  # the replica is still pulling this range: its answer may be stale
 BATCH_PATH = INTERNAL_PREFIX + "/batch"
 DIGESTS_PATH = INTERNAL_PREFIX + "/digests"
 RANGE_PATH = INTERNAL_PREFIX + "/range"
 MEMBERSHIP_PATH = INTERNAL_PREFIX + "/membership"
+CLOCK_PATH = INTERNAL_PREFIX + "/clock"  # a node's wall clock, for offset measurement
 WRITES_PATH = INTERNAL_PREFIX + "/writes"  # coalesced single-key writes (app.transport.coalesce)
 READS_PATH = INTERNAL_PREFIX + "/reads"  # coalesced single-key reads
 COALESCE_MAX_CALLS = 64  # calls per coalesced request: one request's worth of work, not a bulk transfer
@@ -50,6 +52,18 @@ class WriteAck:
 
     applied: bool  # the write was newer than what the replica held
     existed: bool  # the replica held a live value before the write
+    newer: Version | None = None  # the replica kept this newer version: the write lost there
+
+    @property
+    def won(self) -> bool:
+        """The replica now holds the write (applied, or already had that very version)."""
+        return self.newer is None
+
+
+def ack_for(record: Record, *, applied: bool, previous: Record | None, now_ms: int) -> WriteAck:
+    """The answer to a write of `record` that found `previous` stored."""
+    newer = previous.version if previous is not None and previous.version > record.version else None
+    return WriteAck(applied=applied, existed=previous is not None and previous.live(now_ms), newer=newer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +98,10 @@ def record_from_headers(headers: dict[str, str], body: bytes) -> Record:
 class PeerClient(abc.ABC):
     """Calls the replica routes of other nodes.
 
-    Every failure to get an answer (refused, reset, timed out, an unexpected
-    status) raises app.errors.PeerUnavailableError naming the peer.
+    Failing to get an answer (refused, reset, timed out, or a 503) raises
+    app.errors.PeerUnavailableError naming the peer; an answer that refuses
+    the call (409, another 4xx) PeerRefusedError; any other wrong answer
+    PeerError. Only the first says the peer is down.
     """
 
     @abc.abstractmethod
@@ -116,6 +132,10 @@ class PeerClient(abc.ABC):
     @abc.abstractmethod
     async def probe(self, peer: Peer) -> bool:
         """A cheap liveness check: True if the peer answers its health route."""
+
+    @abc.abstractmethod
+    async def wall_clock(self, peer: Peer) -> int:
+        """The peer's wall clock in ms, as it answers (clock offset measurement)."""
 
     def forget(self, peer: Peer) -> None:  # noqa: B027 - fakes hold nothing
         """The peer left the membership: drop its pooled connections. A later

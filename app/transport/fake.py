@@ -8,6 +8,7 @@ import inspect
 from collections.abc import Callable
 from typing import Protocol
 
+from app.clock import wall_ms
 from app.errors import PeerUnavailableError
 from app.storage.base import Record
 from app.transport.base import Peer, PeerClient, ReadAnswer, WriteAck
@@ -26,6 +27,7 @@ class InProcessPeerClient(PeerClient):
         self.replicas: dict[str, ReplicaSide] = replicas if replicas is not None else {}
         self.membership_handlers: dict[str, Callable[[dict[str, str]], object]] = {}
         self.unreachable: set[str] = set()
+        self.walls: dict[str, Callable[[], int]] = {}  # a node's wall clock, if not the real one (skew tests)
         self.calls: list[tuple[str, str]] = []  # (node_id, operation), for assertions
 
     def _target(self, peer: Peer, operation: str) -> ReplicaSide:
@@ -57,3 +59,7 @@ class InProcessPeerClient(PeerClient):
 
     async def probe(self, peer: Peer) -> bool:
         return peer.node_id in self.replicas and peer.node_id not in self.unreachable
+
+    async def wall_clock(self, peer: Peer) -> int:
+        self._target(peer, "clock")
+        return self.walls.get(peer.node_id, wall_ms)()

@@ -20,8 +20,10 @@ from app.cluster.node import Node
 from app.config import NodeConfig
 from app.discovery.base import MembershipSource
 from app.discovery.static import StaticMembership
+from app.errors import KvstoreError
 from app.transport.http import HttpPeerClient
 from app.web.dataplane import DataPlane
+from app.web.errors import status_for
 from app.web.openapi import merge_data_routes
 from app.web.routes_internal import admin as admin_router
 from app.web.routes_internal import internal as internal_router
@@ -75,6 +77,10 @@ def _install_error_handlers(api: FastAPI) -> None:
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
         return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+    @api.exception_handler(KvstoreError)
+    async def app_error(request: Request, exc: KvstoreError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=status_for(exc))
 
     @api.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

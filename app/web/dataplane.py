@@ -24,13 +24,16 @@ from app.cluster.node import Node
 from app.errors import InvalidRequestError, KvstoreError, ValueTooLargeError
 from app.storage.base import Record
 from app.transport import codec
+from app.clock import wall_ms
 from app.transport.base import (
     APPLIED_HEADER,
+    CLOCK_PATH,
     COALESCE_MAX_BYTES,
     COALESCE_MAX_CALLS,
     EXISTED_HEADER,
     HINT_HEADER,
     KV_PATH,
+    NEWER_HEADER,
     READS_PATH,
     WRITES_PATH,
     SYNCING_HEADER,
@@ -142,6 +145,7 @@ class DataPlane:
         self._internal_exact: dict[str, Callable[[Scope, Receive, str], Awaitable[Reply]]] = {
             WRITES_PATH: self._internal_writes_coalesced,
             READS_PATH: self._internal_reads_coalesced,
+            CLOCK_PATH: self._internal_clock,
         }
         # A coalesced body holds calls up to COALESCE_MAX_BYTES in all, or a single
         # write of any allowed size (the sender never batches a bigger one with others).
@@ -288,10 +292,13 @@ class DataPlane:
             except (KeyError, ValueError):
                 raise InvalidRequestError("replica write needs a valid x-kvstore-version header") from None
             ack = await replica.write(key, record, hint_for=headers.get(HINT_HEADER) or None)
-            return Reply(200, headers=[
+            answer = [
                 (APPLIED_HEADER.encode(), b"1" if ack.applied else b"0"),
                 (EXISTED_HEADER.encode(), b"1" if ack.existed else b"0"),
-            ])
+            ]
+            if ack.newer is not None:
+                answer.append((NEWER_HEADER.encode(), ack.newer.encode().encode()))
+            return Reply(200, headers=answer)
         return method_not_allowed(method, KV_PATH + "{key}", ("GET", "PUT"))
 
     def _refuse_internal_post(self, scope: Scope, method: str, path: str) -> Reply | None:
@@ -318,9 +325,16 @@ class DataPlane:
                 self._check_value_size(record.value)
         self._internal_writes.inc(len(writes))
         acks = await self.node.replica.write_many(writes)  # type: ignore[union-attr]
-        return Reply(200, bytes(
-            (codec.ACK_APPLIED if ack.applied else 0) | (codec.ACK_EXISTED if ack.existed else 0) for ack in acks
-        ), OCTETS)
+        return Reply(200, codec.encode_acks((ack.applied, ack.existed, ack.newer) for ack in acks), OCTETS)
+
+    async def _internal_clock(self, scope: Scope, receive: Receive, method: str) -> Reply:
+        """This node's wall clock, for its peers' offset probes."""
+        denied = check_token(scope, self.token)
+        if denied is not None:
+            return denied
+        if method != "GET":
+            return method_not_allowed(method, CLOCK_PATH, ("GET",))
+        return Reply(200, orjson.dumps({"node_id": self.node.config.node_id, "wall_ms": wall_ms()}))
 
     async def _internal_reads_coalesced(self, scope: Scope, receive: Receive, method: str) -> Reply:
         refused = self._refuse_internal_post(scope, method, READS_PATH)

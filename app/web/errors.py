@@ -5,10 +5,13 @@ from __future__ import annotations
 import orjson
 
 from app.errors import (
+    ClockError,
+    FutureVersionError,
     InvalidRequestError,
     KvstoreError,
     PeerError,
     ValueTooLargeError,
+    WriteNotWonError,
 )
 
 
@@ -17,7 +20,9 @@ def status_for(exc: KvstoreError) -> int:
         return 413
     if isinstance(exc, InvalidRequestError):
         return 400
-    if isinstance(exc, PeerError):
+    if isinstance(exc, FutureVersionError):
+        return 409  # the sender's version is from too far ahead: its clock, not this request, must change
+    if isinstance(exc, (PeerError, ClockError, WriteNotWonError)):
         return 503  # the cluster cannot answer right now; the client may retry
     return 500
 

@@ -46,6 +46,7 @@ async def ring(request: Request) -> dict[str, object]:
             "last_error": None if is_self or node.health.is_up(node_id) else state.last_error,
             "outstanding_requests": None if is_self else state.outstanding,
             "latency_ms": None if is_self else round(state.latency_s * 1000, 3),
+            "clock_offset_ms": None if is_self else _rounded(node.offsets.offset_ms(node_id)),
             "share": round(shares[node_id], 6),
             "replica_share": round(replica_shares[node_id], 6),
         })
@@ -56,9 +57,14 @@ async def ring(request: Request) -> dict[str, object]:
         "epoch": view.epoch,
         "vnodes": view.ring.vnodes,
         "replication_factor": min(node.config.replication_factor, len(view.ring)),
+        "clock": {"max_offset_ms": node.offsets.max_offset_ms, "refusal": node.offsets.refusal()},
         "membership_source": node.source.status() | {"staleness_s": round(node.source.staleness_s(), 3)},
         "members": members,
     }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

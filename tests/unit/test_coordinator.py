@@ -3,15 +3,19 @@ owners, quorum counting, newest-version reads, failures named."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from app.clock import HybridClock
+from app.clock import HybridClock, Version, wall_ms
+from app.cluster.clock_offsets import ClockOffsets
 from app.cluster.coordinator import Coordinator, required_acks
 from app.cluster.health import PeerHealth
 from app.cluster.membership import MembershipView
 from app.cluster.replica import Replica
-from app.errors import InvalidRequestError, QuorumError
+from app.errors import ClockOffsetError, InvalidRequestError, QuorumError, WriteNotWonError
 from app.metrics import NodeMetrics
+from app.storage.base import Record
 from app.storage.hints import HintStore
 from app.storage.memory import MemoryStore
 from app.transport.fake import InProcessPeerClient
@@ -19,18 +23,26 @@ from app.transport.fake import InProcessPeerClient
 NODES = {"a": "http://a", "b": "http://b", "c": "http://c"}
 
 
-def build_cluster(replication_factor: int) -> tuple[dict[str, Coordinator], InProcessPeerClient]:
+def build_cluster(
+    replication_factor: int, *, skew_ms: dict[str, int] | None = None, max_offset_ms: int = 500,
+) -> tuple[dict[str, Coordinator], InProcessPeerClient]:
+    """Three coordinators over in-process replicas; skew_ms moves a node's wall clock."""
     transport = InProcessPeerClient()
     coordinators = {}
     for node_id in NODES:
+        skew = (skew_ms or {}).get(node_id, 0)
+        wall = (lambda skew=skew: wall_ms() + skew)
+        transport.walls[node_id] = wall
+        clock = HybridClock(node_id, wall=wall, max_offset_ms=max_offset_ms)
         coordinators[node_id] = Coordinator(
             membership=MembershipView(self_id=node_id, members=NODES, vnodes=32),
-            replica=Replica(store=MemoryStore(tombstone_grace_s=60), hints=HintStore(MemoryStore(tombstone_grace_s=60)), clock=(clock := HybridClock(node_id))),
+            replica=Replica(store=MemoryStore(tombstone_grace_s=60), hints=HintStore(MemoryStore(tombstone_grace_s=60)), clock=clock),
             clock=clock,
             transport=transport,
             health=PeerHealth(),
             metrics=NodeMetrics(),
             replication_factor=replication_factor,
+            offsets=ClockOffsets(max_offset_ms=max_offset_ms),
         )
     transport.replicas.update({node_id: c.replica for node_id, c in coordinators.items()})
     return coordinators, transport
@@ -111,3 +123,84 @@ async def test_replicas_observe_the_coordinators_clock() -> None:
     nodes, _ = build_cluster(replication_factor=3)
     version = await nodes["a"].put(b"k", b"v")
     assert nodes["b"].clock.now() > version
+
+
+# -- a write is acknowledged only if it won --------------------------------------
+
+
+async def test_a_write_from_a_clock_behind_is_restamped_above_the_newer_version_and_wins() -> None:
+    nodes, transport = build_cluster(replication_factor=3, skew_ms={"a": 30_000, "c": -30_000}, max_offset_ms=120_000)
+    transport.unreachable.add("c")
+    first = await nodes["a"].put(b"k", b"v1")  # stamped 30 s ahead; c misses it, so its clock never saw it
+    transport.unreachable.clear()
+    second = await nodes["c"].put(b"k", b"v2")  # c's wall clock is 60 s behind that version
+    assert second > first
+    assert nodes["c"].metrics.write_restamps._value.get() >= 1  # type: ignore[attr-defined]
+    for reader in nodes.values():
+        assert (await reader.get(b"k", consistency="all")).value == b"v2"  # type: ignore[union-attr]
+
+
+async def test_a_replica_s_newer_version_from_beyond_the_bound_fails_the_write_with_503_instead_of_winning() -> None:
+    nodes, _ = build_cluster(replication_factor=3, max_offset_ms=500)
+    far = Version((wall_ms() + 30_000) << 16, "rogue")
+    for node in nodes.values():
+        node.replica.store.apply(b"k", Record(version=far, value=b"from a clock 30 s fast"))
+    with pytest.raises(WriteNotWonError, match=r"from node rogue is \d+ ms ahead .* beyond --max-clock-offset"):
+        await nodes["a"].put(b"k", b"v")
+    assert nodes["a"].clock.now().wall_ms < far.wall_ms  # the clock did not jump to follow it
+
+
+async def test_a_write_that_keeps_losing_fails_after_the_bounded_rounds() -> None:
+    nodes, _ = build_cluster(replication_factor=1)
+    key = key_owned_by(nodes["a"], "a")
+    store = nodes["a"].replica.store
+    original = store.apply
+
+    def always_newer(k: bytes, record: Record):  # type: ignore[no-untyped-def] - a racing writer, simulated
+        original(k, Record(version=Version(record.version.hlc + 1, "racer"), value=b"racer"))
+        return original(k, record)
+
+    store.apply = always_newer  # type: ignore[method-assign]
+    with pytest.raises(WriteNotWonError, match="after 3 rounds"):
+        await nodes["a"].put(key, b"mine")
+
+
+async def test_a_node_whose_clock_is_off_from_most_peers_refuses_to_coordinate_writes() -> None:
+    nodes, _ = build_cluster(replication_factor=3)
+    nodes["c"].offsets.record("a", sent_wall_ms=0, round_trip_ms=2, peer_wall_ms=-5_000)
+    nodes["c"].offsets.record("b", sent_wall_ms=0, round_trip_ms=2, peer_wall_ms=-5_000)
+    with pytest.raises(ClockOffsetError, match="off from 2 of 2 peers"):
+        await nodes["c"].put(b"k", b"v")
+    with pytest.raises(ClockOffsetError):
+        await nodes["c"].delete(b"k")
+    await nodes["a"].put(b"k", b"v")  # the others still coordinate
+    assert (await nodes["c"].get(b"k")).value == b"v"  # type: ignore[union-attr]  # and c still serves reads
+
+
+async def test_reads_advance_the_coordinators_clock() -> None:
+    nodes, transport = build_cluster(replication_factor=3, skew_ms={"a": 20_000}, max_offset_ms=60_000)
+    transport.unreachable.add("c")
+    written = await nodes["a"].put(b"k", b"v")
+    nodes["b"].replica.store.discard(b"k", written)  # so only a read can show c the version
+    transport.unreachable.clear()
+    assert nodes["c"].clock.now() < written
+    await nodes["c"].get(b"k", consistency="all")
+    assert nodes["c"].clock.now() > written
+
+
+# -- expiry is a version -------------------------------------------------------
+
+
+async def test_an_expired_value_hides_an_older_live_one_on_a_replica_that_missed_it() -> None:
+    nodes, transport = build_cluster(replication_factor=3)
+    await nodes["a"].put(b"k", b"old")
+    transport.unreachable.add("c")
+    await nodes["a"].put(b"k", b"short-lived", ttl_s=0.001)
+    transport.unreachable.clear()
+    await asyncio.sleep(0.01)
+    assert nodes["c"].replica.store.get(b"k").value == b"old"  # type: ignore[union-attr]
+    for reader in nodes.values():
+        assert await reader.get(b"k", consistency="all") is None
+    await asyncio.sleep(0)  # read repair ran: c now holds the dead version too
+    dead = nodes["c"].replica.store.get(b"k")
+    assert dead is not None and dead.value == b"short-lived" and not dead.live(wall_ms())

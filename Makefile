@@ -22,9 +22,12 @@ run: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/lint-imports
 
-# The real helm and hadolint binaries, hash-pinned, into .tools/bin (the chart and image tests need them).
+# The real helm and hadolint binaries, hash-pinned, into .tools/bin (the chart and image tests need them),
+# and the Debian packages the fault tests use (libfaketime for clock skew).
+DEBIAN_PACKAGES := faketime
 tools: $(VENV)/.installed
 	$(BIN)/python scripts/install_tools.py
+	scripts/ensure_debian_packages.sh $(DEBIAN_PACKAGES)
 
 test: $(VENV)/.installed lint tools
 	$(BIN)/pytest
@@ -35,7 +38,7 @@ k8s: $(VENV)/.installed tools
 unit: $(VENV)/.installed
 	$(BIN)/pytest tests/unit
 
-integration: $(VENV)/.installed
+integration: $(VENV)/.installed tools
 	$(BIN)/pytest tests/integration
 
 # Load benchmarks (not tests): need wrk and taskset; results go in BENCHMARKS.md.

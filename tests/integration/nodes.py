@@ -1,12 +1,14 @@
 """Real kvstore node processes for integration tests: start on free loopback
-ports, wait until ready, kill with real signals, always reap. Also the probes
-the fault tests use to look inside a cluster: each node's own replica records
-(/internal/v1/kv), rebalancing progress, reachability, membership changes."""
+ports, wait until ready, kill with real signals, always reap; optionally with
+a skewed wall clock (libfaketime). Also the probes the fault tests use to look
+inside a cluster: each node's own replica records (/internal/v1/kv),
+rebalancing progress, reachability, membership changes."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import os
 import signal
 import socket
@@ -23,6 +25,17 @@ import httpx
 
 READY_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 5.0
+FAKETIME_LIBRARY = "/usr/lib/*/faketime/libfaketime.so.1"  # Debian's faketime package (scripts/install_tools.py)
+
+
+def skewed_clock(seconds: float) -> dict[str, str]:
+    """Environment that runs a process with its wall clock moved by `seconds`.
+    The monotonic clock is left alone: asyncio's timers run on it. Fails (not
+    skips) when libfaketime is missing: `make tools` installs it."""
+    found = sorted(glob.glob(FAKETIME_LIBRARY))
+    assert found, f"libfaketime not found at {FAKETIME_LIBRARY}: run `make tools` (apt-get install faketime)"
+    return {"LD_PRELOAD": found[0], "FAKETIME": f"{seconds:+g}s", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            "FAKETIME_NO_CACHE": "1"}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -51,12 +64,16 @@ def free_port_run(count: int, host: str = "127.0.0.1") -> int:
 class NodeProcess:
     """One `kvstore node` in its own process group, logging to a file."""
 
-    def __init__(self, *, node_id: str, host: str, port: int, peers: dict[str, str], log_dir: Path, args: list[str] | None = None) -> None:
+    def __init__(
+        self, *, node_id: str, host: str, port: int, peers: dict[str, str], log_dir: Path,
+        args: list[str] | None = None, env: dict[str, str] | None = None,
+    ) -> None:
         self.node_id = node_id
         self.host = host
         self.port = port
         self.peers = peers
         self.args = list(args or [])
+        self.env = dict(env or {})  # added to the test's environment at every start (say, a skewed clock)
         self.log_path = log_dir / f"{node_id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -73,7 +90,8 @@ class NodeProcess:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         try:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, **self.env})
         finally:
             log.close()
         return self
@@ -105,6 +123,13 @@ class NodeProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signum)
 
+    def pause(self) -> None:
+        """SIGSTOP: the process hangs with its sockets open (a stalled node)."""
+        self.signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.signal(signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL the whole process group: a crash, nothing flushed."""
         self.signal(signal.SIGKILL)
@@ -115,6 +140,7 @@ class NodeProcess:
         """SIGTERM, then SIGKILL if it does not exit in time."""
         if self.proc is None or self.proc.poll() is not None:
             return
+        self.signal(signal.SIGCONT)
         self.signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=STOP_TIMEOUT_S)
@@ -134,6 +160,7 @@ class Cluster:
     Every node gets the same peer list unless `peers_for(node_id, direct)` is
     given: it returns the peer list of one node from the direct {id: url} map
     (a ProxyMesh's `route`, so nodes reach each other through proxies).
+    `env_for` adds environment variables to some nodes (a skewed clock).
     """
 
     def __init__(
@@ -144,12 +171,14 @@ class Cluster:
         args: list[str] | None = None,
         data_root: Path | None = None,
         peers_for: Callable[[str, dict[str, str]], dict[str, str]] | None = None,
+        env_for: dict[str, dict[str, str]] | None = None,
     ) -> None:
         self.host = "127.0.0.1"
         self.log_dir = log_dir
         self.args = list(args or [])
         self.data_root = data_root
         self.peers_for = peers_for
+        self.env_for = dict(env_for or {})
         ports = [free_port(self.host) for _ in range(size)]
         ids = [f"node{i + 1}" for i in range(size)]
         direct = {node_id: f"http://{self.host}:{port}" for node_id, port in zip(ids, ports)}
@@ -162,7 +191,8 @@ class Cluster:
         if self.data_root is not None:
             node_args += ["--data-dir", str(self.data_root / node_id)]
         peers = self.peers_for(node_id, dict(direct)) if self.peers_for is not None else dict(direct)
-        return NodeProcess(node_id=node_id, host=self.host, port=port, peers=peers, log_dir=self.log_dir, args=node_args)
+        return NodeProcess(node_id=node_id, host=self.host, port=port, peers=peers, log_dir=self.log_dir, args=node_args,
+                           env=self.env_for.get(node_id))
 
     @property
     def direct_peers(self) -> dict[str, str]:
@@ -185,11 +215,14 @@ class Cluster:
         self.nodes.append(node)
         return node
 
-    def start(self) -> Cluster:
+    def start(self, *, unready: Iterable[str] = ()) -> Cluster:
+        """Start every node and wait until it is ready; the `unready` ones
+        (expected to stay unready) only until they serve."""
+        unready = set(unready)
         for node in self.nodes:
             node.start()
         for node in self.nodes:
-            node.wait_ready()
+            node.wait_serving() if node.node_id in unready else node.wait_ready()
         return self
 
     def stop(self) -> None:
@@ -241,7 +274,7 @@ def _headers(token: str | None) -> dict[str, str]:
 class ReplicaRecord:
     """What one node's own store holds for a key (GET /internal/v1/kv/{key})."""
 
-    state: Literal["live", "tombstone", "absent", "error"]
+    state: Literal["live", "expired", "tombstone", "absent", "error"]
     version: str | None = None
     value: bytes | None = None
     detail: str = ""
@@ -252,7 +285,8 @@ class ReplicaRecord:
 
     def same_as(self, other: ReplicaRecord) -> bool:
         """Identical live records (version and value), or both holding no live
-        value (a tombstone, whatever its version, or nothing at all)."""
+        value (a tombstone or an expired record, whatever its version, or
+        nothing at all)."""
         if "error" in (self.state, other.state):
             return False
         if not self.live and not other.live:
@@ -282,6 +316,9 @@ def read_replicas(urls: dict[str, str], keys: Iterable[str], *, token: str | Non
             return ReplicaRecord("error", detail=f"HTTP {resp.status_code}: {resp.text[:200]}")
         if resp.headers.get("x-kvstore-tombstone") == "1":
             return ReplicaRecord("tombstone", version=version)
+        expires = int(resp.headers.get("x-kvstore-expires") or 0)
+        if 0 < expires <= time.time() * 1000:  # a dead record at its version, like a tombstone
+            return ReplicaRecord("expired", version=version, value=resp.content)
         return ReplicaRecord("live", version=version, value=resp.content)
 
     async def run() -> dict[tuple[str, str], ReplicaRecord]:

@@ -72,9 +72,11 @@ def test_sigkill_with_fsync_batch_loses_at_most_the_window(make_cluster: Callabl
     assert len(acked) > 100
     lost = lost_after_restart(cluster, acked)
     print(f"fsync=batch ({window_ms} ms): {len(acked)} acknowledged, {len(lost)} lost")
-    # A process crash leaves the page cache intact, so LMDB loses nothing here;
-    # whatever might be lost must at least be inside the last window.
-    assert all(acked[key][1] > killed_at - window_ms / 1000 - 0.05 for key in lost)
+    # A process crash leaves the page cache intact, so LMDB loses nothing here
+    # (the window bounds what a power loss could take, which no test here
+    # can cause). Anything lost is a bug; show whether it was in the window.
+    in_window = [key for key in lost if acked[key][1] > killed_at - window_ms / 1000 - 0.05]
+    assert lost == [], f"{len(lost)} acknowledged writes lost, {len(in_window)} of them in the last {window_ms} ms"
 
 
 def test_cluster_command_keeps_every_key_across_a_full_stop_and_start(tmp_path: Path) -> None:

@@ -100,3 +100,17 @@ def test_a_request_cut_short_by_the_fault_counts_against_it() -> None:
     before = Op(0, "put", "k", b"y", 0.5, 0.9, "ok", finished=0.9)
     after = Op(1, "put", "k", b"z", 2.5, 2.6, "ok", finished=2.6)
     assert success_ratio([cut, before, after], since=2.0, until=3.0) == (0.5, 2)
+
+
+def test_a_ttl_d_value_is_allowed_until_it_expires_and_absence_after() -> None:
+    ops = [
+        Op(0, "put", "k", b"old", sent=0.0, acked=1.0, outcome="ok"),
+        Op(0, "put", "k", b"short", sent=2.0, acked=3.0, outcome="ok", ttl_s=10.0),
+    ]
+    assert allowed_states(ops, at=5.0, expiry_slack_s=0.5) == {b"short"}
+    assert allowed_states(ops, at=12.0, expiry_slack_s=0.5) == {b"short", None}  # expiring, give or take the clocks
+    assert allowed_states(ops, at=20.0, expiry_slack_s=0.5) == {None}
+    # What the TTL'd write superseded never comes back when it expires.
+    verdict = check(ops, [Observation("n1", "k", b"old", at=20.0)], expiry_slack_s=0.5)
+    assert verdict.lost == 1 and "stale value" in verdict.anomalies[0].reason
+    assert check(ops, [Observation("n1", "k", None, at=20.0)], expiry_slack_s=0.5).lost == 0

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 FRESH_FOR_S = 10.0  # a sample older than this says nothing about now (the peer may be gone)
+VERDICT_FOR_S = 0.1  # refusal() runs on every write: its answer is reused this long (probes come once a second)
 MAX_TRUSTED_RTT_MS = 1000.0  # a probe slower than this measures the network, not the clock
 
 
@@ -31,6 +32,8 @@ class ClockOffsets:
         self.max_offset_ms = max_offset_ms
         self._monotonic = monotonic
         self._samples: dict[str, OffsetSample] = {}
+        self._verdict: str | None = None
+        self._verdict_until = -1.0
 
     def record(self, peer_id: str, *, sent_wall_ms: float, round_trip_ms: float, peer_wall_ms: float) -> None:
         """One probe: our wall clock when it left, how long it took, what the peer said."""
@@ -38,9 +41,11 @@ class ClockOffsets:
             return
         midpoint = sent_wall_ms + round_trip_ms / 2
         self._samples[peer_id] = OffsetSample(peer_wall_ms - midpoint, round_trip_ms / 2, self._monotonic())
+        self._verdict_until = -1.0
 
     def forget(self, peer_id: str) -> None:
         self._samples.pop(peer_id, None)
+        self._verdict_until = -1.0
 
     def offset_ms(self, peer_id: str) -> float | None:
         sample = self._fresh().get(peer_id)
@@ -55,6 +60,12 @@ class ClockOffsets:
         than half of the peers measured recently are beyond the bound even
         allowing for each probe's uncertainty (with two nodes, one far peer
         is enough: neither can tell which clock is wrong, so both stop)."""
+        now = self._monotonic()
+        if now >= self._verdict_until:
+            self._verdict, self._verdict_until = self._judge(), now + VERDICT_FOR_S
+        return self._verdict
+
+    def _judge(self) -> str | None:
         fresh = self._fresh()
         far = {peer: s.offset_ms for peer, s in fresh.items() if abs(s.offset_ms) - s.uncertainty_ms > self.max_offset_ms}
         if not fresh or len(far) * 2 <= len(fresh):

@@ -93,9 +93,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def high_water(self) -> int:
-        """The largest version hlc ever applied here (0: none). Durable
-        engines keep it across restarts, so the node's clock can start above
-        every version it holds without reading them."""
+        """An hlc at or above every version ever applied here (0: none), at
+        most a fraction of a second above the largest. Durable engines keep it
+        across restarts, so the node's clock can start above every version it
+        holds without reading them."""
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -5,8 +5,11 @@ Keys are stored as 8-byte big-endian ring hash + key, so one ring arc is one
 cursor range. Two index sub-databases (expiry time -> key for live values,
 dead-since time -> key for tombstones) let the sweep visit only what it turns
 or purges, and persist with the data. The meta sub-database keeps the owner,
-the layout, and the high-water hlc, written in the same transaction as the
-records that raise it, so it is exactly as durable as they are.
+the layout, and a high-water ceiling: an hlc at or above every version
+applied, written in the same transaction as the record that first passes the
+previous ceiling, so it is as durable as they are. It steps HIGH_WATER_STEP_MS
+ahead of that record, so it is rewritten a few times a second under load,
+not in every commit.
 Commits never fsync; durability is a policy (--fsync) run by a flusher thread:
 `always` group-commits waiters into one env.sync, `batch` syncs every window.
 Called by app.cluster (event-loop thread and executor threads); no asyncio here.
@@ -25,7 +28,7 @@ from typing import TextIO
 
 import lmdb
 
-from app.clock import Version
+from app.clock import LOGICAL_BITS, Version
 from app.config import DEFAULT_LMDB_MAP_SIZE, FSYNC_POLICIES, LMDB_SCAN_CHUNK, LMDB_SWEEP_BATCH, LMDB_WRITEMAP
 from app.errors import NodeIdMismatchError, StorageError
 from app.ring import HASH_SPACE, stable_hash
@@ -45,7 +48,12 @@ LOCK_FILE = "kvstore.lock"  # beside LMDB's data.mdb and lock.mdb; holds the own
 
 _META_NODE_ID = b"node_id"
 _META_FORMAT = b"format"
-_META_HIGH_WATER = b"high_water"  # u64: the largest version hlc ever applied
+_META_HIGH_WATER = b"high_water"  # u64: an hlc at or above every version ever applied
+# How far the stored ceiling runs ahead of the newest version: a commit that
+# passes it writes one more meta page (measured on the PUT path when every
+# commit did), and a restarted node's clock may start up to this far ahead of
+# its last write, well inside the default 500 ms --max-clock-offset.
+HIGH_WATER_STEP_MS = 100
 
 
 def _encode(record: Record) -> bytes:
@@ -188,8 +196,8 @@ class LmdbStore(Store):
             raise StorageError(f"storage: data dir {self._path} has layout {layout!r}; this build reads {FORMAT!r}")
 
     def _read_high_water(self) -> int:
-        """The stored high-water mark. A directory written before it was kept
-        has none: one scan of the headers finds it, once, and stores it."""
+        """The stored high-water ceiling. A directory written before it was
+        kept has none: one scan of the headers finds it, once, and stores it."""
         with self._env.begin(db=self._meta) as txn:
             raw = txn.get(_META_HIGH_WATER)
         if raw is not None:
@@ -290,6 +298,7 @@ class LmdbStore(Store):
                     changed = True
                 if changed:
                     if highest > self._high_water:
+                        highest = highest + (HIGH_WATER_STEP_MS << LOGICAL_BITS)
                         txn.put(_META_HIGH_WATER, _U64.pack(highest), db=self._meta)
                     txn.commit()
                 else:

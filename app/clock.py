@@ -97,6 +97,8 @@ class HybridClock:
     def observe(self, version: Version) -> None:
         """Fold in a version seen from elsewhere; FutureVersionError if it is
         further ahead of this node's wall clock than the max offset."""
+        if version.hlc <= self._last:
+            return  # not past where this clock already stands: nothing to fold in or check (a replica's usual case)
         if self._max_offset_ms and (ahead := self.ahead_ms(version)) > self._max_offset_ms:
             raise FutureVersionError(
                 f"clock: version {version.encode()} from node {version.node or '?'} is {ahead} ms ahead of "

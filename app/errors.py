@@ -3,8 +3,13 @@
 
     KvstoreError
     ├── ConfigError            bad flag, env var or peer list (startup refuses)
-    ├── InvalidRequestError    a client sent something we cannot accept (4xx)
-    │   └── ValueTooLargeError value over the configured limit (413)
+    ├── InvalidRequestError    a client sent something we cannot accept (400)
+    │   ├── ValueTooLargeError value over the configured limit (413)
+    │   └── MethodNotAllowedError  the route exists, the method does not (405)
+    ├── AccessError            an internal or admin route without the cluster token
+    │   ├── TokenMissingError   no token sent (401)
+    │   └── TokenWrongError     a wrong token sent (403)
+    ├── NodeStartingError      the node's stores are not open yet (503)
     ├── StorageError           the local engine failed or refused
     │   └── NodeIdMismatchError data dir belongs to another node id
     ├── ClockError             clocks too far apart to order writes safely
@@ -37,6 +42,30 @@ class InvalidRequestError(KvstoreError):
 
 class ValueTooLargeError(InvalidRequestError):
     """The value exceeds the configured maximum size."""
+
+
+class MethodNotAllowedError(InvalidRequestError):
+    """The route does not take this method; `allowed` lists those it takes."""
+
+    def __init__(self, message: str, *, allowed: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
+
+class AccessError(KvstoreError):
+    """An internal or admin route was called without the right cluster token."""
+
+
+class TokenMissingError(AccessError):
+    """No cluster token was sent."""
+
+
+class TokenWrongError(AccessError):
+    """The cluster token sent is not this cluster's."""
+
+
+class NodeStartingError(KvstoreError):
+    """The node is still opening its stores; nothing can be served yet."""
 
 
 class StorageError(KvstoreError):

@@ -45,7 +45,7 @@ class NodeMetrics:
             ["op"], registry=r,
         )
         self.keys = Gauge("kvstore_keys", "Live keys in this node's local store.", registry=r)
-        self.peer_up = Gauge(
+        self.peer_reachable = Gauge(
             "kvstore_peer_reachable", "1 if this node currently sees the peer as reachable.",
             ["peer"], registry=r,
         )
@@ -103,6 +103,8 @@ class NodeMetrics:
             "kvstore_membership_staleness_seconds", "Seconds since the membership source last confirmed the ring.",
             registry=r,
         )
+        self.internal_reads = self.internal.labels("read")  # bound once: the replica routes' hot path
+        self.internal_writes = self.internal.labels("write")
         self._observers = {op: self.duration.labels(op) for op in OPS}
         self._counters: dict[tuple[str, int], Callable[[], None]] = {}
 

@@ -1,7 +1,7 @@
 """Consistent hashing: the immutable HashRing and the stable key hash.
 
-Pure: stdlib only, no I/O. Membership changes build a new ring and swap the
-reference (see app.cluster.membership); nobody ever sees a half-built ring.
+Pure: stdlib only, no I/O. Topology changes build a new ring and swap the
+reference (see app.cluster.topology); nobody ever sees a half-built ring.
 The coordinator asks it for a key's preference list, storage and repair ask it
 for the token ranges a node replicates.
 """

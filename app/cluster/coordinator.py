@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import logging
 from collections.abc import Awaitable, Iterator
 from typing import TypeVar
 
 from app.clock import HybridClock, Version, wall_ms
 from app.cluster.clock_offsets import ClockOffsets
-from app.cluster.health import PeerHealth
-from app.cluster.membership import Membership, MembershipView
-from app.cluster.replica import Replica
+from app.cluster.context import ClusterContext
+from app.cluster.topology import Topology
 from app.errors import (
     ClockOffsetError,
     FutureVersionError,
@@ -39,15 +39,23 @@ from app.errors import (
     QuorumError,
     WriteNotWonError,
 )
-from app.metrics import NodeMetrics
 from app.storage.base import Record
-from app.transport.base import Peer, PeerClient, ReadAnswer, WriteAck
+from app.transport.base import Peer, ReadAnswer, WriteAck
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CONSISTENCY_LEVELS = ("one", "quorum", "all")
-DIRECT, HINTED, UNCOUNTED = "direct", "hinted", "uncounted"  # how a replica write landed
+
+
+class Landing(enum.Enum):
+    """Where one replica's copy of a write landed."""
+
+    DIRECT = "direct"  # on the replica itself
+    HINTED = "hinted"  # held by a spare node for it (sloppy quorum): counts toward W
+    UNCOUNTED = "uncounted"  # held here for it with no spare left: delivered later, no extra copy
+
+
 # A write that lost to a newer version is re-stamped above it and sent again.
 # One re-stamp fixes a clock that was behind; a third loss means another
 # writer keeps racing this key, and the client is better told (503) and retrying.
@@ -65,32 +73,22 @@ def required_acks(consistency: str, replicas: int) -> int:
 
 
 class Coordinator:
-    def __init__(
-        self,
-        *,
-        membership: MembershipView,
-        replica: Replica,
-        clock: HybridClock,
-        transport: PeerClient,
-        health: PeerHealth,
-        metrics: NodeMetrics,
-        replication_factor: int,
-        offsets: ClockOffsets,
-    ) -> None:
-        self.membership = membership
-        self.replica = replica
+    def __init__(self, context: ClusterContext, *, clock: HybridClock, offsets: ClockOffsets) -> None:
+        # The context's parts as attributes of their own: this class runs per request.
+        self.topology = context.topology
+        self.replica = context.replica
+        self.peer_client = context.peer_client
+        self.health = context.health
+        self.metrics = context.metrics
+        self.replication_factor = context.replication_factor
+        self.node_id = context.node_id
         self.clock = clock
-        self.transport = transport
-        self.health = health
-        self.metrics = metrics
         self.offsets = offsets
-        self.replication_factor = replication_factor
-        self.node_id = clock.node_id
         self._background: set[asyncio.Future[object]] = set()
         self._forward_counters: dict[tuple[str, str], object] = {}
 
     def replicas_for(self, key: bytes) -> list[Peer]:
-        view = self.membership.current
+        view = self.topology.current
         return [view.peers[node_id] for node_id in view.ring.owners(key, self.replication_factor)]
 
     # -- reads ----------------------------------------------------------------
@@ -140,7 +138,7 @@ class Coordinator:
 
     async def _read_remote(self, peer: Peer, key: bytes) -> ReadAnswer:
         self._forwarded(peer.node_id, "read")
-        return await self._remote(peer, self.transport.read(peer, key))
+        return await self._remote(peer, self.peer_client.read(peer, key))
 
     async def _repair(self, key: bytes, newest: Record, stale: list[Peer]) -> None:
         """Read repair: bring replicas that answered with an older version up to date."""
@@ -149,7 +147,7 @@ class Coordinator:
                 if peer.node_id == self.node_id:
                     await self.replica.write(key, newest)
                 else:
-                    await self._remote(peer, self.transport.write(peer, key, newest))
+                    await self._remote(peer, self.peer_client.write(peer, key, newest))
                 self.metrics.read_repairs.inc()
             except (PeerError, FutureVersionError):
                 pass  # anti-entropy gets it later
@@ -177,7 +175,7 @@ class Coordinator:
     async def _write(self, key: bytes, record: Record, consistency: str) -> tuple[Record, list[WriteAck]]:
         """Write until the record wins on enough replicas; the record as
         finally stamped, and the acks of the replicas that hold it."""
-        view = self.membership.current
+        view = self.topology.current
         owners = view.ring.owners(key, self.replication_factor)
         needed = required_acks(consistency, len(owners))
         for _ in range(MAX_WRITE_ROUNDS):
@@ -199,7 +197,7 @@ class Coordinator:
             f"({newer.encode()}): other writers keep racing this key; retry"
         )
 
-    async def _write_round(self, view: Membership, key: bytes, record: Record, owners: tuple[str, ...], needed: int) -> _WriteRound:
+    async def _write_round(self, view: Topology, key: bytes, record: Record, owners: tuple[str, ...], needed: int) -> _WriteRound:
         spares = self._spares(view, key, len(owners))
         round_ = _WriteRound(needed, len(owners))
         for node_id in owners:  # the replicas that are still running after the quorum still get the write
@@ -221,21 +219,21 @@ class Coordinator:
         self.metrics.write_restamps.inc()
         return dataclasses.replace(record, version=self.clock.now())
 
-    def _spares(self, view: Membership, key: bytes, skip: int) -> Iterator[Peer]:
+    def _spares(self, view: Topology, key: bytes, skip: int) -> Iterator[Peer]:
         """Spare nodes for sloppy quorum: the rest of the ring, clockwise,
         reachable now. Lazy: only a failed replica write walks it."""
         for node_id in view.ring.owners(key, len(view.ring))[skip:]:
             if node_id == self.node_id or self.health.is_up(node_id):
                 yield view.peers[node_id]
 
-    async def _replicate(self, peer: Peer, key: bytes, record: Record, spares: Iterator[Peer]) -> tuple[str, WriteAck]:
+    async def _replicate(self, peer: Peer, key: bytes, record: Record, spares: Iterator[Peer]) -> tuple[Landing, WriteAck]:
         """Write to one replica; if it cannot take it, have a spare hold a hint."""
         if peer.node_id == self.node_id:
-            return DIRECT, await self.replica.write(key, record)
+            return Landing.DIRECT, await self.replica.write(key, record)
         if self.health.is_up(peer.node_id):
             try:
                 self._forwarded(peer.node_id, "write")
-                return DIRECT, await self._remote(peer, self.transport.write(peer, key, record))
+                return Landing.DIRECT, await self._remote(peer, self.peer_client.write(peer, key, record))
             except PeerError as exc:  # unreachable, or refused (say, its clock is behind ours by more than the bound)
                 self.metrics.replica_write_failures.labels(peer.node_id).inc()
                 if not isinstance(exc, PeerUnavailableError):
@@ -245,16 +243,16 @@ class Coordinator:
                 if spare.node_id == self.node_id:
                     ack = await self.replica.write(key, record, hint_for=peer.node_id)
                 else:
-                    ack = await self._remote(spare, self.transport.write(spare, key, record, hint_for=peer.node_id))
+                    ack = await self._remote(spare, self.peer_client.write(spare, key, record, hint_for=peer.node_id))
                 self.metrics.hints_stored.inc()
-                return HINTED, ack
+                return Landing.HINTED, ack
             except PeerError:
                 continue
         # No spare left: keep the hint here so the replica still gets the write
         # when it returns, but it is no extra copy, so it does not count toward W.
         await self.replica.write(key, record, hint_for=peer.node_id)
         self.metrics.hints_stored.inc()
-        return UNCOUNTED, WriteAck(applied=False, existed=False)
+        return Landing.UNCOUNTED, WriteAck(applied=False, existed=False)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -262,8 +260,8 @@ class Coordinator:
         started = self.health.begin(peer.node_id)
         try:
             result = await call
-        except PeerUnavailableError as exc:
-            self.health.mark_down(peer.node_id, str(exc))
+        except PeerError as exc:
+            self.health.call_failed(peer.node_id, exc)
             raise
         finally:
             self.health.end(peer.node_id, started)
@@ -352,15 +350,15 @@ class _WriteRound:
         self.failures: list[str] = []
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def on_done(self, task: asyncio.Future[tuple[str, WriteAck]]) -> None:
+    def on_done(self, task: asyncio.Future[tuple[Landing, WriteAck]]) -> None:
         self.remaining -= 1
         if self.finished.done():
             return
         if task.cancelled():
             self.failures.append("a replica write was cancelled")
         elif (exc := task.exception()) is None:
-            how, ack = task.result()
-            if how == UNCOUNTED:
+            landing, ack = task.result()
+            if landing is Landing.UNCOUNTED:
                 self.failures.append("a replica was unreachable and no spare node could hold its hint")
             elif not ack.won:
                 assert ack.newer is not None

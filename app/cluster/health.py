@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from app.errors import PeerError, PeerUnavailableError
+
 EWMA_WEIGHT = 0.2  # each new sample moves the average a fifth of the way: reacts within ~10 calls
 INITIAL_LATENCY_S = 0.001  # a peer we have not timed yet is assumed fast, so it gets tried
 # The latency EWMA already includes queueing at the peer, so outstanding
@@ -94,6 +96,12 @@ class PeerHealth:
             state.up, state.since = False, time.monotonic()
             if self._on_flip:
                 self._on_flip(node_id, self.is_up(node_id))
+
+    def call_failed(self, node_id: str, error: PeerError) -> None:
+        """A call to the peer failed: only no answer at all says it is down
+        (a refusal or a garbled answer comes from a peer that is up)."""
+        if isinstance(error, PeerUnavailableError):
+            self.mark_down(node_id, str(error))
 
     def begin(self, node_id: str) -> float:
         state = self._state(node_id)

@@ -91,7 +91,7 @@ class Replica:
         await _durable(self.store.wait_durable())
         return applied
 
-    def records_in(self, arcs: list[tuple[int, int]]) -> Iterator[tuple[int, bytes, Record]]:
+    def _indexed_records(self, arcs: list[tuple[int, int]]) -> Iterator[tuple[int, bytes, Record]]:
         """(arc index, key, record) for every stored record inside the arcs."""
         if len(arcs) > FULL_SCAN_ABOVE_ARCS:
             index = ArcSet(arcs)
@@ -111,13 +111,13 @@ class Replica:
         if len(arcs) <= FULL_SCAN_ABOVE_ARCS:
             return [self.store.digest(start, end) for start, end in arcs]
         sums = [0] * len(arcs)
-        for i, key, record in self.records_in(arcs):
+        for i, key, record in self._indexed_records(arcs):
             sums[i] ^= fingerprint(key, record.version.hlc, record.version.node.encode())
         return [value.to_bytes(DIGEST_BYTES, "big") for value in sums]
 
-    def range(self, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
+    def records_in_arcs(self, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
         """Every record inside the arcs; blocking (callers run it in a thread)."""
-        return [(key, record) for _, key, record in self.records_in(arcs)]
+        return [(key, record) for _, key, record in self._indexed_records(arcs)]
 
 
 async def _durable(waiter: object) -> None:

@@ -1,6 +1,6 @@
 """The Kubernetes membership source: ring members are the StatefulSet's pods
 <sts>-0 .. <sts>-(replicas-1), each at its stable DNS name through the headless
-Service; pod readiness feeds routing (MembershipSink.set_ready), never
+Service; pod readiness feeds routing (DiscoverySink.set_peer_ready), never
 membership. Built by app.web.app (membership_source) for `--membership
 kubernetes`; it is the only module importing the `kubernetes` client.
 
@@ -38,7 +38,7 @@ from kubernetes.config.config_exception import ConfigException
 from kubernetes.watch.watch import iter_resp_lines
 
 from app.config import NodeConfig
-from app.discovery.base import MembershipSink, MembershipSource
+from app.discovery.base import DiscoverySink, DiscoverySource
 from app.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ class _Watcher:
         return resource_version
 
 
-class KubernetesMembership(MembershipSource):
+class KubernetesDiscovery(DiscoverySource):
     """Members follow the StatefulSet's spec.replicas; readiness follows its pods."""
 
     def __init__(
@@ -283,7 +283,7 @@ class KubernetesMembership(MembershipSource):
         self._last_ok: float | None = None
 
     @classmethod
-    def from_config(cls, config: NodeConfig) -> KubernetesMembership:
+    def from_config(cls, config: NodeConfig) -> KubernetesDiscovery:
         if not (config.namespace and config.statefulset and config.headless_service):
             raise ConfigError("config: --membership kubernetes needs --namespace, --statefulset and --headless-service")
         return cls(
@@ -295,9 +295,9 @@ class KubernetesMembership(MembershipSource):
             port=config.port,
         )
 
-    # -- MembershipSource ---------------------------------------------------
+    # -- DiscoverySource ---------------------------------------------------
 
-    async def run(self, sink: MembershipSink) -> None:
+    async def run(self, sink: DiscoverySink) -> None:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[_Event] = asyncio.Queue()
         stop = threading.Event()
@@ -340,7 +340,7 @@ class KubernetesMembership(MembershipSource):
             await asyncio.to_thread(_join, threads, STOP_JOIN_S)
             self._connected.clear()
 
-    async def refresh(self, sink: MembershipSink) -> None:
+    async def refresh(self, sink: DiscoverySink) -> None:
         """One fresh read of the StatefulSet (a node about to exit checks whether it left)."""
         try:
             obj = await asyncio.wait_for(asyncio.to_thread(self._read_statefulset), REFRESH_TIMEOUT_S + 1.0)
@@ -377,7 +377,7 @@ class KubernetesMembership(MembershipSource):
 
     # -- applying events (on the event loop) --------------------------------
 
-    async def _apply(self, event: _Event, sink: MembershipSink) -> None:
+    async def _apply(self, event: _Event, sink: DiscoverySink) -> None:
         if isinstance(event, _Failure):
             self._failed(sink, f"{event.resource}: {event.reason}")
         elif isinstance(event, _Expired):
@@ -420,7 +420,7 @@ class KubernetesMembership(MembershipSource):
                     self._pods[name] = pod_is_ready(event.obj)
                 self._sync_readiness(sink)
 
-    async def _apply_statefulset(self, obj: dict[str, Any], sink: MembershipSink) -> None:
+    async def _apply_statefulset(self, obj: dict[str, Any], sink: DiscoverySink) -> None:
         self._selector = statefulset_selector(obj) or self._selector
         replicas = statefulset_replicas(obj)
         if replicas < 1:
@@ -437,7 +437,7 @@ class KubernetesMembership(MembershipSource):
         self.replicas, self._members = replicas, members
         self._sync_readiness(sink)
 
-    def _sync_readiness(self, sink: MembershipSink) -> None:
+    def _sync_readiness(self, sink: DiscoverySink) -> None:
         """Tell the sink each member's readiness when it changes; a member with
         no pod (not created yet, or deleted) is not ready."""
         if not self._pods_listed:
@@ -446,14 +446,14 @@ class KubernetesMembership(MembershipSource):
             ready = self._pods.get(name, False)
             if self._reported.get(name) != ready:
                 self._reported[name] = ready
-                sink.set_ready(name, ready)
+                sink.set_peer_ready(name, ready)
         for name in set(self._reported) - set(self._members):
             del self._reported[name]
 
     def _confirmed(self) -> None:
         self._last_ok = time.monotonic()
 
-    def _failed(self, sink: MembershipSink, reason: str) -> None:
+    def _failed(self, sink: DiscoverySink, reason: str) -> None:
         self.errors += 1
         self.last_error = reason
         sink.record_source_error(reason)

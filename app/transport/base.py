@@ -122,7 +122,7 @@ class PeerClient(abc.ABC):
         """The peer's digest of its records in each arc (anti-entropy)."""
 
     @abc.abstractmethod
-    async def fetch_range(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
+    async def records_in_arcs(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
         """Every record the peer holds in the arcs (tombstones included)."""
 
     @abc.abstractmethod

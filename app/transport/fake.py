@@ -19,7 +19,7 @@ class ReplicaSide(Protocol):
     async def write(self, key: bytes, record: Record, *, hint_for: str | None = None) -> WriteAck: ...
     async def write_batch(self, records: list[tuple[bytes, Record]]) -> int: ...
     def digests(self, arcs: list[tuple[int, int]]) -> list[bytes]: ...
-    def range(self, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]: ...
+    def records_in_arcs(self, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]: ...
 
 
 class InProcessPeerClient(PeerClient):
@@ -48,8 +48,8 @@ class InProcessPeerClient(PeerClient):
     async def digests(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[bytes]:
         return self._target(peer, "digests").digests(arcs)
 
-    async def fetch_range(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
-        return self._target(peer, "range").range(arcs)
+    async def records_in_arcs(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
+        return self._target(peer, "range").records_in_arcs(arcs)
 
     async def set_membership(self, peer: Peer, members: dict[str, str]) -> None:
         self._target(peer, "membership")

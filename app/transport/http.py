@@ -240,7 +240,7 @@ class HttpPeerClient(PeerClient):
         answer = await self._post(peer, DIGESTS_PATH, codec.encode_arcs(arcs), "digests")
         return _decoded(lambda: codec.decode_digests(answer), peer)
 
-    async def fetch_range(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
+    async def records_in_arcs(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
         answer = await self._post(peer, RANGE_PATH, codec.encode_arcs(arcs), "range fetch")
         return _decoded(lambda: codec.decode_records(answer), peer)
 

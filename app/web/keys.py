@@ -1,12 +1,13 @@
-"""Parsing and validating what identifies a key in a request: path segments,
-query strings, JSON bodies. Every failure is an InvalidRequestError."""
+"""Parsing and validating the parts of a key-value request: the key (path
+segment, query string, JSON body), the value's size, the TTL. Every failure
+is an InvalidRequestError."""
 
 from __future__ import annotations
 
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from app.config import MAX_KEY_BYTES
-from app.errors import InvalidRequestError
+from app.errors import InvalidRequestError, ValueTooLargeError
 
 
 def validate_key(key: bytes) -> bytes:
@@ -56,3 +57,8 @@ def ttl_from(raw: object) -> float | None:
     if not ttl > 0 or ttl == float("inf"):
         raise InvalidRequestError("ttl must be a positive number of seconds")
     return ttl
+
+
+def check_value_size(value: bytes, limit: int) -> None:
+    if len(value) > limit:
+        raise ValueTooLargeError(f"value of {len(value)} bytes exceeds the limit of {limit} bytes")

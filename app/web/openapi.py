@@ -1,12 +1,21 @@
 """OpenAPI descriptions of the routes the data plane answers outside FastAPI's
-router, merged into the generated document so /openapi.json describes every
-route a client can call."""
+router (routes_data, routes_peer, /health), merged into the generated document
+so /openapi.json describes every route a client or a peer can call."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from app.transport.base import KV_PATH, READS_PATH, WRITES_PATH
+from app.transport.base import (
+    BATCH_PATH,
+    CLOCK_PATH,
+    DIGESTS_PATH,
+    KV_PATH,
+    MEMBERSHIP_PATH,
+    RANGE_PATH,
+    READS_PATH,
+    WRITES_PATH,
+)
 
 _ERROR = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 _KEY_QUERY = {"name": "key", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 1024}}
@@ -19,10 +28,10 @@ _TTL = {"name": "ttl", "in": "query", "required": False, "schema": {"type": "num
 _VERSION = {"x-kvstore-version": {"schema": {"type": "string"}, "description": "the write's hybrid-clock version"}}
 _STD_ERRORS = {"400": _ERROR, "503": _ERROR}
 
-DATA_ROUTES_OPENAPI: dict[str, Any] = {
+RAW_ROUTES_OPENAPI: dict[str, Any] = {
     "/put": {
         "put": {
-            "tags": ["seed API"], "summary": "Store a key-value pair (the seed's API)",
+            "tags": ["JSON API"], "summary": "Store a key-value pair (JSON body)",
             "parameters": [_CONSISTENCY],
             "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PutBody"}}}},
             "responses": {"200": {"description": "Stored", "content": {"application/json": {"schema": {"type": "object"}}}}, "413": _ERROR, **_STD_ERRORS},
@@ -30,14 +39,14 @@ DATA_ROUTES_OPENAPI: dict[str, Any] = {
     },
     "/get": {
         "get": {
-            "tags": ["seed API"], "summary": "Read a key (the seed's API)",
+            "tags": ["JSON API"], "summary": "Read a key (JSON answer)",
             "parameters": [_KEY_QUERY, _CONSISTENCY],
             "responses": {"200": {"description": "Found", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/KeyValue"}}}}, "404": _ERROR, "406": _ERROR, **_STD_ERRORS},
         },
     },
     "/delete": {
         "delete": {
-            "tags": ["seed API"], "summary": "Delete a key (the seed's API)",
+            "tags": ["JSON API"], "summary": "Delete a key",
             "parameters": [_KEY_QUERY, _CONSISTENCY],
             "responses": {"200": {"description": "Deleted"}, "404": _ERROR, **_STD_ERRORS},
         },
@@ -92,6 +101,27 @@ DATA_ROUTES_OPENAPI: dict[str, Any] = {
             "responses": {"200": {"description": "Answers, in request order"}, "400": _ERROR, "401": _ERROR, "403": _ERROR, "413": _ERROR},
         },
     },
+    CLOCK_PATH: {
+        "get": {
+            "tags": ["internal"], "summary": "This node's wall clock, for its peers' clock-offset probes",
+            "responses": {"200": {"description": '{"node_id": ..., "wall_ms": ...}'}, "401": _ERROR, "403": _ERROR},
+        },
+    },
+    **{
+        path: {
+            "post": {
+                "tags": ["internal"], "summary": summary,
+                "requestBody": {"required": True, "content": {content: {"schema": {"type": "object" if content == "application/json" else "string"}}}},
+                "responses": {"200": {"description": "Done"}, "400": _ERROR, "401": _ERROR, "403": _ERROR, "409": _ERROR},
+            },
+        }
+        for path, summary, content in (
+            (BATCH_PATH, "Apply many replica records, last writer wins (framed records)", "application/octet-stream"),
+            (DIGESTS_PATH, "Digest of this node's records in each arc (anti-entropy)", "application/octet-stream"),
+            (RANGE_PATH, "Every record this node holds in the arcs (rebalancing, anti-entropy)", "application/octet-stream"),
+            (MEMBERSHIP_PATH, "Take a new member list from another node, without propagating it", "application/json"),
+        )
+    },
 }
 
 SCHEMAS: dict[str, Any] = {
@@ -104,7 +134,7 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
-def merge_data_routes(document: dict[str, Any]) -> dict[str, Any]:
-    document.setdefault("paths", {}).update(DATA_ROUTES_OPENAPI)
+def merge_raw_routes(document: dict[str, Any]) -> dict[str, Any]:
+    document.setdefault("paths", {}).update(RAW_ROUTES_OPENAPI)
     document.setdefault("components", {}).setdefault("schemas", {}).update(SCHEMAS)
     return document

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from starlette.testclient import TestClient
 
 from app.config import NodeConfig
 from app.web.app import create_app
+from tests.unit.in_process import InProcessCluster
 
 
 def single_node_config(**overrides: str) -> NodeConfig:
@@ -19,3 +20,13 @@ def client() -> Iterator[TestClient]:
     """A one-member node served in-process (lifespan included), no sockets."""
     with TestClient(create_app(single_node_config(max_value_bytes="4096"))) as test_client:
         yield test_client
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[InProcessCluster]:
+    """Real nodes in this process over the in-process peer client; all closed at teardown."""
+    built = InProcessCluster()
+    try:
+        yield built
+    finally:
+        await built.close()

@@ -171,4 +171,5 @@ def test_coalesced_replica_calls_apply_each_write_and_answer_each_read(client: T
     assert list(held.content) == [codec.ACK_APPLIED, codec.ACK_APPLIED]
     assert client.get("/kv/for-n7").status_code == 404
     assert client.get("/kv/c2").content == b"two"
-    assert client.app.node.replica.hints.for_target("n7", 10) == [(b"for-n7", Record(new, b"held", 0))]  # type: ignore[attr-defined]
+    node = client.app.slot.require()  # type: ignore[attr-defined]  # TestClient types its app as a plain ASGI callable
+    assert node.replica.hints.for_target("n7", 10) == [(b"for-n7", Record(new, b"held", 0))]

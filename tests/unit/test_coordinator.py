@@ -7,45 +7,26 @@ import asyncio
 
 import pytest
 
-from app.clock import HybridClock, Version, wall_ms
-from app.cluster.clock_offsets import ClockOffsets
+from app.clock import Version, wall_ms
 from app.cluster.coordinator import Coordinator, required_acks
-from app.cluster.health import PeerHealth
-from app.cluster.membership import MembershipView
-from app.cluster.replica import Replica
 from app.errors import ClockOffsetError, InvalidRequestError, QuorumError, WriteNotWonError
-from app.metrics import NodeMetrics
 from app.storage.base import Record
-from app.storage.hints import HintStore
-from app.storage.memory import MemoryStore
 from app.transport.fake import InProcessPeerClient
+from tests.unit.in_process import InProcessCluster, members
 
-NODES = {"a": "http://a", "b": "http://b", "c": "http://c"}
+NODES = members("a", "b", "c")
 
 
-def build_cluster(
-    replication_factor: int, *, skew_ms: dict[str, int] | None = None, max_offset_ms: int = 500,
+async def build_cluster(
+    cluster: InProcessCluster, *, replication_factor: int, skew_ms: dict[str, int] | None = None, max_offset_ms: int = 500,
 ) -> tuple[dict[str, Coordinator], InProcessPeerClient]:
-    """Three coordinators over in-process replicas; skew_ms moves a node's wall clock."""
-    transport = InProcessPeerClient()
-    coordinators = {}
+    """Three nodes (skew_ms moves a node's wall clock); their coordinators, and the peer client to break."""
     for node_id in NODES:
-        skew = (skew_ms or {}).get(node_id, 0)
-        wall = (lambda skew=skew: wall_ms() + skew)
-        transport.walls[node_id] = wall
-        clock = HybridClock(node_id, wall=wall, max_offset_ms=max_offset_ms)
-        coordinators[node_id] = Coordinator(
-            membership=MembershipView(self_id=node_id, members=NODES, vnodes=32),
-            replica=Replica(store=MemoryStore(tombstone_grace_s=60), hints=HintStore(MemoryStore(tombstone_grace_s=60)), clock=clock),
-            clock=clock,
-            transport=transport,
-            health=PeerHealth(),
-            metrics=NodeMetrics(),
-            replication_factor=replication_factor,
-            offsets=ClockOffsets(max_offset_ms=max_offset_ms),
-        )
-    transport.replicas.update({node_id: c.replica for node_id, c in coordinators.items()})
-    return coordinators, transport
+        await cluster.add(node_id, NODES, skew_ms=(skew_ms or {}).get(node_id, 0), vnodes="32",
+                          replication_factor=str(replication_factor), max_clock_offset=str(max_offset_ms / 1000))
+    await cluster.settle()
+    cluster.peer_client.calls.clear()
+    return {node_id: node.coordinator for node_id, node in cluster.nodes.items()}, cluster.peer_client
 
 
 def key_owned_by(coordinator: Coordinator, owner: str) -> bytes:
@@ -62,8 +43,8 @@ def test_required_acks() -> None:
         required_acks("most", 3)
 
 
-async def test_single_owner_routes_to_the_owner_only() -> None:
-    nodes, transport = build_cluster(replication_factor=1)
+async def test_single_owner_routes_to_the_owner_only(cluster: InProcessCluster) -> None:
+    nodes, transport = await build_cluster(cluster, replication_factor=1)
     key = key_owned_by(nodes["a"], "b")
     await nodes["a"].put(key, b"v")
     assert nodes["b"].replica.store.get(key).value == b"v"  # type: ignore[union-attr]
@@ -72,8 +53,8 @@ async def test_single_owner_routes_to_the_owner_only() -> None:
     assert transport.calls == [("b", "write"), ("b", "read")]
 
 
-async def test_unreachable_owner_is_named_and_marked_down() -> None:
-    nodes, transport = build_cluster(replication_factor=1)
+async def test_unreachable_owner_is_named_and_marked_down(cluster: InProcessCluster) -> None:
+    nodes, transport = await build_cluster(cluster, replication_factor=1)
     key = key_owned_by(nodes["a"], "c")
     transport.unreachable.add("c")
     with pytest.raises(QuorumError, match=r"peer c \(http://c\) unreachable"):
@@ -84,8 +65,8 @@ async def test_unreachable_owner_is_named_and_marked_down() -> None:
     assert nodes["a"].health.is_up("c")
 
 
-async def test_quorum_write_survives_one_replica_down_but_not_two() -> None:
-    nodes, transport = build_cluster(replication_factor=3)
+async def test_quorum_write_survives_one_replica_down_but_not_two(cluster: InProcessCluster) -> None:
+    nodes, transport = await build_cluster(cluster, replication_factor=3)
     transport.unreachable.add("c")
     await nodes["a"].put(b"k", b"v1")
     assert (await nodes["b"].get(b"k")).value == b"v1"  # type: ignore[union-attr]
@@ -99,8 +80,8 @@ async def test_quorum_write_survives_one_replica_down_but_not_two() -> None:
     assert (await nodes["a"].get(b"k", consistency="one")).value == b"v3"  # type: ignore[union-attr]
 
 
-async def test_read_returns_the_newest_version_among_replicas() -> None:
-    nodes, transport = build_cluster(replication_factor=3)
+async def test_read_returns_the_newest_version_among_replicas(cluster: InProcessCluster) -> None:
+    nodes, transport = await build_cluster(cluster, replication_factor=3)
     await nodes["a"].put(b"k", b"old")
     transport.unreachable.add("c")
     await nodes["a"].put(b"k", b"new")  # c misses this one
@@ -110,8 +91,8 @@ async def test_read_returns_the_newest_version_among_replicas() -> None:
         assert (await reader.get(b"k", consistency="all")).value == b"new"  # type: ignore[union-attr]
 
 
-async def test_delete_reports_whether_the_key_existed_and_hides_it() -> None:
-    nodes, _ = build_cluster(replication_factor=3)
+async def test_delete_reports_whether_the_key_existed_and_hides_it(cluster: InProcessCluster) -> None:
+    nodes, _ = await build_cluster(cluster, replication_factor=3)
     assert await nodes["a"].delete(b"k") is False
     await nodes["b"].put(b"k", b"v")
     assert await nodes["c"].delete(b"k") is True
@@ -119,8 +100,8 @@ async def test_delete_reports_whether_the_key_existed_and_hides_it() -> None:
     assert nodes["a"].replica.store.get(b"k").is_tombstone  # type: ignore[union-attr]
 
 
-async def test_replicas_observe_the_coordinators_clock() -> None:
-    nodes, _ = build_cluster(replication_factor=3)
+async def test_replicas_observe_the_coordinators_clock(cluster: InProcessCluster) -> None:
+    nodes, _ = await build_cluster(cluster, replication_factor=3)
     version = await nodes["a"].put(b"k", b"v")
     assert nodes["b"].clock.now() > version
 
@@ -128,8 +109,8 @@ async def test_replicas_observe_the_coordinators_clock() -> None:
 # -- a write is acknowledged only if it won --------------------------------------
 
 
-async def test_a_write_from_a_clock_behind_is_restamped_above_the_newer_version_and_wins() -> None:
-    nodes, transport = build_cluster(replication_factor=3, skew_ms={"a": 30_000, "c": -30_000}, max_offset_ms=120_000)
+async def test_a_write_from_a_clock_behind_is_restamped_above_the_newer_version_and_wins(cluster: InProcessCluster) -> None:
+    nodes, transport = await build_cluster(cluster, replication_factor=3, skew_ms={"a": 30_000, "c": -30_000}, max_offset_ms=120_000)
     transport.unreachable.add("c")
     first = await nodes["a"].put(b"k", b"v1")  # stamped 30 s ahead; c misses it, so its clock never saw it
     transport.unreachable.clear()
@@ -140,8 +121,8 @@ async def test_a_write_from_a_clock_behind_is_restamped_above_the_newer_version_
         assert (await reader.get(b"k", consistency="all")).value == b"v2"  # type: ignore[union-attr]
 
 
-async def test_a_replica_s_newer_version_from_beyond_the_bound_fails_the_write_with_503_instead_of_winning() -> None:
-    nodes, _ = build_cluster(replication_factor=3, max_offset_ms=500)
+async def test_a_replica_s_newer_version_from_beyond_the_bound_fails_the_write_with_503_instead_of_winning(cluster: InProcessCluster) -> None:
+    nodes, _ = await build_cluster(cluster, replication_factor=3, max_offset_ms=500)
     far = Version((wall_ms() + 30_000) << 16, "rogue")
     for node in nodes.values():
         node.replica.store.apply(b"k", Record(version=far, value=b"from a clock 30 s fast"))
@@ -150,8 +131,8 @@ async def test_a_replica_s_newer_version_from_beyond_the_bound_fails_the_write_w
     assert nodes["a"].clock.now().wall_ms < far.wall_ms  # the clock did not jump to follow it
 
 
-async def test_a_write_that_keeps_losing_fails_after_the_bounded_rounds() -> None:
-    nodes, _ = build_cluster(replication_factor=1)
+async def test_a_write_that_keeps_losing_fails_after_the_bounded_rounds(cluster: InProcessCluster) -> None:
+    nodes, _ = await build_cluster(cluster, replication_factor=1)
     key = key_owned_by(nodes["a"], "a")
     store = nodes["a"].replica.store
     original = store.apply
@@ -165,8 +146,8 @@ async def test_a_write_that_keeps_losing_fails_after_the_bounded_rounds() -> Non
         await nodes["a"].put(key, b"mine")
 
 
-async def test_a_node_whose_clock_is_off_from_most_peers_refuses_to_coordinate_writes() -> None:
-    nodes, _ = build_cluster(replication_factor=3)
+async def test_a_node_whose_clock_is_off_from_most_peers_refuses_to_coordinate_writes(cluster: InProcessCluster) -> None:
+    nodes, _ = await build_cluster(cluster, replication_factor=3)
     nodes["c"].offsets.record("a", sent_wall_ms=0, round_trip_ms=2, peer_wall_ms=-5_000)
     nodes["c"].offsets.record("b", sent_wall_ms=0, round_trip_ms=2, peer_wall_ms=-5_000)
     with pytest.raises(ClockOffsetError, match="off from 2 of 2 peers"):
@@ -177,8 +158,8 @@ async def test_a_node_whose_clock_is_off_from_most_peers_refuses_to_coordinate_w
     assert (await nodes["c"].get(b"k")).value == b"v"  # type: ignore[union-attr]  # and c still serves reads
 
 
-async def test_reads_advance_the_coordinators_clock() -> None:
-    nodes, transport = build_cluster(replication_factor=3, skew_ms={"a": 20_000}, max_offset_ms=60_000)
+async def test_reads_advance_the_coordinators_clock(cluster: InProcessCluster) -> None:
+    nodes, transport = await build_cluster(cluster, replication_factor=3, skew_ms={"a": 20_000}, max_offset_ms=60_000)
     transport.unreachable.add("c")
     written = await nodes["a"].put(b"k", b"v")
     nodes["b"].replica.store.discard(b"k", written)  # so only a read can show c the version
@@ -191,8 +172,8 @@ async def test_reads_advance_the_coordinators_clock() -> None:
 # -- expiry is a version -------------------------------------------------------
 
 
-async def test_an_expired_value_hides_an_older_live_one_on_a_replica_that_missed_it() -> None:
-    nodes, transport = build_cluster(replication_factor=3)
+async def test_an_expired_value_hides_an_older_live_one_on_a_replica_that_missed_it(cluster: InProcessCluster) -> None:
+    nodes, transport = await build_cluster(cluster, replication_factor=3)
     await nodes["a"].put(b"k", b"old")
     transport.unreachable.add("c")
     await nodes["a"].put(b"k", b"short-lived", ttl_s=0.001)

@@ -5,71 +5,17 @@ rebalancing after a membership change, hand-off of foreign records."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
 from app.clock import HybridClock
 from app.cluster.replica import Replica
-from app.config import NodeConfig
-from app.cluster.node import Node
-from app.discovery.static import StaticMembership
 from app.errors import QuorumError
 from app.ring import ArcSet, HashRing
 from app.storage.base import Record
 from app.storage.hints import HintStore
 from app.storage.memory import MemoryStore
-from app.transport.fake import InProcessPeerClient
-
-
-def config(node_id: str, members: dict[str, str]) -> NodeConfig:
-    return NodeConfig.from_options({
-        "node_id": node_id, "listen": "127.0.0.1:9", "peers": ",".join(f"{n}={u}" for n, u in members.items()),
-        "anti_entropy_interval": "3600", "sweep_interval": "3600", "sync_deadline": "2",
-    })
-
-
-class InProcessCluster:
-    def __init__(self) -> None:
-        self.transport = InProcessPeerClient()
-        self.nodes: dict[str, Node] = {}
-
-    async def add(self, node_id: str, members: dict[str, str]) -> Node:
-        node = Node(config(node_id, members))
-        await node.start(self.transport, source=StaticMembership(members))
-        self.nodes[node_id] = node
-        self.transport.replicas[node_id] = node.replica  # type: ignore[assignment]
-        self.transport.membership_handlers[node_id] = lambda m, node=node: node.apply_membership(m, propagate=False)
-        return node
-
-    async def settle(self) -> None:
-        """Let started background work (bootstrap syncs) finish."""
-        for node in self.nodes.values():
-            while not node.members_known:
-                await asyncio.sleep(0)
-            task = node.handoff._sync_task  # type: ignore[union-attr]
-            if task is not None:
-                await task
-
-    def holders(self, key: bytes) -> set[str]:
-        return {n for n, node in self.nodes.items() if (r := node.replica.store.get(key)) is not None and r.value is not None}  # type: ignore[union-attr]
-
-    async def stop(self) -> None:
-        for node in self.nodes.values():
-            await node.stop()
-
-
-def members(*ids: str) -> dict[str, str]:
-    return {node_id: f"http://{node_id}" for node_id in ids}
-
-
-@pytest.fixture
-async def cluster() -> AsyncIterator[InProcessCluster]:
-    c = InProcessCluster()
-    try:
-        yield c
-    finally:
-        await c.stop()
+from tests.unit.in_process import InProcessCluster, members
 
 
 async def test_a_down_replica_s_write_goes_to_a_spare_as_a_hint_and_is_delivered(cluster: InProcessCluster) -> None:
@@ -82,12 +28,12 @@ async def test_a_down_replica_s_write_goes_to_a_spare_as_a_hint_and_is_delivered
     owners = ring.owners(key, 3)
     spare = ring.owners(key, 4)[3]
     down = owners[1]
-    cluster.transport.unreachable.add(down)
+    cluster.peer_client.unreachable.add(down)
     coordinator = cluster.nodes[owners[0]].coordinator
     await coordinator.put(key, b"v", consistency="all")  # type: ignore[union-attr]  # all 3 acks: 2 direct + 1 hinted
     assert cluster.nodes[spare].replica.hints.pending() == 1  # type: ignore[union-attr]
     assert down not in cluster.holders(key)
-    cluster.transport.unreachable.clear()
+    cluster.peer_client.unreachable.clear()
     cluster.nodes[spare].health.mark_up(down)
     await cluster.nodes[spare].handoff.deliver_hints()  # type: ignore[union-attr]
     assert cluster.holders(key) == set(owners)
@@ -99,13 +45,13 @@ async def test_with_no_spare_the_coordinator_keeps_an_uncounted_hint(cluster: In
     for node_id in ids:
         await cluster.add(node_id, ids)
     await cluster.settle()
-    cluster.transport.unreachable.add("c")
+    cluster.peer_client.unreachable.add("c")
     await cluster.nodes["a"].coordinator.put(b"k", b"v")  # type: ignore[union-attr]  # quorum: a and b
     with pytest.raises(QuorumError, match="2 of 3"):
         await cluster.nodes["a"].coordinator.put(b"k", b"v2", consistency="all")  # type: ignore[union-attr]
     assert cluster.nodes["a"].replica.hints.pending() == 1  # type: ignore[union-attr]  # one per key: newest wins
     assert cluster.nodes["c"].replica.store.get(b"k") is None  # type: ignore[union-attr]
-    cluster.transport.unreachable.clear()
+    cluster.peer_client.unreachable.clear()
     cluster.nodes["a"].health.mark_up("c")  # what the probe loop does once c answers
     await cluster.nodes["a"].handoff.deliver_hints()  # type: ignore[union-attr]
     assert cluster.nodes["c"].replica.store.get(b"k").value == b"v2"  # type: ignore[union-attr]
@@ -117,10 +63,10 @@ async def test_read_repair_updates_a_stale_replica(cluster: InProcessCluster) ->
         await cluster.add(node_id, ids)
     await cluster.settle()
     await cluster.nodes["a"].coordinator.put(b"k", b"old")  # type: ignore[union-attr]
-    cluster.transport.unreachable.add("c")
+    cluster.peer_client.unreachable.add("c")
     await cluster.nodes["a"].coordinator.put(b"k", b"new")  # type: ignore[union-attr]
     cluster.nodes["a"].replica.hints.close()  # lose the hint: only read repair can fix c now
-    cluster.transport.unreachable.clear()
+    cluster.peer_client.unreachable.clear()
     cluster.nodes["c"].health.mark_up("a")
     cluster.nodes["c"].health.mark_up("b")
     # c coordinates: it reads itself (stale) and one other (fresh).
@@ -135,11 +81,11 @@ async def test_anti_entropy_converges_replicas_that_missed_writes(cluster: InPro
     for node_id in ids:
         await cluster.add(node_id, ids)
     await cluster.settle()
-    cluster.transport.unreachable.add("c")
+    cluster.peer_client.unreachable.add("c")
     for i in range(200):
         await cluster.nodes["a"].coordinator.put(f"k{i}".encode(), f"v{i}".encode())  # type: ignore[union-attr]
     await cluster.nodes["a"].coordinator.delete(b"k0")  # type: ignore[union-attr]
-    cluster.transport.unreachable.clear()
+    cluster.peer_client.unreachable.clear()
     repaired = await cluster.nodes["c"].anti_entropy.compare_with("a")  # type: ignore[union-attr]
     assert repaired == 200  # 199 values and a tombstone
     assert cluster.nodes["c"].replica.store.get(b"k5").value == b"v5"  # type: ignore[union-attr]
@@ -177,7 +123,7 @@ async def test_a_syncing_replica_is_not_counted_toward_the_read_quorum(cluster: 
     await cluster.settle()
     await cluster.nodes["a"].coordinator.put(b"k", b"v")  # type: ignore[union-attr]
     cluster.nodes["b"].replica.syncing = ArcSet([(0, 0)])  # type: ignore[union-attr]  # b: "still pulling everything"
-    cluster.transport.unreachable.add("c")
+    cluster.peer_client.unreachable.add("c")
     with pytest.raises(QuorumError, match="1 of 2"):
         await cluster.nodes["a"].coordinator.get(b"k")  # type: ignore[union-attr]
 

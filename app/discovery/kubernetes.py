@@ -13,8 +13,8 @@ daemon thread per watch (StatefulSet, pods), which pushes plain events into
 the event loop; every client error is translated into a reason string at
 that boundary, so nothing from the client escapes this module.
 
-RBAC: get/list/watch on statefulsets and pods in the namespace (the chart
-also grants endpointslices, which this source does not need yet).
+RBAC: get/list/watch on statefulsets and pods in the namespace, which is
+all the chart's Role grants.
 """
 
 from __future__ import annotations

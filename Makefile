@@ -19,8 +19,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/kvstore cluster --nodes 3 --base-port 8080
 
+# Import contracts, ruff (style, imports, likely bugs; formatting) and mypy (strict, on app/).
+LINTED := app scripts
 lint: $(VENV)/.installed
 	$(BIN)/lint-imports
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy
 
 # The real helm and hadolint binaries, hash-pinned, into .tools/bin (the chart and image tests need them),
 # and the Debian packages the fault tests use (libfaketime for clock skew).

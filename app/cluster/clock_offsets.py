@@ -67,7 +67,9 @@ class ClockOffsets:
 
     def _judge(self) -> str | None:
         fresh = self._fresh()
-        far = {peer: s.offset_ms for peer, s in fresh.items() if abs(s.offset_ms) - s.uncertainty_ms > self.max_offset_ms}
+        far = {
+            peer: s.offset_ms for peer, s in fresh.items() if abs(s.offset_ms) - s.uncertainty_ms > self.max_offset_ms
+        }
         if not fresh or len(far) * 2 <= len(fresh):
             return None
         shown = ", ".join(f"{peer} {offset / 1000:+.3f}s" for peer, offset in sorted(far.items()))

@@ -24,7 +24,7 @@ import dataclasses
 import enum
 import logging
 from collections.abc import Awaitable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from app.clock import HybridClock, Version, wall_ms
 from app.cluster.clock_offsets import ClockOffsets
@@ -84,8 +84,7 @@ class Coordinator:
         self.node_id = context.node_id
         self.clock = clock
         self.offsets = offsets
-        self._background: set[asyncio.Future[object]] = set()
-        self._forward_counters: dict[tuple[str, str], object] = {}
+        self._background: set[asyncio.Future[Any]] = set()
 
     def replicas_for(self, key: bytes) -> list[Peer]:
         view = self.topology.current
@@ -127,17 +126,13 @@ class Coordinator:
         await round_.finished
         if round_.authoritative < needed:
             self.metrics.quorum_failures.labels("read").inc()
-            raise _quorum_error("read", answered=round_.authoritative, needed=needed, asked=len(replicas), failures=round_.failures)
+            raise _quorum_error(
+                "read", answered=round_.authoritative, needed=needed, asked=len(replicas), failures=round_.failures
+            )
         return round_.answers
 
-    def _forwarded(self, node_id: str, op: str) -> None:
-        counter = self._forward_counters.get((node_id, op))
-        if counter is None:  # labels() takes a lock and a dict lookup: once per peer and op
-            counter = self._forward_counters[(node_id, op)] = self.metrics.forwarded.labels(node_id, op)
-        counter.inc()
-
     async def _read_remote(self, peer: Peer, key: bytes) -> ReadAnswer:
-        self._forwarded(peer.node_id, "read")
+        self.metrics.count_forwarded(peer.node_id, "read")
         return await self._remote(peer, self.peer_client.read(peer, key))
 
     async def _repair(self, key: bytes, newest: Record, stale: list[Peer]) -> None:
@@ -154,7 +149,9 @@ class Coordinator:
 
     # -- writes ---------------------------------------------------------------
 
-    async def put(self, key: bytes, value: bytes, *, ttl_s: float | None = None, consistency: str = "quorum") -> Version:
+    async def put(
+        self, key: bytes, value: bytes, *, ttl_s: float | None = None, consistency: str = "quorum"
+    ) -> Version:
         self._refuse_if_clock_off()
         expires = wall_ms() + int(ttl_s * 1000) if ttl_s else 0
         record = Record(version=self.clock.now(), value=value, expires_at_ms=expires)
@@ -178,6 +175,7 @@ class Coordinator:
         view = self.topology.current
         owners = view.ring.owners(key, self.replication_factor)
         needed = required_acks(consistency, len(owners))
+        newer: Version | None = None
         for _ in range(MAX_WRITE_ROUNDS):
             if len(owners) == 1 and owners[0] == self.node_id:
                 ack = await self.replica.write(key, record)
@@ -186,7 +184,9 @@ class Coordinator:
                 round_ = await self._write_round(view, key, record, owners, needed)
                 if round_.newer is None and len(round_.acks) < needed:
                     self.metrics.quorum_failures.labels("write").inc()
-                    raise _quorum_error("write", answered=len(round_.acks), needed=needed, asked=len(owners), failures=round_.failures)
+                    raise _quorum_error(
+                        "write", answered=len(round_.acks), needed=needed, asked=len(owners), failures=round_.failures
+                    )
                 acks, newer = round_.acks, round_.newer
             if newer is None:
                 return record, acks
@@ -194,10 +194,12 @@ class Coordinator:
         self.metrics.quorum_failures.labels("write").inc()
         raise WriteNotWonError(
             f"write not acknowledged: after {MAX_WRITE_ROUNDS} rounds replicas still held a newer version "
-            f"({newer.encode()}): other writers keep racing this key; retry"
+            f"({newer.encode() if newer else '?'}): other writers keep racing this key; retry"
         )
 
-    async def _write_round(self, view: Topology, key: bytes, record: Record, owners: tuple[str, ...], needed: int) -> _WriteRound:
+    async def _write_round(
+        self, view: Topology, key: bytes, record: Record, owners: tuple[str, ...], needed: int
+    ) -> _WriteRound:
         spares = self._spares(view, key, len(owners))
         round_ = _WriteRound(needed, len(owners))
         for node_id in owners:  # the replicas that are still running after the quorum still get the write
@@ -226,13 +228,15 @@ class Coordinator:
             if node_id == self.node_id or self.health.is_up(node_id):
                 yield view.peers[node_id]
 
-    async def _replicate(self, peer: Peer, key: bytes, record: Record, spares: Iterator[Peer]) -> tuple[Landing, WriteAck]:
+    async def _replicate(
+        self, peer: Peer, key: bytes, record: Record, spares: Iterator[Peer]
+    ) -> tuple[Landing, WriteAck]:
         """Write to one replica; if it cannot take it, have a spare hold a hint."""
         if peer.node_id == self.node_id:
             return Landing.DIRECT, await self.replica.write(key, record)
         if self.health.is_up(peer.node_id):
             try:
-                self._forwarded(peer.node_id, "write")
+                self.metrics.count_forwarded(peer.node_id, "write")
                 return Landing.DIRECT, await self._remote(peer, self.peer_client.write(peer, key, record))
             except PeerError as exc:  # unreachable, or refused (say, its clock is behind ours by more than the bound)
                 self.metrics.replica_write_failures.labels(peer.node_id).inc()
@@ -268,12 +272,12 @@ class Coordinator:
         self.health.mark_up(peer.node_id)
         return result
 
-    def _keep(self, task: asyncio.Future[object]) -> None:
+    def _keep(self, task: asyncio.Future[Any]) -> None:
         """Hold a reference to a background task and log its failure."""
-        self._background.add(task)  # type: ignore[arg-type]
+        self._background.add(task)
 
-        def done(t: asyncio.Future[object]) -> None:
-            self._background.discard(t)  # type: ignore[arg-type]
+        def done(t: asyncio.Future[Any]) -> None:
+            self._background.discard(t)
             if not t.cancelled() and t.exception() is not None:
                 log.debug("background replica call failed: %s", t.exception())
 
@@ -311,10 +315,15 @@ class _ReadRound:
         self.in_flight -= 1
         if self.finished.done():
             return
-        exc = task.exception() if not task.cancelled() else PeerUnavailableError(f"read from {peer} cancelled", peer=peer.node_id)
+        exc = (
+            task.exception()
+            if not task.cancelled()
+            else PeerUnavailableError(f"read from {peer} cancelled", peer=peer.node_id)
+        )
         if exc is None:
             self._answered(peer, task.result())
         elif isinstance(exc, PeerError):
+            self.coordinator.metrics.replica_read_failures.labels(peer.node_id).inc()
             self.failures.append(str(exc))
             self._ask_one_more()
         else:

@@ -134,7 +134,9 @@ class Handoff:
                 self._set_syncing([], epoch=new.epoch)
                 self.bootstrapping = False
 
-    async def _pull_group(self, sources: tuple[str, ...], arcs: list[tuple[int, int]], urls: dict[str, Peer], deadline: float) -> None:
+    async def _pull_group(
+        self, sources: tuple[str, ...], arcs: list[tuple[int, int]], urls: dict[str, Peer], deadline: float
+    ) -> None:
         # Any W of the old replicas held every acknowledged write, so pulling from
         # (old replicas - W + 1) of them is guaranteed to see each one.
         needed = max(1, len(sources) - self.write_quorum + 1) if len(sources) >= self.write_quorum else len(sources)
@@ -150,7 +152,7 @@ class Handoff:
                     continue
                 try:
                     for i in range(0, len(arcs), ARCS_PER_FETCH):
-                        records = await self.peer_client.records_in_arcs(peer, arcs[i:i + ARCS_PER_FETCH])
+                        records = await self.peer_client.records_in_arcs(peer, arcs[i : i + ARCS_PER_FETCH])
                         await self.replica.write_batch(records)
                         self.status.keys_streamed += len(records)
                         self.metrics.rebalance_keys_streamed.labels("in").inc(len(records))
@@ -161,8 +163,12 @@ class Handoff:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, SYNC_RETRY_MAX_S)
         if len(done) < needed:
-            log.warning("sync of %d arcs gave up after the deadline with %d of %d sources; anti-entropy will finish it",
-                        len(arcs), len(done), needed)
+            log.warning(
+                "sync of %d arcs gave up after the deadline with %d of %d sources; anti-entropy will finish it",
+                len(arcs),
+                len(done),
+                needed,
+            )
         finished = set(arcs)
         still = [arc for arc in self.replica.syncing.arcs if arc not in finished]
         self._set_syncing(still, epoch=self.status.last_change_epoch)
@@ -200,7 +206,7 @@ class Handoff:
             self.foreign_dirty = False
             return
         for i in range(0, len(foreign), HANDOFF_BATCH):
-            batch = foreign[i:i + HANDOFF_BATCH]
+            batch = foreign[i : i + HANDOFF_BATCH]
             if self.topology.current is not view:
                 return  # the ring moved under us; the next round rescans
             if await self._push_to_owners(view, batch):

@@ -22,7 +22,7 @@ INITIAL_LATENCY_S = 0.001  # a peer we have not timed yet is assumed fast, so it
 # requests only nudge the score: 64 in flight (a full pool) double it. Scoring
 # (outstanding + 1) x latency double-counted the queue: under 64-way load the
 # busy healthy peer looked as slow as a peer slowed by 20 ms, and ~4% of reads
-# went to the slow one (BENCHMARKS.md, issue 4).
+# went to the slow one (BENCHMARKS.md, replication: the slowed-replica p99).
 OUTSTANDING_SCALE = 64
 # A reachable peer not asked for this long gets the next read, so the estimate
 # of a peer that was slow and recovered is refreshed: about one read a second

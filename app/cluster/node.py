@@ -17,9 +17,9 @@ from collections.abc import Awaitable, Callable
 
 from app.clock import HybridClock, wall_ms
 from app.cluster.clock_offsets import ClockOffsets
+from app.cluster.context import ClusterContext
 from app.cluster.coordinator import Coordinator, required_acks
 from app.cluster.handoff import Handoff
-from app.cluster.context import ClusterContext
 from app.cluster.health import PeerHealth
 from app.cluster.repair import AntiEntropy
 from app.cluster.replica import Replica
@@ -44,8 +44,15 @@ class Node:
     closes the stores. No part is ever missing in between."""
 
     def __init__(
-        self, config: NodeConfig, *, store: Store, hints: HintStore, peer_client: PeerClient,
-        source: DiscoverySource, metrics: NodeMetrics, wall: Callable[[], int] = wall_ms,
+        self,
+        config: NodeConfig,
+        *,
+        store: Store,
+        hints: HintStore,
+        peer_client: PeerClient,
+        source: DiscoverySource,
+        metrics: NodeMetrics,
+        wall: Callable[[], int] = wall_ms,
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -61,12 +68,20 @@ class Node:
         self.health = PeerHealth(on_flip=self._on_peer_flip)
         self.replica = Replica(store=store, hints=hints, clock=self.clock)
         context = ClusterContext(
-            node_id=config.node_id, replica=self.replica, peer_client=peer_client, health=self.health,
-            topology=self.topology, metrics=metrics, replication_factor=config.replication_factor,
+            node_id=config.node_id,
+            replica=self.replica,
+            peer_client=peer_client,
+            health=self.health,
+            topology=self.topology,
+            metrics=metrics,
+            replication_factor=config.replication_factor,
         )
         self.coordinator = Coordinator(context, clock=self.clock, offsets=self.offsets)
-        self.handoff = Handoff(context, write_quorum=required_acks("quorum", config.replication_factor),
-                               sync_deadline_s=config.sync_deadline)
+        self.handoff = Handoff(
+            context,
+            write_quorum=required_acks("quorum", config.replication_factor),
+            sync_deadline_s=config.sync_deadline,
+        )
         self.anti_entropy = AntiEntropy(context)
         self.members_known = False
         self._starts_empty = store.live_count() == 0
@@ -78,7 +93,12 @@ class Node:
 
     @classmethod
     async def open(
-        cls, config: NodeConfig, *, peer_client: PeerClient, source: DiscoverySource, metrics: NodeMetrics | None = None,
+        cls,
+        config: NodeConfig,
+        *,
+        peer_client: PeerClient,
+        source: DiscoverySource,
+        metrics: NodeMetrics | None = None,
         wall: Callable[[], int] = wall_ms,
     ) -> Node:
         """Open the stores (off the event loop: a big LMDB may take a moment),
@@ -91,8 +111,15 @@ class Node:
         except BaseException:
             store.close()
             raise
-        node = cls(config, store=store, hints=hints, peer_client=peer_client, source=source,
-                   metrics=metrics or NodeMetrics(), wall=wall)
+        node = cls(
+            config,
+            store=store,
+            hints=hints,
+            peer_client=peer_client,
+            source=source,
+            metrics=metrics or NodeMetrics(),
+            wall=wall,
+        )
         node._tasks = [
             asyncio.create_task(node._run_source()),
             asyncio.create_task(node._forever("peer probe", PROBE_INTERVAL_S, node._probe_peers)),
@@ -112,7 +139,7 @@ class Node:
         copies). Bounded by --sync-deadline; a member just stops."""
         try:
             await asyncio.wait_for(self.source.refresh(self), timeout=PROBE_INTERVAL_S * 5)
-        except Exception:  # noqa: BLE001 - an unreachable API must not block shutdown; logged with its traceback
+        except Exception:
             log.warning("could not re-read membership before exiting", exc_info=True)
         if self.config.node_id in self.topology.current.peers:
             return
@@ -218,11 +245,10 @@ class Node:
         view = self.topology.current
         down = set(self.health.down_peers())
         others = [peer for node_id, peer in view.peers.items() if node_id != self.config.node_id]
-        results = await asyncio.gather(*(
-            self.peer_client.probe(peer) if peer.node_id in down else self._measure_offset(peer)
-            for peer in others
-        ))
-        for peer, answered in zip(others, results):
+        results = await asyncio.gather(
+            *(self.peer_client.probe(peer) if peer.node_id in down else self._measure_offset(peer) for peer in others)
+        )
+        for peer, answered in zip(others, results, strict=True):
             if answered and peer.node_id in down:
                 self.health.mark_up(peer.node_id)
         for node_id in view.peers:
@@ -239,8 +265,9 @@ class Node:
             theirs = await self.peer_client.wall_clock(peer)
         except PeerError:
             return False
-        self.offsets.record(peer.node_id, sent_wall_ms=sent_wall, round_trip_ms=(time.monotonic() - started) * 1000,
-                            peer_wall_ms=theirs)
+        self.offsets.record(
+            peer.node_id, sent_wall_ms=sent_wall, round_trip_ms=(time.monotonic() - started) * 1000, peer_wall_ms=theirs
+        )
         offset = self.offsets.offset_ms(peer.node_id)
         if offset is not None:
             self.metrics.clock_offset.labels(peer.node_id).set(offset / 1000)

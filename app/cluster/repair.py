@@ -64,11 +64,11 @@ class AntiEntropy:
             return 0
         mine = await asyncio.to_thread(self.replica.digests, arcs)
         self.metrics.ae_ranges_compared.inc(len(arcs))
-        differing = [arc for arc, a, b in zip(arcs, mine, theirs) if a != b]
+        differing = [arc for arc, a, b in zip(arcs, mine, theirs, strict=True) if a != b]
         self.metrics.ae_ranges_mismatched.inc(len(differing))
         repaired = 0
         for i in range(0, min(len(differing), MAX_ARCS_PER_ROUND), ARCS_PER_EXCHANGE):
-            chunk = differing[i:i + ARCS_PER_EXCHANGE]
+            chunk = differing[i : i + ARCS_PER_EXCHANGE]
             try:
                 repaired += await self._exchange(peer, chunk)
             except PeerError as exc:

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 from app.clock import HybridClock, wall_ms
+from app.coalesce import Coalescer
 from app.ring import ArcSet, stable_hash
 from app.storage.base import DIGEST_BYTES, ApplyResult, Record, Store, fingerprint
 from app.storage.hints import HintStore
 from app.transport.base import ReadAnswer, WriteAck, ack_for
-from app.transport.coalesce import Coalescer
 
+HELD = WriteAck(applied=True, existed=False)  # a hint taken: what the target holds is not known here
 FULL_SCAN_ABOVE_ARCS = 64  # past this many arcs one pass over the store beats a range scan per arc
 
 
@@ -47,7 +49,7 @@ class Replica:
         if hint_for is not None:
             self.hints.add(hint_for, key, record)
             await _durable(self.hints.wait_durable())
-            return WriteAck(applied=True, existed=False)
+            return HELD
         result = await self._applies.submit((key, record))
         await _durable(self.store.wait_durable())
         return ack_for(record, applied=result.applied, previous=result.previous, now_ms=wall_ms())
@@ -61,28 +63,25 @@ class Replica:
     async def write_many(self, writes: list[tuple[bytes, Record, str | None]]) -> list[WriteAck]:
         """Several writes (coalesced by the sender), each as `write` would
         apply it; one wait for durability covers them all."""
-        acks: list[WriteAck | None] = []
+        acks: dict[int, WriteAck] = {}
         local: list[tuple[int, bytes, Record]] = []  # applied together, in one transaction
-        held = False
         now = wall_ms()
         for _, record, _ in writes:
             self.clock.observe(record.version)  # all checked before any is applied
-        for key, record, hint_for in writes:
+        for position, (key, record, hint_for) in enumerate(writes):
             if hint_for is not None:
                 self.hints.add(hint_for, key, record)
-                acks.append(WriteAck(applied=True, existed=False))
-                held = True
+                acks[position] = HELD
             else:
-                local.append((len(acks), key, record))
-                acks.append(None)
+                local.append((position, key, record))
         if local:
             results = self.store.apply_many([(key, record) for _, key, record in local])
-            for (position, _, record), result in zip(local, results):
+            for (position, _, record), result in zip(local, results, strict=True):
                 acks[position] = ack_for(record, applied=result.applied, previous=result.previous, now_ms=now)
             await _durable(self.store.wait_durable())
-        if held:
+        if len(local) < len(writes):
             await _durable(self.hints.wait_durable())
-        return acks  # type: ignore[return-value] - every slot is filled above
+        return [acks[position] for position in range(len(writes))]
 
     async def write_batch(self, records: list[tuple[bytes, Record]]) -> int:
         for _, record in records:
@@ -120,6 +119,6 @@ class Replica:
         return [(key, record) for _, key, record in self._indexed_records(arcs)]
 
 
-async def _durable(waiter: object) -> None:
+async def _durable(waiter: Future[None] | None) -> None:
     if waiter is not None:
-        await asyncio.wrap_future(waiter)  # type: ignore[arg-type]
+        await asyncio.wrap_future(waiter)

@@ -20,6 +20,7 @@ all the chart's Role grants.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -44,7 +45,9 @@ from app.errors import ConfigError
 log = logging.getLogger(__name__)
 
 WATCH_WINDOW_S = 5  # timeoutSeconds: the API server ends each watch after this and we resume; short so a stop is quick
-WATCH_READ_TIMEOUT_S = WATCH_WINDOW_S + 2.0  # client side: a server ignoring timeoutSeconds (or a dead link) holds a thread no longer
+WATCH_READ_TIMEOUT_S = (
+    WATCH_WINDOW_S + 2.0
+)  # client side: a server ignoring timeoutSeconds (or a dead link) holds a thread no longer
 CONNECT_TIMEOUT_S = 2.0  # an API server that does not accept within this counts as down
 LIST_TIMEOUT_S = 5.0  # one list or get: a few pods and one StatefulSet answer in milliseconds
 REFRESH_TIMEOUT_S = 3.0  # the re-read before exit (Node.drain): an API outage must not hold the pod's shutdown
@@ -58,7 +61,9 @@ STATEFULSETS = "statefulsets"
 PODS = "pods"
 
 
-def member_urls(*, statefulset: str, replicas: int, service: str, namespace: str, domain: str, port: int) -> dict[str, str]:
+def member_urls(
+    *, statefulset: str, replicas: int, service: str, namespace: str, domain: str, port: int
+) -> dict[str, str]:
     """{pod name: base URL} of the ring for `replicas` pods (their stable DNS names)."""
     return {
         f"{statefulset}-{i}": f"http://{statefulset}-{i}.{service}.{namespace}.svc.{domain}:{port}"
@@ -89,7 +94,11 @@ def pod_matches(obj: dict[str, Any], *, statefulset: str, selector: dict[str, st
     meta = obj.get("metadata") or {}
     labels = meta.get("labels") or {}
     name = meta.get("name") or ""
-    return bool(selector) and all(labels.get(k) == v for k, v in selector.items()) and re.fullmatch(rf"{re.escape(statefulset)}-\d+", name) is not None
+    return (
+        bool(selector)
+        and all(labels.get(k) == v for k, v in selector.items())
+        and re.fullmatch(rf"{re.escape(statefulset)}-\d+", name) is not None
+    )
 
 
 def describe(exc: BaseException) -> str:
@@ -139,7 +148,7 @@ class _Expired:
 _Event = _Snapshot | _Change | _Connected | _Failure | _Expired
 
 
-class _Gone(Exception):
+class _GoneError(Exception):
     """The watched resourceVersion is too old (410): list again."""
 
 
@@ -169,14 +178,14 @@ class _Watcher:
                     resource_version = self._list()
                 resource_version = self._watch(resource_version)
                 delay = BACKOFF_INITIAL_S
-            except _Gone:
+            except _GoneError:
                 log.info("%s: watch expired (410 Gone); listing again", self.resource)
                 self.emit(_Expired(self.resource))
                 if resource_version is None:  # the list itself was refused as expired: back off, never spin
                     self.stop.wait(delay)
                     delay = min(delay * 2, BACKOFF_MAX_S)
                 resource_version = None
-            except Exception as exc:  # the boundary: every client failure becomes a reason string
+            except Exception as exc:  # noqa: BLE001 - the boundary: every client failure becomes a reason string
                 if self.stop.is_set():
                     break
                 self.emit(_Connected(self.resource, False))
@@ -188,18 +197,21 @@ class _Watcher:
         """Unblock a read in progress (called from another thread on stop)."""
         response = self._response
         if response is not None:
-            try:
+            # Already closed, or an older urllib3 without shutdown(): the read timeout bounds it.
+            with contextlib.suppress(Exception):
                 response.shutdown()
-            except Exception:  # already closed, or an older urllib3: the read timeout bounds it
-                pass
 
     def _list(self) -> str | None:
         try:
-            response = self.call(self.namespace, **self.selectors, _preload_content=False,
-                                 _request_timeout=(CONNECT_TIMEOUT_S, LIST_TIMEOUT_S))
+            response = self.call(
+                self.namespace,
+                **self.selectors,
+                _preload_content=False,
+                _request_timeout=(CONNECT_TIMEOUT_S, LIST_TIMEOUT_S),
+            )
         except ApiException as exc:
             if exc.status == 410:
-                raise _Gone from exc
+                raise _GoneError from exc
             raise
         body = json.loads(response.data)
         resource_version = (body.get("metadata") or {}).get("resourceVersion") or None
@@ -210,13 +222,18 @@ class _Watcher:
         """One watch window; returns the resourceVersion to resume from."""
         try:
             response = self.call(
-                self.namespace, **self.selectors, watch=True, resource_version=resource_version,
-                timeout_seconds=WATCH_WINDOW_S, allow_watch_bookmarks=True, _preload_content=False,
+                self.namespace,
+                **self.selectors,
+                watch=True,
+                resource_version=resource_version,
+                timeout_seconds=WATCH_WINDOW_S,
+                allow_watch_bookmarks=True,
+                _preload_content=False,
                 _request_timeout=(CONNECT_TIMEOUT_S, WATCH_READ_TIMEOUT_S),
             )
         except ApiException as exc:
             if exc.status == 410:
-                raise _Gone from exc
+                raise _GoneError from exc
             raise
         self._response = response
         self.emit(_Connected(self.resource, True))
@@ -233,7 +250,7 @@ class _Watcher:
                 kind, obj = event.get("type"), event.get("object") or {}
                 if kind == "ERROR":
                     if obj.get("code") == 410:
-                        raise _Gone
+                        raise _GoneError
                     raise _StreamError(f"watch error {obj.get('code')} {obj.get('reason')}: {obj.get('message')}")
                 resource_version = (obj.get("metadata") or {}).get("resourceVersion") or resource_version
                 if kind in ("ADDED", "MODIFIED", "DELETED"):
@@ -319,20 +336,33 @@ class KubernetesDiscovery(DiscoverySource):
             threads.append(thread)
             thread.start()
 
-        start(_Watcher(
-            resource=STATEFULSETS, call=self._apps.list_namespaced_stateful_set, namespace=self.namespace,
-            selectors={"field_selector": f"metadata.name={self.statefulset}"}, emit=emit, stop=stop,
-        ))
+        start(
+            _Watcher(
+                resource=STATEFULSETS,
+                call=self._apps.list_namespaced_stateful_set,
+                namespace=self.namespace,
+                selectors={"field_selector": f"metadata.name={self.statefulset}"},
+                emit=emit,
+                stop=stop,
+            )
+        )
         try:
             while True:
                 event = await queue.get()
                 await self._apply(event, sink)
                 if self._selector and len(watchers) == 1:  # pods are watched once the selector is known
-                    start(_Watcher(
-                        resource=PODS, call=self._core.list_namespaced_pod, namespace=self.namespace,
-                        selectors={"label_selector": ",".join(f"{k}={v}" for k, v in sorted(self._selector.items()))},
-                        emit=emit, stop=stop,
-                    ))
+                    start(
+                        _Watcher(
+                            resource=PODS,
+                            call=self._core.list_namespaced_pod,
+                            namespace=self.namespace,
+                            selectors={
+                                "label_selector": ",".join(f"{k}={v}" for k, v in sorted(self._selector.items()))
+                            },
+                            emit=emit,
+                            stop=stop,
+                        )
+                    )
         finally:
             stop.set()
             for watcher in watchers:
@@ -392,25 +422,31 @@ class KubernetesDiscovery(DiscoverySource):
                 self.resource_version = event.resource_version
                 mine = [obj for obj in event.items if (obj.get("metadata") or {}).get("name") == self.statefulset]
                 if not mine:
-                    self._failed(sink, f"statefulset {self.namespace}/{self.statefulset} not found; keeping the last known ring")
+                    self._failed(
+                        sink, f"statefulset {self.namespace}/{self.statefulset} not found; keeping the last known ring"
+                    )
                     return
                 await self._apply_statefulset(mine[0], sink)
             else:
                 self._pods = {
                     obj["metadata"]["name"]: pod_is_ready(obj)
-                    for obj in event.items if pod_matches(obj, statefulset=self.statefulset, selector=self._selector)
+                    for obj in event.items
+                    if pod_matches(obj, statefulset=self.statefulset, selector=self._selector)
                 }
                 self._pods_listed = True
                 self._sync_readiness(sink)
         elif isinstance(event, _Change):
             self._confirmed()
-            name = (event.obj.get("metadata") or {}).get("name")
+            name = str((event.obj.get("metadata") or {}).get("name") or "")
             if event.resource == STATEFULSETS:
                 if name != self.statefulset:
                     return
                 self.resource_version = event.resource_version
                 if event.type == "DELETED":
-                    self._failed(sink, f"statefulset {self.namespace}/{self.statefulset} was deleted; keeping the last known ring")
+                    self._failed(
+                        sink,
+                        f"statefulset {self.namespace}/{self.statefulset} was deleted; keeping the last known ring",
+                    )
                 else:
                     await self._apply_statefulset(event.obj, sink)
             elif pod_matches(event.obj, statefulset=self.statefulset, selector=self._selector):
@@ -429,8 +465,12 @@ class KubernetesDiscovery(DiscoverySource):
         if replicas == self.replicas:
             return
         members = member_urls(
-            statefulset=self.statefulset, replicas=replicas, service=self.headless_service,
-            namespace=self.namespace, domain=self.cluster_domain, port=self.port,
+            statefulset=self.statefulset,
+            replicas=replicas,
+            service=self.headless_service,
+            namespace=self.namespace,
+            domain=self.cluster_domain,
+            port=self.port,
         )
         log.warning("statefulset %s has %d replicas: ring members %s", self.statefulset, replicas, sorted(members))
         await sink.set_members(members)
@@ -460,10 +500,12 @@ class KubernetesDiscovery(DiscoverySource):
 
     def _read_statefulset(self) -> dict[str, Any]:
         response = self._apps.read_namespaced_stateful_set(
-            self.statefulset, self.namespace, _preload_content=False,
+            self.statefulset,
+            self.namespace,
+            _preload_content=False,
             _request_timeout=(min(CONNECT_TIMEOUT_S, REFRESH_TIMEOUT_S), REFRESH_TIMEOUT_S),
         )
-        return json.loads(response.data)
+        return json.loads(response.data)  # type: ignore[attr-defined]  # _preload_content=False returns the raw response, not the model its annotation names
 
 
 def api_client_from(kubeconfig: str | None) -> Any:
@@ -473,7 +515,9 @@ def api_client_from(kubeconfig: str | None) -> Any:
     path = kubeconfig or os.environ.get("KUBECONFIG")
     try:
         if path:
-            kubernetes.config.load_kube_config(config_file=path, client_configuration=configuration, persist_config=False)
+            kubernetes.config.load_kube_config(
+                config_file=path, client_configuration=configuration, persist_config=False
+            )
         else:
             kubernetes.config.load_incluster_config(client_configuration=configuration)
     except (ConfigException, OSError) as exc:

@@ -10,13 +10,20 @@ import os
 
 from app.config import NodeConfig
 from app.errors import ConfigError
-from app.storage.base import ApplyResult, Record, Store, in_arc
+from app.storage.base import ApplyResult, Record, Store
 from app.storage.hints import HintStore
 from app.storage.lmdb_store import LmdbStore
 from app.storage.memory import MemoryStore
 
 __all__ = [
-    "ApplyResult", "HintStore", "LmdbStore", "MemoryStore", "Record", "Store", "in_arc", "open_hint_store", "open_store",
+    "ApplyResult",
+    "HintStore",
+    "LmdbStore",
+    "MemoryStore",
+    "Record",
+    "Store",
+    "open_hint_store",
+    "open_store",
 ]
 
 HINTS_SUBDIR = "hints"  # hints live in their own engine beside the data, never mixed with replica records

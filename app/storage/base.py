@@ -18,7 +18,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from app.clock import Version
-from app.ring import in_arc  # noqa: F401 - re-exported for engines
 
 DIGEST_BYTES = 16  # 128 bits: two differing arcs collide with odds no anti-entropy run will meet
 

@@ -10,8 +10,9 @@ applied, written in the same transaction as the record that first passes the
 previous ceiling, so it is as durable as they are. It steps HIGH_WATER_STEP_MS
 ahead of that record, so it is rewritten a few times a second under load,
 not in every commit.
-Commits never fsync; durability is a policy (--fsync) run by a flusher thread:
-`always` group-commits waiters into one env.sync, `batch` syncs every window.
+Commits never fsync; durability is a policy (--fsync) that app.storage.flusher
+runs in a thread: `always` group-commits waiters into one env.sync, `batch`
+syncs every window.
 Called by app.cluster (event-loop thread and executor threads); no asyncio here.
 """
 
@@ -21,7 +22,6 @@ import fcntl
 import logging
 import os
 import struct
-import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import TextIO
@@ -33,6 +33,7 @@ from app.config import DEFAULT_LMDB_MAP_SIZE, FSYNC_POLICIES, LMDB_SCAN_CHUNK, L
 from app.errors import NodeIdMismatchError, StorageError
 from app.ring import HASH_SPACE, stable_hash
 from app.storage.base import DIGEST_BYTES, ApplyResult, Record, Store, fingerprint
+from app.storage.flusher import Flusher
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +108,9 @@ class LmdbStore(Store):
         try:
             # sync/metasync off: a commit only touches the page cache, so
             # apply() on the event loop never waits for the disk; the policy
-            # threads below decide when env.sync makes it durable. writemap:
-            # commits write straight into the shared map (half the cost of a
-            # put, measured); see LMDB_WRITEMAP for what it trades away.
+            # threads below decide when env.sync makes it durable. writemap
+            # stays off (LMDB_WRITEMAP says why): it halves a put's cost, but
+            # unsynced commits could then corrupt the file on a power loss.
             self._env = lmdb.open(
                 path,
                 map_size=map_size,
@@ -135,22 +136,8 @@ class LmdbStore(Store):
             self._lock_file.close()
             raise
 
-        # Durability bookkeeping: a sequence number per applied write, and the
-        # highest one an env.sync is known to cover.
-        self._seq_lock = threading.Lock()
-        self._applied_seq = 0
-        self._durable_seq = 0
-        self._closed = False
-        self._wake = threading.Condition()
-        self._waiters: list[Future[None]] = []
-        self._flusher: threading.Thread | None = None
-        if fsync == "always":
-            self._flusher = threading.Thread(target=self._group_commit_loop, name="lmdb-group-commit", daemon=True)
-        elif fsync == "batch":
-            self._window_s = fsync_window_ms / 1000
-            self._flusher = threading.Thread(target=self._batch_loop, name="lmdb-batch-sync", daemon=True)
-        if self._flusher is not None:
-            self._flusher.start()
+        self._closing = False
+        self._flusher = Flusher(policy=fsync, window_ms=fsync_window_ms, sync=self._env_sync, name="lmdb")
 
     @staticmethod
     def _lock_directory(path: str) -> TextIO:
@@ -312,8 +299,7 @@ class LmdbStore(Store):
             raise StorageError(f"storage: apply failed: {exc}") from exc
         if changed:
             self._high_water = highest
-            with self._seq_lock:
-                self._applied_seq += 1
+            self._flusher.applied()
         return results
 
     def discard(self, key: bytes, version: Version) -> bool:
@@ -330,8 +316,7 @@ class LmdbStore(Store):
                 txn.delete(data_key, db=self._data)
         except lmdb.Error as exc:
             raise StorageError(f"storage: discard failed: {exc}") from exc
-        with self._seq_lock:
-            self._applied_seq += 1
+        self._flusher.applied()
         return True
 
     def _index(self, txn: lmdb.Transaction, data_key: bytes, record: Record) -> None:
@@ -353,8 +338,7 @@ class LmdbStore(Store):
         changed = self._sweep_index(self._expiry, limit=now_ms, purge=False)
         changed += self._sweep_index(self._tombs, limit=now_ms - self._grace_ms, purge=True)
         if changed:
-            with self._seq_lock:
-                self._applied_seq += 1
+            self._flusher.applied()
         return changed
 
     def _sweep_index(self, index: lmdb._Database, *, limit: int, purge: bool) -> int:
@@ -369,7 +353,7 @@ class LmdbStore(Store):
             try:
                 with self._env.begin(write=True) as txn:
                     cursor = txn.cursor(db=index)
-                    due = []
+                    due: list[bytes] = []
                     for index_key in cursor.iternext(values=False):
                         if index_key[:8] > bound or len(due) == LMDB_SWEEP_BATCH:
                             break
@@ -395,83 +379,25 @@ class LmdbStore(Store):
             if batch < LMDB_SWEEP_BATCH:
                 return purged
 
-    # -- durability -------------------------------------------------------------
+    # -- durability (the policy thread lives in app.storage.flusher) ---------------
 
-    def sync(self) -> None:
-        with self._seq_lock:
-            covered = self._applied_seq
+    def _env_sync(self) -> None:
         try:
             self._env.sync(True)
         except lmdb.Error as exc:
             raise StorageError(f"storage: sync failed: {exc}") from exc
-        with self._seq_lock:
-            self._durable_seq = max(self._durable_seq, covered)
+
+    def sync(self) -> None:
+        self._flusher.sync()
 
     def wait_durable(self) -> Future[None] | None:
-        if self._fsync != "always":
-            return None
-        future: Future[None] = Future()
-        # Running futures cannot be cancelled: a caller that gives up (an
-        # asyncio.wrap_future whose task was cancelled) must not leave a
-        # cancelled future for the flusher to trip over.
-        future.set_running_or_notify_cancel()
-        with self._seq_lock:
-            already = self._applied_seq <= self._durable_seq
-        if already:
-            future.set_result(None)
-            return future
-        with self._wake:
-            if self._closed:
-                raise StorageError("storage: the store is closed")
-            self._waiters.append(future)
-            self._wake.notify()
-        return future
-
-    def _group_commit_loop(self) -> None:
-        """--fsync always: one env.sync for everyone waiting when it starts.
-        Writers that arrive during a sync share the next one."""
-        while True:
-            with self._wake:
-                while not self._waiters and not self._closed:
-                    self._wake.wait()
-                waiters, self._waiters = self._waiters, []
-                closing = self._closed
-            if waiters:
-                try:
-                    self.sync()
-                except Exception as exc:  # the waiters learn of it; the loop keeps serving
-                    for future in waiters:
-                        future.set_exception(exc)
-                else:
-                    for future in waiters:
-                        future.set_result(None)
-            if closing:
-                return
-
-    def _batch_loop(self) -> None:
-        """--fsync batch: sync every window, when something was written."""
-        while True:
-            with self._wake:
-                if self._closed:
-                    return
-                self._wake.wait(self._window_s)
-            with self._seq_lock:
-                dirty = self._applied_seq > self._durable_seq
-            if dirty:
-                try:
-                    self.sync()
-                except StorageError:
-                    # The next window retries; close() makes a last attempt and raises.
-                    log.exception("batch fsync failed; retrying next window")
+        return self._flusher.wait_durable()
 
     def close(self) -> None:
-        with self._wake:
-            if self._closed:
-                return
-            self._closed = True
-            self._wake.notify_all()
-        if self._flusher is not None:
-            self._flusher.join()
+        if self._closing:
+            return
+        self._closing = True
+        self._flusher.close()
         try:
             self._env.sync(True)
         finally:

@@ -8,8 +8,8 @@ import threading
 from collections.abc import Iterator
 
 from app.clock import Version
-from app.ring import stable_hash
-from app.storage.base import ApplyResult, Record, Store, in_arc
+from app.ring import in_arc, stable_hash
+from app.storage.base import ApplyResult, Record, Store
 
 
 class MemoryStore(Store):
@@ -57,13 +57,16 @@ class MemoryStore(Store):
 
     def sweep(self, now_ms: int) -> int:
         with self._lock:
-            expired = [key for key, record in self._records.items() if record.value is not None and record.expired(now_ms)]
+            expired = [
+                key for key, record in self._records.items() if record.value is not None and record.expired(now_ms)
+            ]
             for key in expired:
                 record = self._records[key]
                 self._records[key] = Record(version=record.version, value=None, expires_at_ms=record.expires_at_ms)
                 self._live -= 1
             doomed = [
-                key for key, record in self._records.items()
+                key
+                for key, record in self._records.items()
                 if record.value is None and record.dead_since_ms + self._grace_ms <= now_ms
             ]
             for key in doomed:

@@ -9,6 +9,7 @@ most one internal hop. Imports storage types only; no network library.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -31,7 +32,7 @@ DIGESTS_PATH = INTERNAL_PREFIX + "/digests"
 RANGE_PATH = INTERNAL_PREFIX + "/range"
 MEMBERSHIP_PATH = INTERNAL_PREFIX + "/membership"
 CLOCK_PATH = INTERNAL_PREFIX + "/clock"  # a node's wall clock, for offset measurement
-WRITES_PATH = INTERNAL_PREFIX + "/writes"  # coalesced single-key writes (app.transport.coalesce)
+WRITES_PATH = INTERNAL_PREFIX + "/writes"  # coalesced single-key writes (app.coalesce)
 READS_PATH = INTERNAL_PREFIX + "/reads"  # coalesced single-key reads
 COALESCE_MAX_CALLS = 64  # calls per coalesced request: one request's worth of work, not a bulk transfer
 COALESCE_MAX_BYTES = 256 * 1024  # body bytes per coalesced request; a bigger single write goes alone
@@ -87,7 +88,7 @@ def record_headers(record: Record) -> dict[str, str]:
     return headers
 
 
-def record_from_headers(headers: dict[str, str], body: bytes) -> Record:
+def record_from_headers(headers: Mapping[str, str], body: bytes) -> Record:
     """Inverse of record_headers; raises ValueError on a malformed header."""
     version = Version.decode(headers[VERSION_HEADER])
     expires = int(headers.get(EXPIRES_HEADER) or 0)

@@ -47,14 +47,17 @@ def encode_digests(digests: Iterable[bytes]) -> bytes:
 def decode_digests(data: bytes) -> list[bytes]:
     if len(data) % DIGEST_BYTES:
         raise ValueError("digest list is not a whole number of digests")
-    return [data[offset:offset + DIGEST_BYTES] for offset in range(0, len(data), DIGEST_BYTES)]
+    return [data[offset : offset + DIGEST_BYTES] for offset in range(0, len(data), DIGEST_BYTES)]
 
 
 def _append_record(parts: list[bytes], key: bytes, record: Record) -> None:
     node = record.version.node.encode()
     value = record.value
-    parts.append(_HEAD.pack(len(key), NO_VALUE if value is None else len(value),
-                            record.version.hlc, record.expires_at_ms, len(node)))
+    parts.append(
+        _HEAD.pack(
+            len(key), NO_VALUE if value is None else len(value), record.version.hlc, record.expires_at_ms, len(node)
+        )
+    )
     parts.append(key)
     parts.append(node)
     if value:
@@ -68,14 +71,14 @@ def _decode_record(data: bytes, offset: int) -> tuple[bytes, Record, int]:
         raise ValueError("truncated record frame")
     key_len, value_len, hlc, expires, node_len = _HEAD.unpack_from(data, offset)
     offset += _HEAD.size
-    key = data[offset:offset + key_len]
+    key = data[offset : offset + key_len]
     offset += key_len
-    node = data[offset:offset + node_len].decode()
+    node = data[offset : offset + node_len].decode()
     offset += node_len
     if value_len == NO_VALUE:
         value = None
     else:
-        value = data[offset:offset + value_len]
+        value = data[offset : offset + value_len]
         offset += value_len
         if len(value) != value_len:
             raise ValueError("truncated record value")
@@ -117,7 +120,7 @@ def decode_writes(data: bytes) -> list[tuple[bytes, Record, str | None]]:
     while offset < size:
         (hint_len,) = _HINT.unpack_from(data, offset)
         offset += _HINT.size
-        hint = data[offset:offset + hint_len].decode() if hint_len else None
+        hint = data[offset : offset + hint_len].decode() if hint_len else None
         offset += hint_len
         key, record, offset = _decode_record(data, offset)
         writes.append((key, record, hint))
@@ -149,7 +152,7 @@ def decode_acks(data: bytes) -> list[tuple[bool, bool, Version | None]]:
                 raise ValueError("truncated write answer")
             hlc, node_len = _VERSION.unpack_from(data, offset)
             offset += _VERSION.size
-            node = data[offset:offset + node_len]
+            node = data[offset : offset + node_len]
             if len(node) != node_len:
                 raise ValueError("truncated write answer")
             offset += node_len
@@ -170,7 +173,7 @@ def decode_keys(data: bytes) -> list[bytes]:
             raise ValueError("truncated key frame")
         (key_len,) = _KEY.unpack_from(data, offset)
         offset += _KEY.size
-        key = data[offset:offset + key_len]
+        key = data[offset : offset + key_len]
         if len(key) != key_len:
             raise ValueError("truncated key")
         offset += key_len

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from typing import cast
 
 import httptools
 
@@ -32,7 +33,7 @@ class _Connection(asyncio.Protocol):
         self.alive = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream connection's transport is a Transport
 
     def data_received(self, data: bytes) -> None:
         if self.waiter is None:
@@ -105,7 +106,12 @@ class PeerPool:
         self._busy += 1
         try:
             head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n" % (
-                method, path.encode("ascii"), self.host_header, headers, len(body))
+                method,
+                path.encode("ascii"),
+                self.host_header,
+                headers,
+                len(body),
+            )
             conn = self._idle.pop() if self._idle else None
             if conn is not None:
                 try:
@@ -141,18 +147,20 @@ class PeerPool:
             raise ConnectionResetError("peer pool closed")
         loop = asyncio.get_running_loop()
         _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: _Connection(self), self.host, self.port), self.timeout_s)
+            loop.create_connection(lambda: _Connection(self), self.host, self.port), self.timeout_s
+        )
         return conn
 
     async def _send(self, conn: _Connection, head: bytes, body: bytes) -> Response:
         loop = asyncio.get_running_loop()
-        waiter = conn.waiter = loop.create_future()
+        waiter: asyncio.Future[Response] = loop.create_future()
+        conn.waiter = waiter
         assert conn.transport is not None
         if body:
             conn.transport.writelines((head, body))
         else:
             conn.transport.write(head)
-        timer = loop.call_later(self.timeout_s, conn.fail, asyncio.TimeoutError())
+        timer = loop.call_later(self.timeout_s, conn.fail, TimeoutError())
         try:
             response = await waiter
         except BaseException:

@@ -64,8 +64,13 @@ def create_app(config: NodeConfig, *, metrics: NodeMetrics | None = None) -> Dat
     api.include_router(admin_router)
     _install_error_handlers(api)
     _install_openapi(api)
-    return DataPlane(slot=slot, metrics=metrics, cluster_token=config.cluster_token,
-                     max_value_bytes=config.max_value_bytes, fallback=api)
+    return DataPlane(
+        slot=slot,
+        metrics=metrics,
+        cluster_token=config.cluster_token,
+        max_value_bytes=config.max_value_bytes,
+        fallback=api,
+    )
 
 
 def discovery_source(config: NodeConfig) -> DiscoverySource:

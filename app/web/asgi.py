@@ -41,9 +41,15 @@ class Disconnected(Exception):  # noqa: N818 - an event, not a failure: the clie
 class Reply:
     """A finished answer: status, body, content type, extra headers."""
 
-    __slots__ = ("status", "body", "content_type", "headers")
+    __slots__ = ("body", "content_type", "headers", "status")
 
-    def __init__(self, status: int, body: bytes = b"", content_type: bytes = JSON, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        body: bytes = b"",
+        content_type: bytes = JSON,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         self.status = status
         self.body = body
         self.content_type = content_type
@@ -71,7 +77,9 @@ def reply_for(exc: KvstoreError) -> Reply:
 def allow(method: str, path: str, allowed: tuple[str, ...]) -> None:
     """MethodNotAllowedError unless the route takes the method."""
     if method not in allowed:
-        raise MethodNotAllowedError(f"method {method} is not allowed on {path}; use {' or '.join(allowed)}", allowed=allowed)
+        raise MethodNotAllowedError(
+            f"method {method} is not allowed on {path}; use {' or '.join(allowed)}", allowed=allowed
+        )
 
 
 def check_token(scope: Scope, token: bytes | None) -> None:
@@ -111,4 +119,4 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 def raw_path_after(scope: Scope, prefix: bytes) -> bytes:
     """The still percent-encoded path after a route prefix."""
     raw: bytes = scope.get("raw_path") or scope["path"].encode()
-    return raw[len(prefix):].split(b"?", 1)[0]
+    return raw[len(prefix) :].split(b"?", 1)[0]

@@ -46,8 +46,15 @@ HEALTH_METHODS = MethodNotAllowedError("/health answers GET (and HEAD) only", al
 class DataPlane:
     """Routes raw paths to their handlers; everything else to FastAPI."""
 
-    def __init__(self, *, slot: NodeSlot, metrics: NodeMetrics, cluster_token: str | None, max_value_bytes: int,
-                 fallback: ASGIApp) -> None:
+    def __init__(
+        self,
+        *,
+        slot: NodeSlot,
+        metrics: NodeMetrics,
+        cluster_token: str | None,
+        max_value_bytes: int,
+        fallback: ASGIApp,
+    ) -> None:
         self.slot = slot
         self.fallback = fallback
         self.token = cluster_token.encode() if cluster_token else None

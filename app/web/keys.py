@@ -48,10 +48,10 @@ def ttl_from(raw: object) -> float | None:
     """A TTL in seconds: absent, or a positive number."""
     if raw is None:
         return None
-    if isinstance(raw, bool):
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
         raise InvalidRequestError("ttl must be a positive number of seconds")
     try:
-        ttl = float(raw)  # type: ignore[arg-type]
+        ttl = float(raw)
     except (TypeError, ValueError):
         raise InvalidRequestError("ttl must be a positive number of seconds") from None
     if not ttl > 0 or ttl == float("inf"):

@@ -38,19 +38,21 @@ async def ring(request: Request) -> dict[str, object]:
     for node_id, peer in sorted(view.peers.items()):
         state = node.health.snapshot(node_id)
         is_self = node_id == node.config.node_id
-        members.append({
-            "node_id": node_id,
-            "url": peer.url,
-            "self": is_self,
-            "reachable": True if is_self else node.health.is_up(node_id),
-            "since_s": None if is_self else round(max(0.0, now - state.since), 3),
-            "last_error": None if is_self or node.health.is_up(node_id) else state.last_error,
-            "outstanding_requests": None if is_self else state.outstanding,
-            "latency_ms": None if is_self else round(state.latency_s * 1000, 3),
-            "clock_offset_ms": None if is_self else _rounded(node.offsets.offset_ms(node_id)),
-            "share": round(shares[node_id], 6),
-            "replica_share": round(replica_shares[node_id], 6),
-        })
+        members.append(
+            {
+                "node_id": node_id,
+                "url": peer.url,
+                "self": is_self,
+                "reachable": True if is_self else node.health.is_up(node_id),
+                "since_s": None if is_self else round(max(0.0, now - state.since), 3),
+                "last_error": None if is_self or node.health.is_up(node_id) else state.last_error,
+                "outstanding_requests": None if is_self else state.outstanding,
+                "latency_ms": None if is_self else round(state.latency_s * 1000, 3),
+                "clock_offset_ms": None if is_self else _rounded(node.offsets.offset_ms(node_id)),
+                "share": round(shares[node_id], 6),
+                "replica_share": round(replica_shares[node_id], 6),
+            }
+        )
     return {
         "node_id": node.config.node_id,
         "syncing": node.handoff.status.syncing,

@@ -66,7 +66,9 @@ class PeerRoutes:
             extra = [] if answer.authoritative else [SYNCING]
             if answer.record is None:
                 return Reply(404, headers=extra)
-            return Reply(200, answer.record.value or b"", OCTETS, _encode_headers(record_headers(answer.record)) + extra)
+            return Reply(
+                200, answer.record.value or b"", OCTETS, _encode_headers(record_headers(answer.record)) + extra
+            )
         node.metrics.internal_writes.inc()
         body = await read_body(scope, receive, self.max_value)
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
@@ -104,9 +106,13 @@ class PeerRoutes:
             validate_key(key)
         node.metrics.internal_reads.inc(len(keys))
         answers = node.replica.read_many(keys)
-        return Reply(200, codec.encode_read_answers(
-            (key, answer.record, not answer.authoritative) for key, answer in zip(keys, answers, strict=True)
-        ), OCTETS)
+        return Reply(
+            200,
+            codec.encode_read_answers(
+                (key, answer.record, not answer.authoritative) for key, answer in zip(keys, answers, strict=True)
+            ),
+            OCTETS,
+        )
 
     # -- the clock ---------------------------------------------------------------------
 
@@ -120,7 +126,9 @@ class PeerRoutes:
     async def batch(self, node: Node, scope: Scope, receive: Receive, method: str) -> Reply:
         """Apply many replica records, last writer wins; how many were newer."""
         allow(method, scope["path"], ("POST",))
-        records: list[tuple[bytes, Record]] = _decoded(codec.decode_records, await read_body(scope, receive, BULK_MAX_BYTES), "record batch")
+        records: list[tuple[bytes, Record]] = _decoded(
+            codec.decode_records, await read_body(scope, receive, BULK_MAX_BYTES), "record batch"
+        )
         return Reply(200, orjson.dumps({"applied": await node.replica.write_batch(records)}))
 
     async def digests(self, node: Node, scope: Scope, receive: Receive, method: str) -> Reply:

@@ -9,7 +9,7 @@ import pytest
 from app.clock import Version
 from app.storage.base import Record
 from app.transport import codec
-from app.transport.coalesce import Coalescer
+from app.coalesce import Coalescer
 
 
 class Recorder:

@@ -60,6 +60,7 @@ async def test_unreachable_owner_is_named_and_marked_down(cluster: InProcessClus
     with pytest.raises(QuorumError, match=r"peer c \(http://c\) unreachable"):
         await nodes["a"].get(key)
     assert not nodes["a"].health.is_up("c")
+    assert nodes["a"].metrics.replica_read_failures.labels("c")._value.get() == 1
     transport.unreachable.clear()
     assert await nodes["a"].get(key) is None  # a down owner is still tried when it is the only one
     assert nodes["a"].health.is_up("c")

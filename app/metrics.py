@@ -82,6 +82,11 @@ class NodeMetrics:
         )
         self.hints_delivered = Counter("kvstore_hints_delivered_total", "Hints delivered to their replica.", registry=r)
         self.hints_pending = Gauge("kvstore_hints_pending", "Hints this node holds, not yet delivered.", registry=r)
+        self.hedged_reads = Counter(
+            "kvstore_hedged_reads_total",
+            "Replica reads sent to another replica because the first had not answered within its p95.",
+            registry=r,
+        )
         self.read_repairs = Counter("kvstore_read_repairs_total", "Stale replicas updated by read repair.", registry=r)
         self.ae_ranges_compared = Counter(
             "kvstore_anti_entropy_ranges_compared_total",

@@ -261,14 +261,29 @@ class Coordinator:
     # -- plumbing -------------------------------------------------------------
 
     async def _remote(self, peer: Peer, call: Awaitable[T]) -> T:
-        started = self.health.begin(peer.node_id)
+        """A call to a peer, accounted in its health: an answer of any kind,
+        a refusal included, proves it reachable; no answer marks it down, and
+        so, before the timeout, do several calls in a row left unanswered
+        past the peer's suspect delay (the breaker)."""
+        node_id = peer.node_id
+        started = self.health.begin(node_id)
+        suspect = asyncio.get_running_loop().call_later(self.health.suspect_after(node_id), self.health.strike, node_id)
         try:
             result = await call
         except PeerError as exc:
-            self.health.call_failed(peer.node_id, exc)
+            answered = not isinstance(exc, PeerUnavailableError)
+            self.health.end(peer.node_id, started, answered=answered)
+            if answered:
+                self.health.mark_up(peer.node_id)
+            else:
+                self.health.call_failed(peer.node_id, exc)
+            raise
+        except BaseException:
+            self.health.end(peer.node_id, started, answered=False)
             raise
         finally:
-            self.health.end(peer.node_id, started)
+            suspect.cancel()
+        self.health.end(peer.node_id, started)
         self.health.mark_up(peer.node_id)
         return result
 
@@ -309,7 +324,23 @@ class _ReadRound:
         task = asyncio.ensure_future(coordinator._read_remote(peer, self.key))
         coordinator._keep(task)  # a late answer still lands in health and metrics
         self.in_flight += 1
-        task.add_done_callback(lambda t: self._on_done(peer, t))
+        hedge = asyncio.get_running_loop().call_later(
+            coordinator.health.hedge_delay(peer.node_id), self._hedge, peer, task
+        )
+
+        def done(t: asyncio.Future[ReadAnswer]) -> None:
+            hedge.cancel()
+            self._on_done(peer, t)
+
+        task.add_done_callback(done)
+
+    def _hedge(self, peer: Peer, task: asyncio.Future[ReadAnswer]) -> None:
+        """The replica has not answered within its p95: ask the next one too,
+        and the first answers win; the slow one gets a strike."""
+        if task.done() or self.finished.done():
+            return
+        self.coordinator.metrics.hedged_reads.inc()
+        self._ask_one_more()
 
     def _on_done(self, peer: Peer, task: asyncio.Future[ReadAnswer]) -> None:
         self.in_flight -= 1

@@ -19,6 +19,7 @@ from app.storage.base import Record
 INTERNAL_PREFIX = "/internal/v1"
 KV_PATH = INTERNAL_PREFIX + "/kv/"
 TOKEN_HEADER = "x-kvstore-token"
+FROM_HEADER = "x-kvstore-from"  # the node id of the node sending an internal request
 VERSION_HEADER = "x-kvstore-version"
 EXPIRES_HEADER = "x-kvstore-expires"
 TOMBSTONE_HEADER = "x-kvstore-tombstone"

@@ -4,6 +4,7 @@ Integration tests use the real HTTP client; this keeps unit tests fast."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable
 from typing import Protocol
@@ -27,6 +28,7 @@ class InProcessPeerClient(PeerClient):
         self.replicas: dict[str, ReplicaSide] = replicas if replicas is not None else {}
         self.membership_handlers: dict[str, Callable[[dict[str, str]], object]] = {}
         self.unreachable: set[str] = set()
+        self.hung: set[str] = set()  # accept calls and never answer (a blackholed peer): callers must time out or hedge
         self.walls: dict[str, Callable[[], int]] = {}  # a node's wall clock, if not the real one (skew tests)
         self.calls: list[tuple[str, str]] = []  # (node_id, operation), for assertions
 
@@ -37,10 +39,16 @@ class InProcessPeerClient(PeerClient):
         return self.replicas[peer.node_id]
 
     async def read(self, peer: Peer, key: bytes) -> ReadAnswer:
-        return self._target(peer, "read").read(key)
+        target = self._target(peer, "read")
+        if peer.node_id in self.hung:
+            await asyncio.Event().wait()  # never set: only a caller's timeout or cancellation ends it
+        return target.read(key)
 
     async def write(self, peer: Peer, key: bytes, record: Record, *, hint_for: str | None = None) -> WriteAck:
-        return await self._target(peer, "hint" if hint_for else "write").write(key, record, hint_for=hint_for)
+        target = self._target(peer, "hint" if hint_for else "write")
+        if peer.node_id in self.hung:
+            await asyncio.Event().wait()
+        return await target.write(key, record, hint_for=hint_for)
 
     async def write_batch(self, peer: Peer, records: list[tuple[bytes, Record]]) -> int:
         return await self._target(peer, "batch").write_batch(records)

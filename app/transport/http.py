@@ -38,6 +38,7 @@ from app.transport.base import (
     COALESCE_MAX_CALLS,
     DIGESTS_PATH,
     EXISTED_HEADER,
+    FROM_HEADER,
     HINT_HEADER,
     KV_PATH,
     MEMBERSHIP_PATH,
@@ -96,7 +97,14 @@ class OverrideResolver(aiohttp.abc.AbstractResolver):
 class HttpPeerClient(PeerClient):
     """Must be created inside the running event loop (aiohttp binds to it)."""
 
-    def __init__(self, *, timeout_s: float, token: str | None = None, resolve: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        timeout_s: float,
+        token: str | None = None,
+        resolve: dict[str, str] | None = None,
+        self_id: str | None = None,
+    ) -> None:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=0,
@@ -108,9 +116,11 @@ class HttpPeerClient(PeerClient):
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
-        self._token_headers = {TOKEN_HEADER: token} if token else {}
+        # Every internal request carries the token (when set) and names its
+        # sender, so the peer learns this node is up from the request itself.
+        self._token_headers = ({TOKEN_HEADER: token} if token else {}) | ({FROM_HEADER: self_id} if self_id else {})
         self._bulk_timeout = aiohttp.ClientTimeout(total=max(BULK_TIMEOUT_S, timeout_s))
-        self._token_line = f"{TOKEN_HEADER}: {token}\r\n".encode() if token else b""
+        self._token_line = "".join(f"{name}: {value}\r\n" for name, value in self._token_headers.items()).encode()
         self._timeout_s = timeout_s
         self._resolve = resolve or {}
         self._pools: dict[str, PeerPool | None] = {}

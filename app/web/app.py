@@ -38,7 +38,9 @@ def create_app(config: NodeConfig, *, metrics: NodeMetrics | None = None) -> Dat
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        peer_client = HttpPeerClient(timeout_s=config.peer_timeout, token=config.cluster_token, resolve=config.resolve)
+        peer_client = HttpPeerClient(
+            timeout_s=config.peer_timeout, token=config.cluster_token, resolve=config.resolve, self_id=config.node_id
+        )
         try:
             node = await Node.open(config, peer_client=peer_client, source=discovery_source(config), metrics=metrics)
         except BaseException:

@@ -82,6 +82,14 @@ def allow(method: str, path: str, allowed: tuple[str, ...]) -> None:
         )
 
 
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """A request header's value (names are lower-case in ASGI), or None."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value  # type: ignore[no-any-return]  # ASGI header values are bytes
+    return None
+
+
 def check_token(scope: Scope, token: bytes | None) -> None:
     """Internal and admin routes need the cluster token when one is set."""
     if token is None:

@@ -24,6 +24,7 @@ from app.transport.base import (
     BATCH_PATH,
     CLOCK_PATH,
     DIGESTS_PATH,
+    FROM_HEADER,
     KV_PATH,
     MEMBERSHIP_PATH,
     RANGE_PATH,
@@ -31,13 +32,26 @@ from app.transport.base import (
     WRITES_PATH,
 )
 from app.web import routes_data
-from app.web.asgi import TEXT, ASGIApp, Disconnected, Receive, Reply, Scope, Send, check_token, json_error, reply_for
+from app.web.asgi import (
+    TEXT,
+    ASGIApp,
+    Disconnected,
+    Receive,
+    Reply,
+    Scope,
+    Send,
+    check_token,
+    header,
+    json_error,
+    reply_for,
+)
 from app.web.routes_peer import PeerRoutes
 from app.web.slot import NodeSlot
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Node, Scope, Receive, str], Awaitable[Reply]]
+FROM_HEADER_BYTES = FROM_HEADER.encode()
 INTERNAL = "internal"  # the op of node-to-node routes: token-checked, not counted as client requests
 OK_HEALTH = Reply(200, b"OK", TEXT)
 HEALTH_METHODS = MethodNotAllowedError("/health answers GET (and HEAD) only", allowed=("GET",))
@@ -95,9 +109,13 @@ class DataPlane:
             return await self.fallback(scope, receive, send)
         started = time.perf_counter()
         try:
+            node = self.slot.require()
             if op is INTERNAL:
                 check_token(scope, self.token)
-            reply = await handler(self.slot.require(), scope, receive, method)
+                sender = header(scope, FROM_HEADER_BYTES)
+                if sender is not None:
+                    node.health.heard_from(sender.decode("latin-1"))
+            reply = await handler(node, scope, receive, method)
         except Disconnected:
             return
         except KvstoreError as exc:

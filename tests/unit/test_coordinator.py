@@ -186,3 +186,24 @@ async def test_an_expired_value_hides_an_older_live_one_on_a_replica_that_missed
     await asyncio.sleep(0)  # read repair ran: c now holds the dead version too
     dead = nodes["c"].replica.store.get(b"k")
     assert dead is not None and dead.value == b"short-lived" and not dead.live(wall_ms())
+
+
+# -- gray failures: a replica that accepts and never answers ---------------------
+
+
+async def test_a_read_hedges_past_a_hung_replica_and_the_breaker_marks_it_down(cluster: InProcessCluster) -> None:
+    nodes, transport = await build_cluster(cluster, replication_factor=3)
+    await nodes["a"].put(b"k", b"v")
+    transport.hung.add("c")
+    for _ in range(12):
+        nodes["a"].health.snapshot("b").latency_s = 10.0  # so that c, the hung one, looks best and is asked first
+        started = asyncio.get_running_loop().time()
+        read = await asyncio.wait_for(nodes["a"].get(b"k"), timeout=1.0)  # the peer timeout would be 2 s
+        assert read is not None and read.value == b"v"
+        assert asyncio.get_running_loop().time() - started < 0.1
+    for _ in range(4):
+        await nodes["a"].put(b"k", b"v2")  # writes go to every replica: the hung one collects strikes
+    await asyncio.sleep(0.25)  # past the suspect delay (200 ms)
+    assert not nodes["a"].health.is_up("c")
+    assert "unanswered past" in nodes["a"].health.snapshot("c").last_error
+    assert nodes["a"].metrics.hedged_reads._value.get() == 12

@@ -182,12 +182,15 @@ class Coordinator:
                 acks, newer = ([ack], None) if ack.won else ([], ack.newer)
             else:
                 round_ = await self._write_round(view, key, record, owners, needed)
-                if round_.newer is None and len(round_.acks) < needed:
+                acks, newer = round_.acks, round_.newer
+                if newer is None and len(acks) < needed and round_.skipped:
+                    extra, newer = await self._second_chance(key, record, round_.skipped)
+                    acks = acks + extra
+                if newer is None and len(acks) < needed:
                     self.metrics.quorum_failures.labels("write").inc()
                     raise _quorum_error(
-                        "write", answered=len(round_.acks), needed=needed, asked=len(owners), failures=round_.failures
+                        "write", answered=len(acks), needed=needed, asked=len(owners), failures=round_.failures
                     )
-                acks, newer = round_.acks, round_.newer
             if newer is None:
                 return record, acks
             record = self._restamp(record, above=newer)
@@ -203,7 +206,7 @@ class Coordinator:
         spares = self._spares(view, key, len(owners))
         round_ = _WriteRound(needed, len(owners))
         for node_id in owners:  # the replicas that are still running after the quorum still get the write
-            task = asyncio.ensure_future(self._replicate(view.peers[node_id], key, record, spares))
+            task = asyncio.ensure_future(self._replicate(view.peers[node_id], key, record, spares, round_))
             self._keep(task)
             task.add_done_callback(round_.on_done)
         await round_.finished
@@ -228,13 +231,34 @@ class Coordinator:
             if node_id == self.node_id or self.health.is_up(node_id):
                 yield view.peers[node_id]
 
+    async def _second_chance(
+        self, key: bytes, record: Record, peers: list[Peer]
+    ) -> tuple[list[WriteAck], Version | None]:
+        """The write failed its quorum only because some replicas were marked
+        down: try them directly after all. Reachability can lag the network
+        (a partition that just healed), and the write itself is the probe; a
+        replica that really is gone fails or times out as it would have."""
+
+        async def one(peer: Peer) -> WriteAck | None:
+            try:
+                self.metrics.count_forwarded(peer.node_id, "write")
+                return await self._remote(peer, self.peer_client.write(peer, key, record))
+            except PeerError:
+                return None
+
+        answers = [ack for ack in await asyncio.gather(*(one(peer) for peer in peers)) if ack is not None]
+        newer = max((ack.newer for ack in answers if ack.newer is not None), default=None)
+        return [ack for ack in answers if ack.won], newer
+
     async def _replicate(
-        self, peer: Peer, key: bytes, record: Record, spares: Iterator[Peer]
+        self, peer: Peer, key: bytes, record: Record, spares: Iterator[Peer], round_: _WriteRound
     ) -> tuple[Landing, WriteAck]:
         """Write to one replica; if it cannot take it, have a spare hold a hint."""
         if peer.node_id == self.node_id:
             return Landing.DIRECT, await self.replica.write(key, record)
-        if self.health.is_up(peer.node_id):
+        if not self.health.is_up(peer.node_id):
+            round_.skipped.append(peer)
+        else:
             try:
                 self.metrics.count_forwarded(peer.node_id, "write")
                 return Landing.DIRECT, await self._remote(peer, self.peer_client.write(peer, key, record))
@@ -387,6 +411,7 @@ class _WriteRound:
         self.needed, self.remaining = needed, replicas
         self.acks: list[WriteAck] = []
         self.newer: Version | None = None
+        self.skipped: list[Peer] = []  # replicas not tried because they were marked down
         self.failures: list[str] = []
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 

@@ -33,7 +33,10 @@ from app.transport.base import Peer, PeerClient
 
 log = logging.getLogger(__name__)
 
-PROBE_INTERVAL_S = 1.0  # how soon a peer that came back is routed to again
+PROBE_INTERVAL_S = 1.0  # clock offsets measured, gauges refreshed, the membership re-read on exit
+# A peer marked down is asked whether it is back this often: a healed link is
+# used again within a quarter second even when no request proves it sooner.
+DOWN_PROBE_INTERVAL_S = 0.25
 HINT_INTERVAL_S = 1.0  # how soon hints reach a replica after it is back
 MAX_LOOP_BACKOFF_S = 30.0  # a failing background loop retries at most this far apart
 
@@ -122,7 +125,8 @@ class Node:
         )
         node._tasks = [
             asyncio.create_task(node._run_source()),
-            asyncio.create_task(node._forever("peer probe", PROBE_INTERVAL_S, node._probe_peers)),
+            asyncio.create_task(node._forever("clock probe", PROBE_INTERVAL_S, node._probe_clocks)),
+            asyncio.create_task(node._forever("down-peer probe", DOWN_PROBE_INTERVAL_S, node._probe_down_peers)),
             asyncio.create_task(node._forever("hint delivery", HINT_INTERVAL_S, node.handoff.deliver_hints)),
             asyncio.create_task(node._forever("anti-entropy", config.anti_entropy_interval, node._repair_round)),
             asyncio.create_task(node._forever("sweep", config.sweep_interval, node._sweep)),
@@ -240,17 +244,24 @@ class Node:
         await self.anti_entropy.run_round()
         await self.handoff.handoff_foreign()
 
-    async def _probe_peers(self) -> None:
-        """A down peer is asked whether it is back; an up one what time it is."""
+    async def _probe_down_peers(self) -> None:
+        """Ask each peer marked down whether it is back."""
         view = self.topology.current
-        down = set(self.health.down_peers())
-        others = [peer for node_id, peer in view.peers.items() if node_id != self.config.node_id]
-        results = await asyncio.gather(
-            *(self.peer_client.probe(peer) if peer.node_id in down else self._measure_offset(peer) for peer in others)
-        )
-        for peer, answered in zip(others, results, strict=True):
-            if answered and peer.node_id in down:
+        down = [view.peers[node_id] for node_id in self.health.down_peers() if node_id in view.peers]
+        results = await asyncio.gather(*(self.peer_client.probe(peer) for peer in down))
+        for peer, answered in zip(down, results, strict=True):
+            if answered:
                 self.health.mark_up(peer.node_id)
+
+    async def _probe_clocks(self) -> None:
+        """Ask each peer that is up what time it is; refresh the per-peer gauges."""
+        view = self.topology.current
+        up = [
+            peer
+            for node_id, peer in view.peers.items()
+            if node_id != self.config.node_id and self.health.is_up(node_id)
+        ]
+        await asyncio.gather(*(self._measure_offset(peer) for peer in up))
         for node_id in view.peers:
             if node_id != self.config.node_id:
                 state = self.health.snapshot(node_id)

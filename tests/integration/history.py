@@ -54,7 +54,8 @@ EXAMPLES = 10  # anomalies shown in a summary
 
 @dataclass(frozen=True)
 class Op:
-    """One client request. value: the bytes a put wrote (unique per put); None for delete and get."""
+    """One client request. value: the bytes a put wrote (unique per put), or a
+    get read (None: 404, or no answer); None for a delete."""
 
     client: int
     kind: Kind
@@ -66,6 +67,7 @@ class Op:
     error: str = ""
     finished: float | None = None  # when the client stopped waiting, whatever the outcome
     ttl_s: float | None = None  # a put whose value expires this long after it was applied
+    node: str = ""  # the URL that answered (or was last tried)
 
     @property
     def is_write(self) -> bool:
@@ -200,6 +202,33 @@ def check(ops: Sequence[Op], observations: Iterable[Observation], *, expiry_slac
     return verdict
 
 
+def stale_reads(ops: Sequence[Op]) -> list[Op]:
+    """Reads that returned a state older than a write acknowledged before the
+    read was sent (a regular register's rule): per key, the latest write
+    acknowledged before the read began, or any write acknowledged after it
+    was sent or not at all, and sent before the read ended, is allowed."""
+    by_key: dict[str, list[Op]] = defaultdict(list)
+    for op in ops:
+        by_key[op.key].append(op)
+    stale = []
+    for key_ops in by_key.values():
+        writes = [op for op in key_ops if op.is_write and op.outcome != "failed"]
+        for read in (op for op in key_ops if op.kind == "get" and op.outcome == "ok"):
+            assert read.finished is not None
+            before = [w for w in writes if w.acked is not None and w.acked < read.sent]
+            horizon = max((w.sent for w in before), default=-math.inf)
+            allowed = {
+                w.value if w.kind == "put" else None
+                for w in writes
+                if w.sent <= read.finished and (w.acked if w.acked is not None else math.inf) >= horizon
+            }
+            if not before:
+                allowed.add(None)
+            if read.value not in allowed:
+                stale.append(read)
+    return stale
+
+
 def success_ratio(ops: Iterable[Op], *, since: float = -math.inf, until: float = math.inf) -> tuple[float, int]:
     """(share of requests that succeeded, how many requests) among those in
     flight at some moment of [since, until] (so those a crash cut short count)."""
@@ -297,11 +326,17 @@ class Load:
                 kind: Kind = "get" if draw < self.read_ratio else "delete" if draw < self.read_ratio + self.delete_ratio else "put"
                 value = f"{self.name}/{index}:{seq}".encode() if kind == "put" else None
                 sent = time.monotonic()
-                outcome, error = await self._send(client, rng, kind=kind, key=key, value=value)
+                outcome, error, node, read = await self._send(client, rng, kind=kind, key=key, value=value)
                 finished = time.monotonic()
-                self.ops.append(Op(index, kind, key, value, sent, finished if outcome == "ok" else None, outcome, error, finished))
+                if kind == "get":
+                    value = read
+                acked = finished if outcome == "ok" else None
+                self.ops.append(Op(index, kind, key, value, sent, acked, outcome, error, finished, node=node))
 
-    async def _send(self, client: httpx.AsyncClient, rng: random.Random, *, kind: Kind, key: str, value: bytes | None) -> tuple[Outcome, str]:
+    async def _send(
+        self, client: httpx.AsyncClient, rng: random.Random, *, kind: Kind, key: str, value: bytes | None
+    ) -> tuple[Outcome, str, str, bytes | None]:
+        """(outcome, error, the URL that answered or was last tried, what a get read)."""
         urls = list(self.urls)
         rng.shuffle(urls)
         path = "/kv/" + quote(key, safe="")
@@ -316,12 +351,13 @@ class Load:
             except httpx.ConnectError:
                 continue  # refused: never sent, try the next node
             except httpx.HTTPError as exc:
-                return "unknown", f"{url}: {type(exc).__name__}: {exc}"
+                return "unknown", f"{url}: {type(exc).__name__}: {exc}", url, None
             if resp.status_code == (204 if kind != "get" else 200) or (kind == "get" and resp.status_code == 404):
-                return "ok", ""
+                return "ok", "", url, resp.content if resp.status_code == 200 else None
             # 4xx: refused before anything was applied; 5xx: maybe partly applied.
-            return ("failed" if resp.status_code < 500 else "unknown"), f"{url}: HTTP {resp.status_code} {resp.text[:200]}"
-        return "failed", "no node accepted the connection"
+            outcome: Outcome = "failed" if resp.status_code < 500 else "unknown"
+            return outcome, f"{url}: HTTP {resp.status_code} {resp.text[:200]}", url, None
+        return "failed", "no node accepted the connection", urls[-1] if urls else "", None
 
 
 def observe(

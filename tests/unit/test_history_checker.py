@@ -3,7 +3,7 @@ histories: no sockets, no clocks."""
 
 from __future__ import annotations
 
-from tests.integration.history import Observation, Op, allowed_states, check, success_ratio
+from tests.integration.history import Observation, Op, allowed_states, check, stale_reads, success_ratio
 
 
 def put(key: str, value: str, sent: float, acked: float | None, outcome: str = "ok", client: int = 0) -> Op:
@@ -114,3 +114,15 @@ def test_a_ttl_d_value_is_allowed_until_it_expires_and_absence_after() -> None:
     verdict = check(ops, [Observation("n1", "k", b"old", at=20.0)], expiry_slack_s=0.5)
     assert verdict.lost == 1 and "stale value" in verdict.anomalies[0].reason
     assert check(ops, [Observation("n1", "k", None, at=20.0)], expiry_slack_s=0.5).lost == 0
+
+
+def test_a_read_may_not_return_what_a_write_acknowledged_before_it_began_superseded() -> None:
+    w1 = Op(0, "put", "k", b"one", sent=0.0, acked=1.0, outcome="ok", finished=1.0)
+    w2 = Op(0, "put", "k", b"two", sent=2.0, acked=3.0, outcome="ok", finished=3.0)
+    fresh = Op(1, "get", "k", b"two", sent=4.0, acked=4.5, outcome="ok", finished=4.5)
+    stale = Op(1, "get", "k", b"one", sent=4.0, acked=4.5, outcome="ok", finished=4.5)
+    concurrent = Op(1, "get", "k", b"one", sent=2.5, acked=2.6, outcome="ok", finished=2.6)  # w2 not yet acknowledged
+    early = Op(1, "get", "k", None, sent=-1.0, acked=-0.5, outcome="ok", finished=-0.5)  # before anything was written
+    assert stale_reads([w1, w2, fresh, stale, concurrent, early]) == [stale]
+    too_early = Op(1, "get", "k", b"two", sent=0.5, acked=1.5, outcome="ok", finished=1.5)  # w2 not even sent yet
+    assert stale_reads([w1, w2, too_early]) == [too_early]

@@ -1,3 +1,5 @@
+"""Fixtures for the unit tests: `client`, one node served in-process (helpers in nodes.py)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -5,13 +7,8 @@ from collections.abc import Iterator
 import pytest
 from starlette.testclient import TestClient
 
-from app.config import NodeConfig
 from app.web.app import create_app
-
-
-def single_node_config(**overrides: str) -> NodeConfig:
-    values = {"node_id": "n1", "listen": "127.0.0.1:9", **overrides}
-    return NodeConfig.from_options(values)
+from tests.unit.nodes import single_node_config
 
 
 @pytest.fixture

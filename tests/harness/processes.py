@@ -105,14 +105,14 @@ class NodeProcess:
 
     def __init__(
         self, *, node_id: str, host: str, port: int, peers: dict[str, str], log_dir: Path,
-        args: Sequence[str] = (), env: dict[str, str] | None = None,
+        args: Sequence[str] | None = None, env: dict[str, str] | None = None,
         launcher: Sequence[str] = (), cwd: Path | None = None,
     ) -> None:
         self.node_id = node_id
         self.host = host
         self.port = port
         self.peers = peers
-        self.args = list(args)
+        self.args = list(args or [])
         self.env = dict(env or {})
         self.launcher = list(launcher)
         self.cwd = cwd
@@ -193,7 +193,7 @@ class Cluster:
         *,
         size: int,
         log_dir: Path,
-        args: Sequence[str] = (),
+        args: Sequence[str] | None = None,
         data_root: Path | None = None,
         peers_for: Callable[[str, dict[str, str]], dict[str, str]] | None = None,
         env_for: dict[str, dict[str, str]] | None = None,
@@ -202,7 +202,7 @@ class Cluster:
     ) -> None:
         self.host = HOST
         self.log_dir = log_dir
-        self.args = list(args)
+        self.args = list(args or [])
         self.data_root = data_root
         self.peers_for = peers_for
         self.env_for = dict(env_for or {})

@@ -77,13 +77,13 @@ def main() -> int:
         logdir = Path(tmp)
         luas = {"get": write_lua(logdir, "get", LUA_GET), "put": write_lua(logdir, "put", LUA_PUT)}
         if "quorum" in sections:
-            section_quorum(report, args, logdir, luas)
+            section_quorum(report, args=args, logdir=logdir, luas=luas)
         if "slow" in sections:
-            section_slow(report, args, logdir, luas)
+            section_slow(report, args=args, logdir=logdir, luas=luas)
         if "etcd" in sections:
-            section_etcd(report, args, logdir)
+            section_etcd(report, args=args, logdir=logdir)
         if "converge" in sections:
-            section_converge(report, args, logdir)
+            section_converge(report, args=args, logdir=logdir)
     print_report(report, args)
     return 0 if check_targets(report) else 1
 

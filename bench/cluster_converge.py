@@ -26,12 +26,12 @@ PACES = {"default": [], "fast": ["--anti-entropy-interval", "1"]}
 PROGRESS_EVERY_S = 5  # one progress sample this often: a readable line, not a flood
 
 
-def section_converge(report: Report, args: argparse.Namespace, logdir: Path) -> None:
+def section_converge(report: Report, *, args: argparse.Namespace, logdir: Path) -> None:
     print(f"\n[converge] node3 killed, {args.converge_writes:,} writes through node1/node2, node3 restarted",
           flush=True)
     for pace in args.converge_paces:
         with ExitStack() as stack:
-            cluster = start_cluster(stack, logdir, f"c-{pace}", rf=3, storage="lmdb", extra=PACES[pace])
+            cluster = start_cluster(stack, logdir=logdir, name=f"c-{pace}", rf=3, storage="lmdb", extra=PACES[pace])
             n1, n2, n3 = (node.url for node in cluster.nodes)
             preload(n1)
             cluster.node("node3").kill()

@@ -19,7 +19,7 @@ from cluster_report import Report
 from etcd import ETCD_HINT, b64, etcd_cluster, etcd_key, etcd_lua, etcd_post
 
 
-def section_etcd(report: Report, args: argparse.Namespace, logdir: Path) -> None:
+def section_etcd(report: Report, *, args: argparse.Namespace, logdir: Path) -> None:
     print("\n[etcd] 3 members on loopback, wrk through the leader's JSON gateway", flush=True)
     if shutil.which("etcd") is None:
         print(ETCD_HINT, flush=True)

@@ -31,7 +31,7 @@ LUA_PUT = lua_rest_put(PUT_KEYSPACE, VALUE.decode())
 
 
 def start_cluster(
-    stack: ExitStack, logdir: Path, name: str, *, rf: int, storage: str, extra: Sequence[str] = (),
+    stack: ExitStack, *, logdir: Path, name: str, rf: int, storage: str, extra: Sequence[str] = (),
     peers_for: Callable[[str, dict[str, str]], dict[str, str]] | None = None,
 ) -> Cluster:
     """Three `kvstore node` processes (node1..node3) on the server core, each in

@@ -18,11 +18,11 @@ from loader import preload
 from pyspy import profile_put
 
 
-def section_quorum(report: Report, args: argparse.Namespace, logdir: Path, luas: dict[str, Path]) -> None:
+def section_quorum(report: Report, *, args: argparse.Namespace, logdir: Path, luas: dict[str, Path]) -> None:
     print("\n[quorum] 3 nodes via node1, N=1 then N=3 (default consistency: quorum)", flush=True)
     for rf in (1, 3):
         with ExitStack() as stack:
-            cluster = start_cluster(stack, logdir, f"q{rf}", rf=rf, storage=args.storage)
+            cluster = start_cluster(stack, logdir=logdir, name=f"q{rf}", rf=rf, storage=args.storage)
             url = cluster.node("node1").url
             preload(url)
             tag = f"N={rf}" + (" quorum (R=W=2)" if rf == 3 else " (one owner, R=W=1)")
@@ -31,4 +31,4 @@ def section_quorum(report: Report, args: argparse.Namespace, logdir: Path, luas:
                 report.add(f"n{rf}_{op}", run_wrk(label, url, lua=luas[op], duration_s=args.duration,
                                                   warmup_s=args.warmup, server_pids=cluster.pids()))
             if rf == 3 and args.profile:
-                profile_put(report, args, cluster, luas["put"])
+                profile_put(report, args=args, cluster=cluster, lua=luas["put"])

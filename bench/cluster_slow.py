@@ -27,7 +27,7 @@ from tests.harness.proxy import Proxy, ProxyLoop
 SLOW_DELAY_S = 0.020  # 20 ms added towards node3: the delay the slow-replica target (p99 <= 1.5x) is stated for
 
 
-def section_slow(report: Report, args: argparse.Namespace, logdir: Path, luas: dict[str, Path]) -> None:
+def section_slow(report: Report, *, args: argparse.Namespace, logdir: Path, luas: dict[str, Path]) -> None:
     print(f"\n[slow] N=3 quorum GET via node1; node3 behind a proxy adding 0, then {SLOW_DELAY_S * 1000:.0f} ms",
           flush=True)
     with ExitStack() as stack:
@@ -44,7 +44,7 @@ def section_slow(report: Report, args: argparse.Namespace, logdir: Path, luas: d
                 stack.callback(proxies[0].close)
             return {**direct, "node3": proxies[0].url}
 
-        cluster = start_cluster(stack, logdir, "slow", rf=3, storage=args.storage, peers_for=node3_behind_proxy)
+        cluster = start_cluster(stack, logdir=logdir, name="slow", rf=3, storage=args.storage, peers_for=node3_behind_proxy)
         [proxy] = proxies
         url = cluster.node("node1").url
         preload(url)

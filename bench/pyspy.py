@@ -24,7 +24,7 @@ PROFILE_MIN_S = 5.0  # at least this many seconds of samples, even under a short
 SAMPLE_RATE_HZ = 250  # samples/s, as in bench/README.md's profiling recipe
 
 
-def profile_put(report: Report, args: argparse.Namespace, cluster: Cluster, lua: Path) -> None:
+def profile_put(report: Report, *, args: argparse.Namespace, cluster: Cluster, lua: Path) -> None:
     """An extra N=3 PUT run with py-spy sampling node1; node2 and node3 moved to
     the load core meanwhile so node1 is not preempted by them mid-syscall
     (bench/README.md). Not one of the measured rows."""

@@ -48,12 +48,13 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 class ProxyLoop:
-    """One event loop running in a daemon thread."""
+    """One event loop running in a daemon thread; close() closes its proxies too."""
 
     def __init__(self) -> None:
         self.loop = _new_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="harness-proxy-loop", daemon=True)
         self._thread.start()
+        self.proxies: list[Proxy] = []  # closed by close(): an event loop with a server still open cannot close
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(CALL_TIMEOUT_S)
@@ -68,6 +69,9 @@ class ProxyLoop:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+        for proxy in self.proxies:
+            with contextlib.suppress(Exception):
+                proxy.close()
         with contextlib.suppress(Exception):
             self.call(cancel_rest())
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -224,6 +228,7 @@ class Proxy:
         self.open: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None
         self.port = loop.call(self._start())
+        loop.proxies.append(self)
 
     @property
     def url(self) -> str:

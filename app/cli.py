@@ -10,6 +10,7 @@ Every node flag also reads KVSTORE_<FLAG> from the environment (app.config).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import logging
@@ -149,9 +150,10 @@ def _die_with_parent() -> None:
         pass
 
 
-def cluster_node_args(*, index: int, count: int, host: str, base_port: int) -> list[str]:
-    peers = ",".join(f"node{i + 1}=http://{host}:{base_port + i}" for i in range(count))
-    return ["--node-id", f"node{index + 1}", "--listen", f"{host}:{base_port + index}", "--peers", peers]
+def cluster_node_args(*, node_id: str, listen: str, peers: dict[str, str]) -> list[str]:
+    """The `kvstore node` flags of one cluster member; the test and bench harness
+    (tests/harness/processes.py) starts its nodes with the same."""
+    return ["--node-id", node_id, "--listen", listen, "--peers", ",".join(f"{nid}={url}" for nid, url in peers.items())]
 
 
 def run_cluster(args: argparse.Namespace) -> int:
@@ -166,11 +168,12 @@ def run_cluster(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     procs: list[subprocess.Popen[bytes]] = []
+    peers = {f"node{i + 1}": f"http://{args.host}:{args.base_port + i}" for i in range(args.nodes)}
     try:
-        for index in range(args.nodes):
-            node_args = cluster_node_args(index=index, count=args.nodes, host=args.host, base_port=args.base_port)
+        for index, node_id in enumerate(peers):
+            node_args = cluster_node_args(node_id=node_id, listen=f"{args.host}:{args.base_port + index}", peers=peers)
             if args.data_dir:
-                node_args += ["--data-dir", os.path.join(args.data_dir, f"node{index + 1}")]
+                node_args += ["--data-dir", os.path.join(args.data_dir, node_id)]
             if args.replication_factor:
                 node_args += ["--replication-factor", str(args.replication_factor)]
             procs.append(
@@ -183,8 +186,7 @@ def run_cluster(args: argparse.Namespace) -> int:
                 )
             )
             print(f"kvstore: started {node_args[1]} on http://{node_args[3]} (pid {procs[-1].pid})", flush=True)
-        urls = [f"http://{args.host}:{args.base_port + i}" for i in range(args.nodes)]
-        if _wait_until_ready(urls, procs, lambda: stopping):
+        if wait_until_ready(list(peers.values()), procs=procs, stopping=lambda: stopping):
             print("kvstore: cluster running, every node ready; Ctrl-C stops it", flush=True)
         elif not stopping:
             print(
@@ -200,23 +202,33 @@ def run_cluster(args: argparse.Namespace) -> int:
             time.sleep(0.2)
         return 0
     finally:
-        _stop_all(procs)
+        stop_all(procs)
+        print("kvstore: cluster stopped", flush=True)
 
 
-def _wait_until_ready(urls: list[str], procs: list[subprocess.Popen[bytes]], stopping: Callable[[], bool]) -> bool:
+def wait_until_ready(
+    urls: Sequence[str],
+    *,
+    procs: Sequence[subprocess.Popen[bytes]],
+    stopping: Callable[[], bool] = lambda: False,
+    timeout: float = CLUSTER_READY_WAIT_S,
+    path: str = "/ready",
+) -> bool:
     """Poll each node's /ready: a fresh cluster's nodes first pull their
     ranges from each other, and until then quorum reads may get 503. Saying
-    "running" only after that keeps the README's curl walkthrough from racing it."""
+    "running" only after that keeps the README's curl walkthrough from racing it.
+    False when time runs out, `stopping()` turns true, or a process in
+    `procs` exits. The test and bench harness waits with this too."""
     import urllib.error
     import urllib.request
 
-    deadline = time.monotonic() + CLUSTER_READY_WAIT_S
+    deadline = time.monotonic() + timeout
     pending = list(urls)
     while pending and not stopping() and time.monotonic() < deadline:
         if any(proc.poll() is not None for proc in procs):
-            return False  # the main loop reports the dead node
+            return False  # the caller reports the dead node
         try:
-            with urllib.request.urlopen(pending[0] + "/ready", timeout=1) as resp:
+            with urllib.request.urlopen(pending[0] + path, timeout=1) as resp:
                 if resp.status == 200:
                     pending.pop(0)
                     continue
@@ -226,18 +238,26 @@ def _wait_until_ready(urls: list[str], procs: list[subprocess.Popen[bytes]], sto
     return not pending
 
 
-def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+def stop_all(procs: Sequence[subprocess.Popen[bytes]], *, grace_s: float = CLUSTER_STOP_GRACE_S) -> None:
+    """SIGTERM every process's group at once (SIGCONT first: a stopped process
+    cannot act on it), wait up to grace_s for all, then SIGKILL the group of
+    any still running. Each process must lead its own session
+    (start_new_session), as `kvstore cluster`'s nodes and the harness's do."""
     for proc in procs:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + CLUSTER_STOP_GRACE_S
+            try:
+                os.killpg(proc.pid, signal.SIGCONT)
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace_s
     for proc in procs:
         try:
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):  # it exited between the wait and the kill
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    print("kvstore: cluster stopped", flush=True)
 
 
 # -- client -------------------------------------------------------------------

@@ -4,8 +4,11 @@ A server runs in its own process group, pinned to the server core, on a free
 loopback port; `serving(...)` waits for its health route and always kills the
 whole group on the way out (SIGTERM, then SIGKILL), so an interrupted bench
 leaves nothing behind. Never pkill/killall: only the groups we started.
+Ports, the readiness wait and the group stop are the test harness's
+(tests/harness/processes.py, itself on `kvstore cluster`'s code), which also
+runs whole clusters for bench/cluster_*.py.
 wrk runs pinned to the load core and reports through a Lua done() hook.
-Imports only the stdlib (the scripts import app.* themselves when needed).
+Imports the stdlib and tests.harness (the scripts import app.* themselves when needed).
 """
 
 from __future__ import annotations
@@ -15,11 +18,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +28,11 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
+sys.path.insert(1, str(REPO))  # tests.harness; after bench/ itself, which the scripts put first
+
+from tests.harness.processes import free_port as free_port  # noqa: E402  (after the sys.path line above; re-exported to the scripts)
+from tests.harness.processes import free_port_run, stop_group  # noqa: E402
+from tests.harness.processes import wait_ready as _wait_ready  # noqa: E402
 PYTHON = sys.executable  # the venv's interpreter: servers run with the same one
 # The tree whose `app` package the servers run: the working tree by default, or
 # a snapshot (e.g. `git archive HEAD app | tar -x -C /tmp/snap`) to measure a
@@ -35,7 +41,7 @@ APP_DIR = Path(os.environ.get("BENCH_APP_DIR", REPO)).resolve()
 
 SERVER_CORE = os.environ.get("BENCH_SERVER_CORE", "0")  # every server process shares this core
 LOAD_CORE = os.environ.get("BENCH_LOAD_CORE", "1")  # wrk gets the other one to itself
-CONNECTIONS = 64  # the issue's figure: 64 keep-alive connections
+CONNECTIONS = 64  # keep-alive connections: every bench target is stated at this concurrency
 WRK_THREADS = 1  # one load core -> one wrk thread
 STARTUP_TIMEOUT_S = 20.0  # a node imports FastAPI + builds a 1024-vnode ring: a few seconds at most
 STOP_GRACE_S = 8.0  # SIGTERM, then SIGKILL the group after this long (`kvstore cluster` itself waits 5 s)
@@ -67,31 +73,9 @@ def require_wrk() -> str:
     return path
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 def free_port_block(count: int, host: str = "127.0.0.1") -> int:
     """A base port such that base .. base+count-1 are all free right now."""
-    for _ in range(200):
-        base = free_port(host)
-        if base + count >= 65536:
-            continue
-        socks = []
-        try:
-            for offset in range(count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind((host, base + offset))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"bench: no block of {count} free ports found")
+    return free_port_run(count, host)
 
 
 # -- server processes ----------------------------------------------------------
@@ -117,16 +101,8 @@ class Server:
 
 
 def _kill_group(server: Server) -> None:
+    stop_group(server.proc, grace_s=STOP_GRACE_S)
     pgid = server.proc.pid  # start_new_session: the group id is the leader's pid
-    if server.proc.poll() is None:
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            server.proc.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            pass
     try:
         os.killpg(pgid, signal.SIGKILL)  # stragglers of the group, if any
     except (ProcessLookupError, PermissionError):
@@ -137,8 +113,6 @@ def _kill_group(server: Server) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    if server.proc.poll() is None:
-        server.proc.wait()
 
 
 @contextmanager
@@ -177,16 +151,7 @@ def serving(
     with spawned(name, argv, logdir=logdir) as server:
         server.url = health_urls[0] if health_urls else ""
         proc = server.proc
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        for url in health_urls:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"bench: {name} exited with {proc.returncode}:\n{server.log_tail()}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"bench: {name} not healthy at {url}{health_path} in {STARTUP_TIMEOUT_S}s:\n{server.log_tail()}")
-                if http_request(url, "GET", health_path)[0] == 200:
-                    break
-                time.sleep(0.1)
+        _wait_ready(health_urls, procs=[proc], path=health_path, timeout=STARTUP_TIMEOUT_S, logs=[server.log_path])
         server.extra_pids = descendants(proc.pid)
         server._extra_starts = {pid: _start_time(pid) for pid in server.extra_pids}
         yield server
@@ -194,17 +159,10 @@ def serving(
 
 def wait_ready(urls: Sequence[str], path: str = "/ready", *, servers: Sequence[Server] = ()) -> None:
     """Wait until every URL answers 200 on path (nodes that need each other
-    to be ready are all started first, then waited for)."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    for url in urls:
-        while http_request(url, "GET", path)[0] != 200:
-            for server in servers:
-                if server.proc.poll() is not None:
-                    raise RuntimeError(f"bench: {server.name} exited with {server.proc.returncode}:\n{server.log_tail()}")
-            if time.monotonic() > deadline:
-                status, body = http_request(url, "GET", path)
-                raise RuntimeError(f"bench: {url}{path} still answers {status} {body[:300]!r} after {STARTUP_TIMEOUT_S}s")
-            time.sleep(0.1)
+    to be ready are all started first, then waited for); fails when one of
+    `servers` exits."""
+    _wait_ready(urls, procs=[server.proc for server in servers], path=path, timeout=STARTUP_TIMEOUT_S,
+                logs=[server.log_path for server in servers])
 
 
 def descendants(pid: int) -> list[int]:

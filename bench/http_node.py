@@ -1,10 +1,10 @@
-"""Issue 2's benchmark: the node's HTTP data path against a bare ASGI app, in one run.
+"""The node's HTTP data path against a bare ASGI app, in one run.
 
 Starts, one after another, the bare ASGI reference (bench/bare_asgi.py), a
 single node, a two-node ring (GET through the non-owner: one internal hop)
 and `kvstore cluster --nodes 3`; drives each with wrk (servers pinned to one
 core, wrk to the other, 64 connections) and prints req/s, p50, p99 and the
-ratio to the bare-ASGI figure of the same run, then checks the issue's targets.
+ratio to the bare-ASGI figure of the same run, then checks the targets.
 
     .venv/bin/python bench/http_node.py [--duration 5] [--warmup 1] [--markdown]
 
@@ -50,7 +50,7 @@ HOT_KEY = "bench-hot"  # the single preloaded key the fixed-key GETs read
 SPREAD_KEYS = 1000  # keys preloaded into the cluster, spread over its owners
 PUT_KEYSPACE = 100_000  # PUTs cycle over this many keys: bounded memory, mostly overwrites
 
-# Targets from issue 2: ratio to the bare-ASGI figure of the same method.
+# Targets: ratio to the bare-ASGI figure of the same method.
 TARGETS = {"get": 0.5, "put": 0.4, "hop": 0.1}
 
 LUA_FIXED = "-- fixed request: the URL's path and query"
@@ -83,7 +83,7 @@ end
 
 
 def node_argv(node_id: str, port: int, peers: dict[str, int]) -> list[str]:
-    """Issue 2's node: one owner per key (replication factor 1), so a key
+    """A data-path node: one owner per key (replication factor 1), so a key
     another node owns costs exactly one internal hop."""
     spec = ",".join(f"{nid}=http://{HOST}:{p}" for nid, p in peers.items())
     return [PYTHON, "-m", "app", "node", "--node-id", node_id, "--listen", f"{HOST}:{port}",
@@ -176,7 +176,7 @@ def main() -> int:
                 print(f"  WARNING: n1 forwarded only {forwarded:.0f} reads for {hop.requests} requests", flush=True)
 
         # 6. `kvstore cluster --nodes 3`, every node on the server core; keys spread over the owners.
-        # Replication factor 1 is issue 2's cluster; the default (what `make run` starts) is shown beside it.
+        # Replication factor 1 (one owner per key: the data path alone) first; the default (what `make run` starts) is shown beside it.
         ring = HashRing(["node1", "node2", "node3"], vnodes=DEFAULT_VNODES)
         remote = sum(ring.owner(f"s{i}".encode()) != "node1" for i in range(SPREAD_KEYS)) / SPREAD_KEYS
         for rf, suffix in (("1", f"rf=1, {remote:.0%} fwd"), (None, "default rf")):
@@ -244,7 +244,7 @@ def check_targets(results: dict[str, Result]) -> bool:
         ("GET via non-owner", results["hop"].rps / bare_get, TARGETS["hop"]),
     ]
     ok = True
-    print("\ntargets (issue 2):")
+    print("\ntargets (data path vs bare ASGI):")
     for name, ratio, target in checks:
         met = ratio >= target
         ok &= met

@@ -1,4 +1,4 @@
-"""Re-measures issue 2's second fact: what the peer HTTP client costs a forwarding node.
+"""What the peer HTTP client costs a forwarding node, per client library.
 
 A forwarder (a bare ASGI app under the node's uvicorn settings) answers each
 GET by fetching a constant from a backend (bench/bare_asgi.py) through one

@@ -1,4 +1,4 @@
-"""Issue 3's in-process engine benchmark: LMDB (the shipped engine) against
+"""The storage engines in-process: LMDB (the shipped engine) against
 SQLite in WAL mode (the alternative, measured here only), per operation.
 
 Both engines do the same work per op: a write reads the stored record,
@@ -42,7 +42,7 @@ from app.ring import HASH_SPACE, stable_hash  # noqa: E402
 from app.storage.base import ApplyResult, Record  # noqa: E402
 from app.storage.lmdb_store import LmdbStore, _data_key, _decode, _encode  # noqa: E402
 
-VALUE = b"v" * 100  # the issue's 100-byte values
+VALUE = b"v" * 100  # 100-byte values, as in every bench
 ARC = (0, HASH_SPACE // 16)  # one slice of the ring: ~1/16 of the keys
 ALWAYS_PUTS = 400  # single-writer synced puts: each one waits a whole fsync
 GROUP_COMMIT_SECONDS = 1.5  # per concurrency level

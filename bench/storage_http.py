@@ -1,4 +1,4 @@
-"""Issue 3's benchmark through HTTP: one node per storage engine, then 1,000,000 keys.
+"""The storage engines through HTTP: one node per storage engine, then 1,000,000 keys.
 
 Part 1, throughput: one node (replication factor 1, so every key is local)
 with `--storage memory`, then `--storage lmdb --fsync batch`, then the same
@@ -29,7 +29,7 @@ durable engine's VmRSS (the memory engine's is printed for information).
 
     .venv/bin/python bench/storage_http.py [--duration 5] [--warmup 1] [--big-keys 1000000] [--markdown]
 
-Exit status 0 when every target of issue 3 is met, 1 when one is missed.
+Exit status 0 when every storage target is met, 1 when one is missed.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ from _common import (  # noqa: E402
 
 HOST = "127.0.0.1"
 NODE_ID = "n1"
-KEY_BYTES = 16  # "key-%012d": the issue's 16-byte keys
+KEY_BYTES = 16  # "key-%012d": 16-byte keys, as every storage target is stated for
 VALUE_BYTES = 100  # and 100-byte values
 HTTP_KEYS = 100_000  # part 1: keys preloaded, then read and overwritten
 BIG_KEYS = 1_000_000  # part 2
@@ -81,7 +81,7 @@ SCAN_INTERVAL = "2"  # --anti-entropy-interval for the RSS nodes: their first re
 QUIET_BUSY = 0.05  # the node is idle again when its CPU over a 0.5 s window is under this
 LOAD_BUDGET_S = 300.0  # loading 1M keys through HTTP must finish within this
 
-# Issue 3's targets.
+# The storage targets.
 TARGET_RATIO = 0.9  # lmdb --fsync batch req/s over memory req/s, GET and PUT
 TARGET_READY_S = 5.0  # start to /ready with 1M keys on disk
 TARGET_RSS_X_RAW = 2.0  # RSS over raw data size
@@ -472,7 +472,7 @@ def print_report(results: dict[str, Result], bigs: dict[str, BigRun], trials: li
 
 def check_targets(results: dict[str, Result], bigs: dict[str, BigRun], trials: list[ReadyTrial], *, big: int) -> bool:
     ok = True
-    print("\ntargets (issue 3):")
+    print("\ntargets (storage engines):")
     for method in ("get", "put"):
         ratio = results[f"lmdb_batch_{method}"].rps / reference(results, method).rps
         met = ratio >= TARGET_RATIO

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.processes import Cluster
+from tests.harness.proxy import ProxyMesh
 from tests.integration.history import Load
-from tests.integration.nodes import Cluster
-from tests.integration.proxy import ProxyMesh
 
 
 @pytest.fixture

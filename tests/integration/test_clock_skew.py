@@ -26,8 +26,9 @@ import httpx
 import pytest
 
 from app.ring import HashRing
+from tests.harness.processes import Cluster, NodeProcess, skewed_clock
 from tests.integration.history import Load, Op, check, observe, record_writes
-from tests.integration.nodes import Cluster, NodeProcess, admin_get, skewed_clock, wait_converged, wait_for
+from tests.integration.probes import admin_get, wait_converged, wait_for
 
 N = 3
 TOKEN = "skew-test-token"

@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterable
 import pytest
 
 from app.ring import HashRing
+from tests.harness.processes import Cluster
+from tests.harness.proxy import ProxyMesh
 from tests.integration.history import Load, Op, Verdict, check, observe, record_deletes, success_ratio
-from tests.integration.nodes import (
-    Cluster,
+from tests.integration.probes import (
     change_membership,
     divergent_keys,
     membership_disagreement,
@@ -30,7 +31,6 @@ from tests.integration.nodes import (
     wait_converged,
     wait_for,
 )
-from tests.integration.proxy import ProxyMesh
 
 N = 3
 TOKEN = "fault-test-token"

@@ -29,8 +29,9 @@ import pytest
 
 from app.ring import HashRing
 from tests.integration.history import Load, Op, check, observe, stale_reads
-from tests.integration.nodes import Cluster, wait_converged
-from tests.integration.proxy import ProxyMesh
+from tests.harness.processes import Cluster
+from tests.integration.probes import wait_converged
+from tests.harness.proxy import ProxyMesh
 
 N = 3
 TOKEN = "gray-test-token"

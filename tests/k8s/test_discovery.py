@@ -45,8 +45,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.nodes import (
-    NodeProcess,
+from tests.harness.processes import NodeProcess
+from tests.integration.probes import (
     admin_get,
     membership_disagreement,
     read_replicas,

@@ -12,10 +12,8 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -26,7 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.k8s.conftest import CHART, REPO
+from tests.harness.processes import free_port, wait_ready
+from tests.k8s.chart import CHART, REPO
 
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
@@ -121,12 +120,6 @@ def test_dockerignore_sends_only_what_the_build_copies(tmp_path: Path) -> None:
     assert not dockerignore_admits(".venv/bin/python") and not dockerignore_admits("tests/unit/test_ring.py")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def pip_install(target: Path, *args: str, cwd: Path) -> None:
     """This interpreter's pip, installing into the venv `target` (pip --python): it skips
     seeding pip into the fresh venv (~9 s). The machine's pip configuration (index,
@@ -184,15 +177,8 @@ def test_installed_entrypoint_serves_health_and_stops_on_sigterm(image_venv: Pat
     where = subprocess.run([str(image_venv / "bin" / "python"), "-c", "import app; print(app.__file__)"],
                            cwd=log.parent, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
     assert Path(where).is_relative_to(image_venv), where
-    deadline = time.monotonic() + START_TIMEOUT_S
-    status, body = 0, ""
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"kvstore node exited with {proc.returncode}:\n{log.read_text()}"
-        try:
-            status, body = get(f"http://127.0.0.1:{port}/health")
-            break
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.1)
+    wait_ready([f"http://127.0.0.1:{port}"], procs=[proc], path="/health", timeout=START_TIMEOUT_S, logs=[log])
+    status, body = get(f"http://127.0.0.1:{port}/health")
     assert (status, body.strip()) == (200, "OK"), log.read_text()
     os.killpg(proc.pid, signal.SIGTERM)
     try:

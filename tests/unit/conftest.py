@@ -1,3 +1,6 @@
+"""Fixtures for the unit tests: `client`, one node served in-process, and `cluster`, real nodes
+over the in-process peer client (helpers in nodes.py and in_process.py)."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
@@ -5,14 +8,9 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from starlette.testclient import TestClient
 
-from app.config import NodeConfig
 from app.web.app import create_app
 from tests.unit.in_process import InProcessCluster
-
-
-def single_node_config(**overrides: str) -> NodeConfig:
-    values = {"node_id": "n1", "listen": "127.0.0.1:9", **overrides}
-    return NodeConfig.from_options(values)
+from tests.unit.nodes import single_node_config
 
 
 @pytest.fixture

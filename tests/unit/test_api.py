@@ -10,7 +10,7 @@ from app.clock import Version
 from app.storage.base import Record
 from app.transport import codec
 from app.web.app import create_app
-from tests.unit.conftest import single_node_config
+from tests.unit.nodes import single_node_config
 
 
 def test_seed_put_get_delete_roundtrip(client: TestClient) -> None:

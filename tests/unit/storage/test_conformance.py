@@ -20,7 +20,7 @@ from app.errors import NodeIdMismatchError, StorageError
 from app.ring import HASH_SPACE, in_arc, stable_hash
 from app.storage import LmdbStore, MemoryStore, Record, Store, open_store
 from app.storage import lmdb_store
-from tests.unit.storage.conftest import GRACE_S, START_MS, FakeClock, StoreFactory, put, tombstone, version
+from tests.unit.storage.fakes import GRACE_S, START_MS, FakeClock, StoreFactory, put, tombstone, version
 
 T = START_MS
 KEYS = [f"key-{i}".encode() for i in range(200)]

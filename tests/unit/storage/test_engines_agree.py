@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.storage import LmdbStore, MemoryStore, Record
-from tests.unit.storage.conftest import START_MS, FakeClock, version
+from tests.unit.storage.fakes import START_MS, FakeClock, version
 
 GRACE_S = 0.05  # 50 ms of fake time: histories cross it often
 

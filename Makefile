@@ -19,8 +19,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/kvstore cluster --nodes 3 --base-port 8080
 
-# Import contracts, ruff (style, imports, likely bugs; formatting) and mypy (strict, on app/).
-LINTED := app scripts
+# Import contracts, ruff (style, imports, likely bugs; formatting) everywhere, and mypy (strict, on app/).
+LINTED := app scripts tests bench
 lint: $(VENV)/.installed
 	$(BIN)/lint-imports
 	$(BIN)/ruff check $(LINTED)

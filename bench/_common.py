@@ -13,6 +13,7 @@ Imports the stdlib and tests.harness (the scripts import app.* themselves when n
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,9 +31,10 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(1, str(REPO))  # tests.harness; after bench/ itself, which the scripts put first
 
-from tests.harness.processes import free_port as free_port  # noqa: E402  (after the sys.path line above; re-exported to the scripts)
-from tests.harness.processes import free_port_run, stop_group  # noqa: E402
-from tests.harness.processes import wait_ready as _wait_ready  # noqa: E402
+from tests.harness.processes import free_port as free_port
+from tests.harness.processes import free_port_run, stop_group
+from tests.harness.processes import wait_ready as _wait_ready
+
 PYTHON = sys.executable  # the venv's interpreter: servers run with the same one
 # The tree whose `app` package the servers run: the working tree by default, or
 # a snapshot (e.g. `git archive HEAD app | tar -x -C /tmp/snap`) to measure a
@@ -103,16 +105,12 @@ class Server:
 def _kill_group(server: Server) -> None:
     stop_group(server.proc, grace_s=STOP_GRACE_S)
     pgid = server.proc.pid  # start_new_session: the group id is the leader's pid
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)  # stragglers of the group, if any
-    except (ProcessLookupError, PermissionError):
-        pass
     for pid in server.extra_pids:  # processes that made sessions of their own
         if _start_time(pid) == server._extra_starts.get(pid):  # still the same process, not a reused pid
-            try:
+            with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @contextmanager
@@ -161,8 +159,13 @@ def wait_ready(urls: Sequence[str], path: str = "/ready", *, servers: Sequence[S
     """Wait until every URL answers 200 on path (nodes that need each other
     to be ready are all started first, then waited for); fails when one of
     `servers` exits."""
-    _wait_ready(urls, procs=[server.proc for server in servers], path=path, timeout=STARTUP_TIMEOUT_S,
-                logs=[server.log_path for server in servers])
+    _wait_ready(
+        urls,
+        procs=[server.proc for server in servers],
+        path=path,
+        timeout=STARTUP_TIMEOUT_S,
+        logs=[server.log_path for server in servers],
+    )
 
 
 def descendants(pid: int) -> list[int]:
@@ -217,8 +220,9 @@ def memory_kib(pid: int) -> dict[str, int]:
 # -- a tiny keep-alive client for setup (preloading keys, reading metrics) -----
 
 
-def http_request(base_url: str, method: str, path: str, body: bytes | None = None,
-                 conn: http.client.HTTPConnection | None = None) -> tuple[int, bytes]:
+def http_request(
+    base_url: str, method: str, path: str, body: bytes | None = None, conn: http.client.HTTPConnection | None = None
+) -> tuple[int, bytes]:
     host, _, port = base_url.removeprefix("http://").partition(":")
     own = conn is None
     if own:
@@ -294,16 +298,29 @@ def run_wrk(
     """A short warm-up run (discarded), then the measured one; server CPU time
     is sampled from /proc around the measured run. script_args go to the Lua
     script's init(args) (after wrk's `--`)."""
-    base = ["taskset", "-c", LOAD_CORE, "wrk", f"-t{WRK_THREADS}", f"-c{CONNECTIONS}",
-            "--latency", f"--timeout={WRK_TIMEOUT}", "-s", str(lua)]
+    base = [
+        "taskset",
+        "-c",
+        LOAD_CORE,
+        "wrk",
+        f"-t{WRK_THREADS}",
+        f"-c{CONNECTIONS}",
+        "--latency",
+        f"--timeout={WRK_TIMEOUT}",
+        "-s",
+        str(lua),
+    ]
     extra = ["--", *script_args] if script_args else []
     if warmup_s > 0:
-        subprocess.run([*base, f"-d{warmup_s:g}s", url, *extra], capture_output=True, check=False, timeout=warmup_s + 30)
+        subprocess.run(
+            [*base, f"-d{warmup_s:g}s", url, *extra], capture_output=True, check=False, timeout=warmup_s + 30
+        )
     cpu_before, other_before = cpu_seconds(server_pids), cpu_seconds(other_pids)
-    out = subprocess.run([*base, f"-d{duration_s:g}s", url, *extra], capture_output=True, text=True,
-                         check=False, timeout=duration_s + 30)
+    out = subprocess.run(
+        [*base, f"-d{duration_s:g}s", url, *extra], capture_output=True, text=True, check=False, timeout=duration_s + 30
+    )
     cpu_after, other_after = cpu_seconds(server_pids), cpu_seconds(other_pids)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("WRK_RESULT ")), None)
+    line = next((text for text in out.stdout.splitlines() if text.startswith("WRK_RESULT ")), None)
     if line is None:
         raise RuntimeError(f"bench: wrk gave no result for {label}:\n{out.stdout}\n{out.stderr}")
     data = json.loads(line.removeprefix("WRK_RESULT "))
@@ -333,7 +350,12 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, markd
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         return "\n".join(lines)
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
-    fmt = lambda row: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+
+    def fmt(row: Sequence[object]) -> str:
+        return "  ".join(
+            str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+
     return "\n".join([fmt(headers), fmt(["-" * w for w in widths]), *map(fmt, rows)])
 
 
@@ -347,6 +369,8 @@ def machine_summary() -> str:
     except OSError:
         pass
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.splitlines()
-    return (f"{os.cpu_count()} cores ({model}), Python {sys.version.split()[0]}, "
-            f"{wrk_version[0] if wrk_version else 'wrk'}; servers on core {SERVER_CORE}, wrk on core {LOAD_CORE}, "
-            f"{CONNECTIONS} connections")
+    return (
+        f"{os.cpu_count()} cores ({model}), Python {sys.version.split()[0]}, "
+        f"{wrk_version[0] if wrk_version else 'wrk'}; servers on core {SERVER_CORE}, wrk on core {LOAD_CORE}, "
+        f"{CONNECTIONS} connections"
+    )

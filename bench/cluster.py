@@ -34,15 +34,18 @@ import os
 import sys
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, then tests.harness
+sys.path[:0] = [
+    str(Path(__file__).resolve().parent),
+    str(Path(__file__).resolve().parents[1]),
+]  # bench/, then tests.harness
 
-from _common import APP_DIR, LOAD_CORE, machine_summary, require_wrk, tempdir, write_lua  # noqa: E402
-from cluster_converge import CONVERGE_WRITES, PACES, section_converge  # noqa: E402
-from cluster_etcd import section_etcd  # noqa: E402
-from cluster_nodes import LUA_GET, LUA_PUT  # noqa: E402
-from cluster_quorum import section_quorum  # noqa: E402
-from cluster_report import Report, check_targets, print_report  # noqa: E402
-from cluster_slow import section_slow  # noqa: E402
+from _common import APP_DIR, LOAD_CORE, machine_summary, require_wrk, tempdir, write_lua
+from cluster_converge import CONVERGE_WRITES, PACES, section_converge
+from cluster_etcd import section_etcd
+from cluster_nodes import LUA_GET, LUA_PUT
+from cluster_quorum import section_quorum
+from cluster_report import Report, check_targets, print_report
+from cluster_slow import section_slow
 
 SECTIONS = ("quorum", "converge", "slow", "etcd")
 
@@ -52,14 +55,29 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(SECTIONS), help="sections to run, comma-separated")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured wrk run")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of discarded warm-up before each run")
-    parser.add_argument("--storage", choices=("lmdb", "memory"), default="lmdb",
-                        help="engine of the quorum and slow nodes (convergence always uses lmdb data dirs)")
-    parser.add_argument("--converge-paces", default="default,fast",
-                        help=f"anti-entropy paces for the convergence runs: {', '.join(PACES)}")
-    parser.add_argument("--converge-writes", type=int, default=CONVERGE_WRITES,
-                        help=f"distinct keys written while node3 is down (default {CONVERGE_WRITES:,})")
-    parser.add_argument("--profile", metavar="PREFIX", help="py-spy node1 during an extra N=3 quorum PUT run; "
-                        "raw stacks to PREFIX-n1-put.txt (py-spy from BENCH_PYSPY or PATH)")
+    parser.add_argument(
+        "--storage",
+        choices=("lmdb", "memory"),
+        default="lmdb",
+        help="engine of the quorum and slow nodes (convergence always uses lmdb data dirs)",
+    )
+    parser.add_argument(
+        "--converge-paces",
+        default="default,fast",
+        help=f"anti-entropy paces for the convergence runs: {', '.join(PACES)}",
+    )
+    parser.add_argument(
+        "--converge-writes",
+        type=int,
+        default=CONVERGE_WRITES,
+        help=f"distinct keys written while node3 is down (default {CONVERGE_WRITES:,})",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="PREFIX",
+        help="py-spy node1 during an extra N=3 quorum PUT run; "
+        "raw stacks to PREFIX-n1-put.txt (py-spy from BENCH_PYSPY or PATH)",
+    )
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown (for BENCHMARKS.md)")
     args = parser.parse_args()
     sections = [s.strip() for s in args.only.split(",") if s.strip()]

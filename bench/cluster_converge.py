@@ -27,8 +27,9 @@ PROGRESS_EVERY_S = 5  # one progress sample this often: a readable line, not a f
 
 
 def section_converge(report: Report, *, args: argparse.Namespace, logdir: Path) -> None:
-    print(f"\n[converge] node3 killed, {args.converge_writes:,} writes through node1/node2, node3 restarted",
-          flush=True)
+    print(
+        f"\n[converge] node3 killed, {args.converge_writes:,} writes through node1/node2, node3 restarted", flush=True
+    )
     for pace in args.converge_paces:
         with ExitStack() as stack:
             cluster = start_cluster(stack, logdir=logdir, name=f"c-{pace}", rf=3, storage="lmdb", extra=PACES[pace])
@@ -41,9 +42,12 @@ def section_converge(report: Report, *, args: argparse.Namespace, logdir: Path) 
             time.sleep(1.5)  # the hints_pending gauge is refreshed by the once-a-second delivery loop
             hints_pending = sum(metric(u, "kvstore_hints_pending") or 0 for u in (n1, n2))
             before = {u: (metric(u, "kvstore_hints_delivered_total") or 0) for u in (n1, n2)}
-            print(f"  pace {pace}: {acked:,} writes acknowledged ({failed} failed) in {load_s:.1f} s "
-                  f"({acked / load_s:,.0f}/s) with node3 down; node1/node2 hold {held}, "
-                  f"{hints_pending:,.0f} hints pending", flush=True)
+            print(
+                f"  pace {pace}: {acked:,} writes acknowledged ({failed} failed) in {load_s:.1f} s "
+                f"({acked / load_s:,.0f}/s) with node3 down; node1/node2 hold {held}, "
+                f"{hints_pending:,.0f} hints pending",
+                flush=True,
+            )
             started = time.monotonic()
             cluster.node("node3").start()
             ready_s = converged_s = None
@@ -68,15 +72,32 @@ def section_converge(report: Report, *, args: argparse.Namespace, logdir: Path) 
             delivered = sum((metric(u, "kvstore_hints_delivered_total") or 0) - before[u] for u in (n1, n2))
             repaired = sum(metric(u, "kvstore_anti_entropy_keys_repaired_total") or 0 for u in (n1, n2, n3))
             read_repairs = sum(metric(u, "kvstore_read_repairs_total") or 0 for u in (n1, n2, n3))
-            entry = {"pace": pace, "flags": " ".join(PACES[pace]) or "(defaults: --anti-entropy-interval 30)",
-                     "acked": acked, "failed": failed, "load_s": load_s, "expected": expected,
-                     "ready_s": ready_s, "converged_s": converged_s, "held": last, "timeout_s": CONVERGE_TIMEOUT_S,
-                     "hints_delivered": delivered, "ae_repaired": repaired, "read_repairs": read_repairs,
-                     "progress": samples}
+            entry = {
+                "pace": pace,
+                "flags": " ".join(PACES[pace]) or "(defaults: --anti-entropy-interval 30)",
+                "acked": acked,
+                "failed": failed,
+                "load_s": load_s,
+                "expected": expected,
+                "ready_s": ready_s,
+                "converged_s": converged_s,
+                "held": last,
+                "timeout_s": CONVERGE_TIMEOUT_S,
+                "hints_delivered": delivered,
+                "ae_repaired": repaired,
+                "read_repairs": read_repairs,
+                "progress": samples,
+            }
             report.converge.append(entry)
-            status = f"converged in {converged_s:.1f} s" if converged_s is not None else \
-                f"NOT converged after {CONVERGE_TIMEOUT_S:.0f} s ({last:,.0f} of {expected:,} keys)"
-            print(f"  pace {pace}: node3 ready after {ready_s if ready_s is None else round(ready_s, 1)} s, "
-                  f"{status}; hints delivered {delivered:,.0f}, anti-entropy repairs {repaired:,.0f}, "
-                  f"read repairs {read_repairs:,.0f}", flush=True)
+            status = (
+                f"converged in {converged_s:.1f} s"
+                if converged_s is not None
+                else f"NOT converged after {CONVERGE_TIMEOUT_S:.0f} s ({last:,.0f} of {expected:,} keys)"
+            )
+            print(
+                f"  pace {pace}: node3 ready after {ready_s if ready_s is None else round(ready_s, 1)} s, "
+                f"{status}; hints delivered {delivered:,.0f}, anti-entropy repairs {repaired:,.0f}, "
+                f"read repairs {read_repairs:,.0f}",
+                flush=True,
+            )
             print("    progress (s, keys on node3): " + ", ".join(f"{t:.0f}: {k:,.0f}" for t, k in samples), flush=True)

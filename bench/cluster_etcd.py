@@ -34,8 +34,10 @@ def section_etcd(report: Report, *, args: argparse.Namespace, logdir: Path) -> N
                 data = json.loads(body)
                 if data.get("leader") == data.get("header", {}).get("member_id"):
                     leader_url = url
-        report.notes.append(f"etcd: {version.strip()}, 3 members, default durability (WAL fsync per raft batch), "
-                            f"load through the leader ({leader_url})")
+        report.notes.append(
+            f"etcd: {version.strip()}, 3 members, default durability (WAL fsync per raft batch), "
+            f"load through the leader ({leader_url})"
+        )
         for i in range(SPREAD_KEYS):
             body_json = f'{{"key":"{b64(etcd_key(i))}","value":"{b64(VALUE)}"}}'
             status, body = etcd_post(leader_url, "/v3/kv/put", body_json)
@@ -45,11 +47,20 @@ def section_etcd(report: Report, *, args: argparse.Namespace, logdir: Path) -> N
         if status != 200 or b64(VALUE).encode() not in body:
             raise RuntimeError(f"bench: etcd range of a preloaded key answered {status}: {body[:300]!r}")
         pids = [pid for server in servers for pid in server.pids()]
-        runs = [("etcd_put", "etcd 3 members PUT /v3/kv/put (leader)", "/v3/kv/put", PUT_KEYSPACE, ""),
-                ("etcd_range", "etcd 3 members range, linearizable (leader)", "/v3/kv/range", SPREAD_KEYS, ""),
-                ("etcd_range_serial", "etcd 3 members range, serializable (leader)", "/v3/kv/range", SPREAD_KEYS,
-                 ',"serializable":true')]
+        runs = [
+            ("etcd_put", "etcd 3 members PUT /v3/kv/put (leader)", "/v3/kv/put", PUT_KEYSPACE, ""),
+            ("etcd_range", "etcd 3 members range, linearizable (leader)", "/v3/kv/range", SPREAD_KEYS, ""),
+            (
+                "etcd_range_serial",
+                "etcd 3 members range, serializable (leader)",
+                "/v3/kv/range",
+                SPREAD_KEYS,
+                ',"serializable":true',
+            ),
+        ]
         for key, label, path, keyspace, extra in runs:
             lua = write_lua(logdir, key, etcd_lua(path, keyspace, extra))
-            report.add(key, run_wrk(label, leader_url, lua=lua, duration_s=args.duration, warmup_s=args.warmup,
-                                    server_pids=pids))
+            report.add(
+                key,
+                run_wrk(label, leader_url, lua=lua, duration_s=args.duration, warmup_s=args.warmup, server_pids=pids),
+            )

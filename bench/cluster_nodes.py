@@ -12,7 +12,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from _common import APP_DIR, SERVER_CORE, http_request, lua_rest_put
-
 from tests.harness.processes import Cluster
 
 NODES = 3
@@ -31,7 +30,13 @@ LUA_PUT = lua_rest_put(PUT_KEYSPACE, VALUE.decode())
 
 
 def start_cluster(
-    stack: ExitStack, *, logdir: Path, name: str, rf: int, storage: str, extra: Sequence[str] = (),
+    stack: ExitStack,
+    *,
+    logdir: Path,
+    name: str,
+    rf: int,
+    storage: str,
+    extra: Sequence[str] = (),
     peers_for: Callable[[str, dict[str, str]], dict[str, str]] | None = None,
 ) -> Cluster:
     """Three `kvstore node` processes (node1..node3) on the server core, each in
@@ -40,7 +45,8 @@ def start_cluster(
     log_dir = logdir / name
     log_dir.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(
-        size=NODES, log_dir=log_dir,
+        size=NODES,
+        log_dir=log_dir,
         args=["--replication-factor", str(rf), "--log-level", "warning", *extra],
         data_root=logdir / f"{name}-data" if storage == "lmdb" else None,
         peers_for=peers_for,
@@ -61,8 +67,11 @@ def metric(url: str, name: str, *labels: str) -> float | None:
         return None
     total = 0.0
     for line in body.decode().splitlines():
-        if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " ") \
-                and all(label in line for label in labels):
+        if (
+            line.startswith(name)
+            and line[len(name) : len(name) + 1] in ("{", " ")
+            and all(label in line for label in labels)
+        ):
             total += float(line.rsplit(" ", 1)[1])
     return total
 

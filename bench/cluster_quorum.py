@@ -28,7 +28,16 @@ def section_quorum(report: Report, *, args: argparse.Namespace, logdir: Path, lu
             tag = f"N={rf}" + (" quorum (R=W=2)" if rf == 3 else " (one owner, R=W=1)")
             for op in ("get", "put"):
                 label = f"3 nodes {tag} {op.upper()} /kv via node1"
-                report.add(f"n{rf}_{op}", run_wrk(label, url, lua=luas[op], duration_s=args.duration,
-                                                  warmup_s=args.warmup, server_pids=cluster.pids()))
+                report.add(
+                    f"n{rf}_{op}",
+                    run_wrk(
+                        label,
+                        url,
+                        lua=luas[op],
+                        duration_s=args.duration,
+                        warmup_s=args.warmup,
+                        server_pids=cluster.pids(),
+                    ),
+                )
             if rf == 3 and args.profile:
                 profile_put(report, args=args, cluster=cluster, lua=luas["put"])

@@ -19,9 +19,11 @@ from cluster_nodes import VALUE
 HOST = "127.0.0.1"
 MEMBERS = 3
 ETCD_READY_TIMEOUT_S = 30.0  # a raft election plus WAL creation; usually ~2 s
-ETCD_HINT = ("bench: etcd not found. Install Debian's etcd server:\n"
-             "    sudo apt-get update && sudo apt-get install -y etcd-server\n"
-             "(the package installs a systemd unit too; this bench starts its own members on free loopback ports)")
+ETCD_HINT = (
+    "bench: etcd not found. Install Debian's etcd server:\n"
+    "    sudo apt-get update && sudo apt-get install -y etcd-server\n"
+    "(the package installs a systemd unit too; this bench starts its own members on free loopback ports)"
+)
 
 
 def b64(data: bytes) -> str:
@@ -43,7 +45,7 @@ local counter = 0
 request = function()
   counter = counter + 1
   local i = counter % {keyspace}
-  local key = "{b64(b'key')}" .. t[math.floor(i / 1000) % 1000] .. t[i % 1000]
+  local key = "{b64(b"key")}" .. t[math.floor(i / 1000) % 1000] .. t[i % 1000]
   local body = '{{"key":"' .. key .. '"{value}{extra_json}}}'
   return wrk.format("POST", "{path}", {{["Content-Type"] = "application/json"}}, body)
 end
@@ -63,11 +65,31 @@ def etcd_cluster(logdir: Path) -> Iterator[tuple[list[str], list[Server]]]:
     with ExitStack() as stack:
         servers = []
         for i in range(MEMBERS):
-            argv = ["etcd", "--name", f"m{i + 1}", "--data-dir", str(logdir / f"etcd-m{i + 1}"),
-                    "--listen-client-urls", client[i], "--advertise-client-urls", client[i],
-                    "--listen-peer-urls", peer[i], "--initial-advertise-peer-urls", peer[i],
-                    "--initial-cluster", initial, "--initial-cluster-state", "new",
-                    "--initial-cluster-token", f"kvstore-bench-{base}", "--logger", "zap", "--log-level", "error"]
+            argv = [
+                "etcd",
+                "--name",
+                f"m{i + 1}",
+                "--data-dir",
+                str(logdir / f"etcd-m{i + 1}"),
+                "--listen-client-urls",
+                client[i],
+                "--advertise-client-urls",
+                client[i],
+                "--listen-peer-urls",
+                peer[i],
+                "--initial-advertise-peer-urls",
+                peer[i],
+                "--initial-cluster",
+                initial,
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                f"kvstore-bench-{base}",
+                "--logger",
+                "zap",
+                "--log-level",
+                "error",
+            ]
             server = stack.enter_context(serving(f"etcd-m{i + 1}", argv, health_urls=[], logdir=logdir))
             server.url = client[i]
             servers.append(server)
@@ -81,7 +103,8 @@ def etcd_cluster(logdir: Path) -> Iterator[tuple[list[str], list[Server]]]:
                     if server.proc.poll() is not None:
                         raise RuntimeError(f"bench: {server.name} exited:\n{server.log_tail()}")
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"bench: etcd member {url} not healthy in {ETCD_READY_TIMEOUT_S:.0f} s: "
-                                       f"{status} {body[:200]!r}")
+                    raise RuntimeError(
+                        f"bench: etcd member {url} not healthy in {ETCD_READY_TIMEOUT_S:.0f} s: {status} {body[:200]!r}"
+                    )
                 time.sleep(0.2)
         yield client, servers

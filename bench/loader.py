@@ -54,8 +54,12 @@ async def _put_all(urls: Sequence[str], paths: Sequence[str], body: bytes, conne
                         acked += 1
                         break
                     reasons[f"HTTP {status}"] += 1
-                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
-                        ValueError) as exc:
+                except (
+                    OSError,
+                    asyncio.IncompleteReadError,
+                    asyncio.LimitOverrunError,
+                    ValueError,
+                ) as exc:  # OSError: timeouts too
                     reasons[type(exc).__name__] += 1
                     if conn is not None:
                         conn[1].close()
@@ -72,8 +76,9 @@ async def _put_all(urls: Sequence[str], paths: Sequence[str], body: bytes, conne
     return acked, failed
 
 
-def put_all(urls: Sequence[str], paths: Sequence[str], body: bytes = VALUE,
-            connections: int = LOADER_CONNECTIONS) -> tuple[int, int, float]:
+def put_all(
+    urls: Sequence[str], paths: Sequence[str], body: bytes = VALUE, connections: int = LOADER_CONNECTIONS
+) -> tuple[int, int, float]:
     started = time.monotonic()
     acked, failed = asyncio.run(_put_all(urls, paths, body, connections))
     return acked, failed, time.monotonic() - started

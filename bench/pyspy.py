@@ -17,7 +17,6 @@ from pathlib import Path
 
 from _common import APP_DIR, LOAD_CORE, SERVER_CORE, run_wrk
 from cluster_report import Report
-
 from tests.harness.processes import Cluster
 
 PROFILE_MIN_S = 5.0  # at least this many seconds of samples, even under a short --duration
@@ -40,13 +39,38 @@ def profile_put(report: Report, *, args: argparse.Namespace, cluster: Cluster, l
         os.sched_setaffinity(pid, {int(LOAD_CORE)})
     try:
         spy_proc = subprocess.Popen(
-            ["taskset", "-c", LOAD_CORE, spy, "record", "--nonblocking", "--threads", "-r", str(SAMPLE_RATE_HZ), "-d", f"{seconds:g}",
-             "--format", "raw", "-o", str(raw), "--pid", str(n1)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                "taskset",
+                "-c",
+                LOAD_CORE,
+                spy,
+                "record",
+                "--nonblocking",
+                "--threads",
+                "-r",
+                str(SAMPLE_RATE_HZ),
+                "-d",
+                f"{seconds:g}",
+                "--format",
+                "raw",
+                "-o",
+                str(raw),
+                "--pid",
+                str(n1),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             time.sleep(0.5)
-            result = run_wrk("N=3 quorum PUT, node1 under py-spy", cluster.node("node1").url, lua=lua,
-                             duration_s=seconds + 1, warmup_s=0, server_pids=[n1])
+            result = run_wrk(
+                "N=3 quorum PUT, node1 under py-spy",
+                cluster.node("node1").url,
+                lua=lua,
+                duration_s=seconds + 1,
+                warmup_s=0,
+                server_pids=[n1],
+            )
             _, err = spy_proc.communicate(timeout=60)
         finally:
             if spy_proc.poll() is None:
@@ -58,15 +82,19 @@ def profile_put(report: Report, *, args: argparse.Namespace, cluster: Cluster, l
     if not raw.exists():
         print(f"  profile failed: {err.decode(errors='replace')[-500:]}", flush=True)
         return
-    report.profile = (f"py-spy on node1 (pid {n1}) during an extra N=3 quorum PUT run "
-                      f"({result.rps:,.0f} req/s, node2/node3 moved to the load core); raw stacks: {raw}\n"
-                      + summarize_profile(raw))
+    report.profile = (
+        f"py-spy on node1 (pid {n1}) during an extra N=3 quorum PUT run "
+        f"({result.rps:,.0f} req/s, node2/node3 moved to the load core); raw stacks: {raw}\n" + summarize_profile(raw)
+    )
     print("  " + report.profile.replace("\n", "\n  "), flush=True)
 
 
 def pyspy_path() -> str | None:
-    return os.environ.get("BENCH_PYSPY") or shutil.which("py-spy") or (
-        "/tmp/pyspy-venv/bin/py-spy" if Path("/tmp/pyspy-venv/bin/py-spy").exists() else None)
+    return (
+        os.environ.get("BENCH_PYSPY")
+        or shutil.which("py-spy")
+        or ("/tmp/pyspy-venv/bin/py-spy" if Path("/tmp/pyspy-venv/bin/py-spy").exists() else None)
+    )
 
 
 def summarize_profile(raw: Path, top: int = 15) -> str:
@@ -100,11 +128,15 @@ def summarize_profile(raw: Path, top: int = 15) -> str:
     def block(title: str, counter: Counter[str], n: int = top) -> list[str]:
         return [title, *(f"  {k / total:6.1%}  {name}" for name, k in counter.most_common(n))]
 
-    return "\n".join([f"{total} samples of node1's threads while running (py-spy without --idle)",
-                      *block("by thread:", threads, 6),
-                      *block("self time, by function (C code is charged to the Python frame that called it):", own),
-                      *block("self time, by file:", own_files, 12),
-                      *block("inclusive, the project's functions:", ours)])
+    return "\n".join(
+        [
+            f"{total} samples of node1's threads while running (py-spy without --idle)",
+            *block("by thread:", threads, 6),
+            *block("self time, by function (C code is charged to the Python frame that called it):", own),
+            *block("self time, by file:", own_files, 12),
+            *block("inclusive, the project's functions:", ours),
+        ]
+    )
 
 
 BOILERPLATE = {"app/__main__.py", "app/cli.py"}  # start-up frames under everything the main thread does

@@ -36,8 +36,12 @@ def skewed_clock(seconds: float) -> dict[str, str]:
     skips) when libfaketime is missing: `make tools` installs it."""
     found = sorted(glob.glob(FAKETIME_LIBRARY))
     assert found, f"libfaketime not found at {FAKETIME_LIBRARY}: run `make tools` (apt-get install faketime)"
-    return {"LD_PRELOAD": found[0], "FAKETIME": f"{seconds:+g}s", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-            "FAKETIME_NO_CACHE": "1"}
+    return {
+        "LD_PRELOAD": found[0],
+        "FAKETIME": f"{seconds:+g}s",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "FAKETIME_NO_CACHE": "1",
+    }
 
 
 def free_port(host: str = HOST) -> int:
@@ -104,9 +108,17 @@ class NodeProcess:
     """
 
     def __init__(
-        self, *, node_id: str, host: str, port: int, peers: dict[str, str], log_dir: Path,
-        args: Sequence[str] | None = None, env: dict[str, str] | None = None,
-        launcher: Sequence[str] = (), cwd: Path | None = None,
+        self,
+        *,
+        node_id: str,
+        host: str,
+        port: int,
+        peers: dict[str, str],
+        log_dir: Path,
+        args: Sequence[str] | None = None,
+        env: dict[str, str] | None = None,
+        launcher: Sequence[str] = (),
+        cwd: Path | None = None,
     ) -> None:
         self.node_id = node_id
         self.host = host
@@ -135,8 +147,15 @@ class NodeProcess:
     def start(self) -> NodeProcess:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         with open(self.log_path, "ab") as log:  # appended: a restart keeps the earlier run's log
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, cwd=self.cwd, env={**os.environ, **self.env})
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.cwd,
+                env={**os.environ, **self.env},
+            )
         return self
 
     @property
@@ -219,8 +238,17 @@ class Cluster:
         if self.data_root is not None:
             node_args += ["--data-dir", str(self.data_root / node_id)]
         peers = self.peers_for(node_id, dict(direct)) if self.peers_for is not None else dict(direct)
-        return NodeProcess(node_id=node_id, host=self.host, port=port, peers=peers, log_dir=self.log_dir,
-                           args=node_args, env=self.env_for.get(node_id), launcher=self.launcher, cwd=self.cwd)
+        return NodeProcess(
+            node_id=node_id,
+            host=self.host,
+            port=port,
+            peers=peers,
+            log_dir=self.log_dir,
+            args=node_args,
+            env=self.env_for.get(node_id),
+            launcher=self.launcher,
+            cwd=self.cwd,
+        )
 
     @property
     def direct_peers(self) -> dict[str, str]:
@@ -252,8 +280,10 @@ class Cluster:
             node.start()
         procs = [node.proc for node in self.nodes if node.proc is not None]
         logs = [node.log_path for node in self.nodes]
-        for path, group in (("/ready", [n for n in self.nodes if n.node_id not in unready]),
-                            ("/health", [n for n in self.nodes if n.node_id in unready])):
+        for path, group in (
+            ("/ready", [n for n in self.nodes if n.node_id not in unready]),
+            ("/health", [n for n in self.nodes if n.node_id in unready]),
+        ):
             wait_ready([node.url for node in group], procs=procs, path=path, logs=logs)
         return self
 

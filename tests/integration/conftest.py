@@ -24,8 +24,14 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
         env_for: dict[str, dict[str, str]] | None = None,
         unready: Iterable[str] = (),
     ) -> Cluster:
-        cluster = Cluster(size=size, log_dir=tmp_path, args=args, data_root=tmp_path / "data" if durable else None,
-                          peers_for=peers_for, env_for=env_for)
+        cluster = Cluster(
+            size=size,
+            log_dir=tmp_path,
+            args=args,
+            data_root=tmp_path / "data" if durable else None,
+            peers_for=peers_for,
+            env_for=env_for,
+        )
         clusters.append(cluster)
         return cluster.start(unready=unready)
 
@@ -54,7 +60,7 @@ def start_load() -> Iterator[Callable[..., Load]]:
     loads: list[Load] = []
 
     def start(**kwargs: object) -> Load:
-        load = Load(**kwargs)  # type: ignore[arg-type]
+        load = Load(**kwargs)
         loads.append(load)
         return load.start()
 

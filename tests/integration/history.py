@@ -113,7 +113,9 @@ class Anomaly:
     expected: bytes | None  # the latest acknowledged state (None: absent)
 
     def __str__(self) -> str:
-        return f"{self.key!r} via {self.node}: {self.reason}: read {self.observed!r}, last acknowledged {self.expected!r}"
+        return (
+            f"{self.key!r} via {self.node}: {self.reason}: read {self.observed!r}, last acknowledged {self.expected!r}"
+        )
 
 
 @dataclass
@@ -300,7 +302,9 @@ class Load:
         """Let the load run at least `seconds` and until `min_ops` more requests completed."""
         started, target = time.monotonic(), len(self.ops) + min_ops
         while time.monotonic() - started < seconds or len(self.ops) < target:
-            assert self._thread is not None and self._thread.is_alive(), f"load {self.name} is not running: {self._error!r}"
+            assert self._thread is not None and self._thread.is_alive(), (
+                f"load {self.name} is not running: {self._error!r}"
+            )
             assert time.monotonic() - started < max_wait, (
                 f"load {self.name}: only {len(self.ops) - target + min_ops} of {min_ops} requests in {max_wait}s"
             )
@@ -323,7 +327,13 @@ class Load:
                 seq += 1
                 key = rng.choice(self.keys)
                 draw = rng.random()
-                kind: Kind = "get" if draw < self.read_ratio else "delete" if draw < self.read_ratio + self.delete_ratio else "put"
+                kind: Kind = (
+                    "get"
+                    if draw < self.read_ratio
+                    else "delete"
+                    if draw < self.read_ratio + self.delete_ratio
+                    else "put"
+                )
                 value = f"{self.name}/{index}:{seq}".encode() if kind == "put" else None
                 sent = time.monotonic()
                 outcome, error, node, read = await self._send(client, rng, kind=kind, key=key, value=value)
@@ -361,7 +371,11 @@ class Load:
 
 
 def observe(
-    urls: dict[str, str], keys: Iterable[str], *, consistency: str = "quorum", retry_for: float = READ_RETRY_S,
+    urls: dict[str, str],
+    keys: Iterable[str],
+    *,
+    consistency: str = "quorum",
+    retry_for: float = READ_RETRY_S,
 ) -> list[Observation]:
     """Read every key through every node in urls ({node_id: url}) with a normal client GET."""
     keys = list(keys)
@@ -371,7 +385,9 @@ def observe(
         while True:
             async with gate:
                 try:
-                    resp = await client.get(f"{urls[node]}/kv/{quote(key, safe='')}", params={"consistency": consistency})
+                    resp = await client.get(
+                        f"{urls[node]}/kv/{quote(key, safe='')}", params={"consistency": consistency}
+                    )
                     if resp.status_code in (200, 404):
                         value = resp.content if resp.status_code == 200 else None
                         return Observation(node, key, value, at=time.monotonic())
@@ -391,8 +407,12 @@ def observe(
 
 
 def record_writes(
-    url: str, writes: Iterable[tuple[str, bytes | None]], *, client: int = -1,
-    consistency: str = "quorum", ttl_s: float | None = None,
+    url: str,
+    writes: Iterable[tuple[str, bytes | None]],
+    *,
+    client: int = -1,
+    consistency: str = "quorum",
+    ttl_s: float | None = None,
 ) -> list[Op]:
     """Write one key after another through one node, each once its previous
     answer came: (key, value) puts, (key, None) deletes. Their history."""
@@ -405,15 +425,31 @@ def record_writes(
             path = f"{url}/kv/{quote(key, safe='')}"
             sent = time.monotonic()
             try:
-                resp = http.delete(path, params=params) if value is None else http.put(path, content=value, params=params)
-                outcome: Outcome = "ok" if resp.status_code == 204 else "failed" if resp.status_code < 500 else "unknown"
+                resp = (
+                    http.delete(path, params=params) if value is None else http.put(path, content=value, params=params)
+                )
+                outcome: Outcome = (
+                    "ok" if resp.status_code == 204 else "failed" if resp.status_code < 500 else "unknown"
+                )
                 error = "" if outcome == "ok" else f"HTTP {resp.status_code} {resp.text[:200]}"
             except httpx.HTTPError as exc:
                 outcome, error = "unknown", f"{type(exc).__name__}: {exc}"
             finished = time.monotonic()
             kind: Kind = "delete" if value is None else "put"
-            ops.append(Op(client, kind, key, value, sent, finished if outcome == "ok" else None, outcome, error, finished,
-                          ttl_s if kind == "put" else None))
+            ops.append(
+                Op(
+                    client,
+                    kind,
+                    key,
+                    value,
+                    sent,
+                    finished if outcome == "ok" else None,
+                    outcome,
+                    error,
+                    finished,
+                    ttl_s if kind == "put" else None,
+                )
+            )
     return ops
 
 

@@ -65,7 +65,9 @@ class ReplicaRecord:
         return f"{self.state}{' @' + self.version if self.version else ''}{' ' + self.detail if self.detail else ''}"
 
 
-def read_replicas(urls: dict[str, str], keys: Iterable[str], *, token: str | None = None) -> dict[tuple[str, str], ReplicaRecord]:
+def read_replicas(
+    urls: dict[str, str], keys: Iterable[str], *, token: str | None = None
+) -> dict[tuple[str, str], ReplicaRecord]:
     """{(node_id, key): record} from every node's own store, read concurrently."""
     keys = list(keys)
 
@@ -92,12 +94,14 @@ def read_replicas(urls: dict[str, str], keys: Iterable[str], *, token: str | Non
         pairs = [(node_id, key) for node_id in urls for key in keys]
         async with httpx.AsyncClient(timeout=INSPECT_TIMEOUT_S, headers=_headers(token)) as client:
             records = await asyncio.gather(*(one(client, gate, urls[node_id], key) for node_id, key in pairs))
-        return dict(zip(pairs, records))
+        return dict(zip(pairs, records, strict=True))
 
     return asyncio.run(run())
 
 
-def divergent_keys(urls: dict[str, str], keys: Iterable[str], *, owners: Callable[[str], Iterable[str]], token: str | None = None) -> dict[str, dict[str, ReplicaRecord]]:
+def divergent_keys(
+    urls: dict[str, str], keys: Iterable[str], *, owners: Callable[[str], Iterable[str]], token: str | None = None
+) -> dict[str, dict[str, ReplicaRecord]]:
     """Keys whose replicas (owners(key), each read from its own store) do not all hold the same record."""
     keys = list(keys)
     records = read_replicas(urls, keys, token=token)
@@ -110,7 +114,14 @@ def divergent_keys(urls: dict[str, str], keys: Iterable[str], *, owners: Callabl
     return divergent
 
 
-def wait_converged(urls: dict[str, str], keys: Iterable[str], *, owners: Callable[[str], Iterable[str]], timeout: float, token: str | None = None) -> float:
+def wait_converged(
+    urls: dict[str, str],
+    keys: Iterable[str],
+    *,
+    owners: Callable[[str], Iterable[str]],
+    timeout: float,
+    token: str | None = None,
+) -> float:
     """Wait until every key's replicas hold identical records; returns the seconds it took.
 
     Re-reads only the keys still divergent, then confirms with one full pass.

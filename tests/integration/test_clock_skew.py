@@ -56,8 +56,9 @@ SKEWS = pytest.mark.parametrize("skew", [+SKEW_S, -SKEW_S], ids=["fast", "slow"]
 def skewed_cluster(make_cluster: MakeCluster, skew: float, *, args: Iterable[str] = ()) -> Cluster:
     """node1 fast, or node3 slow: the clock that hurts in these schedules."""
     victim = "node1" if skew > 0 else "node3"
-    cluster = make_cluster(3, args=[*NODE_ARGS, "--max-clock-offset", WIDE_OPEN, *args], durable=True,
-                           env_for={victim: skewed_clock(skew)})
+    cluster = make_cluster(
+        3, args=[*NODE_ARGS, "--max-clock-offset", WIDE_OPEN, *args], durable=True, env_for={victim: skewed_clock(skew)}
+    )
     wait_for(lambda: _skew_seen(cluster, victim, skew), timeout=10, what=f"the cluster measures {victim}'s skew")
     return cluster
 
@@ -153,7 +154,9 @@ def test_coordinator_restarted_between_the_writes(make_cluster: MakeCluster, ske
 
 
 @SKEWS
-def test_node_restarted_while_clients_keep_writing(make_cluster: MakeCluster, start_load: StartLoad, skew: float) -> None:
+def test_node_restarted_while_clients_keep_writing(
+    make_cluster: MakeCluster, start_load: StartLoad, skew: float
+) -> None:
     cluster = skewed_cluster(make_cluster, skew, args=FAST_REPAIR)
     load = start_load(urls=list(cluster.direct_peers.values()), keys=KEYS, clients=6, name="skew", read_ratio=0.1)
     load.run_for(2.0, min_ops=300)
@@ -192,16 +195,24 @@ GUARD_SKEW_S = 5.5  # 5 s beyond the default --max-clock-offset of 0.5 s
 
 
 def test_a_node_beyond_max_clock_offset_refuses_writes_and_recovers_once_its_clock_is_fixed(
-    make_cluster: MakeCluster, start_load: StartLoad,
+    make_cluster: MakeCluster,
+    start_load: StartLoad,
 ) -> None:
-    cluster = make_cluster(3, args=[*NODE_ARGS, *FAST_REPAIR], durable=True, env_for={"node3": skewed_clock(GUARD_SKEW_S)},
-                           unready=["node3"])
+    cluster = make_cluster(
+        3,
+        args=[*NODE_ARGS, *FAST_REPAIR],
+        durable=True,
+        env_for={"node3": skewed_clock(GUARD_SKEW_S)},
+        unready=["node3"],
+    )
     healthy = {node_id: url for node_id, url in cluster.direct_peers.items() if node_id != "node3"}
     load = start_load(urls=list(healthy.values()), keys=KEYS, clients=4, name="guard")
 
     def node3_unready() -> str | None:
         resp = httpx.get(cluster[2].url + "/ready", timeout=2)
-        return None if resp.status_code == 503 and "max-clock-offset" in resp.text else f"{resp.status_code} {resp.text}"
+        return (
+            None if resp.status_code == 503 and "max-clock-offset" in resp.text else f"{resp.status_code} {resp.text}"
+        )
 
     wait_for(node3_unready, timeout=10, what="node3 reports its clock offset as not ready")
     refused = httpx.put(cluster[2].url + "/kv/guarded", content=b"v", timeout=5)

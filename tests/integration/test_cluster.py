@@ -54,7 +54,9 @@ def test_seed_curl_walkthrough_works_verbatim_against_every_node(make_cluster: C
             argv = [arg.replace("localhost:8080", target) for arg in argv]
             for seed_host, real in ports.items():
                 argv = [arg.replace(seed_host, real) for arg in argv]
-            done = subprocess.run([*argv, "-s", "-w", "\n%{http_code}"], capture_output=True, text=True, timeout=10, check=True)
+            done = subprocess.run(
+                [*argv, "-s", "-w", "\n%{http_code}"], capture_output=True, text=True, timeout=10, check=True
+            )
             out, _, code = done.stdout.rpartition("\n")
             assert int(code) == status, (command, done.stdout)
             if body is not None:
@@ -164,7 +166,10 @@ def test_cluster_command_starts_three_nodes_and_stops_them_on_sigint_or_sigterm(
         base = free_port_run(3)
         proc = subprocess.Popen(
             [sys.executable, "-m", "app", "cluster", "--nodes", "3", "--base-port", str(base)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         pids = []
         try:
@@ -178,7 +183,10 @@ def test_cluster_command_starts_three_nodes_and_stops_them_on_sigint_or_sigterm(
             urls = [f"http://127.0.0.1:{port}" for port in range(base, base + 3)]
             wait_ready(urls, procs=[proc], path="/health", timeout=COMMAND_UP_WITHIN_S)
             assert all(httpx.get(url + "/health", timeout=1).text == "OK" for url in urls)
-            assert httpx.put(f"http://127.0.0.1:{base}/put", content=b'{"key":"alpha", "value":"value1"}').status_code == 200
+            assert (
+                httpx.put(f"http://127.0.0.1:{base}/put", content=b'{"key":"alpha", "value":"value1"}').status_code
+                == 200
+            )
             assert httpx.get(f"http://127.0.0.1:{base + 2}/get?key=alpha").json()["value"] == "value1"
             started = time.monotonic()
             proc.send_signal(signum)

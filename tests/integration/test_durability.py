@@ -85,14 +85,28 @@ def test_sigkill_with_fsync_batch_loses_at_most_the_window(make_cluster: Callabl
 def test_cluster_command_keeps_every_key_across_a_full_stop_and_start(tmp_path: Path) -> None:
     base = free_port_run(3)
     data = tmp_path / "data"
-    command = [sys.executable, "-m", "app", "cluster", "--nodes", "3", "--base-port", str(base), "--data-dir", str(data)]
+    command = [
+        sys.executable,
+        "-m",
+        "app",
+        "cluster",
+        "--nodes",
+        "3",
+        "--base-port",
+        str(base),
+        "--data-dir",
+        str(data),
+    ]
     keys = {f"persist-{i}": f"value-{i}".encode() for i in range(150)}
 
     def run_cluster_command(check: Callable[[httpx.Client], None]) -> None:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
-            wait_ready([f"http://127.0.0.1:{port}" for port in range(base, base + 3)], procs=[proc],
-                       timeout=CLUSTER_READY_WITHIN_S)
+            wait_ready(
+                [f"http://127.0.0.1:{port}" for port in range(base, base + 3)],
+                procs=[proc],
+                timeout=CLUSTER_READY_WITHIN_S,
+            )
             with httpx.Client(timeout=5) as http:
                 check(http)
             proc.send_signal(signal.SIGINT)
@@ -124,10 +138,22 @@ def test_a_data_dir_refuses_another_node_id(tmp_path: Path) -> None:
     port = free_port_run(1)
 
     def node_command(node_id: str) -> list[str]:
-        return [sys.executable, "-m", "app", "node", "--node-id", node_id, "--listen", f"127.0.0.1:{port}",
-                "--data-dir", str(tmp_path / "dir")]
+        return [
+            sys.executable,
+            "-m",
+            "app",
+            "node",
+            "--node-id",
+            node_id,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(tmp_path / "dir"),
+        ]
 
-    first = subprocess.Popen(node_command("alpha"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = subprocess.Popen(
+        node_command("alpha"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         wait_ready([f"http://127.0.0.1:{port}"], procs=[first], timeout=NODE_READY_WITHIN_S)
     finally:

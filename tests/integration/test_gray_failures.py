@@ -28,15 +28,23 @@ from dataclasses import dataclass
 import pytest
 
 from app.ring import HashRing
-from tests.integration.history import Load, Op, check, observe, stale_reads
 from tests.harness.processes import Cluster
-from tests.integration.probes import wait_converged
 from tests.harness.proxy import ProxyMesh
+from tests.integration.history import Load, Op, check, observe, stale_reads
+from tests.integration.probes import wait_converged
 
 N = 3
 TOKEN = "gray-test-token"
-NODE_ARGS = ["--replication-factor", str(N), "--peer-timeout", "2", "--anti-entropy-interval", "1",
-             "--cluster-token", TOKEN]
+NODE_ARGS = [
+    "--replication-factor",
+    str(N),
+    "--peer-timeout",
+    "2",
+    "--anti-entropy-interval",
+    "1",
+    "--cluster-token",
+    TOKEN,
+]
 KEYS = [f"gray-{i:03d}" for i in range(200)]
 WRITERS, READERS = 12, 2
 QUIET_S = 3.0
@@ -85,10 +93,10 @@ class Matrix:
         self.readers.urls = targets
 
     def cut(self, src: str, dst: str, mode: str) -> None:
-        self.mesh.proxies[src, dst].cut(mode)  # type: ignore[arg-type]
+        self.mesh.proxies[src, dst].cut(mode)
 
     def isolate(self, node_id: str, mode: str) -> None:
-        self.mesh.partition(node_id, mode=mode)  # type: ignore[arg-type]
+        self.mesh.partition(node_id, mode=mode)
 
     def run(self, seconds: float) -> None:
         self.writers.run_for(seconds)
@@ -105,8 +113,9 @@ class Matrix:
         self.run(1.0)
         ops = self.writers.stop() + self.readers.stop()
         ring = HashRing(list(self.urls))
-        wait_converged(self.urls, KEYS, owners=lambda key: ring.owners(key.encode(), N), token=TOKEN,
-                       timeout=CONVERGE_S)
+        wait_converged(
+            self.urls, KEYS, owners=lambda key: ring.owners(key.encode(), N), token=TOKEN, timeout=CONVERGE_S
+        )
         return ops
 
     def majority_side(self, ops: list[Op]) -> Iterator[Op]:
@@ -117,7 +126,7 @@ class Matrix:
             finished = op.finished if op.finished is not None else op.sent
             for index, phase in enumerate(self.phases):
                 if phase.start <= op.sent < phase.end and node in phase.majority:
-                    later = self.phases[index + 1:]
+                    later = self.phases[index + 1 :]
                     left = any(p.start <= finished and node not in p.majority for p in later)
                     if not left:
                         yield op
@@ -150,15 +159,20 @@ def judge(matrix: Matrix, ops: list[Op], *, schedule: str, quiet: tuple[float, f
     quiet_reads = latencies([op for op in ops if op.kind == "get" and quiet[0] <= op.sent < quiet[1]])
     read_times, write_times = latencies(reads), latencies(writes)
     row = {
-        "writes": len(writes), "availability": availability,
-        "read_p50_ms": percentile(read_times, 0.50) * 1000, "read_p99_ms": percentile(read_times, 0.99) * 1000,
-        "write_p50_ms": percentile(write_times, 0.50) * 1000, "write_p99_ms": percentile(write_times, 0.99) * 1000,
+        "writes": len(writes),
+        "availability": availability,
+        "read_p50_ms": percentile(read_times, 0.50) * 1000,
+        "read_p99_ms": percentile(read_times, 0.99) * 1000,
+        "write_p50_ms": percentile(write_times, 0.50) * 1000,
+        "write_p99_ms": percentile(write_times, 0.99) * 1000,
         "quiet_read_p99_ms": percentile(quiet_reads, 0.99) * 1000,
         "slow_reads": sum(t > SLOW_READ_S for t in read_times) / max(1, len(read_times)),
     }
-    print(f"| {schedule} | {availability:.2%} ({len(writes)} writes) | {row['read_p50_ms']:.1f} / "
-          f"{row['read_p99_ms']:.1f} ms (quiet p99 {row['quiet_read_p99_ms']:.1f}) | {row['write_p50_ms']:.1f} / "
-          f"{row['write_p99_ms']:.1f} ms | 0 |")
+    print(
+        f"| {schedule} | {availability:.2%} ({len(writes)} writes) | {row['read_p50_ms']:.1f} / "
+        f"{row['read_p99_ms']:.1f} ms (quiet p99 {row['quiet_read_p99_ms']:.1f}) | {row['write_p50_ms']:.1f} / "
+        f"{row['write_p99_ms']:.1f} ms | 0 |"
+    )
     assert len(writes) >= 500 and len(reads) >= 100, row
     assert availability >= MIN_WRITE_AVAILABILITY, f"{schedule}: {availability:.2%}: e.g. {refused[:3]}"
     return row
@@ -170,7 +184,9 @@ def quiet_spell(matrix: Matrix) -> tuple[float, float]:
     return start, time.monotonic()
 
 
-def test_a_node_isolated_by_dropped_links(make_cluster: MakeCluster, start_load: StartLoad, proxy_mesh: ProxyMesh) -> None:
+def test_a_node_isolated_by_dropped_links(
+    make_cluster: MakeCluster, start_load: StartLoad, proxy_mesh: ProxyMesh
+) -> None:
     matrix = Matrix(make_cluster, start_load, proxy_mesh)
     quiet = quiet_spell(matrix)
     matrix.isolate("node1", "reset")
@@ -178,7 +194,9 @@ def test_a_node_isolated_by_dropped_links(make_cluster: MakeCluster, start_load:
     judge(matrix, matrix.finish(), schedule="(a) node1 isolated, links reset", quiet=quiet)
 
 
-def test_a_node_isolated_by_a_blackhole_keeps_reads_fast(make_cluster: MakeCluster, start_load: StartLoad, proxy_mesh: ProxyMesh) -> None:
+def test_a_node_isolated_by_a_blackhole_keeps_reads_fast(
+    make_cluster: MakeCluster, start_load: StartLoad, proxy_mesh: ProxyMesh
+) -> None:
     matrix = Matrix(make_cluster, start_load, proxy_mesh)
     quiet = quiet_spell(matrix)
     matrix.isolate("node1", "blackhole")
@@ -197,7 +215,9 @@ def test_a_one_way_cut(make_cluster: MakeCluster, start_load: StartLoad, proxy_m
     judge(matrix, matrix.finish(), schedule="(c) one-way: nobody reaches node1", quiet=quiet)
 
 
-def test_a_bridge_node_between_two_that_cannot_see_each_other(make_cluster: MakeCluster, start_load: StartLoad, proxy_mesh: ProxyMesh) -> None:
+def test_a_bridge_node_between_two_that_cannot_see_each_other(
+    make_cluster: MakeCluster, start_load: StartLoad, proxy_mesh: ProxyMesh
+) -> None:
     matrix = Matrix(make_cluster, start_load, proxy_mesh)
     quiet = quiet_spell(matrix)
     for src, dst in (("node1", "node3"), ("node3", "node1")):
@@ -206,7 +226,9 @@ def test_a_bridge_node_between_two_that_cannot_see_each_other(make_cluster: Make
     judge(matrix, matrix.finish(), schedule="(d) bridge: node1 and node3 cut, node2 sees both", quiet=quiet)
 
 
-def test_a_partition_that_moves_every_two_seconds(make_cluster: MakeCluster, start_load: StartLoad, proxy_mesh: ProxyMesh) -> None:
+def test_a_partition_that_moves_every_two_seconds(
+    make_cluster: MakeCluster, start_load: StartLoad, proxy_mesh: ProxyMesh
+) -> None:
     matrix = Matrix(make_cluster, start_load, proxy_mesh)
     quiet = quiet_spell(matrix)
     for index in range(int(FAULT_S / FLAP_EVERY_S)):

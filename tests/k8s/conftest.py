@@ -43,7 +43,10 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
 def _tool(name: str) -> Path:
     path = TOOLS_BIN / name
     if not (path.is_file() and os.access(path, os.X_OK)):
-        pytest.fail(f"{path} is missing: run `python scripts/install_tools.py` (make test does) to install helm and hadolint", pytrace=False)
+        pytest.fail(
+            f"{path} is missing: run `python scripts/install_tools.py` (make test does) to install helm and hadolint",
+            pytrace=False,
+        )
     return path
 
 

@@ -61,7 +61,9 @@ def stages() -> list[list[tuple[str, str]]]:
 
 
 def test_hadolint_is_clean(hadolint: Path) -> None:
-    proc = subprocess.run([str(hadolint), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [str(hadolint), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -74,7 +76,10 @@ def test_image_shape_matches_the_chart() -> None:
     assert runtime_ops["EXPOSE"] == str(values["containerPort"])
     uid, _, gid = runtime_ops["USER"].partition(":")
     assert uid.isdigit() and int(uid) != 0, "a numeric non-root USER lets runAsNonRoot verify it"
-    assert (int(uid), int(gid)) == (values["podSecurityContext"]["runAsUser"], values["podSecurityContext"]["runAsGroup"])
+    assert (int(uid), int(gid)) == (
+        values["podSecurityContext"]["runAsUser"],
+        values["podSecurityContext"]["runAsGroup"],
+    )
     runtime_text = " ".join(args for _, args in runtime)
     for tool in ("gcc", "build-essential", "apt-get install", "pip install"):
         assert tool not in runtime_text, f"the runtime stage must not install {tool!r}"
@@ -124,7 +129,17 @@ def pip_install(target: Path, *args: str, cwd: Path) -> None:
     """This interpreter's pip, installing into the venv `target` (pip --python): it skips
     seeding pip into the fresh venv (~9 s). The machine's pip configuration (index,
     find-links, certificates, cache) applies as in a developer's shell."""
-    cmd = [sys.executable, "-m", "pip", "--python", str(target), "install", "--disable-pip-version-check", "--quiet", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        str(target),
+        "install",
+        "--disable-pip-version-check",
+        "--quiet",
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
     assert proc.returncode == 0, f"pip install {shlex.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
 
@@ -150,11 +165,19 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def node_process(image_venv: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("KVSTORE_")}
-    env.update(KVSTORE_NODE_ID="n1", KVSTORE_LISTEN=f"127.0.0.1:{port}", PATH=f"{image_venv / 'bin'}:{env.get('PATH', '')}")
+    env.update(
+        KVSTORE_NODE_ID="n1", KVSTORE_LISTEN=f"127.0.0.1:{port}", PATH=f"{image_venv / 'bin'}:{env.get('PATH', '')}"
+    )
     log = tmp_path / "node.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([str(image_venv / "bin" / "kvstore"), "node"], cwd=tmp_path, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(image_venv / "bin" / "kvstore"), "node"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         yield proc, port, log
     finally:
@@ -171,11 +194,19 @@ def get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def test_installed_entrypoint_serves_health_and_stops_on_sigterm(image_venv: Path, node_process: tuple[subprocess.Popen[bytes], int, Path]) -> None:
+def test_installed_entrypoint_serves_health_and_stops_on_sigterm(
+    image_venv: Path, node_process: tuple[subprocess.Popen[bytes], int, Path]
+) -> None:
     proc, port, log = node_process
     # The installed package, not the source tree, is what runs.
-    where = subprocess.run([str(image_venv / "bin" / "python"), "-c", "import app; print(app.__file__)"],
-                           cwd=log.parent, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    where = subprocess.run(
+        [str(image_venv / "bin" / "python"), "-c", "import app; print(app.__file__)"],
+        cwd=log.parent,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
     assert Path(where).is_relative_to(image_venv), where
     wait_ready([f"http://127.0.0.1:{port}"], procs=[proc], path="/health", timeout=START_TIMEOUT_S, logs=[log])
     status, body = get(f"http://127.0.0.1:{port}/health")
@@ -188,4 +219,3 @@ def test_installed_entrypoint_serves_health_and_stops_on_sigterm(image_venv: Pat
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal so the exit status
     # reports it (uvicorn >= 0.29): -SIGTERM is a clean stop too; anything else is a crash.
     assert code in (0, -signal.SIGTERM), f"kvstore node exited {code} on SIGTERM:\n{log.read_text()}"
-

@@ -12,7 +12,11 @@ from app.config import NodeConfig
 from app.discovery.static import StaticDiscovery
 from app.transport.fake import InProcessPeerClient
 
-QUIET = {"anti_entropy_interval": "3600", "sweep_interval": "3600", "sync_deadline": "2"}  # background work only when a test asks
+QUIET = {
+    "anti_entropy_interval": "3600",
+    "sweep_interval": "3600",
+    "sync_deadline": "2",
+}  # background work only when a test asks
 
 
 def node_config(node_id: str, members: dict[str, str], **options: str) -> NodeConfig:
@@ -31,11 +35,16 @@ class InProcessCluster:
 
     async def add(self, node_id: str, members: dict[str, str], *, skew_ms: int = 0, **options: str) -> Node:
         """Open a node (its wall clock skew_ms off) and make it reachable to the others."""
+
         def wall() -> int:
             return wall_ms() + skew_ms
 
-        node = await Node.open(node_config(node_id, members, **options), peer_client=self.peer_client,
-                               source=StaticDiscovery(members), wall=wall)
+        node = await Node.open(
+            node_config(node_id, members, **options),
+            peer_client=self.peer_client,
+            source=StaticDiscovery(members),
+            wall=wall,
+        )
         self.nodes[node_id] = node
         self.peer_client.replicas[node_id] = node.replica
         self.peer_client.walls[node_id] = wall

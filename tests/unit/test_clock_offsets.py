@@ -19,7 +19,12 @@ def offsets_with(samples: dict[str, float], *, round_trip_ms: float = 2.0) -> tu
     monotonic = Monotonic()
     offsets = ClockOffsets(max_offset_ms=500, monotonic=monotonic)
     for peer, offset in samples.items():
-        offsets.record(peer, sent_wall_ms=1_000_000, round_trip_ms=round_trip_ms, peer_wall_ms=1_000_000 + round_trip_ms / 2 + offset)
+        offsets.record(
+            peer,
+            sent_wall_ms=1_000_000,
+            round_trip_ms=round_trip_ms,
+            peer_wall_ms=1_000_000 + round_trip_ms / 2 + offset,
+        )
     return offsets, monotonic
 
 

@@ -18,12 +18,22 @@ NODES = members("a", "b", "c")
 
 
 async def build_cluster(
-    cluster: InProcessCluster, *, replication_factor: int, skew_ms: dict[str, int] | None = None, max_offset_ms: int = 500,
+    cluster: InProcessCluster,
+    *,
+    replication_factor: int,
+    skew_ms: dict[str, int] | None = None,
+    max_offset_ms: int = 500,
 ) -> tuple[dict[str, Coordinator], InProcessPeerClient]:
     """Three nodes (skew_ms moves a node's wall clock); their coordinators, and the peer client to break."""
     for node_id in NODES:
-        await cluster.add(node_id, NODES, skew_ms=(skew_ms or {}).get(node_id, 0), vnodes="32",
-                          replication_factor=str(replication_factor), max_clock_offset=str(max_offset_ms / 1000))
+        await cluster.add(
+            node_id,
+            NODES,
+            skew_ms=(skew_ms or {}).get(node_id, 0),
+            vnodes="32",
+            replication_factor=str(replication_factor),
+            max_clock_offset=str(max_offset_ms / 1000),
+        )
     await cluster.settle()
     cluster.peer_client.calls.clear()
     return {node_id: node.coordinator for node_id, node in cluster.nodes.items()}, cluster.peer_client
@@ -31,8 +41,7 @@ async def build_cluster(
 
 def key_owned_by(coordinator: Coordinator, owner: str) -> bytes:
     return next(
-        key for key in (f"k{i}".encode() for i in range(1000))
-        if coordinator.replicas_for(key)[0].node_id == owner
+        key for key in (f"k{i}".encode() for i in range(1000)) if coordinator.replicas_for(key)[0].node_id == owner
     )
 
 
@@ -47,9 +56,9 @@ async def test_single_owner_routes_to_the_owner_only(cluster: InProcessCluster) 
     nodes, transport = await build_cluster(cluster, replication_factor=1)
     key = key_owned_by(nodes["a"], "b")
     await nodes["a"].put(key, b"v")
-    assert nodes["b"].replica.store.get(key).value == b"v"  # type: ignore[union-attr]
+    assert nodes["b"].replica.store.get(key).value == b"v"
     assert nodes["a"].replica.store.get(key) is None and nodes["c"].replica.store.get(key) is None
-    assert (await nodes["c"].get(key)).value == b"v"  # type: ignore[union-attr]
+    assert (await nodes["c"].get(key)).value == b"v"
     assert transport.calls == [("b", "write"), ("b", "read")]
 
 
@@ -70,7 +79,7 @@ async def test_quorum_write_survives_one_replica_down_but_not_two(cluster: InPro
     nodes, transport = await build_cluster(cluster, replication_factor=3)
     transport.unreachable.add("c")
     await nodes["a"].put(b"k", b"v1")
-    assert (await nodes["b"].get(b"k")).value == b"v1"  # type: ignore[union-attr]
+    assert (await nodes["b"].get(b"k")).value == b"v1"
     transport.unreachable.add("b")
     with pytest.raises(QuorumError) as caught:
         await nodes["a"].put(b"k", b"v2")
@@ -78,7 +87,7 @@ async def test_quorum_write_survives_one_replica_down_but_not_two(cluster: InPro
     assert "1 of 2 required" in str(caught.value)
     # consistency=one still works with a single live replica.
     await nodes["a"].put(b"k", b"v3", consistency="one")
-    assert (await nodes["a"].get(b"k", consistency="one")).value == b"v3"  # type: ignore[union-attr]
+    assert (await nodes["a"].get(b"k", consistency="one")).value == b"v3"
 
 
 async def test_read_returns_the_newest_version_among_replicas(cluster: InProcessCluster) -> None:
@@ -87,9 +96,9 @@ async def test_read_returns_the_newest_version_among_replicas(cluster: InProcess
     transport.unreachable.add("c")
     await nodes["a"].put(b"k", b"new")  # c misses this one
     transport.unreachable.clear()
-    assert nodes["c"].replica.store.get(b"k").value == b"old"  # type: ignore[union-attr]
+    assert nodes["c"].replica.store.get(b"k").value == b"old"
     for reader in nodes.values():
-        assert (await reader.get(b"k", consistency="all")).value == b"new"  # type: ignore[union-attr]
+        assert (await reader.get(b"k", consistency="all")).value == b"new"
 
 
 async def test_delete_reports_whether_the_key_existed_and_hides_it(cluster: InProcessCluster) -> None:
@@ -98,7 +107,7 @@ async def test_delete_reports_whether_the_key_existed_and_hides_it(cluster: InPr
     await nodes["b"].put(b"k", b"v")
     assert await nodes["c"].delete(b"k") is True
     assert await nodes["a"].get(b"k", consistency="all") is None
-    assert nodes["a"].replica.store.get(b"k").is_tombstone  # type: ignore[union-attr]
+    assert nodes["a"].replica.store.get(b"k").is_tombstone
 
 
 async def test_replicas_observe_the_coordinators_clock(cluster: InProcessCluster) -> None:
@@ -110,19 +119,25 @@ async def test_replicas_observe_the_coordinators_clock(cluster: InProcessCluster
 # -- a write is acknowledged only if it won --------------------------------------
 
 
-async def test_a_write_from_a_clock_behind_is_restamped_above_the_newer_version_and_wins(cluster: InProcessCluster) -> None:
-    nodes, transport = await build_cluster(cluster, replication_factor=3, skew_ms={"a": 30_000, "c": -30_000}, max_offset_ms=120_000)
+async def test_a_write_from_a_clock_behind_is_restamped_above_the_newer_version_and_wins(
+    cluster: InProcessCluster,
+) -> None:
+    nodes, transport = await build_cluster(
+        cluster, replication_factor=3, skew_ms={"a": 30_000, "c": -30_000}, max_offset_ms=120_000
+    )
     transport.unreachable.add("c")
     first = await nodes["a"].put(b"k", b"v1")  # stamped 30 s ahead; c misses it, so its clock never saw it
     transport.unreachable.clear()
     second = await nodes["c"].put(b"k", b"v2")  # c's wall clock is 60 s behind that version
     assert second > first
-    assert nodes["c"].metrics.write_restamps._value.get() >= 1  # type: ignore[attr-defined]
+    assert nodes["c"].metrics.write_restamps._value.get() >= 1
     for reader in nodes.values():
-        assert (await reader.get(b"k", consistency="all")).value == b"v2"  # type: ignore[union-attr]
+        assert (await reader.get(b"k", consistency="all")).value == b"v2"
 
 
-async def test_a_replica_s_newer_version_from_beyond_the_bound_fails_the_write_with_503_instead_of_winning(cluster: InProcessCluster) -> None:
+async def test_a_replica_s_newer_version_from_beyond_the_bound_fails_the_write_with_503_instead_of_winning(
+    cluster: InProcessCluster,
+) -> None:
     nodes, _ = await build_cluster(cluster, replication_factor=3, max_offset_ms=500)
     far = Version((wall_ms() + 30_000) << 16, "rogue")
     for node in nodes.values():
@@ -138,16 +153,18 @@ async def test_a_write_that_keeps_losing_fails_after_the_bounded_rounds(cluster:
     store = nodes["a"].replica.store
     original = store.apply
 
-    def always_newer(k: bytes, record: Record):  # type: ignore[no-untyped-def] - a racing writer, simulated
+    def always_newer(k: bytes, record: Record):
         original(k, Record(version=Version(record.version.hlc + 1, "racer"), value=b"racer"))
         return original(k, record)
 
-    store.apply = always_newer  # type: ignore[method-assign]
+    store.apply = always_newer
     with pytest.raises(WriteNotWonError, match="after 3 rounds"):
         await nodes["a"].put(key, b"mine")
 
 
-async def test_a_node_whose_clock_is_off_from_most_peers_refuses_to_coordinate_writes(cluster: InProcessCluster) -> None:
+async def test_a_node_whose_clock_is_off_from_most_peers_refuses_to_coordinate_writes(
+    cluster: InProcessCluster,
+) -> None:
     nodes, _ = await build_cluster(cluster, replication_factor=3)
     nodes["c"].offsets.record("a", sent_wall_ms=0, round_trip_ms=2, peer_wall_ms=-5_000)
     nodes["c"].offsets.record("b", sent_wall_ms=0, round_trip_ms=2, peer_wall_ms=-5_000)
@@ -156,7 +173,7 @@ async def test_a_node_whose_clock_is_off_from_most_peers_refuses_to_coordinate_w
     with pytest.raises(ClockOffsetError):
         await nodes["c"].delete(b"k")
     await nodes["a"].put(b"k", b"v")  # the others still coordinate
-    assert (await nodes["c"].get(b"k")).value == b"v"  # type: ignore[union-attr]  # and c still serves reads
+    assert (await nodes["c"].get(b"k")).value == b"v"
 
 
 async def test_reads_advance_the_coordinators_clock(cluster: InProcessCluster) -> None:
@@ -180,7 +197,7 @@ async def test_an_expired_value_hides_an_older_live_one_on_a_replica_that_missed
     await nodes["a"].put(b"k", b"short-lived", ttl_s=0.001)
     transport.unreachable.clear()
     await asyncio.sleep(0.01)
-    assert nodes["c"].replica.store.get(b"k").value == b"old"  # type: ignore[union-attr]
+    assert nodes["c"].replica.store.get(b"k").value == b"old"
     for reader in nodes.values():
         assert await reader.get(b"k", consistency="all") is None
     await asyncio.sleep(0)  # read repair ran: c now holds the dead version too

@@ -7,11 +7,11 @@ from tests.integration.history import Observation, Op, allowed_states, check, st
 
 
 def put(key: str, value: str, sent: float, acked: float | None, outcome: str = "ok", client: int = 0) -> Op:
-    return Op(client, "put", key, value.encode(), sent, acked if outcome == "ok" else None, outcome)  # type: ignore[arg-type]
+    return Op(client, "put", key, value.encode(), sent, acked if outcome == "ok" else None, outcome)
 
 
 def delete(key: str, sent: float, acked: float | None, outcome: str = "ok", client: int = 0) -> Op:
-    return Op(client, "delete", key, None, sent, acked if outcome == "ok" else None, outcome)  # type: ignore[arg-type]
+    return Op(client, "delete", key, None, sent, acked if outcome == "ok" else None, outcome)
 
 
 def seen(key: str, value: str | None, node: str = "node1") -> Observation:

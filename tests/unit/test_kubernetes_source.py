@@ -61,8 +61,14 @@ def pod(name: str, *, ready: bool, labels: dict[str, str] = LABELS, terminating:
 
 @pytest.fixture
 def source() -> KubernetesDiscovery:
-    return KubernetesDiscovery(api_client=None, namespace="ns", statefulset="kv", headless_service="kv-h",
-                                cluster_domain="cluster.local", port=8080)
+    return KubernetesDiscovery(
+        api_client=None,
+        namespace="ns",
+        statefulset="kv",
+        headless_service="kv-h",
+        cluster_domain="cluster.local",
+        port=8080,
+    )
 
 
 def test_members_are_the_ordinals_at_their_stable_dns_names() -> None:
@@ -111,7 +117,9 @@ async def test_readiness_goes_to_the_sink_for_members_on_change_only(source: Kub
     sink = Sink()
     await source._apply(_Snapshot(STATEFULSETS, [sts(2)], "1"), sink)
     assert sink.ready == []  # pods not listed yet: nothing is known
-    await source._apply(_Snapshot(PODS, [pod("kv-0", ready=True), pod("kv-5", ready=True), pod("x-1", ready=True)], "1"), sink)
+    await source._apply(
+        _Snapshot(PODS, [pod("kv-0", ready=True), pod("kv-5", ready=True), pod("x-1", ready=True)], "1"), sink
+    )
     assert sorted(sink.ready) == [("kv-0", True), ("kv-1", False)]  # kv-1 has no pod yet
     await source._apply(_Change(PODS, "MODIFIED", pod("kv-0", ready=True), "2"), sink)
     assert len(sink.ready) == 2
@@ -122,7 +130,9 @@ async def test_readiness_goes_to_the_sink_for_members_on_change_only(source: Kub
     assert sink.ready[-1] == ("kv-2", False)  # a new member without a pod
 
 
-async def test_failures_count_and_staleness_grows_until_reconnected(source: KubernetesDiscovery, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_failures_count_and_staleness_grows_until_reconnected(
+    source: KubernetesDiscovery, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sink = Sink()
     now = [1000.0]
     monkeypatch.setattr("app.discovery.kubernetes.time.monotonic", lambda: now[0])
@@ -159,10 +169,24 @@ def test_from_config_reads_the_kubernetes_settings(tmp_path: Path) -> None:
         "users:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\n"
         "current-context: x\n"
     )
-    config = NodeConfig.from_options({
-        "node_id": "kv-0", "listen": "127.0.0.2:7000", "membership": "kubernetes", "namespace": "ns",
-        "statefulset": "kv", "headless_service": "kv-h", "cluster_domain": "example.org", "kubeconfig": str(kubeconfig),
-    })
+    config = NodeConfig.from_options(
+        {
+            "node_id": "kv-0",
+            "listen": "127.0.0.2:7000",
+            "membership": "kubernetes",
+            "namespace": "ns",
+            "statefulset": "kv",
+            "headless_service": "kv-h",
+            "cluster_domain": "example.org",
+            "kubeconfig": str(kubeconfig),
+        }
+    )
     source = KubernetesDiscovery.from_config(config)
-    assert (source.namespace, source.statefulset, source.headless_service, source.cluster_domain, source.port) == ("ns", "kv", "kv-h", "example.org", 7000)
+    assert (source.namespace, source.statefulset, source.headless_service, source.cluster_domain, source.port) == (
+        "ns",
+        "kv",
+        "kv-h",
+        "example.org",
+        7000,
+    )
     assert source.api_client.configuration.host == "http://127.0.0.1:1"

@@ -25,18 +25,27 @@ def answering(status_line: bytes, body: bytes) -> ScriptedServer:
     return ScriptedServer(handler)
 
 
-@pytest.mark.parametrize(("status_line", "body", "error", "says"), [
-    (b"409 Conflict", b'{"error": "clock: version 1.n1 is 30000 ms ahead"}', PeerRefusedError, "30000 ms ahead"),
-    (b"403 Forbidden", b'{"error": "wrong cluster token"}', PeerRefusedError, "wrong cluster token"),
-    (b"503 Service Unavailable", b'{"error": "node is starting"}', PeerUnavailableError, "node is starting"),
-    (b"500 Internal Server Error", b"oops", PeerError, "oops"),
-])
-async def test_a_status_becomes_the_error_kind_it_means(status_line: bytes, body: bytes, error: type, says: str) -> None:
+@pytest.mark.parametrize(
+    ("status_line", "body", "error", "says"),
+    [
+        (b"409 Conflict", b'{"error": "clock: version 1.n1 is 30000 ms ahead"}', PeerRefusedError, "30000 ms ahead"),
+        (b"403 Forbidden", b'{"error": "wrong cluster token"}', PeerRefusedError, "wrong cluster token"),
+        (b"503 Service Unavailable", b'{"error": "node is starting"}', PeerUnavailableError, "node is starting"),
+        (b"500 Internal Server Error", b"oops", PeerError, "oops"),
+    ],
+)
+async def test_a_status_becomes_the_error_kind_it_means(
+    status_line: bytes, body: bytes, error: type, says: str
+) -> None:
     async with answering(status_line, body) as server:
         client = HttpPeerClient(timeout_s=2.0)
         peer = Peer("n2", f"http://127.0.0.1:{server.port}")
         try:
-            for call in (client.write(peer, b"k", RECORD), client.read(peer, b"k"), client.write_batch(peer, [(b"k", RECORD)])):
+            for call in (
+                client.write(peer, b"k", RECORD),
+                client.read(peer, b"k"),
+                client.write_batch(peer, [(b"k", RECORD)]),
+            ):
                 with pytest.raises(PeerError, match=says) as caught:
                     await call
                 assert type(caught.value) is error

@@ -13,6 +13,7 @@ import uvloop
 from app.transport.wire import PeerPool
 from tests.unit.scripted_server import ScriptedServer, ok
 
+
 async def echo(request: bytes, writer: asyncio.StreamWriter) -> None:
     writer.write(ok(request.split(b"\r\n\r\n", 1)[1]))
 
@@ -25,7 +26,9 @@ async def test_reuses_one_connection_for_sequential_requests() -> None:
     async with ScriptedServer(echo) as server:
         pool = pool_for(server)
         for i in range(20):
-            status, headers, body = await pool.request(b"PUT", "/internal/v1/kv/k", headers=b"X-A: 1\r\n", body=b"v%d" % i)
+            status, headers, body = await pool.request(
+                b"PUT", "/internal/v1/kv/k", headers=b"X-A: 1\r\n", body=b"v%d" % i
+            )
             assert (status, body, headers["x-answer"]) == (200, b"v%d" % i, "yes")
         assert server.connections == 1
         assert server.heads[0].startswith(b"PUT /internal/v1/kv/k HTTP/1.1\r\n")
@@ -224,7 +227,7 @@ def test_a_reset_before_any_byte_of_the_answer_is_retried_once_on_a_fresh_connec
             if getattr(writer, "answered_once", False):
                 reset(writer)  # the request arrived; no byte of an answer left
                 return
-            writer.answered_once = True  # type: ignore[attr-defined]
+            writer.answered_once = True
             writer.write(ok(b"fine"))
 
         async with ScriptedServer(once_per_connection) as server:
@@ -287,7 +290,7 @@ def test_a_fresh_connection_the_peer_closed_before_the_first_write_fails_as_an_o
                 await asyncio.sleep(0)  # connection_lost runs: the transport is now closed for good
                 return conn
 
-            pool._connect = connect_then_lose_it  # type: ignore[method-assign]
+            pool._connect = connect_then_lose_it
             with pytest.raises(ConnectionResetError, match="closed under the request"):
                 await pool.request(b"PUT", "/kv/k", body=b"v")
 

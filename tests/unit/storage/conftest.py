@@ -17,6 +17,7 @@ import pytest
 from app.storage import LmdbStore, MemoryStore, Store
 from tests.unit.storage.fakes import ENGINES, GRACE_S, FakeClock, StoreFactory
 
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()

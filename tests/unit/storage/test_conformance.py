@@ -18,8 +18,7 @@ import pytest
 from app.config import NodeConfig
 from app.errors import NodeIdMismatchError, StorageError
 from app.ring import HASH_SPACE, in_arc, stable_hash
-from app.storage import LmdbStore, MemoryStore, Record, Store, open_store
-from app.storage import lmdb_store
+from app.storage import LmdbStore, MemoryStore, Record, Store, lmdb_store, open_store
 from tests.unit.storage.fakes import GRACE_S, START_MS, FakeClock, StoreFactory, put, tombstone, version
 
 T = START_MS
@@ -116,7 +115,7 @@ def test_apply_many_is_apply_in_order_within_one_batch(store: Store, order: tupl
     store.apply(b"other", put(b"before", at=T))
     results = store.apply_many([(b"k", records[i]) for i in order] + [(b"other", put(b"after", at=T + 1))])
     newest_so_far = -1
-    for i, result in zip(order, results):
+    for i, result in zip(order, results[:-1], strict=True):  # the last result is the other key's
         assert result.applied == (i > newest_so_far)
         newest_so_far = max(newest_so_far, i)
     assert results[-1].applied and results[-1].previous == put(b"before", at=T)
@@ -205,7 +204,9 @@ def test_overwriting_with_a_ttl_and_without_one(store: Store, clock: FakeClock) 
 # -- sweep -------------------------------------------------------------------
 
 
-def test_sweep_turns_expired_records_into_tombstones_then_purges_them_after_the_grace(store: Store, clock: FakeClock) -> None:
+def test_sweep_turns_expired_records_into_tombstones_then_purges_them_after_the_grace(
+    store: Store, clock: FakeClock
+) -> None:
     grace_ms = int(GRACE_S * 1000)
     for i in range(10):
         store.apply(KEYS[i], put(b"v", at=T, expires_at_ms=T + 100 * (i + 1)))
@@ -363,7 +364,7 @@ def test_digests_of_adjacent_arcs_combine(store: Store) -> None:
     _fill(store, KEYS)
     cut = sorted(stable_hash(key) for key in KEYS)[100]
     left, right = store.digest(0, cut), store.digest(cut, 0)
-    combined = bytes(x ^ y for x, y in zip(left, right))
+    combined = bytes(x ^ y for x, y in zip(left, right, strict=True))
     assert combined == store.digest(0, 0)
     assert store.digest(cut, cut) == store.digest(0, 0)
 
@@ -418,7 +419,9 @@ def test_high_water_survives_a_reopen(make_store: StoreFactory, engine: str) -> 
 
 
 @lmdb_only
-def test_a_data_dir_without_a_high_water_mark_gets_one_from_its_records(make_store: StoreFactory, engine: str, tmp_path: Path) -> None:
+def test_a_data_dir_without_a_high_water_mark_gets_one_from_its_records(
+    make_store: StoreFactory, engine: str, tmp_path: Path
+) -> None:
     store = make_store(fsync="batch")
     _fill(store, KEYS[:50])
     store.apply(b"newest", tombstone(at=T + 77))

@@ -38,12 +38,20 @@ lock:
 run: $(VENV)/.installed
 	$(BIN)/kvstore cluster --nodes 3 --base-port 8080
 
+# Import contracts, ruff (style, imports, likely bugs; formatting) everywhere, and mypy (strict, on app/).
+LINTED := app scripts tests bench
 lint: $(VENV)/.installed
 	$(BIN)/lint-imports
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy
 
-# The real helm and hadolint binaries, hash-pinned, into .tools/bin (the chart and image tests need them).
+# The real helm and hadolint binaries, hash-pinned, into .tools/bin (the chart and image tests need them),
+# and the Debian packages the fault tests use (libfaketime for clock skew).
+DEBIAN_PACKAGES := faketime
 tools: $(VENV)/.installed
 	$(BIN)/python scripts/install_tools.py
+	scripts/ensure_debian_packages.sh $(DEBIAN_PACKAGES)
 
 # podman, buildah, runc and debootstrap (apt-get, where missing): the image tests build and run the image.
 container-tools:
@@ -62,7 +70,7 @@ k8s: $(VENV)/.installed tools
 unit: $(VENV)/.installed
 	$(BIN)/pytest tests/unit
 
-integration: $(VENV)/.installed
+integration: $(VENV)/.installed tools
 	$(BIN)/pytest tests/integration
 
 # Load benchmarks (not tests): need wrk and taskset; results go in BENCHMARKS.md.

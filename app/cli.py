@@ -1,7 +1,7 @@
 """The `kvstore` command: run a node, run a local cluster, or talk to one.
 
     kvstore node --node-id ID --listen HOST:PORT --peers ID=URL,...   one node
-    kvstore cluster --nodes 3 --base-port 8080                         the seed's three nodes
+    kvstore cluster --nodes 3 --base-port 8080                         three local nodes on 8080-8082
     kvstore put KEY VALUE | get KEY | delete KEY | ring [--url URL]    a client
 
 Every node flag also reads KVSTORE_<FLAG> from the environment (app.config).
@@ -10,6 +10,7 @@ Every node flag also reads KVSTORE_<FLAG> from the environment (app.config).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import logging
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from app.config import (
@@ -32,6 +34,9 @@ from app.config import (
     env_default,
 )
 from app.errors import ConfigError, KvstoreError
+
+if TYPE_CHECKING:
+    import httpx  # imported for real only by the client commands: a node never loads it
 
 CLUSTER_STOP_GRACE_S = 5.0  # how long `kvstore cluster` waits for nodes to exit before SIGKILL
 CLIENT_TIMEOUT_S = 10.0
@@ -52,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cluster = sub.add_parser("cluster", help="run a local cluster, one process per node")
     cluster.add_argument("--nodes", type=int, default=DEFAULT_CLUSTER_NODES, help="how many nodes")
-    cluster.add_argument("--base-port", type=int, default=DEFAULT_CLUSTER_BASE_PORT, help="first node's port; the rest follow")
+    cluster.add_argument(
+        "--base-port", type=int, default=DEFAULT_CLUSTER_BASE_PORT, help="first node's port; the rest follow"
+    )
     cluster.add_argument("--host", default="127.0.0.1", help="address every node listens on")
     cluster.add_argument("--data-dir", default=None, help="keep data durably under DIR/<node-id>")
     cluster.add_argument("--replication-factor", default=None, help="copies of each key")
@@ -101,21 +108,25 @@ def run_node(args: argparse.Namespace) -> int:
             given = values[option.dest]
             values[option.dest] = ",".join(given) if given else env_default(option)
     config = NodeConfig.from_options(values)
-    logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s {config.node_id} %(levelname)s %(name)s: %(message)s")
-    server = uvicorn.Server(uvicorn.Config(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        loop="uvloop",
-        http="httptools",
-        workers=1,  # the store lives in the process: exactly one worker
-        lifespan="on",
-        access_log=False,
-        log_level=config.log_level,
-        timeout_graceful_shutdown=3,
-        server_header=False,
-        proxy_headers=False,  # nothing reads the client address; saves a middleware per request
-    ))
+    logging.basicConfig(
+        level=config.log_level.upper(), format=f"%(asctime)s {config.node_id} %(levelname)s %(name)s: %(message)s"
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            loop="uvloop",
+            http="httptools",
+            workers=1,  # the store lives in the process: exactly one worker
+            lifespan="on",
+            access_log=False,
+            log_level=config.log_level,
+            timeout_graceful_shutdown=3,
+            server_header=False,
+            proxy_headers=False,  # nothing reads the client address; saves a middleware per request
+        )
+    )
     # The memory engine keeps every record as Python objects, and each request
     # allocates more: with default thresholds, full collections walk the whole
     # store and put 40-60 ms into PUT p99. Freezing what start-up built and
@@ -139,9 +150,10 @@ def _die_with_parent() -> None:
         pass
 
 
-def cluster_node_args(*, index: int, count: int, host: str, base_port: int) -> list[str]:
-    peers = ",".join(f"node{i + 1}=http://{host}:{base_port + i}" for i in range(count))
-    return ["--node-id", f"node{index + 1}", "--listen", f"{host}:{base_port + index}", "--peers", peers]
+def cluster_node_args(*, node_id: str, listen: str, peers: dict[str, str]) -> list[str]:
+    """The `kvstore node` flags of one cluster member; the test and bench harness
+    (tests/harness/processes.py) starts its nodes with the same."""
+    return ["--node-id", node_id, "--listen", listen, "--peers", ",".join(f"{nid}={url}" for nid, url in peers.items())]
 
 
 def run_cluster(args: argparse.Namespace) -> int:
@@ -156,27 +168,32 @@ def run_cluster(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     procs: list[subprocess.Popen[bytes]] = []
+    peers = {f"node{i + 1}": f"http://{args.host}:{args.base_port + i}" for i in range(args.nodes)}
     try:
-        for index in range(args.nodes):
-            node_args = cluster_node_args(index=index, count=args.nodes, host=args.host, base_port=args.base_port)
+        for index, node_id in enumerate(peers):
+            node_args = cluster_node_args(node_id=node_id, listen=f"{args.host}:{args.base_port + index}", peers=peers)
             if args.data_dir:
-                node_args += ["--data-dir", os.path.join(args.data_dir, f"node{index + 1}")]
+                node_args += ["--data-dir", os.path.join(args.data_dir, node_id)]
             if args.replication_factor:
                 node_args += ["--replication-factor", str(args.replication_factor)]
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "app", "node", *node_args],
-                preexec_fn=_die_with_parent,
-                # Own session: a terminal's Ctrl-C reaches only us, and we stop
-                # the nodes in order instead of racing them.
-                start_new_session=True,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "app", "node", *node_args],
+                    preexec_fn=_die_with_parent,
+                    # Own session: a terminal's Ctrl-C reaches only us, and we stop
+                    # the nodes in order instead of racing them.
+                    start_new_session=True,
+                )
+            )
             print(f"kvstore: started {node_args[1]} on http://{node_args[3]} (pid {procs[-1].pid})", flush=True)
-        urls = [f"http://{args.host}:{args.base_port + i}" for i in range(args.nodes)]
-        if _wait_until_ready(urls, procs, lambda: stopping):
+        if wait_until_ready(list(peers.values()), procs=procs, stopping=lambda: stopping):
             print("kvstore: cluster running, every node ready; Ctrl-C stops it", flush=True)
         elif not stopping:
-            print(f"kvstore: cluster running, but not every node was ready within {CLUSTER_READY_WAIT_S:.0f} s "
-                  "(see GET /ready on each); Ctrl-C stops it", flush=True)
+            print(
+                f"kvstore: cluster running, but not every node was ready within {CLUSTER_READY_WAIT_S:.0f} s "
+                "(see GET /ready on each); Ctrl-C stops it",
+                flush=True,
+            )
         while not stopping:
             if any(proc.poll() is not None for proc in procs):
                 dead = [p.pid for p in procs if p.returncode is not None]
@@ -185,23 +202,33 @@ def run_cluster(args: argparse.Namespace) -> int:
             time.sleep(0.2)
         return 0
     finally:
-        _stop_all(procs)
+        stop_all(procs)
+        print("kvstore: cluster stopped", flush=True)
 
 
-def _wait_until_ready(urls: list[str], procs: list[subprocess.Popen[bytes]], stopping: Callable[[], bool]) -> bool:
+def wait_until_ready(
+    urls: Sequence[str],
+    *,
+    procs: Sequence[subprocess.Popen[bytes]],
+    stopping: Callable[[], bool] = lambda: False,
+    timeout: float = CLUSTER_READY_WAIT_S,
+    path: str = "/ready",
+) -> bool:
     """Poll each node's /ready: a fresh cluster's nodes first pull their
     ranges from each other, and until then quorum reads may get 503. Saying
-    "running" only after that keeps the seed's walkthrough from racing it."""
+    "running" only after that keeps the README's curl walkthrough from racing it.
+    False when time runs out, `stopping()` turns true, or a process in
+    `procs` exits. The test and bench harness waits with this too."""
     import urllib.error
     import urllib.request
 
-    deadline = time.monotonic() + CLUSTER_READY_WAIT_S
+    deadline = time.monotonic() + timeout
     pending = list(urls)
     while pending and not stopping() and time.monotonic() < deadline:
         if any(proc.poll() is not None for proc in procs):
-            return False  # the main loop reports the dead node
+            return False  # the caller reports the dead node
         try:
-            with urllib.request.urlopen(pending[0] + "/ready", timeout=1) as resp:
+            with urllib.request.urlopen(pending[0] + path, timeout=1) as resp:
                 if resp.status == 200:
                     pending.pop(0)
                     continue
@@ -211,18 +238,26 @@ def _wait_until_ready(urls: list[str], procs: list[subprocess.Popen[bytes]], sto
     return not pending
 
 
-def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+def stop_all(procs: Sequence[subprocess.Popen[bytes]], *, grace_s: float = CLUSTER_STOP_GRACE_S) -> None:
+    """SIGTERM every process's group at once (SIGCONT first: a stopped process
+    cannot act on it), wait up to grace_s for all, then SIGKILL the group of
+    any still running. Each process must lead its own session
+    (start_new_session), as `kvstore cluster`'s nodes and the harness's do."""
     for proc in procs:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + CLUSTER_STOP_GRACE_S
+            try:
+                os.killpg(proc.pid, signal.SIGCONT)
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace_s
     for proc in procs:
         try:
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):  # it exited between the wait and the kill
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    print("kvstore: cluster stopped", flush=True)
 
 
 # -- client -------------------------------------------------------------------
@@ -263,20 +298,32 @@ def run_client(args: argparse.Namespace) -> int:
     return 1
 
 
-def _error_text(resp: object) -> str:
+def _error_text(resp: httpx.Response) -> str:
     try:
-        return str(resp.json().get("error", resp.text))  # type: ignore[attr-defined]
+        return str(resp.json().get("error", resp.text))
     except ValueError:
-        return resp.text  # type: ignore[attr-defined]
+        return resp.text
 
 
-def format_ring(ring: dict[str, object]) -> str:
+def format_ring(ring: dict[str, Any]) -> str:
     rows = [("NODE", "URL", "REACHABLE", "SHARE", "REPLICA SHARE")]
-    for member in ring["members"]:  # type: ignore[attr-defined]
+    for member in ring["members"]:
         name = member["node_id"] + (" (self)" if member["self"] else "")
-        rows.append((name, member["url"], "yes" if member["reachable"] else "NO",
-                     f"{member['share'] * 100:.1f}%", f"{member['replica_share'] * 100:.1f}%"))
+        rows.append(
+            (
+                name,
+                member["url"],
+                "yes" if member["reachable"] else "NO",
+                f"{member['share'] * 100:.1f}%",
+                f"{member['replica_share'] * 100:.1f}%",
+            )
+        )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    header = f"ring of {ring['node_id']}: {len(rows) - 1} members, {ring['vnodes']} vnodes each, replication factor {ring['replication_factor']}"
+    lines = [
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    header = (
+        f"ring of {ring['node_id']}: {len(rows) - 1} members, {ring['vnodes']} vnodes each, "
+        f"replication factor {ring['replication_factor']}"
+    )
     return "\n".join([header, *lines])

@@ -4,7 +4,13 @@ A Version is (hlc, node): hlc packs wall-clock milliseconds in the high bits
 and a logical counter in the low 16, so versions sort by time first, stay
 monotonic on a node even if its wall clock steps back, and tie-break by the
 writing node's id so any two versions are totally ordered across the cluster.
-Pure: stdlib only. Used by storage (last-writer-wins) and the coordinator.
+
+The clock never goes back: it starts at the store's high-water mark (`restore`)
+and folds in every version the node sees (`observe`). A version from further
+ahead of this node's wall clock than the max offset is refused, as
+CockroachDB's --max-offset does, so one fast clock cannot drag every node's
+stamps into the future. Pure: stdlib and app.errors only. Used by storage
+(last-writer-wins), the replica side and the coordinator.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import NamedTuple
+
+from app.errors import FutureVersionError
 
 LOGICAL_BITS = 16
 LOGICAL_MASK = (1 << LOGICAL_BITS) - 1
@@ -53,17 +61,30 @@ class HybridClock:
     `now()` stamps a local write; `observe()` folds in a version seen from
     another node so that this node's next stamp is later than it (causality
     across nodes survives clock skew). Thread-safe: storage threads use it too.
+    max_offset_ms 0 accepts any version (unit tests of the clock alone).
     """
 
-    def __init__(self, node_id: str, *, wall: Callable[[], int] = wall_ms) -> None:
+    def __init__(self, node_id: str, *, wall: Callable[[], int] = wall_ms, max_offset_ms: int = 0) -> None:
         self._node = node_id
         self._wall = wall
+        self._max_offset_ms = max_offset_ms
         self._last = 0
         self._lock = threading.Lock()
 
     @property
     def node_id(self) -> str:
         return self._node
+
+    @property
+    def max_offset_ms(self) -> int:
+        return self._max_offset_ms
+
+    def wall_ms(self) -> int:
+        return self._wall()
+
+    def ahead_ms(self, version: Version) -> int:
+        """How far the version's wall time is ahead of this node's wall clock."""
+        return version.wall_ms - self._wall()
 
     def now(self) -> Version:
         with self._lock:
@@ -74,6 +95,30 @@ class HybridClock:
             return Version(self._last, self._node)
 
     def observe(self, version: Version) -> None:
+        """Fold in a version seen from elsewhere; FutureVersionError if it is
+        further ahead of this node's wall clock than the max offset."""
+        if version.hlc <= self._last:
+            return  # not past where this clock already stands: nothing to fold in or check (a replica's usual case)
+        if self._max_offset_ms and (ahead := self.ahead_ms(version)) > self._max_offset_ms:
+            raise FutureVersionError(
+                f"clock: version {version.encode()} from node {version.node or '?'} is {ahead} ms ahead of "
+                f"node {self._node}'s clock, beyond --max-clock-offset ({self._max_offset_ms} ms); "
+                "one of the two clocks is wrong: check their time sync"
+            )
+        self.restore(version.hlc)
+
+    def observe_if_plausible(self, version: Version) -> bool:
+        """observe() for what a read saw: a version beyond the bound is not
+        folded in (False), and the read goes on."""
+        try:
+            self.observe(version)
+        except FutureVersionError:
+            return False
+        return True
+
+    def restore(self, hlc: int) -> None:
+        """Never stamp at or below hlc again: the start-up high-water mark of
+        the node's store (no bound: these are versions it already holds)."""
         with self._lock:
-            if version.hlc > self._last:
-                self._last = version.hlc
+            if hlc > self._last:
+                self._last = hlc

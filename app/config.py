@@ -18,21 +18,32 @@ DEFAULT_VNODES = 1024  # measured: 3 nodes x 1024 keep the fullest within ~6% of
 MAX_KEY_BYTES = 1024  # keys are identifiers, not payloads; bounded so they fit in headers and logs
 DEFAULT_MAX_VALUE_BYTES = 1024 * 1024  # 1 MiB: big enough for documents, small enough to buffer
 DEFAULT_PEER_TIMEOUT_S = 2.0  # a peer slower than this is treated as unavailable (503), not waited on
-DEFAULT_LISTEN = "127.0.0.1:8080"  # the seed's first node
+DEFAULT_LISTEN = "127.0.0.1:8080"  # the first node of `kvstore cluster` and the README's walkthrough
 DEFAULT_STORAGE_FSYNC = "batch"  # group commit: durable within a few ms at a fraction of per-write fsync
 DEFAULT_FSYNC_WINDOW_MS = 10  # batch window: at most this much acknowledged data is exposed to power loss
 DEFAULT_TOMBSTONE_GRACE_S = 86_400.0  # 1 day: longer than any partition we expect anti-entropy to heal
 DEFAULT_SWEEP_INTERVAL_S = 30.0  # TTL / tombstone sweep pace: reclaim space without competing with traffic
-DEFAULT_LMDB_MAP_SIZE = 64 << 30  # 64 GiB of address space, not disk: the file grows only with data; ~400M small records
-LMDB_WRITEMAP = False  # writemap measured ~2x cheaper puts, but with unsynced commits a power loss can then corrupt the file (LMDB docs) and a full disk is SIGBUS: durability first
+DEFAULT_LMDB_MAP_SIZE = (
+    64 << 30
+)  # 64 GiB of address space, not disk: the file grows only with data; ~400M small records
+# writemap measured ~2x cheaper puts, but with unsynced commits a power loss can
+# then corrupt the file (LMDB docs) and a full disk is SIGBUS: durability first.
+LMDB_WRITEMAP = False
 LMDB_SWEEP_BATCH = 512  # records purged per sweep transaction: each holds the write lock ~1 ms, so puts never wait long
 LMDB_SCAN_CHUNK = 1024  # records read per iter_range/digest transaction: no read txn outlives a chunk, so pages recycle
 DEFAULT_REPLICATION_FACTOR = 3  # survives one node down with quorum reads and writes (R + W > N)
 DEFAULT_ANTI_ENTROPY_INTERVAL_S = 30.0  # replicas converge within minutes even with no reads; cheap when in sync
+DEFAULT_MAX_CLOCK_OFFSET_S = 0.5  # CockroachDB's default; NTP keeps healthy clocks within a few ms of each other
 DEFAULT_SYNC_DEADLINE_S = 60.0  # a joining node stops waiting for unreachable sources after this; repair catches up
-DEFAULT_DRAIN_DEADLINE_S = 60.0  # a leaving node's whole drain; outside Kubernetes nothing kills it sooner (the chart derives it from the pod's grace period)
-GC_THRESHOLDS = (50_000, 50, 100)  # young-generation collections every 50k allocations, not 700: see app/cli.py run_node
-DEFAULT_CLUSTER_BASE_PORT = 8080  # `kvstore cluster`: the seed's 8080, 8081, 8082
+# A leaving node's whole drain; outside Kubernetes nothing kills it sooner
+# (the chart derives it from the pod's termination grace period).
+DEFAULT_DRAIN_DEADLINE_S = 60.0
+GC_THRESHOLDS = (
+    50_000,
+    50,
+    100,
+)  # young-generation collections every 50k allocations, not 700: see app/cli.py run_node
+DEFAULT_CLUSTER_BASE_PORT = 8080  # `kvstore cluster`: 8080, 8081, 8082, as the README's walkthrough expects
 DEFAULT_CLUSTER_NODES = 3
 CLUSTER_READY_WAIT_S = 30.0  # `kvstore cluster` waits this long for every node's /ready before saying it runs
 DEFAULT_CLIENT_URL = "http://127.0.0.1:8080"
@@ -70,8 +81,22 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("--vnodes", str(DEFAULT_VNODES), "virtual nodes per member on the hash ring"),
     Option("--replication-factor", str(DEFAULT_REPLICATION_FACTOR), "copies of each key (capped at the ring size)"),
     Option("--anti-entropy-interval", str(DEFAULT_ANTI_ENTROPY_INTERVAL_S), "seconds between anti-entropy rounds"),
-    Option("--sync-deadline", str(DEFAULT_SYNC_DEADLINE_S), "seconds a joining node waits to pull its ranges before serving anyway"),
-    Option("--drain-deadline", str(DEFAULT_DRAIN_DEADLINE_S), "seconds a node that left the ring spends handing off its records before it exits"),
+    Option(
+        "--sync-deadline",
+        str(DEFAULT_SYNC_DEADLINE_S),
+        "seconds a joining node waits to pull its ranges before serving anyway",
+    ),
+    Option(
+        "--drain-deadline",
+        str(DEFAULT_DRAIN_DEADLINE_S),
+        "seconds a node that left the ring spends handing off its records before it exits",
+    ),
+    Option(
+        "--max-clock-offset",
+        str(DEFAULT_MAX_CLOCK_OFFSET_S),
+        "seconds two clocks may differ: a node further off from most peers stops coordinating writes, "
+        "and versions further ahead are refused",
+    ),
     Option("--cluster-token", None, "shared secret required on internal replica routes (unset: open)"),
     Option("--max-value-bytes", str(DEFAULT_MAX_VALUE_BYTES), "largest accepted value, in bytes"),
     Option("--peer-timeout", str(DEFAULT_PEER_TIMEOUT_S), "seconds to wait for another node"),
@@ -87,7 +112,9 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("--headless-service", None, "kubernetes: the headless Service giving pods stable DNS names"),
     Option("--cluster-domain", DEFAULT_CLUSTER_DOMAIN, "kubernetes: the cluster's DNS domain"),
     Option("--kubeconfig", None, "kubernetes: kubeconfig file (default: KUBECONFIG, else in-cluster)"),
-    Option("--resolve", None, "NAME=ADDRESS: reach host NAME at ADDRESS, like curl --resolve (repeatable)", repeatable=True),
+    Option(
+        "--resolve", None, "NAME=ADDRESS: reach host NAME at ADDRESS, like curl --resolve (repeatable)", repeatable=True
+    ),
     Option("--log-level", "warning", "log level: debug, info, warning or error"),
 )
 
@@ -131,9 +158,9 @@ def parse_resolve(spec: str) -> dict[str, str]:
     return mapping
 
 
-def _positive(name: str, raw: str, kind: type) -> int | float:
+def _positive(name: str, raw: str, kind: type[int] | type[float]) -> int | float:
     try:
-        value = kind(raw)
+        value: int | float = kind(raw)
     except (TypeError, ValueError):
         raise ConfigError(f"config: {name} must be a number, got {raw!r}") from None
     if value <= 0:
@@ -154,6 +181,7 @@ class NodeConfig:
     anti_entropy_interval: float = DEFAULT_ANTI_ENTROPY_INTERVAL_S
     sync_deadline: float = DEFAULT_SYNC_DEADLINE_S
     drain_deadline: float = DEFAULT_DRAIN_DEADLINE_S
+    max_clock_offset: float = DEFAULT_MAX_CLOCK_OFFSET_S
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     peer_timeout: float = DEFAULT_PEER_TIMEOUT_S
     storage: str = "memory"
@@ -198,9 +226,15 @@ class NodeConfig:
         if membership not in MEMBERSHIP_SOURCES:
             raise ConfigError(f"config: --membership must be one of {', '.join(MEMBERSHIP_SOURCES)}")
         if membership == "kubernetes":
-            missing = [f"--{name}" for name in ("namespace", "statefulset", "headless-service") if not values.get(name.replace("-", "_"))]
+            missing = [
+                f"--{name}"
+                for name in ("namespace", "statefulset", "headless-service")
+                if not values.get(name.replace("-", "_"))
+            ]
             if missing:
-                raise ConfigError(f"config: --membership kubernetes needs {', '.join(missing)} (or their KVSTORE_* env vars)")
+                raise ConfigError(
+                    f"config: --membership kubernetes needs {', '.join(missing)} (or their KVSTORE_* env vars)"
+                )
         return cls(
             node_id=node_id,
             host=host,
@@ -208,19 +242,48 @@ class NodeConfig:
             advertise_url=advertise,
             peers=peers,
             vnodes=int(_positive("--vnodes", values.get("vnodes") or str(DEFAULT_VNODES), int)),
-            replication_factor=int(_positive("--replication-factor", values.get("replication_factor") or str(DEFAULT_REPLICATION_FACTOR), int)),
+            replication_factor=int(
+                _positive(
+                    "--replication-factor", values.get("replication_factor") or str(DEFAULT_REPLICATION_FACTOR), int
+                )
+            ),
             cluster_token=values.get("cluster_token") or None,
-            anti_entropy_interval=float(_positive("--anti-entropy-interval", values.get("anti_entropy_interval") or str(DEFAULT_ANTI_ENTROPY_INTERVAL_S), float)),
-            sync_deadline=float(_positive("--sync-deadline", values.get("sync_deadline") or str(DEFAULT_SYNC_DEADLINE_S), float)),
-            drain_deadline=float(_positive("--drain-deadline", values.get("drain_deadline") or str(DEFAULT_DRAIN_DEADLINE_S), float)),
-            max_value_bytes=int(_positive("--max-value-bytes", values.get("max_value_bytes") or str(DEFAULT_MAX_VALUE_BYTES), int)),
-            peer_timeout=float(_positive("--peer-timeout", values.get("peer_timeout") or str(DEFAULT_PEER_TIMEOUT_S), float)),
+            anti_entropy_interval=float(
+                _positive(
+                    "--anti-entropy-interval",
+                    values.get("anti_entropy_interval") or str(DEFAULT_ANTI_ENTROPY_INTERVAL_S),
+                    float,
+                )
+            ),
+            sync_deadline=float(
+                _positive("--sync-deadline", values.get("sync_deadline") or str(DEFAULT_SYNC_DEADLINE_S), float)
+            ),
+            drain_deadline=float(
+                _positive("--drain-deadline", values.get("drain_deadline") or str(DEFAULT_DRAIN_DEADLINE_S), float)
+            ),
+            max_clock_offset=float(
+                _positive(
+                    "--max-clock-offset", values.get("max_clock_offset") or str(DEFAULT_MAX_CLOCK_OFFSET_S), float
+                )
+            ),
+            max_value_bytes=int(
+                _positive("--max-value-bytes", values.get("max_value_bytes") or str(DEFAULT_MAX_VALUE_BYTES), int)
+            ),
+            peer_timeout=float(
+                _positive("--peer-timeout", values.get("peer_timeout") or str(DEFAULT_PEER_TIMEOUT_S), float)
+            ),
             storage=storage,
             data_dir=data_dir,
             fsync=fsync,
-            fsync_window_ms=int(_positive("--fsync-window-ms", values.get("fsync_window_ms") or str(DEFAULT_FSYNC_WINDOW_MS), int)),
-            tombstone_grace=float(_positive("--tombstone-grace", values.get("tombstone_grace") or str(DEFAULT_TOMBSTONE_GRACE_S), float)),
-            sweep_interval=float(_positive("--sweep-interval", values.get("sweep_interval") or str(DEFAULT_SWEEP_INTERVAL_S), float)),
+            fsync_window_ms=int(
+                _positive("--fsync-window-ms", values.get("fsync_window_ms") or str(DEFAULT_FSYNC_WINDOW_MS), int)
+            ),
+            tombstone_grace=float(
+                _positive("--tombstone-grace", values.get("tombstone_grace") or str(DEFAULT_TOMBSTONE_GRACE_S), float)
+            ),
+            sweep_interval=float(
+                _positive("--sweep-interval", values.get("sweep_interval") or str(DEFAULT_SWEEP_INTERVAL_S), float)
+            ),
             log_level=(values.get("log_level") or "warning").lower(),
             membership=membership,
             namespace=values.get("namespace") or None,

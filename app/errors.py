@@ -3,13 +3,26 @@
 
     KvstoreError
     ├── ConfigError            bad flag, env var or peer list (startup refuses)
-    ├── InvalidRequestError    a client sent something we cannot accept (4xx)
-    │   └── ValueTooLargeError value over the configured limit (413)
+    ├── InvalidRequestError    a client sent something we cannot accept (400)
+    │   ├── ValueTooLargeError value over the configured limit (413)
+    │   └── MethodNotAllowedError  the route exists, the method does not (405)
+    ├── AccessError            an internal or admin route without the cluster token
+    │   ├── TokenMissingError   no token sent (401)
+    │   └── TokenWrongError     a wrong token sent (403)
+    ├── NodeStartingError      the node's stores are not open yet (503)
     ├── StorageError           the local engine failed or refused
     │   └── NodeIdMismatchError data dir belongs to another node id
-    └── PeerError              talking to another node failed
-        ├── PeerUnavailableError  could not reach it, or it timed out
+    ├── ClockError             clocks too far apart to order writes safely
+    │   ├── ClockOffsetError    this node's clock is off from most peers' (503: it will not coordinate)
+    │   └── FutureVersionError  a version from further ahead than --max-clock-offset (409)
+    ├── WriteNotWonError       replicas kept a newer version; re-stamping did not win in time (503)
+    └── PeerError              talking to another node failed (it answered wrongly: 500 or garbage)
+        ├── PeerUnavailableError  could not reach it, it timed out, or it said 503 (marks it down)
+        ├── PeerRefusedError      it answered and refused the call (409, other 4xx)
         └── QuorumError           too few replicas answered
+
+Only PeerUnavailableError makes a node count a peer as unreachable: a refusal
+or a garbled answer comes from a peer that is up, and a local bug is no outage.
 """
 
 from __future__ import annotations
@@ -31,12 +44,53 @@ class ValueTooLargeError(InvalidRequestError):
     """The value exceeds the configured maximum size."""
 
 
+class MethodNotAllowedError(InvalidRequestError):
+    """The route does not take this method; `allowed` lists those it takes."""
+
+    def __init__(self, message: str, *, allowed: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
+
+class AccessError(KvstoreError):
+    """An internal or admin route was called without the right cluster token."""
+
+
+class TokenMissingError(AccessError):
+    """No cluster token was sent."""
+
+
+class TokenWrongError(AccessError):
+    """The cluster token sent is not this cluster's."""
+
+
+class NodeStartingError(KvstoreError):
+    """The node is still opening its stores; nothing can be served yet."""
+
+
 class StorageError(KvstoreError):
     """The local storage engine failed."""
 
 
 class NodeIdMismatchError(StorageError):
     """The data directory was created by a different node id."""
+
+
+class ClockError(KvstoreError):
+    """Clocks are too far apart for versions to order writes safely."""
+
+
+class ClockOffsetError(ClockError):
+    """This node's clock is further from most of its peers' than --max-clock-offset."""
+
+
+class FutureVersionError(ClockError):
+    """A version stamped further ahead of this node's clock than --max-clock-offset."""
+
+
+class WriteNotWonError(KvstoreError):
+    """Replicas kept a newer version than the write's, and re-stamping it above
+    theirs did not win within the attempts allowed. Some replicas may hold it."""
 
 
 class PeerError(KvstoreError):
@@ -49,6 +103,10 @@ class PeerError(KvstoreError):
 
 class PeerUnavailableError(PeerError):
     """The peer could not be reached, refused, or did not answer in time."""
+
+
+class PeerRefusedError(PeerError):
+    """The peer answered and refused the call (a clock offset, a token, a bad request)."""
 
 
 class QuorumError(PeerError):

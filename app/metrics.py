@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # *_created series double every counter's output and no dashboard of ours reads them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
 
 # Data-path latencies sit between ~100 us (local hit) and the peer timeout.
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -27,75 +27,132 @@ class NodeMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "kvstore_requests_total", "Client requests served, by operation and HTTP status.",
-            ["op", "status"], registry=r,
+            "kvstore_requests_total",
+            "Client requests served, by operation and HTTP status.",
+            ["op", "status"],
+            registry=r,
         )
         self.duration = Histogram(
-            "kvstore_request_duration_seconds", "Client request latency, by operation.",
-            ["op"], buckets=LATENCY_BUCKETS, registry=r,
+            "kvstore_request_duration_seconds",
+            "Client request latency, by operation.",
+            ["op"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.forwarded = Counter(
             "kvstore_forwarded_requests_total",
             "Requests this node sent to another node on a client's behalf, by peer and operation.",
-            ["peer", "op"], registry=r,
+            ["peer", "op"],
+            registry=r,
         )
         self.internal = Counter(
             "kvstore_internal_requests_total",
             "Replica requests received from other nodes, by operation.",
-            ["op"], registry=r,
+            ["op"],
+            registry=r,
         )
         self.keys = Gauge("kvstore_keys", "Live keys in this node's local store.", registry=r)
-        self.peer_up = Gauge(
-            "kvstore_peer_reachable", "1 if this node currently sees the peer as reachable.",
-            ["peer"], registry=r,
+        self.peer_reachable = Gauge(
+            "kvstore_peer_reachable",
+            "1 if this node currently sees the peer as reachable.",
+            ["peer"],
+            registry=r,
         )
         self.ring_members = Gauge("kvstore_ring_members", "Members of this node's hash ring.", registry=r)
         self.quorum_failures = Counter(
-            "kvstore_quorum_failures_total", "Client operations refused because too few replicas answered.",
-            ["op"], registry=r,
+            "kvstore_quorum_failures_total",
+            "Client operations refused because too few replicas answered.",
+            ["op"],
+            registry=r,
         )
         self.replica_write_failures = Counter(
-            "kvstore_replica_write_failures_total", "Writes a replica could not take directly, by replica.",
-            ["peer"], registry=r,
+            "kvstore_replica_write_failures_total",
+            "Writes a replica could not take directly, by replica.",
+            ["peer"],
+            registry=r,
         )
         self.replica_read_failures = Counter(
-            "kvstore_replica_read_failures_total", "Replica reads that failed, by replica.", ["peer"], registry=r,
+            "kvstore_replica_read_failures_total",
+            "Replica reads that failed, by replica.",
+            ["peer"],
+            registry=r,
         )
-        self.hints_stored = Counter("kvstore_hints_stored_total", "Writes held as hints for an unreachable replica.", registry=r)
+        self.hints_stored = Counter(
+            "kvstore_hints_stored_total", "Writes held as hints for an unreachable replica.", registry=r
+        )
         self.hints_delivered = Counter("kvstore_hints_delivered_total", "Hints delivered to their replica.", registry=r)
         self.hints_pending = Gauge("kvstore_hints_pending", "Hints this node holds, not yet delivered.", registry=r)
+        self.hedged_reads = Counter(
+            "kvstore_hedged_reads_total",
+            "Replica reads sent to another replica because the first had not answered within its p95.",
+            registry=r,
+        )
         self.read_repairs = Counter("kvstore_read_repairs_total", "Stale replicas updated by read repair.", registry=r)
         self.ae_ranges_compared = Counter(
-            "kvstore_anti_entropy_ranges_compared_total", "Ring arcs whose digests anti-entropy compared.", registry=r,
+            "kvstore_anti_entropy_ranges_compared_total",
+            "Ring arcs whose digests anti-entropy compared.",
+            registry=r,
         )
         self.ae_ranges_mismatched = Counter(
-            "kvstore_anti_entropy_ranges_mismatched_total", "Compared arcs whose digests differed.", registry=r,
+            "kvstore_anti_entropy_ranges_mismatched_total",
+            "Compared arcs whose digests differed.",
+            registry=r,
         )
         self.ae_keys_repaired = Counter(
-            "kvstore_anti_entropy_keys_repaired_total", "Records anti-entropy fixed, here or on a peer.", registry=r,
+            "kvstore_anti_entropy_keys_repaired_total",
+            "Records anti-entropy fixed, here or on a peer.",
+            registry=r,
         )
         self.rebalance_keys_streamed = Counter(
-            "kvstore_rebalance_keys_streamed_total", "Records moved by rebalancing after a membership change.",
-            ["direction"], registry=r,
+            "kvstore_rebalance_keys_streamed_total",
+            "Records moved by rebalancing after a membership change.",
+            ["direction"],
+            registry=r,
         )
-        self.syncing_ranges = Gauge("kvstore_syncing_ranges", "Arcs this node is still pulling after a membership change.", registry=r)
-        self.peers_reachable = Gauge("kvstore_peers_reachable", "Other members this node currently sees as reachable.", registry=r)
+        self.syncing_ranges = Gauge(
+            "kvstore_syncing_ranges", "Arcs this node is still pulling after a membership change.", registry=r
+        )
+        self.peers_reachable = Gauge(
+            "kvstore_peers_reachable", "Other members this node currently sees as reachable.", registry=r
+        )
         self.peer_outstanding = Gauge(
-            "kvstore_peer_outstanding_requests", "Requests in flight to each peer (read load balancing).", ["peer"], registry=r,
+            "kvstore_peer_outstanding_requests",
+            "Requests in flight to each peer (read load balancing).",
+            ["peer"],
+            registry=r,
         )
         self.peer_latency = Gauge(
-            "kvstore_peer_latency_seconds", "Moving average of each peer's response time.", ["peer"], registry=r,
+            "kvstore_peer_latency_seconds",
+            "Moving average of each peer's response time.",
+            ["peer"],
+            registry=r,
+        )
+        self.write_restamps = Counter(
+            "kvstore_write_restamps_total",
+            "Writes re-stamped and sent again because a replica kept a newer version (a clock behind the cluster's).",
+            registry=r,
+        )
+        self.clock_offset = Gauge(
+            "kvstore_clock_offset_seconds",
+            "Each peer's wall clock minus this node's, as last measured by a probe.",
+            ["peer"],
+            registry=r,
         )
         self.membership_errors = Counter(
             "kvstore_membership_source_errors_total",
-            "Failures reading or watching the membership source (the last known ring stays in use).", registry=r,
-        )
-        self.membership_staleness = Gauge(
-            "kvstore_membership_staleness_seconds", "Seconds since the membership source last confirmed the ring.",
+            "Failures reading or watching the membership source (the last known ring stays in use).",
             registry=r,
         )
+        self.membership_staleness = Gauge(
+            "kvstore_membership_staleness_seconds",
+            "Seconds since the membership source last confirmed the ring.",
+            registry=r,
+        )
+        self.internal_reads = self.internal.labels("read")  # bound once: the replica routes' hot path
+        self.internal_writes = self.internal.labels("write")
         self._observers = {op: self.duration.labels(op) for op in OPS}
         self._counters: dict[tuple[str, int], Callable[[], None]] = {}
+        self._forwards: dict[tuple[str, str], Callable[[], None]] = {}
 
     def track_keys(self, count: Callable[[], int]) -> None:
         self.keys.set_function(count)
@@ -109,6 +166,14 @@ class NodeMetrics:
         observer = self._observers.get(op)
         if observer is not None:
             observer.observe(seconds)
+
+    def count_forwarded(self, peer: str, op: str) -> None:
+        """One request sent to a peer on a client's behalf (the hot path:
+        labels() takes a lock and a lookup, so each child is bound once)."""
+        inc = self._forwards.get((peer, op))
+        if inc is None:
+            inc = self._forwards[(peer, op)] = self.forwarded.labels(peer, op).inc
+        inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

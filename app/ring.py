@@ -1,7 +1,7 @@
 """Consistent hashing: the immutable HashRing and the stable key hash.
 
-Pure: stdlib only, no I/O. Membership changes build a new ring and swap the
-reference (see app.cluster.membership); nobody ever sees a half-built ring.
+Pure: stdlib only, no I/O. Topology changes build a new ring and swap the
+reference (see app.cluster.topology); nobody ever sees a half-built ring.
 The coordinator asks it for a key's preference list, storage and repair ask it
 for the token ranges a node replicates.
 """
@@ -37,7 +37,7 @@ class HashRing:
     the members were given in.
     """
 
-    __slots__ = ("_members", "_vnodes", "_hash", "_tokens", "_owners", "_preference")
+    __slots__ = ("_hash", "_members", "_owners", "_preference", "_tokens", "_vnodes")
 
     def __init__(
         self,
@@ -51,11 +51,7 @@ class HashRing:
         self._members = tuple(sorted(set(members)))
         self._vnodes = vnodes
         self._hash = hash_fn
-        points = sorted(
-            (hash_fn(f"{member}#{i}".encode()), member)
-            for member in self._members
-            for i in range(vnodes)
-        )
+        points = sorted((hash_fn(f"{member}#{i}".encode()), member) for member in self._members for i in range(vnodes))
         self._tokens = [token for token, _ in points]
         self._owners = [member for _, member in points]
         # The distinct-member walk from each point, computed once up to
@@ -126,13 +122,15 @@ class HashRing:
 
     def replica_ranges(self, member: str, n: int) -> list[tuple[int, int]]:
         """The arcs (start, end] for which `member` is one of the n replicas."""
-        return [
-            (start, end)
-            for (start, end), walk in zip(self.ranges(), self._preference)
-            if member in walk[:n]
-        ] if n <= PRECOMPUTED_WALK else [
-            arc for i, arc in enumerate(self.ranges()) if member in self._walk(i, n)
-        ]
+        return (
+            [
+                (start, end)
+                for (start, end), walk in zip(self.ranges(), self._preference, strict=True)
+                if member in walk[:n]
+            ]
+            if n <= PRECOMPUTED_WALK
+            else [arc for i, arc in enumerate(self.ranges()) if member in self._walk(i, n)]
+        )
 
     def shares(self, n: int = 1) -> dict[str, float]:
         """Fraction of the key space each member replicates (n=1: owns)."""
@@ -162,7 +160,7 @@ class ArcSet:
     Used for the ranges a node is still syncing, and to bin records into the
     arcs anti-entropy compares."""
 
-    __slots__ = ("arcs", "_ends", "_wrap")
+    __slots__ = ("_ends", "_wrap", "arcs")
 
     def __init__(self, arcs: Iterable[tuple[int, int]]) -> None:
         ordered = sorted(arcs, key=lambda arc: arc[1])

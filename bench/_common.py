@@ -4,29 +4,37 @@ A server runs in its own process group, pinned to the server core, on a free
 loopback port; `serving(...)` waits for its health route and always kills the
 whole group on the way out (SIGTERM, then SIGKILL), so an interrupted bench
 leaves nothing behind. Never pkill/killall: only the groups we started.
+Ports, the readiness wait and the group stop are the test harness's
+(tests/harness/processes.py, itself on `kvstore cluster`'s code), which also
+runs whole clusters for bench/cluster_*.py.
 wrk runs pinned to the load core and reports through a Lua done() hook.
-Imports only the stdlib (the scripts import app.* themselves when needed).
+Imports the stdlib and tests.harness (the scripts import app.* themselves when needed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
+sys.path.insert(1, str(REPO))  # tests.harness; after bench/ itself, which the scripts put first
+
+from tests.harness.processes import free_port as free_port
+from tests.harness.processes import free_port_run, stop_group
+from tests.harness.processes import wait_ready as _wait_ready
+
 PYTHON = sys.executable  # the venv's interpreter: servers run with the same one
 # The tree whose `app` package the servers run: the working tree by default, or
 # a snapshot (e.g. `git archive HEAD app | tar -x -C /tmp/snap`) to measure a
@@ -35,7 +43,7 @@ APP_DIR = Path(os.environ.get("BENCH_APP_DIR", REPO)).resolve()
 
 SERVER_CORE = os.environ.get("BENCH_SERVER_CORE", "0")  # every server process shares this core
 LOAD_CORE = os.environ.get("BENCH_LOAD_CORE", "1")  # wrk gets the other one to itself
-CONNECTIONS = 64  # the issue's figure: 64 keep-alive connections
+CONNECTIONS = 64  # keep-alive connections: every bench target is stated at this concurrency
 WRK_THREADS = 1  # one load core -> one wrk thread
 STARTUP_TIMEOUT_S = 20.0  # a node imports FastAPI + builds a 1024-vnode ring: a few seconds at most
 STOP_GRACE_S = 8.0  # SIGTERM, then SIGKILL the group after this long (`kvstore cluster` itself waits 5 s)
@@ -67,31 +75,9 @@ def require_wrk() -> str:
     return path
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 def free_port_block(count: int, host: str = "127.0.0.1") -> int:
     """A base port such that base .. base+count-1 are all free right now."""
-    for _ in range(200):
-        base = free_port(host)
-        if base + count >= 65536:
-            continue
-        socks = []
-        try:
-            for offset in range(count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind((host, base + offset))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"bench: no block of {count} free ports found")
+    return free_port_run(count, host)
 
 
 # -- server processes ----------------------------------------------------------
@@ -117,28 +103,14 @@ class Server:
 
 
 def _kill_group(server: Server) -> None:
+    stop_group(server.proc, grace_s=STOP_GRACE_S)
     pgid = server.proc.pid  # start_new_session: the group id is the leader's pid
-    if server.proc.poll() is None:
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            server.proc.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)  # stragglers of the group, if any
-    except (ProcessLookupError, PermissionError):
-        pass
     for pid in server.extra_pids:  # processes that made sessions of their own
         if _start_time(pid) == server._extra_starts.get(pid):  # still the same process, not a reused pid
-            try:
+            with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    if server.proc.poll() is None:
-        server.proc.wait()
 
 
 @contextmanager
@@ -177,16 +149,7 @@ def serving(
     with spawned(name, argv, logdir=logdir) as server:
         server.url = health_urls[0] if health_urls else ""
         proc = server.proc
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        for url in health_urls:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"bench: {name} exited with {proc.returncode}:\n{server.log_tail()}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"bench: {name} not healthy at {url}{health_path} in {STARTUP_TIMEOUT_S}s:\n{server.log_tail()}")
-                if http_request(url, "GET", health_path)[0] == 200:
-                    break
-                time.sleep(0.1)
+        _wait_ready(health_urls, procs=[proc], path=health_path, timeout=STARTUP_TIMEOUT_S, logs=[server.log_path])
         server.extra_pids = descendants(proc.pid)
         server._extra_starts = {pid: _start_time(pid) for pid in server.extra_pids}
         yield server
@@ -194,17 +157,15 @@ def serving(
 
 def wait_ready(urls: Sequence[str], path: str = "/ready", *, servers: Sequence[Server] = ()) -> None:
     """Wait until every URL answers 200 on path (nodes that need each other
-    to be ready are all started first, then waited for)."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    for url in urls:
-        while http_request(url, "GET", path)[0] != 200:
-            for server in servers:
-                if server.proc.poll() is not None:
-                    raise RuntimeError(f"bench: {server.name} exited with {server.proc.returncode}:\n{server.log_tail()}")
-            if time.monotonic() > deadline:
-                status, body = http_request(url, "GET", path)
-                raise RuntimeError(f"bench: {url}{path} still answers {status} {body[:300]!r} after {STARTUP_TIMEOUT_S}s")
-            time.sleep(0.1)
+    to be ready are all started first, then waited for); fails when one of
+    `servers` exits."""
+    _wait_ready(
+        urls,
+        procs=[server.proc for server in servers],
+        path=path,
+        timeout=STARTUP_TIMEOUT_S,
+        logs=[server.log_path for server in servers],
+    )
 
 
 def descendants(pid: int) -> list[int]:
@@ -259,8 +220,9 @@ def memory_kib(pid: int) -> dict[str, int]:
 # -- a tiny keep-alive client for setup (preloading keys, reading metrics) -----
 
 
-def http_request(base_url: str, method: str, path: str, body: bytes | None = None,
-                 conn: http.client.HTTPConnection | None = None) -> tuple[int, bytes]:
+def http_request(
+    base_url: str, method: str, path: str, body: bytes | None = None, conn: http.client.HTTPConnection | None = None
+) -> tuple[int, bytes]:
     host, _, port = base_url.removeprefix("http://").partition(":")
     own = conn is None
     if own:
@@ -336,16 +298,29 @@ def run_wrk(
     """A short warm-up run (discarded), then the measured one; server CPU time
     is sampled from /proc around the measured run. script_args go to the Lua
     script's init(args) (after wrk's `--`)."""
-    base = ["taskset", "-c", LOAD_CORE, "wrk", f"-t{WRK_THREADS}", f"-c{CONNECTIONS}",
-            "--latency", f"--timeout={WRK_TIMEOUT}", "-s", str(lua)]
+    base = [
+        "taskset",
+        "-c",
+        LOAD_CORE,
+        "wrk",
+        f"-t{WRK_THREADS}",
+        f"-c{CONNECTIONS}",
+        "--latency",
+        f"--timeout={WRK_TIMEOUT}",
+        "-s",
+        str(lua),
+    ]
     extra = ["--", *script_args] if script_args else []
     if warmup_s > 0:
-        subprocess.run([*base, f"-d{warmup_s:g}s", url, *extra], capture_output=True, check=False, timeout=warmup_s + 30)
+        subprocess.run(
+            [*base, f"-d{warmup_s:g}s", url, *extra], capture_output=True, check=False, timeout=warmup_s + 30
+        )
     cpu_before, other_before = cpu_seconds(server_pids), cpu_seconds(other_pids)
-    out = subprocess.run([*base, f"-d{duration_s:g}s", url, *extra], capture_output=True, text=True,
-                         check=False, timeout=duration_s + 30)
+    out = subprocess.run(
+        [*base, f"-d{duration_s:g}s", url, *extra], capture_output=True, text=True, check=False, timeout=duration_s + 30
+    )
     cpu_after, other_after = cpu_seconds(server_pids), cpu_seconds(other_pids)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("WRK_RESULT ")), None)
+    line = next((text for text in out.stdout.splitlines() if text.startswith("WRK_RESULT ")), None)
     if line is None:
         raise RuntimeError(f"bench: wrk gave no result for {label}:\n{out.stdout}\n{out.stderr}")
     data = json.loads(line.removeprefix("WRK_RESULT "))
@@ -375,7 +350,12 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, markd
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         return "\n".join(lines)
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
-    fmt = lambda row: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+
+    def fmt(row: Sequence[object]) -> str:
+        return "  ".join(
+            str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+
     return "\n".join([fmt(headers), fmt(["-" * w for w in widths]), *map(fmt, rows)])
 
 
@@ -389,6 +369,8 @@ def machine_summary() -> str:
     except OSError:
         pass
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.splitlines()
-    return (f"{os.cpu_count()} cores ({model}), Python {sys.version.split()[0]}, "
-            f"{wrk_version[0] if wrk_version else 'wrk'}; servers on core {SERVER_CORE}, wrk on core {LOAD_CORE}, "
-            f"{CONNECTIONS} connections")
+    return (
+        f"{os.cpu_count()} cores ({model}), Python {sys.version.split()[0]}, "
+        f"{wrk_version[0] if wrk_version else 'wrk'}; servers on core {SERVER_CORE}, wrk on core {LOAD_CORE}, "
+        f"{CONNECTIONS} connections"
+    )

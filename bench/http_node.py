@@ -1,10 +1,10 @@
-"""Issue 2's benchmark: the node's HTTP data path against a bare ASGI app, in one run.
+"""The node's HTTP data path against a bare ASGI app, in one run.
 
 Starts, one after another, the bare ASGI reference (bench/bare_asgi.py), a
 single node, a two-node ring (GET through the non-owner: one internal hop)
 and `kvstore cluster --nodes 3`; drives each with wrk (servers pinned to one
 core, wrk to the other, 64 connections) and prints req/s, p50, p99 and the
-ratio to the bare-ASGI figure of the same run, then checks the issue's targets.
+ratio to the bare-ASGI figure of the same run, then checks the targets.
 
     .venv/bin/python bench/http_node.py [--duration 5] [--warmup 1] [--markdown]
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from _common import (
     APP_DIR,
     BENCH_DIR,
     PYTHON,
@@ -41,8 +41,8 @@ from _common import (  # noqa: E402
 
 sys.path.insert(0, str(APP_DIR))  # the same `app` the servers run, for ring ownership
 
-from app.config import DEFAULT_VNODES  # noqa: E402
-from app.ring import HashRing  # noqa: E402
+from app.config import DEFAULT_VNODES
+from app.ring import HashRing
 
 HOST = "127.0.0.1"
 VALUE = "v" * 100  # a 100-byte value: small, like most key-value traffic
@@ -50,7 +50,7 @@ HOT_KEY = "bench-hot"  # the single preloaded key the fixed-key GETs read
 SPREAD_KEYS = 1000  # keys preloaded into the cluster, spread over its owners
 PUT_KEYSPACE = 100_000  # PUTs cycle over this many keys: bounded memory, mostly overwrites
 
-# Targets from issue 2: ratio to the bare-ASGI figure of the same method.
+# Targets: ratio to the bare-ASGI figure of the same method.
 TARGETS = {"get": 0.5, "put": 0.4, "hop": 0.1}
 
 LUA_FIXED = "-- fixed request: the URL's path and query"
@@ -83,11 +83,25 @@ end
 
 
 def node_argv(node_id: str, port: int, peers: dict[str, int]) -> list[str]:
-    """Issue 2's node: one owner per key (replication factor 1), so a key
+    """A data-path node: one owner per key (replication factor 1), so a key
     another node owns costs exactly one internal hop."""
     spec = ",".join(f"{nid}=http://{HOST}:{p}" for nid, p in peers.items())
-    return [PYTHON, "-m", "app", "node", "--node-id", node_id, "--listen", f"{HOST}:{port}",
-            "--peers", spec, "--replication-factor", "1", "--log-level", "warning"]
+    return [
+        PYTHON,
+        "-m",
+        "app",
+        "node",
+        "--node-id",
+        node_id,
+        "--listen",
+        f"{HOST}:{port}",
+        "--peers",
+        spec,
+        "--replication-factor",
+        "1",
+        "--log-level",
+        "warning",
+    ]
 
 
 def put_seed(url: str, key: str, value: str = VALUE) -> None:
@@ -124,8 +138,11 @@ def main() -> int:
     def measure(key: str, label: str, url: str, lua: Path, pids: list[int]) -> Result:
         result = run_wrk(label, url, lua=lua, duration_s=args.duration, warmup_s=args.warmup, server_pids=pids)
         results[key] = result
-        print(f"  {label:<44} {result.rps:>9,.0f} req/s  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms"
-              f"  errors {result.errors}", flush=True)
+        print(
+            f"  {label:<44} {result.rps:>9,.0f} req/s  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms"
+            f"  errors {result.errors}",
+            flush=True,
+        )
         return result
 
     with tempdir("kvstore-bench-") as tmp:
@@ -138,16 +155,21 @@ def main() -> int:
 
         # 1. the reference
         port = free_port()
-        with serving("bare", [PYTHON, str(BENCH_DIR / "bare_asgi.py"), "--port", str(port)],
-                     health_urls=[f"http://{HOST}:{port}"], logdir=logdir) as bare:
+        with serving(
+            "bare",
+            [PYTHON, str(BENCH_DIR / "bare_asgi.py"), "--port", str(port)],
+            health_urls=[f"http://{HOST}:{port}"],
+            logdir=logdir,
+        ) as bare:
             url = f"http://{HOST}:{port}"
             measure("bare_get", "bare ASGI GET (reference)", url + "/get?key=" + HOT_KEY, fixed, bare.pids())
             measure("bare_put", "bare ASGI PUT (body read, reference)", url, rest_put, bare.pids())
 
         # 2-4. one node that owns every key
         port = free_port()
-        with serving("single", node_argv("n1", port, {"n1": port}), health_urls=[f"http://{HOST}:{port}"],
-                     logdir=logdir) as node:
+        with serving(
+            "single", node_argv("n1", port, {"n1": port}), health_urls=[f"http://{HOST}:{port}"], logdir=logdir
+        ) as node:
             url = f"http://{HOST}:{port}"
             wait_ready([url], servers=[node])
             put_seed(url, HOT_KEY)
@@ -161,45 +183,60 @@ def main() -> int:
         peers = {"n1": p1, "n2": p2}
         remote_key = owned_key(["n1", "n2"], "n2", "hop-")
         with ExitStack() as stack:
-            n1 = stack.enter_context(serving("hop-n1", node_argv("n1", p1, peers), health_urls=[f"http://{HOST}:{p1}"],
-                                             logdir=logdir))
-            n2 = stack.enter_context(serving("hop-n2", node_argv("n2", p2, peers), health_urls=[f"http://{HOST}:{p2}"],
-                                             logdir=logdir))
+            n1 = stack.enter_context(
+                serving("hop-n1", node_argv("n1", p1, peers), health_urls=[f"http://{HOST}:{p1}"], logdir=logdir)
+            )
+            n2 = stack.enter_context(
+                serving("hop-n2", node_argv("n2", p2, peers), health_urls=[f"http://{HOST}:{p2}"], logdir=logdir)
+            )
             wait_ready([f"http://{HOST}:{p1}", f"http://{HOST}:{p2}"], servers=[n1, n2])
             url = f"http://{HOST}:{p1}"
             put_seed(url, remote_key)
             before = forwarded_reads(url, "n2")
-            hop = measure("hop", "2 nodes GET via non-owner (1 hop)", f"{url}/get?key={remote_key}", fixed,
-                          n1.pids() + n2.pids())
+            hop = measure(
+                "hop", "2 nodes GET via non-owner (1 hop)", f"{url}/get?key={remote_key}", fixed, n1.pids() + n2.pids()
+            )
             forwarded = forwarded_reads(url, "n2") - before
             if forwarded < hop.requests:  # warm-up is outside the window, so forwarded >= measured requests
                 print(f"  WARNING: n1 forwarded only {forwarded:.0f} reads for {hop.requests} requests", flush=True)
 
         # 6. `kvstore cluster --nodes 3`, every node on the server core; keys spread over the owners.
-        # Replication factor 1 is issue 2's cluster; the default (what `make run` starts) is shown beside it.
+        # Replication factor 1 (one owner per key: the data path alone) first;
+        # the default (what `make run` starts) is shown beside it.
         ring = HashRing(["node1", "node2", "node3"], vnodes=DEFAULT_VNODES)
         remote = sum(ring.owner(f"s{i}".encode()) != "node1" for i in range(SPREAD_KEYS)) / SPREAD_KEYS
         for rf, suffix in (("1", f"rf=1, {remote:.0%} fwd"), (None, "default rf")):
             base = free_port_block(3)
             urls = [f"http://{HOST}:{base + i}" for i in range(3)]
             argv = [PYTHON, "-m", "app", "cluster", "--nodes", "3", "--base-port", str(base), "--host", HOST]
-            with serving("cluster", argv + (["--replication-factor", rf] if rf else []),
-                         health_urls=urls, logdir=logdir) as cluster:
+            with serving(
+                "cluster", argv + (["--replication-factor", rf] if rf else []), health_urls=urls, logdir=logdir
+            ) as cluster:
                 wait_ready(urls, servers=[cluster])
                 for i in range(SPREAD_KEYS):
                     put_seed(urls[0], f"s{i}")
                 pids = cluster.pids()
                 tag = "cluster" if rf else "cluster_default"
-                measure(f"{tag}_get", f"3-node cluster GET via node1 ({suffix})", urls[0] + "/get?key=s0",
-                        spread_get, pids)
+                measure(
+                    f"{tag}_get", f"3-node cluster GET via node1 ({suffix})", urls[0] + "/get?key=s0", spread_get, pids
+                )
                 measure(f"{tag}_put", f"3-node cluster PUT via node1 ({suffix})", urls[0], spread_put, pids)
 
         # the reference again: a drift check, since other work may share the machine
         port = free_port()
-        with serving("bare-again", [PYTHON, str(BENCH_DIR / "bare_asgi.py"), "--port", str(port)],
-                     health_urls=[f"http://{HOST}:{port}"], logdir=logdir) as bare:
-            measure("bare_get_again", "bare ASGI GET (again: drift check)", f"http://{HOST}:{port}/get?key={HOT_KEY}",
-                    fixed, bare.pids())
+        with serving(
+            "bare-again",
+            [PYTHON, str(BENCH_DIR / "bare_asgi.py"), "--port", str(port)],
+            health_urls=[f"http://{HOST}:{port}"],
+            logdir=logdir,
+        ) as bare:
+            measure(
+                "bare_get_again",
+                "bare ASGI GET (again: drift check)",
+                f"http://{HOST}:{port}/get?key={HOT_KEY}",
+                fixed,
+                bare.pids(),
+            )
 
     print_report(results, markdown=args.markdown, duration=args.duration)
     return 0 if check_targets(results) else 1
@@ -215,23 +252,45 @@ def references(results: dict[str, Result]) -> tuple[float, float]:
 def print_report(results: dict[str, Result], *, markdown: bool, duration: float) -> None:
     bare_get, bare_put = references(results)
     bare_cpu = {"get": results["bare_get"].cpu_us_per_request, "put": results["bare_put"].cpu_us_per_request}
-    headers = ["scenario", "req/s", "p50 ms", "p99 ms", "x bare GET", "x bare same method",
-               "server CPU us/req", "CPU x bare", "server core busy", "errors"]
+    headers = [
+        "scenario",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "x bare GET",
+        "x bare same method",
+        "server CPU us/req",
+        "CPU x bare",
+        "server core busy",
+        "errors",
+    ]
     rows = []
     for key, result in results.items():
         method = "put" if "put" in key else "get"
         same = bare_put if method == "put" else bare_get
         cpu_ratio = bare_cpu[method] / result.cpu_us_per_request if result.cpu_us_per_request else 0.0
-        rows.append([result.label, f"{result.rps:,.0f}", f"{result.p50_ms:.2f}", f"{result.p99_ms:.2f}",
-                     f"{result.rps / bare_get:.2f}", f"{result.rps / same:.2f}",
-                     f"{result.cpu_us_per_request:.0f}", f"{cpu_ratio:.2f}", f"{result.server_core_busy:.0%}",
-                     str(result.errors)])
+        rows.append(
+            [
+                result.label,
+                f"{result.rps:,.0f}",
+                f"{result.p50_ms:.2f}",
+                f"{result.p99_ms:.2f}",
+                f"{result.rps / bare_get:.2f}",
+                f"{result.rps / same:.2f}",
+                f"{result.cpu_us_per_request:.0f}",
+                f"{cpu_ratio:.2f}",
+                f"{result.server_core_busy:.0%}",
+                str(result.errors),
+            ]
+        )
     print()
     print(format_table(headers, rows, markdown=markdown))
-    print(f"\n({duration:g} s per run after a warm-up; ratios divide by the bare-ASGI figure of this run,"
-          " GET by the higher of its two runs. 'CPU x bare' = bare CPU per request / this CPU per request:"
-          " the same ratio from CPU time, steadier when other work shares the machine. A server core busy"
-          " well under 100% means the server was starved of load or of CPU by other work: rerun)")
+    print(
+        f"\n({duration:g} s per run after a warm-up; ratios divide by the bare-ASGI figure of this run,"
+        " GET by the higher of its two runs. 'CPU x bare' = bare CPU per request / this CPU per request:"
+        " the same ratio from CPU time, steadier when other work shares the machine. A server core busy"
+        " well under 100% means the server was starved of load or of CPU by other work: rerun)"
+    )
 
 
 def check_targets(results: dict[str, Result]) -> bool:
@@ -244,7 +303,7 @@ def check_targets(results: dict[str, Result]) -> bool:
         ("GET via non-owner", results["hop"].rps / bare_get, TARGETS["hop"]),
     ]
     ok = True
-    print("\ntargets (issue 2):")
+    print("\ntargets (data path vs bare ASGI):")
     for name, ratio, target in checks:
         met = ratio >= target
         ok &= met

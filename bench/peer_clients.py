@@ -1,4 +1,4 @@
-"""Re-measures issue 2's second fact: what the peer HTTP client costs a forwarding node.
+"""What the peer HTTP client costs a forwarding node, per client library.
 
 A forwarder (a bare ASGI app under the node's uvicorn settings) answers each
 GET by fetching a constant from a backend (bench/bare_asgi.py) through one
@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bare_asgi import uvicorn_config  # noqa: E402
+from bare_asgi import uvicorn_config
 
 CLIENTS = ("httpx", "aiohttp", "raw")
 POOL = 64  # keep-alive connections to the backend: one per wrk connection
@@ -51,12 +51,12 @@ class _Connection(asyncio.Protocol):
         self.reusable = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
-        except Exception as exc:  # httptools.HttpParserError and friends
+        except Exception as exc:  # noqa: BLE001 - httptools.HttpParserError and friends: any of them ends the connection
             self._fail(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -132,7 +132,8 @@ def forwarder(client_name: str, backend: str) -> Any:
             import httpx
 
             state["client"] = httpx.AsyncClient(
-                base_url=backend, timeout=TIMEOUT_S,
+                base_url=backend,
+                timeout=TIMEOUT_S,
                 limits=httpx.Limits(max_connections=POOL, max_keepalive_connections=POOL),
             )
         elif client_name == "aiohttp":
@@ -177,8 +178,13 @@ def forwarder(client_name: str, backend: str) -> Any:
             status, body = 200, b"OK"
         else:
             status, body = await fetch()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     return app
@@ -231,34 +237,96 @@ def bench(argv: list[str]) -> int:
         lua = write_lua(logdir, "fixed", "-- fixed GET")
         backend_port = free_port()
         backend_url = f"http://127.0.0.1:{backend_port}"
-        with serving("backend", [PYTHON, str(BENCH_DIR / "bare_asgi.py"), "--port", str(backend_port)],
-                     health_urls=[backend_url], logdir=logdir) as backend:
-            bare = run_wrk("bare ASGI (no forwarding)", backend_url + FORWARD_PATH, lua=lua,
-                           duration_s=args.duration, warmup_s=args.warmup, server_pids=backend.pids())
+        with serving(
+            "backend",
+            [PYTHON, str(BENCH_DIR / "bare_asgi.py"), "--port", str(backend_port)],
+            health_urls=[backend_url],
+            logdir=logdir,
+        ) as backend:
+            bare = run_wrk(
+                "bare ASGI (no forwarding)",
+                backend_url + FORWARD_PATH,
+                lua=lua,
+                duration_s=args.duration,
+                warmup_s=args.warmup,
+                server_pids=backend.pids(),
+            )
             print(f"  {bare.label:<34} {bare.rps:>8,.0f} req/s  {bare.cpu_us_per_request:5.0f} us CPU/req", flush=True)
-            rows.append([bare.label, f"{bare.rps:,.0f}", f"{bare.p50_ms:.2f}", f"{bare.p99_ms:.2f}", "1.00",
-                         f"{bare.cpu_us_per_request:.0f}", "-", "-", str(bare.errors)])
+            rows.append(
+                [
+                    bare.label,
+                    f"{bare.rps:,.0f}",
+                    f"{bare.p50_ms:.2f}",
+                    f"{bare.p99_ms:.2f}",
+                    "1.00",
+                    f"{bare.cpu_us_per_request:.0f}",
+                    "-",
+                    "-",
+                    str(bare.errors),
+                ]
+            )
             for name in clients:
                 port = free_port()
                 with ExitStack() as stack:
-                    fwd = stack.enter_context(serving(
-                        f"forwarder-{name}",
-                        [PYTHON, str(Path(__file__).resolve()), "serve", "--client", name, "--port", str(port),
-                         "--backend", backend_url],
-                        health_urls=[f"http://127.0.0.1:{port}"], logdir=logdir))
-                    result = run_wrk(f"forward via {name}", f"http://127.0.0.1:{port}{FORWARD_PATH}", lua=lua,
-                                     duration_s=args.duration, warmup_s=args.warmup, server_pids=fwd.pids(),
-                                     other_pids=backend.pids())
+                    fwd = stack.enter_context(
+                        serving(
+                            f"forwarder-{name}",
+                            [
+                                PYTHON,
+                                str(Path(__file__).resolve()),
+                                "serve",
+                                "--client",
+                                name,
+                                "--port",
+                                str(port),
+                                "--backend",
+                                backend_url,
+                            ],
+                            health_urls=[f"http://127.0.0.1:{port}"],
+                            logdir=logdir,
+                        )
+                    )
+                    result = run_wrk(
+                        f"forward via {name}",
+                        f"http://127.0.0.1:{port}{FORWARD_PATH}",
+                        lua=lua,
+                        duration_s=args.duration,
+                        warmup_s=args.warmup,
+                        server_pids=fwd.pids(),
+                        other_pids=backend.pids(),
+                    )
                 forwarder_us = result.cpu_us_per_request
                 client_us = forwarder_us - bare.cpu_us_per_request
                 backend_us = result.other_cpu_s / result.requests * 1e6 if result.requests else 0.0
-                print(f"  {result.label:<34} {result.rps:>8,.0f} req/s  {forwarder_us:5.0f} us CPU/req in the forwarder"
-                      f" (client ~{client_us:.0f} us)", flush=True)
-                rows.append([result.label, f"{result.rps:,.0f}", f"{result.p50_ms:.2f}", f"{result.p99_ms:.2f}",
-                             f"{result.rps / bare.rps:.3f}", f"{forwarder_us:.0f}", f"{client_us:.0f}",
-                             f"{backend_us:.0f}", str(result.errors)])
-    headers = ["server", "req/s", "p50 ms", "p99 ms", "x bare", "forwarder CPU us/req",
-               "client us/req (fwd - bare)", "backend CPU us/req", "errors"]
+                print(
+                    f"  {result.label:<34} {result.rps:>8,.0f} req/s  {forwarder_us:5.0f} us CPU/req in the forwarder"
+                    f" (client ~{client_us:.0f} us)",
+                    flush=True,
+                )
+                rows.append(
+                    [
+                        result.label,
+                        f"{result.rps:,.0f}",
+                        f"{result.p50_ms:.2f}",
+                        f"{result.p99_ms:.2f}",
+                        f"{result.rps / bare.rps:.3f}",
+                        f"{forwarder_us:.0f}",
+                        f"{client_us:.0f}",
+                        f"{backend_us:.0f}",
+                        str(result.errors),
+                    ]
+                )
+    headers = [
+        "server",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "x bare",
+        "forwarder CPU us/req",
+        "client us/req (fwd - bare)",
+        "backend CPU us/req",
+        "errors",
+    ]
     print()
     print(format_table(headers, rows, markdown=args.markdown))
     return 0

@@ -1,4 +1,4 @@
-"""Issue 3's in-process engine benchmark: LMDB (the shipped engine) against
+"""The storage engines in-process: LMDB (the shipped engine) against
 SQLite in WAL mode (the alternative, measured here only), per operation.
 
 Both engines do the same work per op: a write reads the stored record,
@@ -34,15 +34,14 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent))
 sys.path.insert(0, str(BENCH_DIR))
 
-from _common import format_table  # noqa: E402
+from _common import format_table
+from app.clock import LOGICAL_BITS, Version
+from app.config import LMDB_WRITEMAP
+from app.ring import HASH_SPACE
+from app.storage.base import ApplyResult, Record
+from app.storage.lmdb_store import LmdbStore, _data_key, _decode, _encode
 
-from app.clock import LOGICAL_BITS, Version  # noqa: E402
-from app.config import LMDB_WRITEMAP  # noqa: E402
-from app.ring import HASH_SPACE, stable_hash  # noqa: E402
-from app.storage.base import ApplyResult, Record  # noqa: E402
-from app.storage.lmdb_store import LmdbStore, _data_key, _decode, _encode  # noqa: E402
-
-VALUE = b"v" * 100  # the issue's 100-byte values
+VALUE = b"v" * 100  # 100-byte values, as in every bench
 ARC = (0, HASH_SPACE // 16)  # one slice of the ring: ~1/16 of the keys
 ALWAYS_PUTS = 400  # single-writer synced puts: each one waits a whole fsync
 GROUP_COMMIT_SECONDS = 1.5  # per concurrency level
@@ -126,11 +125,13 @@ def bare_fsync_us(directory: str) -> float:
 
 
 def measure_lmdb(directory: str, keys: int, fsync: str, *, writemap: bool = LMDB_WRITEMAP) -> dict[str, float]:
-    store = LmdbStore(path=directory, node_id="n1", fsync=fsync, fsync_window_ms=10, tombstone_grace_s=86_400,
-                      writemap=writemap)
+    store = LmdbStore(
+        path=directory, node_id="n1", fsync=fsync, fsync_window_ms=10, tombstone_grace_s=86_400, writemap=writemap
+    )
     try:
         result: dict[str, float] = {}
         if fsync == "always":
+
             def synced_put(i: int) -> None:
                 store.apply(key_of(i), record_at(i))
                 waiter = store.wait_durable()
@@ -195,7 +196,7 @@ def group_commit(directory: str, writers: int) -> tuple[float, float, float]:
         syncs += 1
         real_sync()
 
-    store.sync = counted_sync  # type: ignore[method-assign]
+    store.sync = counted_sync
     latencies: list[float] = []
 
     async def writer(n: int, deadline: float) -> int:
@@ -343,8 +344,10 @@ def main() -> None:
             sqlite[synchronous] = measure_sqlite(os.path.join(tmp, f"sqlite-{synchronous}.db"), args.keys, synchronous)
         other_map = measure_lmdb(os.path.join(tmp, "lmdb-other-map"), args.keys, "never", writemap=not LMDB_WRITEMAP)
 
-        print(f"# storage engines, in-process; {os.cpu_count()} cores, Python {sys.version.split()[0]}; "
-              f"{args.keys} keys of 16 B, values of 100 B; bare write+fsync of 128 B: {fsync_cost:.0f} µs\n")
+        print(
+            f"# storage engines, in-process; {os.cpu_count()} cores, Python {sys.version.split()[0]}; "
+            f"{args.keys} keys of 16 B, values of 100 B; bare write+fsync of 128 B: {fsync_cost:.0f} µs\n"
+        )
         rows = []
 
         def row(op: str, lm: float, sq: float) -> None:
@@ -358,40 +361,71 @@ def main() -> None:
         row("get, miss", lmdb["never"]["get_miss"], sqlite["OFF"]["get_miss"])
         row("iterate 1/16 arc, per record", lmdb["never"]["scan_per_record"], sqlite["OFF"]["scan_per_record"])
         print(format_table(["op (µs per op)", "LMDB", "SQLite WAL", "SQLite/LMDB"], rows, markdown=md))
-        print(f"\nLMDB digest of the arc: {lmdb['never']['digest_per_record']:.2f} µs/record; "
-              f"live_count(): {lmdb['never']['live_count']:.1f} µs")
-        print(f"LMDB writemap={LMDB_WRITEMAP} (shipped) vs writemap={not LMDB_WRITEMAP}: "
-              f"put {lmdb['never']['put']:.1f} vs {other_map['put']:.1f} µs, "
-              f"overwrite {lmdb['never']['overwrite']:.1f} vs {other_map['overwrite']:.1f} µs, "
-              f"get {lmdb['never']['get']:.1f} vs {other_map['get']:.1f} µs")
+        print(
+            f"\nLMDB digest of the arc: {lmdb['never']['digest_per_record']:.2f} µs/record; "
+            f"live_count(): {lmdb['never']['live_count']:.1f} µs"
+        )
+        print(
+            f"LMDB writemap={LMDB_WRITEMAP} (shipped) vs writemap={not LMDB_WRITEMAP}: "
+            f"put {lmdb['never']['put']:.1f} vs {other_map['put']:.1f} µs, "
+            f"overwrite {lmdb['never']['overwrite']:.1f} vs {other_map['overwrite']:.1f} µs, "
+            f"get {lmdb['never']['get']:.1f} vs {other_map['get']:.1f} µs"
+        )
 
         rows = []
         for writers in WRITERS:
             rate, per_sync, p99 = group_commit(os.path.join(tmp, f"group-{writers}"), writers)
-            sqlite_rate = sqlite_full_concurrent(os.path.join(tmp, f"sqlite-group-{writers}.db"), writers) if writers <= 8 else None
-            rows.append([str(writers), f"{rate:,.0f}", f"{per_sync:.1f}", f"{p99:.2f}",
-                         f"{sqlite_rate:,.0f}" if sqlite_rate is not None else "—"])
-        print("\n" + format_table(
-            ["writers", "LMDB always: writes/s", "writes per fsync", "p99 ms", "SQLite FULL: writes/s (threads)"],
-            rows, markdown=md))
+            sqlite_rate = (
+                sqlite_full_concurrent(os.path.join(tmp, f"sqlite-group-{writers}.db"), writers)
+                if writers <= 8
+                else None
+            )
+            rows.append(
+                [
+                    str(writers),
+                    f"{rate:,.0f}",
+                    f"{per_sync:.1f}",
+                    f"{p99:.2f}",
+                    f"{sqlite_rate:,.0f}" if sqlite_rate is not None else "—",
+                ]
+            )
+        print(
+            "\n"
+            + format_table(
+                ["writers", "LMDB always: writes/s", "writes per fsync", "p99 ms", "SQLite FULL: writes/s (threads)"],
+                rows,
+                markdown=md,
+            )
+        )
 
         if args.big_keys:
             result = big(tmp, args.big_keys)
             raw = args.big_keys * (16 + len(VALUE))
             load, opened = result["load"], result["open"]
-            print(f"\n{args.big_keys:,} keys: load {load['load_s']:.1f} s "
-                  f"({load['load_s'] / args.big_keys * 1e6:.1f} µs/put, fsync batch); "
-                  f"data.mdb {result['disk_bytes'] / 2**20:.0f} MiB on disk (raw keys+values {raw / 2**20:.0f} MiB; "
-                  f"apparent size {result['file_bytes'] / 2**30:.0f} GiB: the sparse map)")
-            print(f"  loader RSS after load: {load['VmRSS'] / 1024:.0f} MiB "
-                  f"(anon {load['RssAnon'] / 1024:.0f}, file-mapped {load['RssFile'] / 1024:.0f})")
-            print(f"  reopen: imports {opened['import_s'] * 1000:.0f} ms, open_store + live_count "
-                  f"{opened['open_s'] * 1000:.1f} ms -> {opened['count']:,} live keys")
-            for label, key in (("after open", "rss_open"), ("after 1% random gets", "rss_after_gets"),
-                               ("after a full scan", "rss_after_scan")):
+            print(
+                f"\n{args.big_keys:,} keys: load {load['load_s']:.1f} s "
+                f"({load['load_s'] / args.big_keys * 1e6:.1f} µs/put, fsync batch); "
+                f"data.mdb {result['disk_bytes'] / 2**20:.0f} MiB on disk (raw keys+values {raw / 2**20:.0f} MiB; "
+                f"apparent size {result['file_bytes'] / 2**30:.0f} GiB: the sparse map)"
+            )
+            print(
+                f"  loader RSS after load: {load['VmRSS'] / 1024:.0f} MiB "
+                f"(anon {load['RssAnon'] / 1024:.0f}, file-mapped {load['RssFile'] / 1024:.0f})"
+            )
+            print(
+                f"  reopen: imports {opened['import_s'] * 1000:.0f} ms, open_store + live_count "
+                f"{opened['open_s'] * 1000:.1f} ms -> {opened['count']:,} live keys"
+            )
+            for label, key in (
+                ("after open", "rss_open"),
+                ("after 1% random gets", "rss_after_gets"),
+                ("after a full scan", "rss_after_scan"),
+            ):
                 sample = opened[key]
-                print(f"  RSS {label}: {sample['VmRSS'] / 1024:.0f} MiB "
-                      f"(anon {sample['RssAnon'] / 1024:.0f}, file-mapped {sample['RssFile'] / 1024:.0f})")
+                print(
+                    f"  RSS {label}: {sample['VmRSS'] / 1024:.0f} MiB "
+                    f"(anon {sample['RssAnon'] / 1024:.0f}, file-mapped {sample['RssFile'] / 1024:.0f})"
+                )
             print(f"  full scan of {opened['scanned']:,} records: {opened['full_scan_s']:.1f} s")
 
 

@@ -1,4 +1,4 @@
-"""Issue 3's benchmark through HTTP: one node per storage engine, then 1,000,000 keys.
+"""The storage engines through HTTP: one node per storage engine, then 1,000,000 keys.
 
 Part 1, throughput: one node (replication factor 1, so every key is local)
 with `--storage memory`, then `--storage lmdb --fsync batch`, then the same
@@ -29,7 +29,7 @@ durable engine's VmRSS (the memory engine's is printed for information).
 
     .venv/bin/python bench/storage_http.py [--duration 5] [--warmup 1] [--big-keys 1000000] [--markdown]
 
-Exit status 0 when every target of issue 3 is met, 1 when one is missed.
+Exit status 0 when every storage target is met, 1 when one is missed.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from _common import (
     APP_DIR,
     CONNECTIONS,
     PYTHON,
@@ -70,7 +70,7 @@ from _common import (  # noqa: E402
 
 HOST = "127.0.0.1"
 NODE_ID = "n1"
-KEY_BYTES = 16  # "key-%012d": the issue's 16-byte keys
+KEY_BYTES = 16  # "key-%012d": 16-byte keys, as every storage target is stated for
 VALUE_BYTES = 100  # and 100-byte values
 HTTP_KEYS = 100_000  # part 1: keys preloaded, then read and overwritten
 BIG_KEYS = 1_000_000  # part 2
@@ -81,7 +81,7 @@ SCAN_INTERVAL = "2"  # --anti-entropy-interval for the RSS nodes: their first re
 QUIET_BUSY = 0.05  # the node is idle again when its CPU over a 0.5 s window is under this
 LOAD_BUDGET_S = 300.0  # loading 1M keys through HTTP must finish within this
 
-# Issue 3's targets.
+# The storage targets.
 TARGET_RATIO = 0.9  # lmdb --fsync batch req/s over memory req/s, GET and PUT
 TARGET_READY_S = 5.0  # start to /ready with 1M keys on disk
 TARGET_RSS_X_RAW = 2.0  # RSS over raw data size
@@ -135,9 +135,23 @@ def node_argv(port: int, *storage: str, anti_entropy: str | None = SCAN_INTERVAL
     the node's first repair round (30 s by default). The benchmark uses 2 s
     so that it runs during the preload, never inside a measured run; None keeps the
     default (the start-to-ready trials)."""
-    argv = [PYTHON, "-m", "app", "node", "--node-id", NODE_ID, "--listen", f"{HOST}:{port}",
-            "--peers", f"{NODE_ID}=http://{HOST}:{port}", "--replication-factor", "1", "--log-level", "warning",
-            *storage]
+    argv = [
+        PYTHON,
+        "-m",
+        "app",
+        "node",
+        "--node-id",
+        NODE_ID,
+        "--listen",
+        f"{HOST}:{port}",
+        "--peers",
+        f"{NODE_ID}=http://{HOST}:{port}",
+        "--replication-factor",
+        "1",
+        "--log-level",
+        "warning",
+        *storage,
+    ]
     if anti_entropy is not None:
         argv += ["--anti-entropy-interval", anti_entropy]
     return argv
@@ -178,8 +192,15 @@ def load_through_http(url: str, n: int, lua: Path, pid: int) -> Load:
         if time.monotonic() - started > LOAD_BUDGET_S:
             raise RuntimeError(f"bench: loading {n:,} keys took over {LOAD_BUDGET_S:.0f} s (at {count:,})")
         duration = min(max(math.ceil((n - count) / rate * 1.02), 1), 60)  # wrk takes whole seconds
-        result = run_wrk("load", url, lua=lua, duration_s=duration, warmup_s=0, server_pids=[pid],
-                         script_args=[str(n), str(max(count - 2 * CONNECTIONS, 0))])
+        result = run_wrk(
+            "load",
+            url,
+            lua=lua,
+            duration_s=duration,
+            warmup_s=0,
+            server_pids=[pid],
+            script_args=[str(n), str(max(count - 2 * CONNECTIONS, 0))],
+        )
         rate = max(result.rps, 1_000.0)
         requests += result.requests
         errors += result.errors
@@ -207,8 +228,9 @@ def data_dir_bytes(path: Path) -> int:
 def page_cache_bytes(path: Path) -> int:
     """Bytes of the data dir's files in the page cache (util-linux fincore)."""
     files = [str(f) for f in path.rglob("*") if f.is_file()]
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *files],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", *files], capture_output=True, text=True, check=False
+    )
     return sum(int(x) for x in out.stdout.split() if x.isdigit())
 
 
@@ -253,8 +275,11 @@ def time_to_ready(label: str, argv: list[str], url: str, logdir: Path, data_dir:
             time.sleep(READY_POLL_S)
         rss = memory_kib(node.proc.pid)
         count = live_keys(url)
-    print(f"  start to ready, {label:<30} process serving {healthy:5.2f} s, ready {ready:5.2f} s, "
-          f"{count:,} keys, RSS {mib(rss.get('VmRSS', 0)):.0f} MiB", flush=True)
+    print(
+        f"  start to ready, {label:<30} process serving {healthy:5.2f} s, ready {ready:5.2f} s, "
+        f"{count:,} keys, RSS {mib(rss.get('VmRSS', 0)):.0f} MiB",
+        flush=True,
+    )
     return ReadyTrial(label, healthy, ready, rss, cache)
 
 
@@ -274,7 +299,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured run")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of discarded warm-up before each run")
     parser.add_argument("--http-keys", type=int, default=HTTP_KEYS, help="keys preloaded for the throughput runs")
-    parser.add_argument("--big-keys", type=int, default=BIG_KEYS, help="keys for the RSS and start-to-ready part (0: skip)")
+    parser.add_argument(
+        "--big-keys", type=int, default=BIG_KEYS, help="keys for the RSS and start-to-ready part (0: skip)"
+    )
     parser.add_argument("--dir", default=None, help="where the temporary data dirs go (default: system temp)")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown (for BENCHMARKS.md)")
     args = parser.parse_args()
@@ -287,11 +314,15 @@ def main() -> int:
     started = time.monotonic()
 
     def measure(key: str, label: str, url: str, lua: Path, pids: list[int], n: int) -> Result:
-        result = run_wrk(label, url, lua=lua, duration_s=args.duration, warmup_s=args.warmup, server_pids=pids,
-                         script_args=[str(n)])
+        result = run_wrk(
+            label, url, lua=lua, duration_s=args.duration, warmup_s=args.warmup, server_pids=pids, script_args=[str(n)]
+        )
         results[key] = result
-        print(f"  {label:<40} {result.rps:>9,.0f} req/s  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms"
-              f"  CPU {result.cpu_us_per_request:4.0f} us/req  errors {result.errors}", flush=True)
+        print(
+            f"  {label:<40} {result.rps:>9,.0f} req/s  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms"
+            f"  CPU {result.cpu_us_per_request:4.0f} us/req  errors {result.errors}",
+            flush=True,
+        )
         return result
 
     with tempdir("kvstore-bench-storage-") as tmp_logs, tempdir_in(args.dir) as tmp_data:
@@ -305,9 +336,21 @@ def main() -> int:
         lmdb_dir = datadir / "http-lmdb"
         runs = [
             ("memory", "memory", ["--storage", "memory"], True, True),
-            ("lmdb_batch", "lmdb --fsync batch", ["--storage", "lmdb", "--data-dir", str(lmdb_dir), "--fsync", "batch"], True, True),
+            (
+                "lmdb_batch",
+                "lmdb --fsync batch",
+                ["--storage", "lmdb", "--data-dir", str(lmdb_dir), "--fsync", "batch"],
+                True,
+                True,
+            ),
             # the same data dir, already holding the keys: PUT only (reads do not depend on the policy)
-            ("lmdb_always", "lmdb --fsync always", ["--storage", "lmdb", "--data-dir", str(lmdb_dir), "--fsync", "always"], False, False),
+            (
+                "lmdb_always",
+                "lmdb --fsync always",
+                ["--storage", "lmdb", "--data-dir", str(lmdb_dir), "--fsync", "always"],
+                False,
+                False,
+            ),
             ("memory_again", "memory (again: drift check)", ["--storage", "memory"], True, True),
         ]
         for key, label, storage, preload, do_get in runs:
@@ -338,8 +381,9 @@ def tempdir_in(parent: str | None) -> tempfile.TemporaryDirectory[str]:
     return tempfile.TemporaryDirectory(prefix="kvstore-bench-data-", dir=parent)
 
 
-def lmdb_big(n: int, data_dir: Path, logdir: Path, get_lua: Path, trials: list[ReadyTrial],
-             args: argparse.Namespace) -> BigRun:
+def lmdb_big(
+    n: int, data_dir: Path, logdir: Path, get_lua: Path, trials: list[ReadyTrial], args: argparse.Namespace
+) -> BigRun:
     run = BigRun("lmdb")
     # Fill through the storage API in a child (own process group: killed on Ctrl-C).
     code = _LOADER.format(node=NODE_ID, path=str(data_dir), n=n, value_bytes=VALUE_BYTES)
@@ -348,27 +392,40 @@ def lmdb_big(n: int, data_dir: Path, logdir: Path, get_lua: Path, trials: list[R
             loader.proc.wait(timeout=600)
         except subprocess.TimeoutExpired:
             raise RuntimeError("bench: the LMDB loader took over 600 s") from None
-        line = next((l for l in reversed(loader.log_path.read_text().splitlines()) if l.startswith("LOADER ")), None)
+        lines = reversed(loader.log_path.read_text().splitlines())
+        line = next((text for text in lines if text.startswith("LOADER ")), None)
         if loader.proc.returncode != 0 or line is None:
             raise RuntimeError(f"bench: the LMDB loader failed ({loader.proc.returncode}):\n{loader.log_tail()}")
     filled = json.loads(line.removeprefix("LOADER "))
     run.fill_s = filled["load_s"]
     run.disk_bytes = data_dir_bytes(data_dir)
-    print(f"  lmdb: {filled['count']:,} keys written in-process in {filled['load_s']:.1f} s "
-          f"({filled['load_s'] / n * 1e6:.1f} us/put, one transaction each); data dir {run.disk_bytes / 2**20:.0f} MiB",
-          flush=True)
+    print(
+        f"  lmdb: {filled['count']:,} keys written in-process in {filled['load_s']:.1f} s "
+        f"({filled['load_s'] / n * 1e6:.1f} us/put, one transaction each); data dir {run.disk_bytes / 2**20:.0f} MiB",
+        flush=True,
+    )
 
     # Start to ready: once with the data dir out of the page cache, then warm.
     port = free_port()
     url = f"http://{HOST}:{port}"
     drop_page_cache(data_dir)
-    trials.append(time_to_ready("cold (dropped from page cache)", node_argv(port, "--data-dir", str(data_dir), anti_entropy=None),
-                                url, logdir, data_dir))
+    trials.append(
+        time_to_ready(
+            "cold (dropped from page cache)",
+            node_argv(port, "--data-dir", str(data_dir), anti_entropy=None),
+            url,
+            logdir,
+            data_dir,
+        )
+    )
     for i in range(WARM_READY_TRIALS):
         port = free_port()
         url = f"http://{HOST}:{port}"
-        trials.append(time_to_ready(f"warm #{i + 1}", node_argv(port, "--data-dir", str(data_dir), anti_entropy=None),
-                                    url, logdir, data_dir))
+        trials.append(
+            time_to_ready(
+                f"warm #{i + 1}", node_argv(port, "--data-dir", str(data_dir), anti_entropy=None), url, logdir, data_dir
+            )
+        )
 
     # RSS: at ready, once start-up background work is quiet, after GETs over all keys.
     port = free_port()
@@ -381,11 +438,21 @@ def lmdb_big(n: int, data_dir: Path, logdir: Path, get_lua: Path, trials: list[R
         # the first repair round starts SCAN_INTERVAL after start-up (~ready): wait it out, then for idle
         run.background_cpu_s = wait_quiet(pid, after=time.monotonic() + float(SCAN_INTERVAL) + 0.5)
         run.rss["after start-up background work"] = memory_kib(pid)
-        run.get = run_wrk(f"lmdb GET, {n:,} keys", url, lua=get_lua, duration_s=args.duration,
-                          warmup_s=args.warmup, server_pids=node.pids(), script_args=[str(n)])
+        run.get = run_wrk(
+            f"lmdb GET, {n:,} keys",
+            url,
+            lua=get_lua,
+            duration_s=args.duration,
+            warmup_s=args.warmup,
+            server_pids=node.pids(),
+            script_args=[str(n)],
+        )
         run.rss["after GETs over the keys"] = memory_kib(pid)
-        print(f"  lmdb: start-up background work {run.background_cpu_s:.1f} s CPU; GET {run.get.rps:,.0f} req/s, "
-              f"p99 {run.get.p99_ms:.2f} ms, errors {run.get.errors}", flush=True)
+        print(
+            f"  lmdb: start-up background work {run.background_cpu_s:.1f} s CPU; GET {run.get.rps:,.0f} req/s, "
+            f"p99 {run.get.p99_ms:.2f} ms, errors {run.get.errors}",
+            flush=True,
+        )
     return run
 
 
@@ -399,15 +466,26 @@ def memory_big(n: int, logdir: Path, get_lua: Path, put_lua: Path, args: argpars
         pid = node.proc.pid
         run.rss["at ready"] = memory_kib(pid)
         run.load = load_through_http(url, n, put_lua, pid)
-        print(f"  memory: {n:,} keys loaded through HTTP in {run.load.seconds:.1f} s "
-              f"({run.load.requests / run.load.seconds:,.0f} PUT/s, {run.load.errors} errors)", flush=True)
+        print(
+            f"  memory: {n:,} keys loaded through HTTP in {run.load.seconds:.1f} s "
+            f"({run.load.requests / run.load.seconds:,.0f} PUT/s, {run.load.errors} errors)",
+            flush=True,
+        )
         run.background_cpu_s = wait_quiet(pid, after=time.monotonic())
         run.rss["after loading through HTTP"] = memory_kib(pid)
-        run.get = run_wrk(f"memory GET, {n:,} keys", url, lua=get_lua, duration_s=args.duration,
-                          warmup_s=args.warmup, server_pids=node.pids(), script_args=[str(n)])
+        run.get = run_wrk(
+            f"memory GET, {n:,} keys",
+            url,
+            lua=get_lua,
+            duration_s=args.duration,
+            warmup_s=args.warmup,
+            server_pids=node.pids(),
+            script_args=[str(n)],
+        )
         run.rss["after GETs over the keys"] = memory_kib(pid)
-        print(f"  memory: GET {run.get.rps:,.0f} req/s, p99 {run.get.p99_ms:.2f} ms, errors {run.get.errors}",
-              flush=True)
+        print(
+            f"  memory: GET {run.get.rps:,.0f} req/s, p99 {run.get.p99_ms:.2f} ms, errors {run.get.errors}", flush=True
+        )
     return run
 
 
@@ -420,77 +498,158 @@ def reference(results: dict[str, Result], method: str) -> Result:
     return max(runs, key=lambda r: r.rps)
 
 
-def print_report(results: dict[str, Result], bigs: dict[str, BigRun], trials: list[ReadyTrial], *, big: int,
-                 markdown: bool, duration: float) -> None:
-    headers = ["scenario", "req/s", "p50 ms", "p99 ms", "x memory", "server CPU us/req", "CPU x memory",
-               "server core busy", "errors"]
+def print_report(
+    results: dict[str, Result],
+    bigs: dict[str, BigRun],
+    trials: list[ReadyTrial],
+    *,
+    big: int,
+    markdown: bool,
+    duration: float,
+) -> None:
+    headers = [
+        "scenario",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "x memory",
+        "server CPU us/req",
+        "CPU x memory",
+        "server core busy",
+        "errors",
+    ]
     rows = []
     for key, result in results.items():
         ref = reference(results, "put" if key.endswith("_put") else "get")
         cpu_ratio = ref.cpu_us_per_request / result.cpu_us_per_request if result.cpu_us_per_request else 0.0
-        rows.append([result.label, f"{result.rps:,.0f}", f"{result.p50_ms:.2f}", f"{result.p99_ms:.2f}",
-                     f"{result.rps / ref.rps:.2f}", f"{result.cpu_us_per_request:.0f}", f"{cpu_ratio:.2f}",
-                     f"{result.server_core_busy:.0%}", str(result.errors)])
+        rows.append(
+            [
+                result.label,
+                f"{result.rps:,.0f}",
+                f"{result.p50_ms:.2f}",
+                f"{result.p99_ms:.2f}",
+                f"{result.rps / ref.rps:.2f}",
+                f"{result.cpu_us_per_request:.0f}",
+                f"{cpu_ratio:.2f}",
+                f"{result.server_core_busy:.0%}",
+                str(result.errors),
+            ]
+        )
     for run in bigs.values():
         if run.get is not None:
             r = run.get
-            rows.append([r.label, f"{r.rps:,.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", "-",
-                         f"{r.cpu_us_per_request:.0f}", "-", f"{r.server_core_busy:.0%}", str(r.errors)])
+            rows.append(
+                [
+                    r.label,
+                    f"{r.rps:,.0f}",
+                    f"{r.p50_ms:.2f}",
+                    f"{r.p99_ms:.2f}",
+                    "-",
+                    f"{r.cpu_us_per_request:.0f}",
+                    "-",
+                    f"{r.server_core_busy:.0%}",
+                    str(r.errors),
+                ]
+            )
     print()
     print(format_table(headers, rows, markdown=markdown))
-    print(f"\n({duration:g} s per run after a warm-up. 'x memory' divides by the faster of the two memory runs of the"
-          " same method; 'CPU x memory' = memory CPU per request / this CPU per request, steadier when other work"
-          " shares the machine)")
+    print(
+        f"\n({duration:g} s per run after a warm-up. 'x memory' divides by the faster of the two memory runs of the"
+        " same method; 'CPU x memory' = memory CPU per request / this CPU per request, steadier when other work"
+        " shares the machine)"
+    )
     if not big:
         return
     raw = big * (KEY_BYTES + VALUE_BYTES)
     lmdb, memory = bigs["lmdb"], bigs["memory"]
-    print(f"\n{big:,} keys of {KEY_BYTES} B with {VALUE_BYTES} B values: raw data {raw / 2**20:.1f} MiB. "
-          f"lmdb: filled in-process in {lmdb.fill_s:.1f} s, data dir {lmdb.disk_bytes / 2**20:.0f} MiB on disk, "
-          f"background work after start-up took {lmdb.background_cpu_s:.1f} s of CPU. "
-          f"memory: loaded through HTTP in {memory.load.seconds:.1f} s "
-          f"({memory.load.requests / memory.load.seconds:,.0f} PUT/s)\n" if memory.load else "")
-    headers = ["start to ready (lmdb)", "data dir in page cache at spawn", "process serving /health s", "/ready s",
-               "RSS at ready MiB"]
-    rows = [[t.label, f"{t.cache_before / 2**20:.1f} MiB", f"{t.healthy_s:.2f}", f"{t.ready_s:.2f}",
-             f"{mib(t.rss.get('VmRSS', 0)):.0f}"] for t in trials]
+    print(
+        f"\n{big:,} keys of {KEY_BYTES} B with {VALUE_BYTES} B values: raw data {raw / 2**20:.1f} MiB. "
+        f"lmdb: filled in-process in {lmdb.fill_s:.1f} s, data dir {lmdb.disk_bytes / 2**20:.0f} MiB on disk, "
+        f"background work after start-up took {lmdb.background_cpu_s:.1f} s of CPU. "
+        f"memory: loaded through HTTP in {memory.load.seconds:.1f} s "
+        f"({memory.load.requests / memory.load.seconds:,.0f} PUT/s)\n"
+        if memory.load
+        else ""
+    )
+    headers = [
+        "start to ready (lmdb)",
+        "data dir in page cache at spawn",
+        "process serving /health s",
+        "/ready s",
+        "RSS at ready MiB",
+    ]
+    rows = [
+        [
+            t.label,
+            f"{t.cache_before / 2**20:.1f} MiB",
+            f"{t.healthy_s:.2f}",
+            f"{t.ready_s:.2f}",
+            f"{mib(t.rss.get('VmRSS', 0)):.0f}",
+        ]
+        for t in trials
+    ]
     print(format_table(headers, rows, markdown=markdown))
-    headers = ["engine", "when", "VmRSS MiB", "RssAnon MiB", "RssFile MiB", "VmRSS x raw", "RssAnon x raw",
-               "VmRSS growth since ready x raw"]
+    headers = [
+        "engine",
+        "when",
+        "VmRSS MiB",
+        "RssAnon MiB",
+        "RssFile MiB",
+        "VmRSS x raw",
+        "RssAnon x raw",
+        "VmRSS growth since ready x raw",
+    ]
     rows = []
     for run in bigs.values():
         base = run.rss["at ready"].get("VmRSS", 0)
         for moment, rss in run.rss.items():
-            rows.append([run.engine, moment, f"{mib(rss.get('VmRSS', 0)):.0f}", f"{mib(rss.get('RssAnon', 0)):.0f}",
-                         f"{mib(rss.get('RssFile', 0)):.0f}", f"{rss.get('VmRSS', 0) * 1024 / raw:.2f}",
-                         f"{rss.get('RssAnon', 0) * 1024 / raw:.2f}", f"{(rss.get('VmRSS', 0) - base) * 1024 / raw:.2f}"])
+            rows.append(
+                [
+                    run.engine,
+                    moment,
+                    f"{mib(rss.get('VmRSS', 0)):.0f}",
+                    f"{mib(rss.get('RssAnon', 0)):.0f}",
+                    f"{mib(rss.get('RssFile', 0)):.0f}",
+                    f"{rss.get('VmRSS', 0) * 1024 / raw:.2f}",
+                    f"{rss.get('RssAnon', 0) * 1024 / raw:.2f}",
+                    f"{(rss.get('VmRSS', 0) - base) * 1024 / raw:.2f}",
+                ]
+            )
     print()
     print(format_table(headers, rows, markdown=markdown))
-    print("\n(RssFile of an lmdb node is data.mdb's pages mapped read-only: page cache, shared and clean once"
-          " synced, reclaimable by the kernel; RssAnon is the process's private memory)")
+    print(
+        "\n(RssFile of an lmdb node is data.mdb's pages mapped read-only: page cache, shared and clean once"
+        " synced, reclaimable by the kernel; RssAnon is the process's private memory)"
+    )
 
 
 def check_targets(results: dict[str, Result], bigs: dict[str, BigRun], trials: list[ReadyTrial], *, big: int) -> bool:
     ok = True
-    print("\ntargets (issue 3):")
+    print("\ntargets (storage engines):")
     for method in ("get", "put"):
         ratio = results[f"lmdb_batch_{method}"].rps / reference(results, method).rps
         met = ratio >= TARGET_RATIO
         ok &= met
-        print(f"  lmdb --fsync batch {method.upper()} / memory {method.upper()}: {ratio:5.2f}x  "
-              f"target >= {TARGET_RATIO}x  {'met' if met else 'MISSED'}")
+        print(
+            f"  lmdb --fsync batch {method.upper()} / memory {method.upper()}: {ratio:5.2f}x  "
+            f"target >= {TARGET_RATIO}x  {'met' if met else 'MISSED'}"
+        )
     if big:
         worst = max(trials, key=lambda t: t.ready_s)
         met = worst.ready_s < TARGET_READY_S
         ok &= met
-        print(f"  start to /ready with {big:,} keys (slowest of {len(trials)}, {worst.label}): {worst.ready_s:.2f} s  "
-              f"target < {TARGET_READY_S:g} s  {'met' if met else 'MISSED'}")
+        print(
+            f"  start to /ready with {big:,} keys (slowest of {len(trials)}, {worst.label}): {worst.ready_s:.2f} s  "
+            f"target < {TARGET_READY_S:g} s  {'met' if met else 'MISSED'}"
+        )
         raw = big * (KEY_BYTES + VALUE_BYTES)
         lmdb_peak = max(rss.get("VmRSS", 0) for rss in bigs["lmdb"].rss.values()) * 1024
         met = lmdb_peak < TARGET_RSS_X_RAW * raw
         ok &= met
-        print(f"  lmdb node RSS with {big:,} keys (highest VmRSS sampled): {lmdb_peak / 2**20:.0f} MiB = "
-              f"{lmdb_peak / raw:.2f}x raw  target < {TARGET_RSS_X_RAW:g}x  {'met' if met else 'MISSED'}")
+        print(
+            f"  lmdb node RSS with {big:,} keys (highest VmRSS sampled): {lmdb_peak / 2**20:.0f} MiB = "
+            f"{lmdb_peak / raw:.2f}x raw  target < {TARGET_RSS_X_RAW:g}x  {'met' if met else 'MISSED'}"
+        )
         mem_peak = max(rss.get("VmRSS", 0) for rss in bigs["memory"].rss.values()) * 1024
         print(f"  (memory engine, for information: {mem_peak / 2**20:.0f} MiB = {mem_peak / raw:.2f}x raw)")
     starved = [r.label for r in results.values() if r.server_core_busy < 0.85]

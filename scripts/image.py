@@ -38,7 +38,12 @@ BASE_PACKAGES = "python3,python3-pip,python3-venv,python-is-python3,ca-certifica
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 APT_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # HTTPS from a RUN step passes a TLS-inspecting proxy here
-TOOLS = {"podman": "podman", "buildah": "buildah", "runc": "runc", "debootstrap": "debootstrap"}  # command -> Debian package
+TOOLS = {
+    "podman": "podman",
+    "buildah": "buildah",
+    "runc": "runc",
+    "debootstrap": "debootstrap",
+}  # command -> Debian package
 APT_TIMEOUT_S = 900  # apt-get update + install of podman's ~60 packages on a slow mirror
 DEBOOTSTRAP_TIMEOUT_S = 900  # usually ~50 s
 BUILD_TIMEOUT_S = 1200  # cold: ~2 min; the pip step downloads ~40 MB
@@ -50,12 +55,18 @@ def podman_command() -> list[str]:
     this machine, no systemd (cgroupfs, file events), runc."""
     return [
         "podman",
-        "--storage-driver", "overlay",
-        "--root", str(CACHE_DIR / "storage"),
-        "--runroot", str(CACHE_DIR / "run"),
-        "--cgroup-manager", "cgroupfs",
-        "--events-backend", "file",
-        "--runtime", "runc",
+        "--storage-driver",
+        "overlay",
+        "--root",
+        str(CACHE_DIR / "storage"),
+        "--runroot",
+        str(CACHE_DIR / "run"),
+        "--cgroup-manager",
+        "cgroupfs",
+        "--events-backend",
+        "file",
+        "--runtime",
+        "runc",
     ]
 
 
@@ -76,7 +87,9 @@ def install_tools() -> None:
     if not missing:
         return
     if os.geteuid() != 0:
-        raise SystemExit(f"image: {', '.join(missing)} missing and not root: run `sudo apt-get install {' '.join(missing)}`")
+        raise SystemExit(
+            f"image: {', '.join(missing)} missing and not root: run `sudo apt-get install {' '.join(missing)}`"
+        )
     log(f"installing {' '.join(missing)} with apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=APT_TIMEOUT_S)
@@ -113,7 +126,9 @@ def build_base() -> None:
         log(f"debootstrap {SUITE} from {mirror()} (once; ~1 min)")
         subprocess.run(
             ["debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}", SUITE, str(rootfs), mirror()],
-            check=True, timeout=DEBOOTSTRAP_TIMEOUT_S, stdout=subprocess.DEVNULL,
+            check=True,
+            timeout=DEBOOTSTRAP_TIMEOUT_S,
+            stdout=subprocess.DEVNULL,
         )
         for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):  # package downloads: not part of the base
             for entry in (rootfs / cache).glob("*"):
@@ -122,7 +137,10 @@ def build_base() -> None:
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
         subprocess.run(
             [*PODMAN, "import", "--change", "ENV PIP_BREAK_SYSTEM_PACKAGES=1", "-", BASE_IMAGE],
-            stdin=tar.stdout, check=True, timeout=DEBOOTSTRAP_TIMEOUT_S, stdout=subprocess.DEVNULL,
+            stdin=tar.stdout,
+            check=True,
+            timeout=DEBOOTSTRAP_TIMEOUT_S,
+            stdout=subprocess.DEVNULL,
         )
         assert tar.stdout is not None
         tar.stdout.close()
@@ -139,18 +157,41 @@ def build_image(*, tag: str = IMAGE) -> str:
     started = time.monotonic()
     subprocess.run(
         [
-            *PODMAN, "build", "--isolation", "chroot", "--pull=never", "--format", "docker",
-            "--build-arg", f"PYTHON_IMAGE={BASE_IMAGE}",
-            "--volume", f"{HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro",
-            "--layers", "--tag", tag, "--file", str(REPO / "Dockerfile"), str(REPO),
+            *PODMAN,
+            "build",
+            "--isolation",
+            "chroot",
+            "--pull=never",
+            "--format",
+            "docker",
+            "--build-arg",
+            f"PYTHON_IMAGE={BASE_IMAGE}",
+            "--volume",
+            f"{HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro",
+            "--layers",
+            "--tag",
+            tag,
+            "--file",
+            str(REPO / "Dockerfile"),
+            str(REPO),
         ],
-        check=True, timeout=BUILD_TIMEOUT_S, stdout=sys.stderr,
+        check=True,
+        timeout=BUILD_TIMEOUT_S,
+        stdout=sys.stderr,
     )
     # Images this tag no longer names pile up at each change of the code; a day's worth stays as cache.
-    subprocess.run([*PODMAN, "image", "prune", "--force", "--filter", f"until={PRUNE_AFTER}"],
-                   check=False, timeout=BUILD_TIMEOUT_S, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [*PODMAN, "image", "prune", "--force", "--filter", f"until={PRUNE_AFTER}"],
+        check=False,
+        timeout=BUILD_TIMEOUT_S,
+        stdout=subprocess.DEVNULL,
+    )
     image_id = subprocess.run(
-        [*PODMAN, "image", "inspect", "--format", "{{.Id}}", tag], check=True, capture_output=True, text=True, timeout=60,
+        [*PODMAN, "image", "inspect", "--format", "{{.Id}}", tag],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
     ).stdout.strip()
     log(f"built {tag} ({image_id[:12]}) in {time.monotonic() - started:.1f} s")
     return image_id
@@ -158,7 +199,11 @@ def build_image(*, tag: str = IMAGE) -> str:
 
 def sizes(tag: str = IMAGE) -> str:
     return subprocess.run(
-        [*PODMAN, "history", "--format", "{{.Size}}\t{{.CreatedBy}}", tag], check=True, capture_output=True, text=True, timeout=60,
+        [*PODMAN, "history", "--format", "{{.Size}}\t{{.CreatedBy}}", tag],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
     ).stdout
 
 

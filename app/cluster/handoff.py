@@ -13,14 +13,12 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-from app.cluster.health import PeerHealth
-from app.cluster.membership import Membership, MembershipView
-from app.cluster.replica import Replica
-from app.errors import PeerUnavailableError
-from app.metrics import NodeMetrics
+from app.cluster.context import ClusterContext
+from app.cluster.topology import Topology
+from app.errors import PeerError
 from app.ring import ArcSet, HashRing, segments
 from app.storage.base import Record
-from app.transport.base import Peer, PeerClient
+from app.transport.base import Peer
 
 log = logging.getLogger(__name__)
 
@@ -41,26 +39,14 @@ class RebalanceStatus:
 
 
 class Handoff:
-    def __init__(
-        self,
-        *,
-        node_id: str,
-        replica: Replica,
-        transport: PeerClient,
-        health: PeerHealth,
-        membership: MembershipView,
-        metrics: NodeMetrics,
-        replication_factor: int,
-        write_quorum: int,
-        sync_deadline_s: float,
-    ) -> None:
-        self.node_id = node_id
-        self.replica = replica
-        self.transport = transport
-        self.health = health
-        self.membership = membership
-        self.metrics = metrics
-        self.n = replication_factor
+    def __init__(self, context: ClusterContext, *, write_quorum: int, sync_deadline_s: float) -> None:
+        self.node_id = context.node_id
+        self.replica = context.replica
+        self.peer_client = context.peer_client
+        self.health = context.health
+        self.topology = context.topology
+        self.metrics = context.metrics
+        self.n = context.replication_factor
         self.write_quorum = write_quorum
         self.sync_deadline_s = sync_deadline_s
         self.status = RebalanceStatus()
@@ -72,7 +58,7 @@ class Handoff:
 
     async def deliver_hints(self) -> None:
         hints = self.replica.hints
-        view = self.membership.current
+        view = self.topology.current
         for target in hints.targets():
             batch = await asyncio.to_thread(hints.for_target, target, HINT_BATCH)
             if not batch:
@@ -83,9 +69,9 @@ class Handoff:
                 if not self.health.is_up(target):
                     continue
                 try:
-                    await self.transport.write_batch(view.peers[target], batch)
-                except PeerUnavailableError as exc:
-                    self.health.mark_down(target, str(exc))
+                    await self.peer_client.write_batch(view.peers[target], batch)
+                except PeerError as exc:
+                    self.health.call_failed(target, exc)
                     continue
             elif not await self._push_to_owners(view, batch):
                 continue  # the target left the ring: its keys' current owners take the hints
@@ -94,7 +80,7 @@ class Handoff:
             self.metrics.hints_delivered.inc(len(batch))
         self.metrics.hints_pending.set(hints.pending())
 
-    async def _push_to_owners(self, view: Membership, records: list[tuple[bytes, Record]]) -> bool:
+    async def _push_to_owners(self, view: Topology, records: list[tuple[bytes, Record]]) -> bool:
         """Write records to each key's current replicas; True when all of them took them."""
         by_owner: dict[str, list[tuple[bytes, Record]]] = defaultdict(list)
         for key, record in records:
@@ -106,16 +92,16 @@ class Handoff:
                 if owner == self.node_id:
                     await self.replica.write_batch(batch)
                 else:
-                    await self.transport.write_batch(view.peers[owner], batch)
+                    await self.peer_client.write_batch(view.peers[owner], batch)
                     self.metrics.rebalance_keys_streamed.labels("out").inc(len(batch))
-            except PeerUnavailableError as exc:
-                self.health.mark_down(owner, str(exc))
+            except PeerError as exc:
+                self.health.call_failed(owner, exc)
                 ok = False
         return ok
 
     # -- rebalancing: pulling newly replicated ranges ------------------------------
 
-    def on_membership_change(self, old: Membership, new: Membership) -> None:
+    def on_membership_change(self, old: Topology, new: Topology) -> None:
         self.foreign_dirty = True
         self.start_sync(old.ring, new, urls=old.peers | new.peers)
 
@@ -123,17 +109,17 @@ class Handoff:
         """A node starting with an empty store pulls everything it replicates
         from the nodes that held those ranges without it (a join, or a node
         that lost its disk). A node with data relies on anti-entropy instead."""
-        view = self.membership.current
+        view = self.topology.current
         without_self = HashRing([m for m in view.ring.members if m != self.node_id], vnodes=view.ring.vnodes)
         self.bootstrapping = True
         self.start_sync(without_self, view, urls=view.peers)
 
-    def start_sync(self, old_ring: HashRing, new: Membership, *, urls: dict[str, Peer]) -> None:
+    def start_sync(self, old_ring: HashRing, new: Topology, *, urls: dict[str, Peer]) -> None:
         if self._sync_task is not None:
             self._sync_task.cancel()
         self._sync_task = asyncio.ensure_future(self._sync(old_ring, new, urls))
 
-    async def _sync(self, old_ring: HashRing, new: Membership, urls: dict[str, Peer]) -> None:
+    async def _sync(self, old_ring: HashRing, new: Topology, urls: dict[str, Peer]) -> None:
         groups: dict[tuple[str, ...], list[tuple[int, int]]] = defaultdict(list)
         for start, end, before, after in segments(old_ring, new.ring, self.n):
             if self.node_id in after and self.node_id not in before and before:
@@ -148,7 +134,9 @@ class Handoff:
                 self._set_syncing([], epoch=new.epoch)
                 self.bootstrapping = False
 
-    async def _pull_group(self, sources: tuple[str, ...], arcs: list[tuple[int, int]], urls: dict[str, Peer], deadline: float) -> None:
+    async def _pull_group(
+        self, sources: tuple[str, ...], arcs: list[tuple[int, int]], urls: dict[str, Peer], deadline: float
+    ) -> None:
         # Any W of the old replicas held every acknowledged write, so pulling from
         # (old replicas - W + 1) of them is guaranteed to see each one.
         needed = max(1, len(sources) - self.write_quorum + 1) if len(sources) >= self.write_quorum else len(sources)
@@ -164,19 +152,23 @@ class Handoff:
                     continue
                 try:
                     for i in range(0, len(arcs), ARCS_PER_FETCH):
-                        records = await self.transport.fetch_range(peer, arcs[i:i + ARCS_PER_FETCH])
+                        records = await self.peer_client.records_in_arcs(peer, arcs[i : i + ARCS_PER_FETCH])
                         await self.replica.write_batch(records)
                         self.status.keys_streamed += len(records)
                         self.metrics.rebalance_keys_streamed.labels("in").inc(len(records))
                     done.add(source)
-                except PeerUnavailableError as exc:
+                except PeerError as exc:
                     log.info("sync from %s failed, will retry: %s", source, exc)
             if len(done) < needed:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, SYNC_RETRY_MAX_S)
         if len(done) < needed:
-            log.warning("sync of %d arcs gave up after the deadline with %d of %d sources; anti-entropy will finish it",
-                        len(arcs), len(done), needed)
+            log.warning(
+                "sync of %d arcs gave up after the deadline with %d of %d sources; anti-entropy will finish it",
+                len(arcs),
+                len(done),
+                needed,
+            )
         finished = set(arcs)
         still = [arc for arc in self.replica.syncing.arcs if arc not in finished]
         self._set_syncing(still, epoch=self.status.last_change_epoch)
@@ -195,7 +187,7 @@ class Handoff:
         drop each once every one of them has it. Only scans after a change."""
         if not self.foreign_dirty:
             return
-        view = self.membership.current
+        view = self.topology.current
         ring, me, n = view.ring, self.node_id, self.n
         if me in ring.members and len(ring.members) <= n:
             # Every member replicates every key (3 nodes at N=3, a lone node):
@@ -214,8 +206,8 @@ class Handoff:
             self.foreign_dirty = False
             return
         for i in range(0, len(foreign), HANDOFF_BATCH):
-            batch = foreign[i:i + HANDOFF_BATCH]
-            if self.membership.current is not view:
+            batch = foreign[i : i + HANDOFF_BATCH]
+            if self.topology.current is not view:
                 return  # the ring moved under us; the next round rescans
             if await self._push_to_owners(view, batch):
                 for key, record in batch:

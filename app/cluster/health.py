@@ -1,18 +1,27 @@
 """Reachability and load of each peer, as this node sees them.
 
 Distinct from membership on purpose: a crashed node stays a member and keeps
-its ranges; it is only marked down here, and routing reacts. Failed calls mark
-a peer down; successful calls and the node's periodic probe mark it up.
+its ranges; it is only marked down here, and routing reacts. Calls that get
+no answer mark a peer down; any answer, a request from the peer, and the
+node's periodic probe mark it up again at once (the speed of evidence).
 Outstanding requests and a latency EWMA per peer drive replica choice for
-reads (power of two choices), so a slow node sheds read load.
+reads (power of two choices), so a slow node sheds read load. A recent-latency
+window gives each peer a p95: a read not answered by then is hedged to
+another replica, and a peer that lets BREAKER_STRIKES requests in a row run
+past it without answering any is marked down without waiting for timeouts
+(a circuit breaker, the way Cassandra's speculative retry and "The Tail at
+Scale" hedged requests work).
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from app.errors import PeerError, PeerUnavailableError
 
 EWMA_WEIGHT = 0.2  # each new sample moves the average a fifth of the way: reacts within ~10 calls
 INITIAL_LATENCY_S = 0.001  # a peer we have not timed yet is assumed fast, so it gets tried
@@ -20,12 +29,27 @@ INITIAL_LATENCY_S = 0.001  # a peer we have not timed yet is assumed fast, so it
 # requests only nudge the score: 64 in flight (a full pool) double it. Scoring
 # (outstanding + 1) x latency double-counted the queue: under 64-way load the
 # busy healthy peer looked as slow as a peer slowed by 20 ms, and ~4% of reads
-# went to the slow one (BENCHMARKS.md, issue 4).
+# went to the slow one (BENCHMARKS.md, replication: the slowed-replica p99).
 OUTSTANDING_SCALE = 64
 # A reachable peer not asked for this long gets the next read, so the estimate
 # of a peer that was slow and recovered is refreshed: about one read a second
 # per peer, far under 1% of a loaded node's reads, so it never shows in p99.
 EXPLORE_AFTER_S = 1.0
+# Hedging: a read is sent to the next replica once its replica has taken
+# longer than its own recent p95. Never sooner than the floor: answers under
+# load take a few ms on loopback, and each hedge is one more read.
+HEDGE_FLOOR_S = 0.010
+LATENCY_WINDOW = 64  # answered calls kept per peer for its p95
+P95_EVERY = 16  # recompute the p95 every this many samples: a sort of 64 floats, not one per call
+# A peer that lets this many requests in a row go unanswered past its
+# suspect delay, with no answer in between, is marked down: a hung peer
+# (accepting, never answering) is noticed in a fraction of a second, not after
+# a peer timeout per request. The delay is generous (a GC pause or a burst on
+# a healthy peer must not trip it), and any answer or request from the peer
+# brings it back at once.
+BREAKER_STRIKES = 4
+SUSPECT_FLOOR_S = 0.2
+SUSPECT_FACTOR = 4  # x the peer's p95
 
 
 @dataclass
@@ -37,6 +61,10 @@ class PeerState:
     latency_s: float = INITIAL_LATENCY_S
     source_ready: bool = True  # the membership source's word (a pod's Ready condition); probes cannot overrule it
     last_asked: float = 0.0  # monotonic time a read was last sent (or promised) to it
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))  # answered calls' latencies
+    p95_s: float = HEDGE_FLOOR_S
+    unsorted: int = 0  # samples since the p95 was computed
+    strikes: int = 0  # requests in a row past their hedge delay without an answer
 
     @property
     def load_score(self) -> float:
@@ -82,6 +110,7 @@ class PeerHealth:
 
     def mark_up(self, node_id: str) -> None:
         state = self._state(node_id)
+        state.strikes = 0
         if not state.up:
             state.up, state.since, state.last_error = True, time.monotonic(), ""
             if self._on_flip:
@@ -95,16 +124,54 @@ class PeerHealth:
             if self._on_flip:
                 self._on_flip(node_id, self.is_up(node_id))
 
+    def call_failed(self, node_id: str, error: PeerError) -> None:
+        """A call to the peer failed: only no answer at all says it is down
+        (a refusal or a garbled answer comes from a peer that is up)."""
+        if isinstance(error, PeerUnavailableError):
+            self.mark_down(node_id, str(error))
+
     def begin(self, node_id: str) -> float:
         state = self._state(node_id)
         state.outstanding += 1
         state.last_asked = self._monotonic()
         return time.perf_counter()
 
-    def end(self, node_id: str, started: float) -> None:
+    def end(self, node_id: str, started: float, *, answered: bool = True) -> None:
+        """A call begun at `started` is over; only answered ones shape the p95."""
         state = self._state(node_id)
         state.outstanding -= 1
-        state.latency_s += EWMA_WEIGHT * ((time.perf_counter() - started) - state.latency_s)
+        elapsed = time.perf_counter() - started
+        state.latency_s += EWMA_WEIGHT * (elapsed - state.latency_s)
+        if answered:
+            state.recent.append(elapsed)
+            state.unsorted += 1
+            if state.unsorted >= P95_EVERY:
+                ranked = sorted(state.recent)
+                state.p95_s = max(HEDGE_FLOOR_S, ranked[int(0.95 * (len(ranked) - 1))])
+                state.unsorted = 0
+
+    def hedge_delay(self, node_id: str) -> float:
+        """How long a read waits for this peer before asking another replica."""
+        state = self._states.get(node_id)
+        return HEDGE_FLOOR_S if state is None else state.p95_s
+
+    def suspect_after(self, node_id: str) -> float:
+        """How long a call may go unanswered before it counts against the peer."""
+        return max(SUSPECT_FLOOR_S, SUSPECT_FACTOR * self.hedge_delay(node_id))
+
+    def strike(self, node_id: str) -> None:
+        """A call to the peer went unanswered past its suspect delay; enough
+        in a row, with no answer between, and the peer is down."""
+        state = self._state(node_id)
+        state.strikes += 1
+        if state.strikes >= BREAKER_STRIKES and state.up:
+            reason = f"{state.strikes} requests in a row unanswered past {self.suspect_after(node_id) * 1000:.0f} ms"
+            self.mark_down(node_id, reason)
+
+    def heard_from(self, node_id: str) -> None:
+        """The peer sent us a request: it is up, whatever we last concluded."""
+        if node_id in self._states:
+            self.mark_up(node_id)
 
     def rank(self, node_ids: list[str]) -> list[str]:
         """Order replicas for a read: reachable before unreachable, and among

@@ -16,47 +16,34 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from app.cluster.health import PeerHealth
-from app.cluster.membership import MembershipView
-from app.cluster.replica import Replica
-from app.errors import PeerUnavailableError
-from app.metrics import NodeMetrics
+from app.cluster.context import ClusterContext
+from app.errors import PeerError
 from app.storage.base import Record
-from app.transport.base import PeerClient
+from app.transport.base import Peer
 
 ARCS_PER_EXCHANGE = 64  # mismatched arcs fetched per request
 MAX_ARCS_PER_ROUND = 1024  # bound on one round's repair work; the rest waits for the next round
 
 
 class AntiEntropy:
-    def __init__(
-        self,
-        *,
-        node_id: str,
-        replica: Replica,
-        transport: PeerClient,
-        health: PeerHealth,
-        membership: MembershipView,
-        metrics: NodeMetrics,
-        replication_factor: int,
-    ) -> None:
-        self.node_id = node_id
-        self.replica = replica
-        self.transport = transport
-        self.health = health
-        self.membership = membership
-        self.metrics = metrics
-        self.n = replication_factor
+    def __init__(self, context: ClusterContext) -> None:
+        self.node_id = context.node_id
+        self.replica = context.replica
+        self.peer_client = context.peer_client
+        self.health = context.health
+        self.topology = context.topology
+        self.metrics = context.metrics
+        self.n = context.replication_factor
         self._turn = itertools.count()
         self.rounds = 0
 
     def shared_arcs(self, peer_id: str) -> list[tuple[int, int]]:
-        ring = self.membership.current.ring
+        ring = self.topology.current.ring
         return [arc for arc, owners in ring.replica_sets(self.n) if self.node_id in owners and peer_id in owners]
 
     async def run_round(self) -> int:
         """Compare with the next reachable peer; returns the records repaired."""
-        view = self.membership.current
+        view = self.topology.current
         peers = [p for p in sorted(view.peers) if p != self.node_id and self.health.is_up(p)]
         if not peers or self.node_id not in view.peers:
             return 0
@@ -66,35 +53,35 @@ class AntiEntropy:
         return repaired
 
     async def compare_with(self, peer_id: str) -> int:
-        peer = self.membership.current.peers[peer_id]
+        peer = self.topology.current.peers[peer_id]
         arcs = self.shared_arcs(peer_id)
         if not arcs:
             return 0
         try:
-            theirs = await self.transport.digests(peer, arcs)
-        except PeerUnavailableError as exc:
-            self.health.mark_down(peer_id, str(exc))
+            theirs = await self.peer_client.digests(peer, arcs)
+        except PeerError as exc:
+            self.health.call_failed(peer_id, exc)
             return 0
         mine = await asyncio.to_thread(self.replica.digests, arcs)
         self.metrics.ae_ranges_compared.inc(len(arcs))
-        differing = [arc for arc, a, b in zip(arcs, mine, theirs) if a != b]
+        differing = [arc for arc, a, b in zip(arcs, mine, theirs, strict=True) if a != b]
         self.metrics.ae_ranges_mismatched.inc(len(differing))
         repaired = 0
         for i in range(0, min(len(differing), MAX_ARCS_PER_ROUND), ARCS_PER_EXCHANGE):
-            chunk = differing[i:i + ARCS_PER_EXCHANGE]
+            chunk = differing[i : i + ARCS_PER_EXCHANGE]
             try:
                 repaired += await self._exchange(peer, chunk)
-            except PeerUnavailableError as exc:
-                self.health.mark_down(peer_id, str(exc))
+            except PeerError as exc:
+                self.health.call_failed(peer_id, exc)
                 break
         self.metrics.ae_keys_repaired.inc(repaired)
         return repaired
 
-    async def _exchange(self, peer, arcs: list[tuple[int, int]]) -> int:  # type: ignore[no-untyped-def]
-        theirs = await self.transport.fetch_range(peer, arcs)
+    async def _exchange(self, peer: Peer, arcs: list[tuple[int, int]]) -> int:
+        theirs = await self.peer_client.records_in_arcs(peer, arcs)
         pulled = await self.replica.write_batch(theirs)
         their_versions = {key: record.version for key, record in theirs}
-        mine: list[tuple[bytes, Record]] = await asyncio.to_thread(self.replica.range, arcs)
+        mine: list[tuple[bytes, Record]] = await asyncio.to_thread(self.replica.records_in_arcs, arcs)
         newer = [(k, r) for k, r in mine if (v := their_versions.get(k)) is None or v < r.version]
-        pushed = await self.transport.write_batch(peer, newer) if newer else 0
+        pushed = await self.peer_client.write_batch(peer, newer) if newer else 0
         return pulled + pushed

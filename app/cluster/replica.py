@@ -2,20 +2,26 @@
 fake transport) call on the node that holds a key's copy. Reads and writes the
 local store, holds hints for other nodes, answers digests and range fetches
 for anti-entropy and rebalancing. Never forwards anything.
+
+Every version that arrives advances the node's clock first; one from further
+ahead than --max-clock-offset is refused (FutureVersionError) before anything
+is applied, whether it comes alone, coalesced or in a batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 from app.clock import HybridClock, wall_ms
+from app.coalesce import Coalescer
 from app.ring import ArcSet, stable_hash
 from app.storage.base import DIGEST_BYTES, ApplyResult, Record, Store, fingerprint
 from app.storage.hints import HintStore
-from app.transport.base import ReadAnswer, WriteAck
-from app.transport.coalesce import Coalescer
+from app.transport.base import ReadAnswer, WriteAck, ack_for
 
+HELD = WriteAck(applied=True, existed=False)  # a hint taken: what the target holds is not known here
 FULL_SCAN_ABOVE_ARCS = 64  # past this many arcs one pass over the store beats a range scan per arc
 
 
@@ -37,16 +43,16 @@ class Replica:
         return ReadAnswer(record)
 
     async def write(self, key: bytes, record: Record, *, hint_for: str | None = None) -> WriteAck:
-        """Apply (or hold for hint_for) a write; return once durable under the policy."""
+        """Apply (or hold for hint_for) a write; return once durable under the policy.
+        The ack says whether the replica kept a newer version instead."""
         self.clock.observe(record.version)
         if hint_for is not None:
             self.hints.add(hint_for, key, record)
             await _durable(self.hints.wait_durable())
-            return WriteAck(applied=True, existed=False)
+            return HELD
         result = await self._applies.submit((key, record))
         await _durable(self.store.wait_durable())
-        previous = result.previous
-        return WriteAck(applied=result.applied, existed=previous is not None and previous.live(wall_ms()))
+        return ack_for(record, applied=result.applied, previous=result.previous, now_ms=wall_ms())
 
     async def _apply_batch(self, writes: list[tuple[bytes, Record]]) -> list[ApplyResult]:
         return self.store.apply_many(writes)
@@ -57,28 +63,25 @@ class Replica:
     async def write_many(self, writes: list[tuple[bytes, Record, str | None]]) -> list[WriteAck]:
         """Several writes (coalesced by the sender), each as `write` would
         apply it; one wait for durability covers them all."""
-        acks: list[WriteAck | None] = []
+        acks: dict[int, WriteAck] = {}
         local: list[tuple[int, bytes, Record]] = []  # applied together, in one transaction
-        held = False
         now = wall_ms()
-        for key, record, hint_for in writes:
-            self.clock.observe(record.version)
+        for _, record, _ in writes:
+            self.clock.observe(record.version)  # all checked before any is applied
+        for position, (key, record, hint_for) in enumerate(writes):
             if hint_for is not None:
                 self.hints.add(hint_for, key, record)
-                acks.append(WriteAck(applied=True, existed=False))
-                held = True
+                acks[position] = HELD
             else:
-                local.append((len(acks), key, record))
-                acks.append(None)
+                local.append((position, key, record))
         if local:
             results = self.store.apply_many([(key, record) for _, key, record in local])
-            for (position, _, _), result in zip(local, results):
-                previous = result.previous
-                acks[position] = WriteAck(applied=result.applied, existed=previous is not None and previous.live(now))
+            for (position, _, record), result in zip(local, results, strict=True):
+                acks[position] = ack_for(record, applied=result.applied, previous=result.previous, now_ms=now)
             await _durable(self.store.wait_durable())
-        if held:
+        if len(local) < len(writes):
             await _durable(self.hints.wait_durable())
-        return acks  # type: ignore[return-value] - every slot is filled above
+        return [acks[position] for position in range(len(writes))]
 
     async def write_batch(self, records: list[tuple[bytes, Record]]) -> int:
         for _, record in records:
@@ -87,7 +90,7 @@ class Replica:
         await _durable(self.store.wait_durable())
         return applied
 
-    def records_in(self, arcs: list[tuple[int, int]]) -> Iterator[tuple[int, bytes, Record]]:
+    def _indexed_records(self, arcs: list[tuple[int, int]]) -> Iterator[tuple[int, bytes, Record]]:
         """(arc index, key, record) for every stored record inside the arcs."""
         if len(arcs) > FULL_SCAN_ABOVE_ARCS:
             index = ArcSet(arcs)
@@ -107,15 +110,15 @@ class Replica:
         if len(arcs) <= FULL_SCAN_ABOVE_ARCS:
             return [self.store.digest(start, end) for start, end in arcs]
         sums = [0] * len(arcs)
-        for i, key, record in self.records_in(arcs):
+        for i, key, record in self._indexed_records(arcs):
             sums[i] ^= fingerprint(key, record.version.hlc, record.version.node.encode())
         return [value.to_bytes(DIGEST_BYTES, "big") for value in sums]
 
-    def range(self, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
+    def records_in_arcs(self, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
         """Every record inside the arcs; blocking (callers run it in a thread)."""
-        return [(key, record) for _, key, record in self.records_in(arcs)]
+        return [(key, record) for _, key, record in self._indexed_records(arcs)]
 
 
-async def _durable(waiter: object) -> None:
+async def _durable(waiter: Future[None] | None) -> None:
     if waiter is not None:
-        await asyncio.wrap_future(waiter)  # type: ignore[arg-type]
+        await asyncio.wrap_future(waiter)

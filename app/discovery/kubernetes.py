@@ -1,6 +1,6 @@
 """The Kubernetes membership source: ring members are the StatefulSet's pods
 <sts>-0 .. <sts>-(replicas-1), each at its stable DNS name through the headless
-Service; pod readiness feeds routing (MembershipSink.set_ready), never
+Service; pod readiness feeds routing (DiscoverySink.set_peer_ready), never
 membership. Built by app.web.app (membership_source) for `--membership
 kubernetes`; it is the only module importing the `kubernetes` client.
 
@@ -13,13 +13,14 @@ daemon thread per watch (StatefulSet, pods), which pushes plain events into
 the event loop; every client error is translated into a reason string at
 that boundary, so nothing from the client escapes this module.
 
-RBAC: get/list/watch on statefulsets and pods in the namespace (the chart
-also grants endpointslices, which this source does not need yet).
+RBAC: get/list/watch on statefulsets and pods in the namespace, which is
+all the chart's Role grants.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -38,13 +39,15 @@ from kubernetes.config.config_exception import ConfigException
 from kubernetes.watch.watch import iter_resp_lines
 
 from app.config import NodeConfig
-from app.discovery.base import MembershipSink, MembershipSource
+from app.discovery.base import DiscoverySink, DiscoverySource
 from app.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 WATCH_WINDOW_S = 5  # timeoutSeconds: the API server ends each watch after this and we resume; short so a stop is quick
-WATCH_READ_TIMEOUT_S = WATCH_WINDOW_S + 2.0  # client side: a server ignoring timeoutSeconds (or a dead link) holds a thread no longer
+WATCH_READ_TIMEOUT_S = (
+    WATCH_WINDOW_S + 2.0
+)  # client side: a server ignoring timeoutSeconds (or a dead link) holds a thread no longer
 CONNECT_TIMEOUT_S = 2.0  # an API server that does not accept within this counts as down
 LIST_TIMEOUT_S = 5.0  # one list or get: a few pods and one StatefulSet answer in milliseconds
 REFRESH_TIMEOUT_S = 3.0  # the re-read before exit (Node.drain): an API outage must not hold the pod's shutdown
@@ -59,7 +62,9 @@ STATEFULSETS = "statefulsets"
 PODS = "pods"
 
 
-def member_urls(*, statefulset: str, replicas: int, service: str, namespace: str, domain: str, port: int) -> dict[str, str]:
+def member_urls(
+    *, statefulset: str, replicas: int, service: str, namespace: str, domain: str, port: int
+) -> dict[str, str]:
     """{pod name: base URL} of the ring for `replicas` pods (their stable DNS names)."""
     return {
         f"{statefulset}-{i}": f"http://{statefulset}-{i}.{service}.{namespace}.svc.{domain}:{port}"
@@ -90,16 +95,26 @@ def pod_matches(obj: dict[str, Any], *, statefulset: str, selector: dict[str, st
     meta = obj.get("metadata") or {}
     labels = meta.get("labels") or {}
     name = meta.get("name") or ""
-    return bool(selector) and all(labels.get(k) == v for k, v in selector.items()) and re.fullmatch(rf"{re.escape(statefulset)}-\d+", name) is not None
+    return (
+        bool(selector)
+        and all(labels.get(k) == v for k, v in selector.items())
+        and re.fullmatch(rf"{re.escape(statefulset)}-\d+", name) is not None
+    )
 
 
 # What to fix, appended to the reason a connection to the API server failed (the node stays unready meanwhile).
-UNTRUSTED_HINT = (f"the server's certificate is not signed by the CA the node trusts: {SERVICE_ACCOUNT_DIR}/ca.crt "
-                  "in a pod (the service-account token mount), else the kubeconfig's certificate-authority")
-UNREACHABLE_HINT = ("check KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT in a pod (set by the kubelet), "
-                    "else the kubeconfig's server, and any NetworkPolicy egress to the API server")
-NO_CREDENTIALS_HINT = ("mount the service-account token (automountServiceAccountToken: true; chart: "
-                       "serviceAccount.automountServiceAccountToken) or pass --kubeconfig (KVSTORE_KUBECONFIG)")
+UNTRUSTED_HINT = (
+    f"the server's certificate is not signed by the CA the node trusts: {SERVICE_ACCOUNT_DIR}/ca.crt "
+    "in a pod (the service-account token mount), else the kubeconfig's certificate-authority"
+)
+UNREACHABLE_HINT = (
+    "check KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT in a pod (set by the kubelet), "
+    "else the kubeconfig's server, and any NetworkPolicy egress to the API server"
+)
+NO_CREDENTIALS_HINT = (
+    "mount the service-account token (automountServiceAccountToken: true; chart: "
+    "serviceAccount.automountServiceAccountToken) or pass --kubeconfig (KVSTORE_KUBECONFIG)"
+)
 
 
 def describe(exc: BaseException) -> str:
@@ -157,7 +172,7 @@ class _Expired:
 _Event = _Snapshot | _Change | _Connected | _Failure | _Expired
 
 
-class _Gone(Exception):
+class _GoneError(Exception):
     """The watched resourceVersion is too old (410): list again."""
 
 
@@ -187,14 +202,14 @@ class _Watcher:
                     resource_version = self._list()
                 resource_version = self._watch(resource_version)
                 delay = BACKOFF_INITIAL_S
-            except _Gone:
+            except _GoneError:
                 log.info("%s: watch expired (410 Gone); listing again", self.resource)
                 self.emit(_Expired(self.resource))
                 if resource_version is None:  # the list itself was refused as expired: back off, never spin
                     self.stop.wait(delay)
                     delay = min(delay * 2, BACKOFF_MAX_S)
                 resource_version = None
-            except Exception as exc:  # the boundary: every client failure becomes a reason string
+            except Exception as exc:  # noqa: BLE001 - the boundary: every client failure becomes a reason string
                 if self.stop.is_set():
                     break
                 self.emit(_Connected(self.resource, False))
@@ -206,18 +221,21 @@ class _Watcher:
         """Unblock a read in progress (called from another thread on stop)."""
         response = self._response
         if response is not None:
-            try:
+            # Already closed, or an older urllib3 without shutdown(): the read timeout bounds it.
+            with contextlib.suppress(Exception):
                 response.shutdown()
-            except Exception:  # already closed, or an older urllib3: the read timeout bounds it
-                pass
 
     def _list(self) -> str | None:
         try:
-            response = self.call(self.namespace, **self.selectors, _preload_content=False,
-                                 _request_timeout=(CONNECT_TIMEOUT_S, LIST_TIMEOUT_S))
+            response = self.call(
+                self.namespace,
+                **self.selectors,
+                _preload_content=False,
+                _request_timeout=(CONNECT_TIMEOUT_S, LIST_TIMEOUT_S),
+            )
         except ApiException as exc:
             if exc.status == 410:
-                raise _Gone from exc
+                raise _GoneError from exc
             raise
         body = json.loads(response.data)
         resource_version = (body.get("metadata") or {}).get("resourceVersion") or None
@@ -228,13 +246,18 @@ class _Watcher:
         """One watch window; returns the resourceVersion to resume from."""
         try:
             response = self.call(
-                self.namespace, **self.selectors, watch=True, resource_version=resource_version,
-                timeout_seconds=WATCH_WINDOW_S, allow_watch_bookmarks=True, _preload_content=False,
+                self.namespace,
+                **self.selectors,
+                watch=True,
+                resource_version=resource_version,
+                timeout_seconds=WATCH_WINDOW_S,
+                allow_watch_bookmarks=True,
+                _preload_content=False,
                 _request_timeout=(CONNECT_TIMEOUT_S, WATCH_READ_TIMEOUT_S),
             )
         except ApiException as exc:
             if exc.status == 410:
-                raise _Gone from exc
+                raise _GoneError from exc
             raise
         self._response = response
         self.emit(_Connected(self.resource, True))
@@ -251,7 +274,7 @@ class _Watcher:
                 kind, obj = event.get("type"), event.get("object") or {}
                 if kind == "ERROR":
                     if obj.get("code") == 410:
-                        raise _Gone
+                        raise _GoneError
                     raise _StreamError(f"watch error {obj.get('code')} {obj.get('reason')}: {obj.get('message')}")
                 resource_version = (obj.get("metadata") or {}).get("resourceVersion") or resource_version
                 if kind in ("ADDED", "MODIFIED", "DELETED"):
@@ -265,7 +288,7 @@ class _Watcher:
         return resource_version
 
 
-class KubernetesMembership(MembershipSource):
+class KubernetesDiscovery(DiscoverySource):
     """Members follow the StatefulSet's spec.replicas; readiness follows its pods."""
 
     def __init__(
@@ -301,7 +324,7 @@ class KubernetesMembership(MembershipSource):
         self._last_ok: float | None = None
 
     @classmethod
-    def from_config(cls, config: NodeConfig) -> KubernetesMembership:
+    def from_config(cls, config: NodeConfig) -> KubernetesDiscovery:
         if not (config.namespace and config.statefulset and config.headless_service):
             raise ConfigError("config: --membership kubernetes needs --namespace, --statefulset and --headless-service")
         return cls(
@@ -313,9 +336,9 @@ class KubernetesMembership(MembershipSource):
             port=config.port,
         )
 
-    # -- MembershipSource ---------------------------------------------------
+    # -- DiscoverySource ---------------------------------------------------
 
-    async def run(self, sink: MembershipSink) -> None:
+    async def run(self, sink: DiscoverySink) -> None:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[_Event] = asyncio.Queue()
         stop = threading.Event()
@@ -337,20 +360,33 @@ class KubernetesMembership(MembershipSource):
             threads.append(thread)
             thread.start()
 
-        start(_Watcher(
-            resource=STATEFULSETS, call=self._apps.list_namespaced_stateful_set, namespace=self.namespace,
-            selectors={"field_selector": f"metadata.name={self.statefulset}"}, emit=emit, stop=stop,
-        ))
+        start(
+            _Watcher(
+                resource=STATEFULSETS,
+                call=self._apps.list_namespaced_stateful_set,
+                namespace=self.namespace,
+                selectors={"field_selector": f"metadata.name={self.statefulset}"},
+                emit=emit,
+                stop=stop,
+            )
+        )
         try:
             while True:
                 event = await queue.get()
                 await self._apply(event, sink)
                 if self._selector and len(watchers) == 1:  # pods are watched once the selector is known
-                    start(_Watcher(
-                        resource=PODS, call=self._core.list_namespaced_pod, namespace=self.namespace,
-                        selectors={"label_selector": ",".join(f"{k}={v}" for k, v in sorted(self._selector.items()))},
-                        emit=emit, stop=stop,
-                    ))
+                    start(
+                        _Watcher(
+                            resource=PODS,
+                            call=self._core.list_namespaced_pod,
+                            namespace=self.namespace,
+                            selectors={
+                                "label_selector": ",".join(f"{k}={v}" for k, v in sorted(self._selector.items()))
+                            },
+                            emit=emit,
+                            stop=stop,
+                        )
+                    )
         finally:
             stop.set()
             for watcher in watchers:
@@ -358,7 +394,7 @@ class KubernetesMembership(MembershipSource):
             await asyncio.to_thread(_join, threads, STOP_JOIN_S)
             self._connected.clear()
 
-    async def refresh(self, sink: MembershipSink) -> None:
+    async def refresh(self, sink: DiscoverySink) -> None:
         """One fresh read of the StatefulSet (a node about to exit checks whether it left)."""
         try:
             obj = await asyncio.wait_for(asyncio.to_thread(self._read_statefulset), REFRESH_TIMEOUT_S + 1.0)
@@ -395,7 +431,7 @@ class KubernetesMembership(MembershipSource):
 
     # -- applying events (on the event loop) --------------------------------
 
-    async def _apply(self, event: _Event, sink: MembershipSink) -> None:
+    async def _apply(self, event: _Event, sink: DiscoverySink) -> None:
         if isinstance(event, _Failure):
             self._failed(sink, f"{event.resource}: {event.reason}")
         elif isinstance(event, _Expired):
@@ -410,25 +446,31 @@ class KubernetesMembership(MembershipSource):
                 self.resource_version = event.resource_version
                 mine = [obj for obj in event.items if (obj.get("metadata") or {}).get("name") == self.statefulset]
                 if not mine:
-                    self._failed(sink, f"statefulset {self.namespace}/{self.statefulset} not found; keeping the last known ring")
+                    self._failed(
+                        sink, f"statefulset {self.namespace}/{self.statefulset} not found; keeping the last known ring"
+                    )
                     return
                 await self._apply_statefulset(mine[0], sink)
             else:
                 self._pods = {
                     obj["metadata"]["name"]: pod_is_ready(obj)
-                    for obj in event.items if pod_matches(obj, statefulset=self.statefulset, selector=self._selector)
+                    for obj in event.items
+                    if pod_matches(obj, statefulset=self.statefulset, selector=self._selector)
                 }
                 self._pods_listed = True
                 self._sync_readiness(sink)
         elif isinstance(event, _Change):
             self._confirmed()
-            name = (event.obj.get("metadata") or {}).get("name")
+            name = str((event.obj.get("metadata") or {}).get("name") or "")
             if event.resource == STATEFULSETS:
                 if name != self.statefulset:
                     return
                 self.resource_version = event.resource_version
                 if event.type == "DELETED":
-                    self._failed(sink, f"statefulset {self.namespace}/{self.statefulset} was deleted; keeping the last known ring")
+                    self._failed(
+                        sink,
+                        f"statefulset {self.namespace}/{self.statefulset} was deleted; keeping the last known ring",
+                    )
                 else:
                     await self._apply_statefulset(event.obj, sink)
             elif pod_matches(event.obj, statefulset=self.statefulset, selector=self._selector):
@@ -438,7 +480,7 @@ class KubernetesMembership(MembershipSource):
                     self._pods[name] = pod_is_ready(event.obj)
                 self._sync_readiness(sink)
 
-    async def _apply_statefulset(self, obj: dict[str, Any], sink: MembershipSink) -> None:
+    async def _apply_statefulset(self, obj: dict[str, Any], sink: DiscoverySink) -> None:
         self._selector = statefulset_selector(obj) or self._selector
         replicas = statefulset_replicas(obj)
         if replicas < 1:
@@ -447,15 +489,19 @@ class KubernetesMembership(MembershipSource):
         if replicas == self.replicas:
             return
         members = member_urls(
-            statefulset=self.statefulset, replicas=replicas, service=self.headless_service,
-            namespace=self.namespace, domain=self.cluster_domain, port=self.port,
+            statefulset=self.statefulset,
+            replicas=replicas,
+            service=self.headless_service,
+            namespace=self.namespace,
+            domain=self.cluster_domain,
+            port=self.port,
         )
         log.warning("statefulset %s has %d replicas: ring members %s", self.statefulset, replicas, sorted(members))
         await sink.set_members(members)
         self.replicas, self._members = replicas, members
         self._sync_readiness(sink)
 
-    def _sync_readiness(self, sink: MembershipSink) -> None:
+    def _sync_readiness(self, sink: DiscoverySink) -> None:
         """Tell the sink each member's readiness when it changes; a member with
         no pod (not created yet, or deleted) is not ready."""
         if not self._pods_listed:
@@ -464,24 +510,26 @@ class KubernetesMembership(MembershipSource):
             ready = self._pods.get(name, False)
             if self._reported.get(name) != ready:
                 self._reported[name] = ready
-                sink.set_ready(name, ready)
+                sink.set_peer_ready(name, ready)
         for name in set(self._reported) - set(self._members):
             del self._reported[name]
 
     def _confirmed(self) -> None:
         self._last_ok = time.monotonic()
 
-    def _failed(self, sink: MembershipSink, reason: str) -> None:
+    def _failed(self, sink: DiscoverySink, reason: str) -> None:
         self.errors += 1
         self.last_error = reason
         sink.record_source_error(reason)
 
     def _read_statefulset(self) -> dict[str, Any]:
         response = self._apps.read_namespaced_stateful_set(
-            self.statefulset, self.namespace, _preload_content=False,
+            self.statefulset,
+            self.namespace,
+            _preload_content=False,
             _request_timeout=(min(CONNECT_TIMEOUT_S, REFRESH_TIMEOUT_S), REFRESH_TIMEOUT_S),
         )
-        return json.loads(response.data)
+        return json.loads(response.data)  # type: ignore[attr-defined]  # _preload_content=False returns the raw response, not the model its annotation names
 
 
 def api_client_from(kubeconfig: str | None) -> Any:
@@ -491,12 +539,16 @@ def api_client_from(kubeconfig: str | None) -> Any:
     path = kubeconfig or os.environ.get("KUBECONFIG")
     try:
         if path:
-            kubernetes.config.load_kube_config(config_file=path, client_configuration=configuration, persist_config=False)
+            kubernetes.config.load_kube_config(
+                config_file=path, client_configuration=configuration, persist_config=False
+            )
         else:
             kubernetes.config.load_incluster_config(client_configuration=configuration)
     except (ConfigException, OSError) as exc:
         if path:
-            raise ConfigError(f"config: cannot load Kubernetes credentials from kubeconfig {path} (--kubeconfig, KUBECONFIG): {exc}") from exc
+            raise ConfigError(
+                f"config: cannot load Kubernetes credentials from kubeconfig {path} (--kubeconfig, KUBECONFIG): {exc}"
+            ) from exc
         raise ConfigError(f"config: no in-cluster Kubernetes credentials ({exc}): {NO_CREDENTIALS_HINT}") from exc
     configuration.retries = HTTP_RETRIES
     return kubernetes.client.ApiClient(configuration)

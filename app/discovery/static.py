@@ -1,16 +1,16 @@
-"""The static membership source: the --peers list, given once at start.
-Later changes arrive through POST /admin/membership (app.web.routes_internal)."""
+"""The static discovery source: the --peers list, given once at start.
+Later changes arrive through POST /admin/membership (app.web.routes_admin)."""
 
 from __future__ import annotations
 
-from app.discovery.base import MembershipSink, MembershipSource
+from app.discovery.base import DiscoverySink, DiscoverySource
 
 
-class StaticMembership(MembershipSource):
+class StaticDiscovery(DiscoverySource):
     def __init__(self, peers: dict[str, str]) -> None:
         self.peers = dict(peers)
 
-    async def run(self, sink: MembershipSink) -> None:
+    async def run(self, sink: DiscoverySink) -> None:
         await sink.set_members(self.peers)
 
     def status(self) -> dict[str, object]:

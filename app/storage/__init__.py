@@ -10,13 +10,20 @@ import os
 
 from app.config import NodeConfig
 from app.errors import ConfigError
-from app.storage.base import ApplyResult, Record, Store, in_arc
+from app.storage.base import ApplyResult, Record, Store
 from app.storage.hints import HintStore
 from app.storage.lmdb_store import LmdbStore
 from app.storage.memory import MemoryStore
 
 __all__ = [
-    "ApplyResult", "HintStore", "LmdbStore", "MemoryStore", "Record", "Store", "check_data_dir", "in_arc", "open_hint_store",
+    "ApplyResult",
+    "HintStore",
+    "LmdbStore",
+    "MemoryStore",
+    "Record",
+    "Store",
+    "check_data_dir",
+    "open_hint_store",
     "open_store",
 ]
 
@@ -61,7 +68,7 @@ def check_data_dir(config: NodeConfig) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise ConfigError(
-            f"config: data dir {config.data_dir} (--data-dir, KVSTORE_DATA_DIR) is not writable by uid {os.getuid()} gid {os.getgid()} "
-            f"({exc.strerror}): give the pod securityContext.fsGroup {os.getgid()} (chart: podSecurityContext.fsGroup), "
-            f"or make the volume owned by that uid"
+            f"config: data dir {config.data_dir} (--data-dir, KVSTORE_DATA_DIR) is not writable by uid {os.getuid()} "
+            f"gid {os.getgid()} ({exc.strerror}): give the pod securityContext.fsGroup {os.getgid()} "
+            "(chart: podSecurityContext.fsGroup), or make the volume owned by that uid"
         ) from exc

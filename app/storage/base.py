@@ -3,7 +3,10 @@
 A record is a versioned value or a tombstone (value None), with an optional
 absolute expiry. Engines keep at most one record per key and apply writes
 last-writer-wins by Version; they never decide what absence means (the
-coordinator does). Pure: imports no web, network or asyncio code.
+coordinator does). Expiry is a version too: an expired record is a tombstone
+at its version, so an older live value on another replica never wins over it;
+the sweep turns it into one and purges it with the tombstones, after the
+grace. Pure: imports no web, network or asyncio code.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from app.clock import Version
-from app.ring import in_arc  # noqa: F401 - re-exported for engines
 
 DIGEST_BYTES = 16  # 128 bits: two differing arcs collide with odds no anti-entropy run will meet
 
@@ -37,6 +39,12 @@ class Record:
         """True when a read should see this record's value."""
         return self.value is not None and not self.expired(now_ms)
 
+    @property
+    def dead_since_ms(self) -> int:
+        """When a dead record stopped being live: its expiry, or (a delete) its
+        version's time. The tombstone grace counts from here."""
+        return self.expires_at_ms or self.version.wall_ms
+
 
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
@@ -49,11 +57,13 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def get(self, key: bytes) -> Record | None:
-        """The stored record (tombstones included; expired ones excluded)."""
+        """The stored record, dead or alive (tombstones and expired records
+        included: callers judge liveness); None once purged or never written."""
 
     @abc.abstractmethod
     def apply(self, key: bytes, record: Record) -> ApplyResult:
-        """Store `record` if it is newer than the stored one (last writer wins)."""
+        """Store `record` if its version is newer than the stored one's (last
+        writer wins), whether either has expired or not."""
 
     def apply_many(self, writes: list[tuple[bytes, Record]]) -> list[ApplyResult]:
         """apply() each write in order; an engine with transactions does them
@@ -72,11 +82,20 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def iter_range(self, start: int, end: int) -> Iterator[tuple[bytes, Record]]:
-        """Records whose key hash h lies in the ring arc (start, end]."""
+        """Records whose key hash h lies in the ring arc (start, end], dead ones included."""
 
     @abc.abstractmethod
     def sweep(self, now_ms: int) -> int:
-        """Drop expired records and tombstones past their grace; return how many."""
+        """Turn expired records into tombstones at their version (dropping the
+        value), and purge tombstones dead for longer than the grace; return
+        how many records were turned or purged."""
+
+    @abc.abstractmethod
+    def high_water(self) -> int:
+        """An hlc at or above every version ever applied here (0: none), at
+        most a fraction of a second above the largest. Durable engines keep it
+        across restarts, so the node's clock can start above every version it
+        holds without reading them."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -88,8 +107,9 @@ class Store(abc.ABC):
         The XOR of one hash per record, so it depends on which records are
         there and never on the order they were written in; it changes when any
         record's version does. Every engine gives the same digest for the same
-        records, so replicas on different engines compare equal. Expired
-        records are left out, as iter_range leaves them out.
+        records, so replicas on different engines compare equal. Dead records
+        count like live ones: replicas holding the same versions agree whether
+        or not their sweeps have run.
         """
         acc = 0
         for key, record in self.iter_range(start, end):

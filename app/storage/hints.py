@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 from app.clock import Version
 from app.storage.base import Record, Store
@@ -37,7 +38,8 @@ class HintStore:
             with self._lock:
                 self._pending[target] += 1
 
-    def wait_durable(self):  # type: ignore[no-untyped-def] - same contract as Store.wait_durable
+    def wait_durable(self) -> Future[None] | None:
+        """As Store.wait_durable, for the hints' own engine."""
         return self._store.wait_durable()
 
     def targets(self) -> list[str]:
@@ -53,7 +55,7 @@ class HintStore:
         found: list[tuple[bytes, Record]] = []
         for composite, record in self._iter():
             if composite.startswith(prefix):
-                found.append((composite[len(prefix):], record))
+                found.append((composite[len(prefix) :], record))
                 if len(found) >= limit:
                     break
         if not found:  # expired or swept meanwhile: the count was stale
@@ -69,6 +71,9 @@ class HintStore:
 
     def sweep(self, now_ms: int) -> int:
         return self._store.sweep(now_ms)
+
+    def high_water(self) -> int:
+        return self._store.high_water()
 
     def _iter(self) -> Iterator[tuple[bytes, Record]]:
         return self._store.iter_range(0, 0)

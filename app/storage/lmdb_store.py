@@ -2,10 +2,17 @@
 
 Chosen over SQLite-WAL by measurement (bench/storage_engines.py, BENCHMARKS.md).
 Keys are stored as 8-byte big-endian ring hash + key, so one ring arc is one
-cursor range. Two index sub-databases (expiry time -> key, tombstone time ->
-key) let the sweep visit only what it purges, and persist with the data.
-Commits never fsync; durability is a policy (--fsync) run by a flusher thread:
-`always` group-commits waiters into one env.sync, `batch` syncs every window.
+cursor range. Two index sub-databases (expiry time -> key for live values,
+dead-since time -> key for tombstones) let the sweep visit only what it turns
+or purges, and persist with the data. The meta sub-database keeps the owner,
+the layout, and a high-water ceiling: an hlc at or above every version
+applied, written in the same transaction as the record that first passes the
+previous ceiling, so it is as durable as they are. It steps HIGH_WATER_STEP_MS
+ahead of that record, so it is rewritten a few times a second under load,
+not in every commit.
+Commits never fsync; durability is a policy (--fsync) that app.storage.flusher
+runs in a thread: `always` group-commits waiters into one env.sync, `batch`
+syncs every window.
 Called by app.cluster (event-loop thread and executor threads); no asyncio here.
 """
 
@@ -15,18 +22,18 @@ import fcntl
 import logging
 import os
 import struct
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import TextIO
 
 import lmdb
 
-from app.clock import Version, wall_ms
+from app.clock import LOGICAL_BITS, Version
 from app.config import DEFAULT_LMDB_MAP_SIZE, FSYNC_POLICIES, LMDB_SCAN_CHUNK, LMDB_SWEEP_BATCH, LMDB_WRITEMAP
 from app.errors import NodeIdMismatchError, StorageError
 from app.ring import HASH_SPACE, stable_hash
 from app.storage.base import DIGEST_BYTES, ApplyResult, Record, Store, fingerprint
+from app.storage.flusher import Flusher
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,12 @@ LOCK_FILE = "kvstore.lock"  # beside LMDB's data.mdb and lock.mdb; holds the own
 
 _META_NODE_ID = b"node_id"
 _META_FORMAT = b"format"
+_META_HIGH_WATER = b"high_water"  # u64: an hlc at or above every version ever applied
+# How far the stored ceiling runs ahead of the newest version: a commit that
+# passes it writes one more meta page (measured on the PUT path when every
+# commit did), and a restarted node's clock may start up to this far ahead of
+# its last write, well inside the default 500 ms --max-clock-offset.
+HIGH_WATER_STEP_MS = 100
 
 
 def _encode(record: Record) -> bytes:
@@ -85,21 +98,19 @@ class LmdbStore(Store):
         tombstone_grace_s: float,
         map_size: int = DEFAULT_LMDB_MAP_SIZE,
         writemap: bool = LMDB_WRITEMAP,
-        clock: Callable[[], int] = wall_ms,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, got {fsync!r}")
         self._path = path
         self._fsync = fsync
         self._grace_ms = int(tombstone_grace_s * 1000)
-        self._clock = clock  # wall ms; tests inject one to expire records without sleeping
         self._lock_file = self._lock_directory(path)
         try:
             # sync/metasync off: a commit only touches the page cache, so
             # apply() on the event loop never waits for the disk; the policy
-            # threads below decide when env.sync makes it durable. writemap:
-            # commits write straight into the shared map (half the cost of a
-            # put, measured); see LMDB_WRITEMAP for what it trades away.
+            # threads below decide when env.sync makes it durable. writemap
+            # stays off (LMDB_WRITEMAP says why): it halves a put's cost, but
+            # unsynced commits could then corrupt the file on a power loss.
             self._env = lmdb.open(
                 path,
                 map_size=map_size,
@@ -117,6 +128,7 @@ class LmdbStore(Store):
             self._tombs = self._env.open_db(b"tombstones")  # version wall ms u64 + data key -> b""
             self._meta = self._env.open_db(b"meta")
             self._claim(node_id)
+            self._high_water = self._read_high_water()
         except lmdb.Error as exc:
             self._lock_file.close()
             raise StorageError(f"storage: cannot open LMDB in {path}: {exc}") from exc
@@ -124,22 +136,8 @@ class LmdbStore(Store):
             self._lock_file.close()
             raise
 
-        # Durability bookkeeping: a sequence number per applied write, and the
-        # highest one an env.sync is known to cover.
-        self._seq_lock = threading.Lock()
-        self._applied_seq = 0
-        self._durable_seq = 0
-        self._closed = False
-        self._wake = threading.Condition()
-        self._waiters: list[Future[None]] = []
-        self._flusher: threading.Thread | None = None
-        if fsync == "always":
-            self._flusher = threading.Thread(target=self._group_commit_loop, name="lmdb-group-commit", daemon=True)
-        elif fsync == "batch":
-            self._window_s = fsync_window_ms / 1000
-            self._flusher = threading.Thread(target=self._batch_loop, name="lmdb-batch-sync", daemon=True)
-        if self._flusher is not None:
-            self._flusher.start()
+        self._closing = False
+        self._flusher = Flusher(policy=fsync, window_ms=fsync_window_ms, sync=self._env_sync, name="lmdb")
 
     @staticmethod
     def _lock_directory(path: str) -> TextIO:
@@ -184,6 +182,24 @@ class LmdbStore(Store):
             self._env.close()
             raise StorageError(f"storage: data dir {self._path} has layout {layout!r}; this build reads {FORMAT!r}")
 
+    def _read_high_water(self) -> int:
+        """The stored high-water ceiling. A directory written before it was
+        kept has none: one scan of the headers finds it, once, and stores it."""
+        with self._env.begin(db=self._meta) as txn:
+            raw = txn.get(_META_HIGH_WATER)
+        if raw is not None:
+            return int(_U64.unpack(raw)[0])
+        highest = 0
+        for _, value in self._scan(0, 0):
+            highest = max(highest, _HEADER.unpack_from(value)[0])
+        with self._env.begin(write=True, db=self._meta) as txn:
+            txn.put(_META_HIGH_WATER, _U64.pack(highest))
+        self._env.sync(True)
+        return highest
+
+    def high_water(self) -> int:
+        return self._high_water
+
     # -- reads ----------------------------------------------------------------
 
     def get(self, key: bytes) -> Record | None:
@@ -192,10 +208,7 @@ class LmdbStore(Store):
                 raw = txn.get(_data_key(key))
         except lmdb.Error as exc:
             raise StorageError(f"storage: get failed: {exc}") from exc
-        if raw is None:
-            return None
-        record = _decode(raw)
-        return None if record.expired(self._clock()) else record
+        return None if raw is None else _decode(raw)
 
     def live_count(self) -> int:
         # O(1): LMDB keeps entry counts per sub-database, and exactly the
@@ -231,20 +244,14 @@ class LmdbStore(Store):
                 position = chunk[-1][0] + b"\x00"  # the smallest key after the last one read
 
     def iter_range(self, start: int, end: int) -> Iterator[tuple[bytes, Record]]:
-        now = self._clock()
         for data_key, raw in self._scan(start, end):
-            record = _decode(raw)
-            if not record.expired(now):
-                yield data_key[8:], record
+            yield data_key[8:], _decode(raw)
 
     def digest(self, start: int, end: int) -> bytes:
         # Same value as Store.digest, straight from the raw bytes: no value is decoded.
-        now = self._clock()
         acc = 0
         for data_key, raw in self._scan(start, end):
-            hlc, expires_at, _, node_len = _HEADER.unpack_from(raw)
-            if 0 < expires_at <= now:
-                continue
+            hlc, _, _, node_len = _HEADER.unpack_from(raw)
             acc ^= fingerprint(data_key[8:], hlc, raw[_HEADER.size : _HEADER.size + node_len])
         return acc.to_bytes(DIGEST_BYTES, "big")
 
@@ -256,8 +263,8 @@ class LmdbStore(Store):
     def apply_many(self, writes: list[tuple[bytes, Record]]) -> list[ApplyResult]:
         """Every write in one transaction: one commit (page writes, meta page)
         for all of them, which is most of what a single put costs."""
-        now = self._clock()
         results: list[ApplyResult] = []
+        highest = self._high_water
         changed = False
         try:
             txn = self._env.begin(write=True)
@@ -266,17 +273,20 @@ class LmdbStore(Store):
                     data_key = _data_key(key)
                     raw = txn.get(data_key, db=self._data)
                     stored = None if raw is None else _decode(raw)
-                    previous = None if stored is None or stored.expired(now) else stored
-                    if record.expired(now) or (previous is not None and previous.version >= record.version):
-                        results.append(ApplyResult(applied=False, previous=previous))
+                    if stored is not None and stored.version >= record.version:
+                        results.append(ApplyResult(applied=False, previous=stored))
                         continue
                     if stored is not None:
                         self._unindex(txn, data_key, stored)
                     txn.put(data_key, _encode(record), db=self._data)
                     self._index(txn, data_key, record)
-                    results.append(ApplyResult(applied=True, previous=previous))
+                    results.append(ApplyResult(applied=True, previous=stored))
+                    highest = max(highest, record.version.hlc)
                     changed = True
                 if changed:
+                    if highest > self._high_water:
+                        highest = highest + (HIGH_WATER_STEP_MS << LOGICAL_BITS)
+                        txn.put(_META_HIGH_WATER, _U64.pack(highest), db=self._meta)
                     txn.commit()
                 else:
                     txn.abort()
@@ -288,8 +298,8 @@ class LmdbStore(Store):
         except lmdb.Error as exc:
             raise StorageError(f"storage: apply failed: {exc}") from exc
         if changed:
-            with self._seq_lock:
-                self._applied_seq += 1
+            self._high_water = highest
+            self._flusher.applied()
         return results
 
     def discard(self, key: bytes, version: Version) -> bool:
@@ -306,34 +316,34 @@ class LmdbStore(Store):
                 txn.delete(data_key, db=self._data)
         except lmdb.Error as exc:
             raise StorageError(f"storage: discard failed: {exc}") from exc
-        with self._seq_lock:
-            self._applied_seq += 1
+        self._flusher.applied()
         return True
 
     def _index(self, txn: lmdb.Transaction, data_key: bytes, record: Record) -> None:
-        if record.expires_at_ms:
-            txn.put(_U64.pack(record.expires_at_ms) + data_key, b"", db=self._expiry)
         if record.value is None:
-            txn.put(_U64.pack(record.version.wall_ms) + data_key, b"", db=self._tombs)
+            txn.put(_U64.pack(record.dead_since_ms) + data_key, b"", db=self._tombs)
+        elif record.expires_at_ms:
+            txn.put(_U64.pack(record.expires_at_ms) + data_key, b"", db=self._expiry)
 
     def _unindex(self, txn: lmdb.Transaction, data_key: bytes, record: Record) -> None:
-        if record.expires_at_ms:
-            txn.delete(_U64.pack(record.expires_at_ms) + data_key, db=self._expiry)
         if record.value is None:
-            txn.delete(_U64.pack(record.version.wall_ms) + data_key, db=self._tombs)
+            txn.delete(_U64.pack(record.dead_since_ms) + data_key, db=self._tombs)
+        elif record.expires_at_ms:
+            txn.delete(_U64.pack(record.expires_at_ms) + data_key, db=self._expiry)
 
     def sweep(self, now_ms: int) -> int:
-        """Purge expired records, then tombstones past their grace, walking
-        only the index entries due (never a full scan), in short transactions."""
-        purged = self._sweep_index(self._expiry, limit=now_ms)
-        purged += self._sweep_index(self._tombs, limit=now_ms - self._grace_ms)
-        if purged:
-            with self._seq_lock:
-                self._applied_seq += 1
-        return purged
+        """Turn expired values into tombstones at their version, then purge
+        tombstones past their grace, walking only the index entries due (never
+        a full scan), in short transactions."""
+        changed = self._sweep_index(self._expiry, limit=now_ms, purge=False)
+        changed += self._sweep_index(self._tombs, limit=now_ms - self._grace_ms, purge=True)
+        if changed:
+            self._flusher.applied()
+        return changed
 
-    def _sweep_index(self, index: lmdb._Database, *, limit: int) -> int:
-        """Remove every record whose index time is <= limit; return how many."""
+    def _sweep_index(self, index: lmdb._Database, *, limit: int, purge: bool) -> int:
+        """Every record whose index time is <= limit is purged, or (purge
+        False) kept as a tombstone at the same version; returns how many."""
         if limit < 0:
             return 0
         bound = _U64.pack(limit)
@@ -343,7 +353,7 @@ class LmdbStore(Store):
             try:
                 with self._env.begin(write=True) as txn:
                     cursor = txn.cursor(db=index)
-                    due = []
+                    due: list[bytes] = []
                     for index_key in cursor.iternext(values=False):
                         if index_key[:8] > bound or len(due) == LMDB_SWEEP_BATCH:
                             break
@@ -354,8 +364,14 @@ class LmdbStore(Store):
                         if raw is None:  # cannot happen while the indexes are kept in step
                             txn.delete(index_key, db=index)
                             continue
-                        self._unindex(txn, data_key, _decode(raw))
-                        txn.delete(data_key, db=self._data)
+                        record = _decode(raw)
+                        self._unindex(txn, data_key, record)
+                        if purge:
+                            txn.delete(data_key, db=self._data)
+                        else:
+                            dead = Record(version=record.version, value=None, expires_at_ms=record.expires_at_ms)
+                            txn.put(data_key, _encode(dead), db=self._data)
+                            self._index(txn, data_key, dead)
                         purged += 1
                     batch = len(due)
             except lmdb.Error as exc:
@@ -363,83 +379,25 @@ class LmdbStore(Store):
             if batch < LMDB_SWEEP_BATCH:
                 return purged
 
-    # -- durability -------------------------------------------------------------
+    # -- durability (the policy thread lives in app.storage.flusher) ---------------
 
-    def sync(self) -> None:
-        with self._seq_lock:
-            covered = self._applied_seq
+    def _env_sync(self) -> None:
         try:
             self._env.sync(True)
         except lmdb.Error as exc:
             raise StorageError(f"storage: sync failed: {exc}") from exc
-        with self._seq_lock:
-            self._durable_seq = max(self._durable_seq, covered)
+
+    def sync(self) -> None:
+        self._flusher.sync()
 
     def wait_durable(self) -> Future[None] | None:
-        if self._fsync != "always":
-            return None
-        future: Future[None] = Future()
-        # Running futures cannot be cancelled: a caller that gives up (an
-        # asyncio.wrap_future whose task was cancelled) must not leave a
-        # cancelled future for the flusher to trip over.
-        future.set_running_or_notify_cancel()
-        with self._seq_lock:
-            already = self._applied_seq <= self._durable_seq
-        if already:
-            future.set_result(None)
-            return future
-        with self._wake:
-            if self._closed:
-                raise StorageError("storage: the store is closed")
-            self._waiters.append(future)
-            self._wake.notify()
-        return future
-
-    def _group_commit_loop(self) -> None:
-        """--fsync always: one env.sync for everyone waiting when it starts.
-        Writers that arrive during a sync share the next one."""
-        while True:
-            with self._wake:
-                while not self._waiters and not self._closed:
-                    self._wake.wait()
-                waiters, self._waiters = self._waiters, []
-                closing = self._closed
-            if waiters:
-                try:
-                    self.sync()
-                except Exception as exc:  # the waiters learn of it; the loop keeps serving
-                    for future in waiters:
-                        future.set_exception(exc)
-                else:
-                    for future in waiters:
-                        future.set_result(None)
-            if closing:
-                return
-
-    def _batch_loop(self) -> None:
-        """--fsync batch: sync every window, when something was written."""
-        while True:
-            with self._wake:
-                if self._closed:
-                    return
-                self._wake.wait(self._window_s)
-            with self._seq_lock:
-                dirty = self._applied_seq > self._durable_seq
-            if dirty:
-                try:
-                    self.sync()
-                except StorageError:
-                    # The next window retries; close() makes a last attempt and raises.
-                    log.exception("batch fsync failed; retrying next window")
+        return self._flusher.wait_durable()
 
     def close(self) -> None:
-        with self._wake:
-            if self._closed:
-                return
-            self._closed = True
-            self._wake.notify_all()
-        if self._flusher is not None:
-            self._flusher.join()
+        if self._closing:
+            return
+        self._closing = True
+        self._flusher.close()
         try:
             self._env.sync(True)
         finally:

@@ -5,41 +5,35 @@ engine (the conformance suite in tests/unit/storage runs both)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
-from app.clock import Version, wall_ms
-from app.ring import stable_hash
-from app.storage.base import ApplyResult, Record, Store, in_arc
+from app.clock import Version
+from app.ring import in_arc, stable_hash
+from app.storage.base import ApplyResult, Record, Store
 
 
 class MemoryStore(Store):
-    def __init__(self, *, tombstone_grace_s: float, clock: Callable[[], int] = wall_ms) -> None:
+    def __init__(self, *, tombstone_grace_s: float) -> None:
         self._records: dict[bytes, Record] = {}
         self._lock = threading.Lock()
         self._grace_ms = int(tombstone_grace_s * 1000)
-        self._clock = clock  # wall ms; tests inject one to expire records without sleeping
         # Stored records with a value, expired-but-unswept ones included: the
         # sweep is what takes them out, as in the durable engine.
         self._live = 0
+        self._high_water = 0
 
     def get(self, key: bytes) -> Record | None:
-        record = self._records.get(key)
-        if record is not None and record.expired(self._clock()):
-            return None
-        return record
+        return self._records.get(key)
 
     def apply(self, key: bytes, record: Record) -> ApplyResult:
-        now = self._clock()
         with self._lock:
             stored = self._records.get(key)
-            previous = None if stored is None or stored.expired(now) else stored
-            if record.expired(now) or (previous is not None and previous.version >= record.version):
-                return ApplyResult(applied=False, previous=previous)
+            if stored is not None and stored.version >= record.version:
+                return ApplyResult(applied=False, previous=stored)
             self._records[key] = record
-            # Count against what was stored, not what a read saw: replacing an
-            # expired value removes it from the count just as a sweep would.
+            self._high_water = max(self._high_water, record.version.hlc)
             self._live += (record.value is not None) - (stored is not None and stored.value is not None)
-            return ApplyResult(applied=True, previous=previous)
+            return ApplyResult(applied=True, previous=stored)
 
     def discard(self, key: bytes, version: Version) -> bool:
         with self._lock:
@@ -53,25 +47,31 @@ class MemoryStore(Store):
     def live_count(self) -> int:
         return self._live
 
+    def high_water(self) -> int:
+        return self._high_water
+
     def iter_range(self, start: int, end: int) -> Iterator[tuple[bytes, Record]]:
-        now = self._clock()
         for key, record in list(self._records.items()):
-            if not record.expired(now) and in_arc(stable_hash(key), start, end):
+            if in_arc(stable_hash(key), start, end):
                 yield key, record
 
     def sweep(self, now_ms: int) -> int:
         with self._lock:
+            expired = [
+                key for key, record in self._records.items() if record.value is not None and record.expired(now_ms)
+            ]
+            for key in expired:
+                record = self._records[key]
+                self._records[key] = Record(version=record.version, value=None, expires_at_ms=record.expires_at_ms)
+                self._live -= 1
             doomed = [
                 key
                 for key, record in self._records.items()
-                if record.expired(now_ms)
-                or (record.value is None and record.version.wall_ms + self._grace_ms <= now_ms)
+                if record.value is None and record.dead_since_ms + self._grace_ms <= now_ms
             ]
             for key in doomed:
-                record = self._records.pop(key)
-                if record.value is not None:
-                    self._live -= 1
-            return len(doomed)
+                del self._records[key]
+            return len(expired) + len(doomed)
 
     def close(self) -> None:
         with self._lock:

@@ -9,6 +9,7 @@ most one internal hop. Imports storage types only; no network library.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -18,18 +19,21 @@ from app.storage.base import Record
 INTERNAL_PREFIX = "/internal/v1"
 KV_PATH = INTERNAL_PREFIX + "/kv/"
 TOKEN_HEADER = "x-kvstore-token"
+FROM_HEADER = "x-kvstore-from"  # the node id of the node sending an internal request
 VERSION_HEADER = "x-kvstore-version"
 EXPIRES_HEADER = "x-kvstore-expires"
 TOMBSTONE_HEADER = "x-kvstore-tombstone"
 APPLIED_HEADER = "x-kvstore-applied"
 EXISTED_HEADER = "x-kvstore-existed"
+NEWER_HEADER = "x-kvstore-newer"  # on a write's answer: the newer version the replica kept instead
 HINT_HEADER = "x-kvstore-hint-for"  # a write held for another replica (hinted handoff)
 SYNCING_HEADER = "x-kvstore-syncing"  # the replica is still pulling this range: its answer may be stale
 BATCH_PATH = INTERNAL_PREFIX + "/batch"
 DIGESTS_PATH = INTERNAL_PREFIX + "/digests"
 RANGE_PATH = INTERNAL_PREFIX + "/range"
 MEMBERSHIP_PATH = INTERNAL_PREFIX + "/membership"
-WRITES_PATH = INTERNAL_PREFIX + "/writes"  # coalesced single-key writes (app.transport.coalesce)
+CLOCK_PATH = INTERNAL_PREFIX + "/clock"  # a node's wall clock, for offset measurement
+WRITES_PATH = INTERNAL_PREFIX + "/writes"  # coalesced single-key writes (app.coalesce)
 READS_PATH = INTERNAL_PREFIX + "/reads"  # coalesced single-key reads
 COALESCE_MAX_CALLS = 64  # calls per coalesced request: one request's worth of work, not a bulk transfer
 COALESCE_MAX_BYTES = 256 * 1024  # body bytes per coalesced request; a bigger single write goes alone
@@ -50,6 +54,18 @@ class WriteAck:
 
     applied: bool  # the write was newer than what the replica held
     existed: bool  # the replica held a live value before the write
+    newer: Version | None = None  # the replica kept this newer version: the write lost there
+
+    @property
+    def won(self) -> bool:
+        """The replica now holds the write (applied, or already had that very version)."""
+        return self.newer is None
+
+
+def ack_for(record: Record, *, applied: bool, previous: Record | None, now_ms: int) -> WriteAck:
+    """The answer to a write of `record` that found `previous` stored."""
+    newer = previous.version if previous is not None and previous.version > record.version else None
+    return WriteAck(applied=applied, existed=previous is not None and previous.live(now_ms), newer=newer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +89,7 @@ def record_headers(record: Record) -> dict[str, str]:
     return headers
 
 
-def record_from_headers(headers: dict[str, str], body: bytes) -> Record:
+def record_from_headers(headers: Mapping[str, str], body: bytes) -> Record:
     """Inverse of record_headers; raises ValueError on a malformed header."""
     version = Version.decode(headers[VERSION_HEADER])
     expires = int(headers.get(EXPIRES_HEADER) or 0)
@@ -84,8 +100,10 @@ def record_from_headers(headers: dict[str, str], body: bytes) -> Record:
 class PeerClient(abc.ABC):
     """Calls the replica routes of other nodes.
 
-    Every failure to get an answer (refused, reset, timed out, an unexpected
-    status) raises app.errors.PeerUnavailableError naming the peer.
+    Failing to get an answer (refused, reset, timed out, or a 503) raises
+    app.errors.PeerUnavailableError naming the peer; an answer that refuses
+    the call (409, another 4xx) PeerRefusedError; any other wrong answer
+    PeerError. Only the first says the peer is down.
     """
 
     @abc.abstractmethod
@@ -106,7 +124,7 @@ class PeerClient(abc.ABC):
         """The peer's digest of its records in each arc (anti-entropy)."""
 
     @abc.abstractmethod
-    async def fetch_range(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
+    async def records_in_arcs(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
         """Every record the peer holds in the arcs (tombstones included)."""
 
     @abc.abstractmethod
@@ -116,6 +134,10 @@ class PeerClient(abc.ABC):
     @abc.abstractmethod
     async def probe(self, peer: Peer) -> bool:
         """A cheap liveness check: True if the peer answers its health route."""
+
+    @abc.abstractmethod
+    async def wall_clock(self, peer: Peer) -> int:
+        """The peer's wall clock in ms, as it answers (clock offset measurement)."""
 
     def forget(self, peer: Peer) -> None:  # noqa: B027 - fakes hold nothing
         """The peer left the membership: drop its pooled connections. A later

@@ -5,7 +5,9 @@ and per-call answers. Pure: struct and bytes only.
 A record frame: >H key length, >I value length (NO_VALUE for a tombstone),
 >Q hlc, >Q expiry ms, >B node-id length, then key, node id, value.
 A coalesced write: >B hint length (0: a plain write), the hint's node id,
-then a record frame; its answer is one byte of ACK_* flags.
+then a record frame; its answer is one byte of ACK_* flags, and with
+ACK_NEWER the version the replica kept instead: >Q hlc, >B node-id length,
+node id.
 A coalesced read: >H key length, then key; its answer is one byte of READ_*
 flags, then a record frame when READ_FOUND is set.
 """
@@ -23,7 +25,8 @@ _HEAD = struct.Struct(">HIQQB")
 _KEY = struct.Struct(">H")
 _HINT = struct.Struct(">B")
 NO_VALUE = 0xFFFFFFFF
-ACK_APPLIED, ACK_EXISTED = 1, 2
+_VERSION = struct.Struct(">QB")
+ACK_APPLIED, ACK_EXISTED, ACK_NEWER = 1, 2, 4
 READ_FOUND, READ_SYNCING = 1, 2
 
 
@@ -44,14 +47,17 @@ def encode_digests(digests: Iterable[bytes]) -> bytes:
 def decode_digests(data: bytes) -> list[bytes]:
     if len(data) % DIGEST_BYTES:
         raise ValueError("digest list is not a whole number of digests")
-    return [data[offset:offset + DIGEST_BYTES] for offset in range(0, len(data), DIGEST_BYTES)]
+    return [data[offset : offset + DIGEST_BYTES] for offset in range(0, len(data), DIGEST_BYTES)]
 
 
 def _append_record(parts: list[bytes], key: bytes, record: Record) -> None:
     node = record.version.node.encode()
     value = record.value
-    parts.append(_HEAD.pack(len(key), NO_VALUE if value is None else len(value),
-                            record.version.hlc, record.expires_at_ms, len(node)))
+    parts.append(
+        _HEAD.pack(
+            len(key), NO_VALUE if value is None else len(value), record.version.hlc, record.expires_at_ms, len(node)
+        )
+    )
     parts.append(key)
     parts.append(node)
     if value:
@@ -65,14 +71,14 @@ def _decode_record(data: bytes, offset: int) -> tuple[bytes, Record, int]:
         raise ValueError("truncated record frame")
     key_len, value_len, hlc, expires, node_len = _HEAD.unpack_from(data, offset)
     offset += _HEAD.size
-    key = data[offset:offset + key_len]
+    key = data[offset : offset + key_len]
     offset += key_len
-    node = data[offset:offset + node_len].decode()
+    node = data[offset : offset + node_len].decode()
     offset += node_len
     if value_len == NO_VALUE:
         value = None
     else:
-        value = data[offset:offset + value_len]
+        value = data[offset : offset + value_len]
         offset += value_len
         if len(value) != value_len:
             raise ValueError("truncated record value")
@@ -114,11 +120,45 @@ def decode_writes(data: bytes) -> list[tuple[bytes, Record, str | None]]:
     while offset < size:
         (hint_len,) = _HINT.unpack_from(data, offset)
         offset += _HINT.size
-        hint = data[offset:offset + hint_len].decode() if hint_len else None
+        hint = data[offset : offset + hint_len].decode() if hint_len else None
         offset += hint_len
         key, record, offset = _decode_record(data, offset)
         writes.append((key, record, hint))
     return writes
+
+
+def encode_acks(acks: Iterable[tuple[bool, bool, Version | None]]) -> bytes:
+    """(applied, existed, newer version or None) per coalesced write."""
+    parts: list[bytes] = []
+    for applied, existed, newer in acks:
+        flags = (ACK_APPLIED if applied else 0) | (ACK_EXISTED if existed else 0) | (ACK_NEWER if newer else 0)
+        parts.append(bytes((flags,)))
+        if newer is not None:
+            node = newer.node.encode()
+            parts.append(_VERSION.pack(newer.hlc, len(node)))
+            parts.append(node)
+    return b"".join(parts)
+
+
+def decode_acks(data: bytes) -> list[tuple[bool, bool, Version | None]]:
+    acks: list[tuple[bool, bool, Version | None]] = []
+    offset, size = 0, len(data)
+    while offset < size:
+        flags = data[offset]
+        offset += 1
+        newer = None
+        if flags & ACK_NEWER:
+            if offset + _VERSION.size > size:
+                raise ValueError("truncated write answer")
+            hlc, node_len = _VERSION.unpack_from(data, offset)
+            offset += _VERSION.size
+            node = data[offset : offset + node_len]
+            if len(node) != node_len:
+                raise ValueError("truncated write answer")
+            offset += node_len
+            newer = Version(hlc, node.decode())
+        acks.append((bool(flags & ACK_APPLIED), bool(flags & ACK_EXISTED), newer))
+    return acks
 
 
 def encode_keys(keys: Iterable[bytes]) -> bytes:
@@ -133,7 +173,7 @@ def decode_keys(data: bytes) -> list[bytes]:
             raise ValueError("truncated key frame")
         (key_len,) = _KEY.unpack_from(data, offset)
         offset += _KEY.size
-        key = data[offset:offset + key_len]
+        key = data[offset : offset + key_len]
         if len(key) != key_len:
             raise ValueError("truncated key")
         offset += key_len

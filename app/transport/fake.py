@@ -4,10 +4,12 @@ Integration tests use the real HTTP client; this keeps unit tests fast."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable
 from typing import Protocol
 
+from app.clock import wall_ms
 from app.errors import PeerUnavailableError
 from app.storage.base import Record
 from app.transport.base import Peer, PeerClient, ReadAnswer, WriteAck
@@ -18,7 +20,7 @@ class ReplicaSide(Protocol):
     async def write(self, key: bytes, record: Record, *, hint_for: str | None = None) -> WriteAck: ...
     async def write_batch(self, records: list[tuple[bytes, Record]]) -> int: ...
     def digests(self, arcs: list[tuple[int, int]]) -> list[bytes]: ...
-    def range(self, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]: ...
+    def records_in_arcs(self, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]: ...
 
 
 class InProcessPeerClient(PeerClient):
@@ -26,6 +28,8 @@ class InProcessPeerClient(PeerClient):
         self.replicas: dict[str, ReplicaSide] = replicas if replicas is not None else {}
         self.membership_handlers: dict[str, Callable[[dict[str, str]], object]] = {}
         self.unreachable: set[str] = set()
+        self.hung: set[str] = set()  # accept calls and never answer (a blackholed peer): callers must time out or hedge
+        self.walls: dict[str, Callable[[], int]] = {}  # a node's wall clock, if not the real one (skew tests)
         self.calls: list[tuple[str, str]] = []  # (node_id, operation), for assertions
 
     def _target(self, peer: Peer, operation: str) -> ReplicaSide:
@@ -35,10 +39,16 @@ class InProcessPeerClient(PeerClient):
         return self.replicas[peer.node_id]
 
     async def read(self, peer: Peer, key: bytes) -> ReadAnswer:
-        return self._target(peer, "read").read(key)
+        target = self._target(peer, "read")
+        if peer.node_id in self.hung:
+            await asyncio.Event().wait()  # never set: only a caller's timeout or cancellation ends it
+        return target.read(key)
 
     async def write(self, peer: Peer, key: bytes, record: Record, *, hint_for: str | None = None) -> WriteAck:
-        return await self._target(peer, "hint" if hint_for else "write").write(key, record, hint_for=hint_for)
+        target = self._target(peer, "hint" if hint_for else "write")
+        if peer.node_id in self.hung:
+            await asyncio.Event().wait()
+        return await target.write(key, record, hint_for=hint_for)
 
     async def write_batch(self, peer: Peer, records: list[tuple[bytes, Record]]) -> int:
         return await self._target(peer, "batch").write_batch(records)
@@ -46,8 +56,8 @@ class InProcessPeerClient(PeerClient):
     async def digests(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[bytes]:
         return self._target(peer, "digests").digests(arcs)
 
-    async def fetch_range(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
-        return self._target(peer, "range").range(arcs)
+    async def records_in_arcs(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
+        return self._target(peer, "range").records_in_arcs(arcs)
 
     async def set_membership(self, peer: Peer, members: dict[str, str]) -> None:
         self._target(peer, "membership")
@@ -57,3 +67,7 @@ class InProcessPeerClient(PeerClient):
 
     async def probe(self, peer: Peer) -> bool:
         return peer.node_id in self.replicas and peer.node_id not in self.unreachable
+
+    async def wall_clock(self, peer: Peer) -> int:
+        self._target(peer, "clock")
+        return self.walls.get(peer.node_id, wall_ms)()

@@ -1,55 +1,61 @@
 """The real peer client: single-key reads and writes over a lean keep-alive
 pool per peer (app.transport.wire), coalesced per event-loop iteration
-(app.transport.coalesce); everything else over one aiohttp session.
+(app.coalesce); everything else over one aiohttp session.
 
 Node-to-node calls are the hot path: httpx measured ~4 ms of CPU per request
 here under concurrency, aiohttp ~120 us, the lean pool ~30 us (BENCHMARKS.md).
 aiohttp stays for bulk transfers, probes and https peers, where its generality
-is worth its cost. Foreign errors are translated once, here, into
-PeerUnavailableError.
+is worth its cost. Foreign errors and unexpected statuses are translated
+here, into the PeerError kinds: only network errors, timeouts and a peer's
+own 503 make it unavailable (app.errors draws the tree).
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Callable, Sized
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Mapping, Sized
 from contextlib import asynccontextmanager
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
 import httptools
 import orjson
+from aiohttp.abc import ResolveResult
 from yarl import URL
 
-from app.errors import PeerUnavailableError
+from app.clock import Version
+from app.coalesce import Coalescer
+from app.errors import PeerError, PeerRefusedError, PeerUnavailableError
 from app.storage.base import Record
 from app.transport import codec
 from app.transport.base import (
     APPLIED_HEADER,
     BATCH_PATH,
+    CLOCK_PATH,
     COALESCE_MAX_BYTES,
     COALESCE_MAX_CALLS,
     DIGESTS_PATH,
     EXISTED_HEADER,
+    FROM_HEADER,
     HINT_HEADER,
     KV_PATH,
     MEMBERSHIP_PATH,
+    NEWER_HEADER,
     RANGE_PATH,
     READS_PATH,
     SYNCING_HEADER,
     TOKEN_HEADER,
+    WRITES_PATH,
     Peer,
     PeerClient,
     ReadAnswer,
     WriteAck,
-    WRITES_PATH,
     quote_key,
     record_from_headers,
     record_headers,
 )
-from app.transport.coalesce import Coalescer
 from app.transport.wire import PeerPool
 
 Write = tuple[bytes, Record, "str | None"]  # key, record, hint_for
@@ -58,7 +64,9 @@ T = TypeVar("T")
 CONNECTIONS_PER_PEER = 64  # keep-alive pool per peer: enough for a fan-out under load, bounded
 PROBE_TIMEOUT_S = 1.0  # a health probe that takes longer than this counts as down
 BULK_TIMEOUT_S = 60.0  # range fetches and batches move many records: allow more than one request's time
-_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, httptools.HttpParserError)
+# What says "no answer came": the network, a timeout, or bytes that are no
+# HTTP at all. A malformed body or a local bug is not in this list.
+_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError, OSError, httptools.HttpParserError)
 
 
 class OverrideResolver(aiohttp.abc.AbstractResolver):
@@ -70,11 +78,17 @@ class OverrideResolver(aiohttp.abc.AbstractResolver):
         self._overrides = overrides
         self._fallback = aiohttp.ThreadedResolver()
 
-    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         address = self._overrides.get(host)
         if address is None:
-            return await self._fallback.resolve(host, port, family)  # type: ignore[return-value]
-        return [{"hostname": host, "host": address, "port": port, "family": socket.AF_INET, "proto": 0, "flags": socket.AI_NUMERICHOST}]
+            return await self._fallback.resolve(host, port, family)
+        return [
+            ResolveResult(
+                hostname=host, host=address, port=port, family=socket.AF_INET, proto=0, flags=socket.AI_NUMERICHOST
+            )
+        ]
 
     async def close(self) -> None:
         await self._fallback.close()
@@ -83,19 +97,30 @@ class OverrideResolver(aiohttp.abc.AbstractResolver):
 class HttpPeerClient(PeerClient):
     """Must be created inside the running event loop (aiohttp binds to it)."""
 
-    def __init__(self, *, timeout_s: float, token: str | None = None, resolve: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        timeout_s: float,
+        token: str | None = None,
+        resolve: dict[str, str] | None = None,
+        self_id: str | None = None,
+    ) -> None:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
-                limit=0, limit_per_host=CONNECTIONS_PER_PEER, keepalive_timeout=60,
+                limit=0,
+                limit_per_host=CONNECTIONS_PER_PEER,
+                keepalive_timeout=60,
                 resolver=OverrideResolver(resolve) if resolve else None,
             ),
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
-        self._token_headers = {TOKEN_HEADER: token} if token else {}
+        # Every internal request carries the token (when set) and names its
+        # sender, so the peer learns this node is up from the request itself.
+        self._token_headers = ({TOKEN_HEADER: token} if token else {}) | ({FROM_HEADER: self_id} if self_id else {})
         self._bulk_timeout = aiohttp.ClientTimeout(total=max(BULK_TIMEOUT_S, timeout_s))
-        self._token_line = f"{TOKEN_HEADER}: {token}\r\n".encode() if token else b""
+        self._token_line = "".join(f"{name}: {value}\r\n" for name, value in self._token_headers.items()).encode()
         self._timeout_s = timeout_s
         self._resolve = resolve or {}
         self._pools: dict[str, PeerPool | None] = {}
@@ -113,8 +138,13 @@ class HttpPeerClient(PeerClient):
         pool = None
         if parts.scheme == "http":
             hostname = parts.hostname or "127.0.0.1"
-            pool = PeerPool(self._resolve.get(hostname, hostname), parts.port or 80, host_header=parts.netloc,
-                            limit=CONNECTIONS_PER_PEER, timeout_s=self._timeout_s)
+            pool = PeerPool(
+                self._resolve.get(hostname, hostname),
+                parts.port or 80,
+                host_header=parts.netloc,
+                limit=CONNECTIONS_PER_PEER,
+                timeout_s=self._timeout_s,
+            )
         self._pools[peer.url] = pool
         return pool
 
@@ -123,13 +153,13 @@ class HttpPeerClient(PeerClient):
 
     @asynccontextmanager
     async def _call(self, peer: Peer, what: str) -> AsyncIterator[None]:
-        """Translate every client-side failure into PeerUnavailableError."""
+        """Translate every failure to get an answer into PeerUnavailableError."""
         try:
             yield
-        except PeerUnavailableError:
+        except PeerError:
             raise
         except _FAILURES as exc:
-            raise PeerUnavailableError(f"peer {peer} unreachable ({what}): {_describe(exc)}", peer=peer.node_id) from exc
+            raise _unreachable(peer, what, exc) from exc
 
     async def read(self, peer: Peer, key: bytes) -> ReadAnswer:
         pool = self._pool(peer)
@@ -139,7 +169,10 @@ class HttpPeerClient(PeerClient):
         if reads is None:
             reads = self._reads[peer.url] = Coalescer(
                 lambda keys: self._send_reads(peer, pool, keys),
-                max_items=COALESCE_MAX_CALLS, max_bytes=COALESCE_MAX_BYTES, size_of=len)
+                max_items=COALESCE_MAX_CALLS,
+                max_bytes=COALESCE_MAX_BYTES,
+                size_of=len,
+            )
         return await reads.submit(key)
 
     async def write(self, peer: Peer, key: bytes, record: Record, *, hint_for: str | None = None) -> WriteAck:
@@ -153,13 +186,18 @@ class HttpPeerClient(PeerClient):
         if writes is None:
             writes = self._writes[peer.url] = Coalescer(
                 lambda items: self._send_writes(peer, pool, items),
-                max_items=COALESCE_MAX_CALLS, max_bytes=COALESCE_MAX_BYTES, size_of=_write_size)
+                max_items=COALESCE_MAX_CALLS,
+                max_bytes=COALESCE_MAX_BYTES,
+                size_of=_write_size,
+            )
         return await writes.submit((key, record, hint_for))
 
     async def _send_reads(self, peer: Peer, pool: PeerPool, keys: list[bytes]) -> list[ReadAnswer]:
         if len(keys) == 1:
             return [await self._read_one(peer, pool, keys[0])]
-        answer = await self._exchange(peer, pool, b"POST", READS_PATH, self._octets_line, codec.encode_keys(keys), "read")
+        answer = await self._exchange(
+            peer, pool, b"POST", READS_PATH, self._octets_line, codec.encode_keys(keys), "read"
+        )
         decoded = _decoded(lambda: codec.decode_read_answers(answer), peer)
         _expect_count(decoded, keys, peer)
         return [ReadAnswer(record, authoritative=not syncing) for record, syncing in decoded]
@@ -167,74 +205,112 @@ class HttpPeerClient(PeerClient):
     async def _send_writes(self, peer: Peer, pool: PeerPool, items: list[Write]) -> list[WriteAck]:
         if len(items) == 1:
             return [await self._write_one(peer, pool, *items[0])]
-        answer = await self._exchange(peer, pool, b"POST", WRITES_PATH, self._octets_line, codec.encode_writes(items), "write")
-        _expect_count(answer, items, peer)
-        return [WriteAck(applied=bool(flags & codec.ACK_APPLIED), existed=bool(flags & codec.ACK_EXISTED)) for flags in answer]
+        answer = await self._exchange(
+            peer, pool, b"POST", WRITES_PATH, self._octets_line, codec.encode_writes(items), "write"
+        )
+        decoded = _decoded(lambda: codec.decode_acks(answer), peer)
+        _expect_count(decoded, items, peer)
+        return [WriteAck(applied=applied, existed=existed, newer=newer) for applied, existed, newer in decoded]
 
     async def _read_one(self, peer: Peer, pool: PeerPool, key: bytes) -> ReadAnswer:
-        status, headers, body = await self._request(peer, pool, b"GET", KV_PATH + quote_key(key), self._token_line, b"", "read")
+        status, headers, body = await self._request(
+            peer, pool, b"GET", KV_PATH + quote_key(key), self._token_line, b"", "read"
+        )
         syncing = headers.get(SYNCING_HEADER) == "1"
         if status == 404:
             return ReadAnswer(None, authoritative=not syncing)
         if status != 200:
-            raise PeerUnavailableError(f"peer {peer} answered {status} to a read", peer=peer.node_id)
+            raise _answer_error(peer, status, body, "read")
         return ReadAnswer(_decoded(lambda: record_from_headers(headers, body), peer), authoritative=not syncing)
 
-    async def _write_one(self, peer: Peer, pool: PeerPool, key: bytes, record: Record, hint_for: str | None) -> WriteAck:
+    async def _write_one(
+        self, peer: Peer, pool: PeerPool, key: bytes, record: Record, hint_for: str | None
+    ) -> WriteAck:
         headers = record_headers(record)
         if hint_for is not None:
             headers[HINT_HEADER] = hint_for
         lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode() + self._token_line
-        status, answer, _ = await self._request(peer, pool, b"PUT", KV_PATH + quote_key(key), lines, record.value or b"", "write")
+        status, answer, body = await self._request(
+            peer, pool, b"PUT", KV_PATH + quote_key(key), lines, record.value or b"", "write"
+        )
         if status != 200:
-            raise PeerUnavailableError(f"peer {peer} answered {status} to a write", peer=peer.node_id)
-        return WriteAck(applied=answer.get(APPLIED_HEADER) == "1", existed=answer.get(EXISTED_HEADER) == "1")
+            raise _answer_error(peer, status, body, "write")
+        return _decoded(lambda: _ack_from_headers(answer), peer)
 
-    async def _exchange(self, peer: Peer, pool: PeerPool, method: bytes, path: str, headers: bytes, body: bytes, what: str) -> bytes:
-        """One coalesced call; its body, or PeerUnavailableError."""
+    async def _exchange(
+        self, peer: Peer, pool: PeerPool, method: bytes, path: str, headers: bytes, body: bytes, what: str
+    ) -> bytes:
+        """One coalesced call; its body, or a PeerError."""
         status, _, answer = await self._request(peer, pool, method, path, headers, body, f"coalesced {what}")
         if status != 200:
-            raise PeerUnavailableError(f"peer {peer} answered {status} to a coalesced {what}", peer=peer.node_id)
+            raise _answer_error(peer, status, answer, f"coalesced {what}")
         return answer
 
-    async def _request(self, peer: Peer, pool: PeerPool, method: bytes, path: str, headers: bytes, body: bytes, what: str) -> tuple[int, dict[str, str], bytes]:
+    async def _request(
+        self, peer: Peer, pool: PeerPool, method: bytes, path: str, headers: bytes, body: bytes, what: str
+    ) -> tuple[int, dict[str, str], bytes]:
         try:
             return await pool.request(method, path, headers=headers, body=body)
-        except _FAILURES as exc:
-            raise PeerUnavailableError(f"peer {peer} unreachable ({what}): {_describe(exc)}", peer=peer.node_id) from exc
+        except _FAILURES as exc:  # a try, not _call(): this is the hot path, and a context manager costs ~2 us
+            raise _unreachable(peer, what, exc) from exc
 
     async def _read_aiohttp(self, peer: Peer, key: bytes) -> ReadAnswer:
-        async with self._call(peer, "read"), self._session.get(self._url(peer, key), headers=self._token_headers) as resp:
+        async with (
+            self._call(peer, "read"),
+            self._session.get(self._url(peer, key), headers=self._token_headers) as resp,
+        ):
             body = await resp.read()
             syncing = resp.headers.get(SYNCING_HEADER) == "1"
             if resp.status == 404:
                 return ReadAnswer(None, authoritative=not syncing)
-            _expect(resp, 200, peer, "read")
-            return ReadAnswer(record_from_headers(resp.headers, body), authoritative=not syncing)  # type: ignore[arg-type]
+            _expect(resp.status, body, peer, "read")
+            return ReadAnswer(
+                _decoded(lambda: record_from_headers(resp.headers, body), peer), authoritative=not syncing
+            )
 
     async def _write_aiohttp(self, peer: Peer, key: bytes, record: Record, headers: dict[str, str]) -> WriteAck:
-        async with self._call(peer, "write"), self._session.put(self._url(peer, key), data=record.value or b"", headers=headers) as resp:
-            await resp.read()
-            _expect(resp, 200, peer, "write")
-            return WriteAck(applied=resp.headers.get(APPLIED_HEADER) == "1", existed=resp.headers.get(EXISTED_HEADER) == "1")
+        async with (
+            self._call(peer, "write"),
+            self._session.put(self._url(peer, key), data=record.value or b"", headers=headers) as resp,
+        ):
+            _expect(resp.status, await resp.read(), peer, "write")
+            return _decoded(lambda: _ack_from_headers(resp.headers), peer)
 
-    async def _post(self, peer: Peer, path: str, body: bytes, what: str, content_type: str = "application/octet-stream") -> bytes:
+    async def _post(
+        self, peer: Peer, path: str, body: bytes, what: str, content_type: str = "application/octet-stream"
+    ) -> bytes:
         url = URL(peer.url + path, encoded=True)
         headers = {"content-type": content_type} | self._token_headers
-        async with self._call(peer, what), self._session.post(url, data=body, headers=headers, timeout=self._bulk_timeout) as resp:
+        async with (
+            self._call(peer, what),
+            self._session.post(url, data=body, headers=headers, timeout=self._bulk_timeout) as resp,
+        ):
             data = await resp.read()
-            _expect(resp, 200, peer, what)
+            _expect(resp.status, data, peer, what)
             return data
 
     async def write_batch(self, peer: Peer, records: list[tuple[bytes, Record]]) -> int:
         answer = await self._post(peer, BATCH_PATH, codec.encode_records(records), "batch write")
-        return int(orjson.loads(answer)["applied"])
+        return _decoded(lambda: int(orjson.loads(answer)["applied"]), peer)
 
     async def digests(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[bytes]:
-        return codec.decode_digests(await self._post(peer, DIGESTS_PATH, codec.encode_arcs(arcs), "digests"))
+        answer = await self._post(peer, DIGESTS_PATH, codec.encode_arcs(arcs), "digests")
+        return _decoded(lambda: codec.decode_digests(answer), peer)
 
-    async def fetch_range(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
-        return codec.decode_records(await self._post(peer, RANGE_PATH, codec.encode_arcs(arcs), "range fetch"))
+    async def records_in_arcs(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
+        answer = await self._post(peer, RANGE_PATH, codec.encode_arcs(arcs), "range fetch")
+        return _decoded(lambda: codec.decode_records(answer), peer)
+
+    async def wall_clock(self, peer: Peer) -> int:
+        timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
+        url = URL(peer.url + CLOCK_PATH, encoded=True)
+        async with (
+            self._call(peer, "clock"),
+            self._session.get(url, headers=self._token_headers, timeout=timeout) as resp,
+        ):
+            body = await resp.read()
+            _expect(resp.status, body, peer, "clock probe")
+            return _decoded(lambda: int(orjson.loads(body)["wall_ms"]), peer)
 
     async def set_membership(self, peer: Peer, members: dict[str, str]) -> None:
         await self._post(peer, MEMBERSHIP_PATH, orjson.dumps({"peers": members}), "membership", "application/json")
@@ -245,7 +321,7 @@ class HttpPeerClient(PeerClient):
             async with self._session.get(URL(peer.url + "/health", encoded=True), timeout=timeout) as resp:
                 await resp.read()
                 return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     def forget(self, peer: Peer) -> None:
@@ -268,21 +344,51 @@ def _write_size(item: Write) -> int:
 
 
 def _decoded(parse: Callable[[], T], peer: Peer) -> T:
-    """parse() a peer's answer; a malformed one makes the peer unavailable."""
+    """parse() a peer's answer; a malformed one is the peer's error, not an outage."""
     try:
         return parse()
-    except (KeyError, ValueError) as exc:
-        raise PeerUnavailableError(f"peer {peer} sent a malformed answer: {exc}", peer=peer.node_id) from exc
+    except (KeyError, ValueError, TypeError) as exc:
+        raise PeerError(f"peer {peer} sent a malformed answer: {type(exc).__name__}: {exc}", peer=peer.node_id) from exc
+
+
+def _ack_from_headers(headers: Mapping[str, str]) -> WriteAck:
+    newer = headers.get(NEWER_HEADER)
+    return WriteAck(
+        applied=headers.get(APPLIED_HEADER) == "1",
+        existed=headers.get(EXISTED_HEADER) == "1",
+        newer=Version.decode(newer) if newer else None,
+    )
 
 
 def _expect_count(answers: Sized, calls: Sized, peer: Peer) -> None:
     if len(answers) != len(calls):
-        raise PeerUnavailableError(f"peer {peer} answered {len(answers)} of {len(calls)} coalesced calls", peer=peer.node_id)
+        raise PeerError(f"peer {peer} answered {len(answers)} of {len(calls)} coalesced calls", peer=peer.node_id)
 
 
-def _expect(resp: aiohttp.ClientResponse, status: int, peer: Peer, what: str) -> None:
-    if resp.status != status:
-        raise PeerUnavailableError(f"peer {peer} answered {resp.status} to a {what}", peer=peer.node_id)
+def _expect(status: int, body: bytes, peer: Peer, what: str) -> None:
+    if status != 200:
+        raise _answer_error(peer, status, body, what)
+
+
+def _answer_error(peer: Peer, status: int, body: bytes, what: str) -> PeerError:
+    """The one translation of a peer's unexpected status: 503 says it cannot
+    serve now (unavailable), 409 and other 4xx that it refused this call,
+    anything else that it failed. The peer's own error message is kept."""
+    try:
+        reason = str(orjson.loads(body)["error"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        reason = body[:200].decode("utf-8", "replace") or "no reason given"
+    message = f"peer {peer} answered {status} to a {what}: {reason}"
+    if status == 503:
+        return PeerUnavailableError(message, peer=peer.node_id)
+    if 400 <= status < 500:
+        return PeerRefusedError(message, peer=peer.node_id)
+    return PeerError(message, peer=peer.node_id)
+
+
+def _unreachable(peer: Peer, what: str, exc: BaseException) -> PeerUnavailableError:
+    """The one translation of a failure to get any answer (network, timeout, not HTTP)."""
+    return PeerUnavailableError(f"peer {peer} unreachable ({what}): {_describe(exc)}", peer=peer.node_id)
 
 
 def _describe(exc: BaseException) -> str:

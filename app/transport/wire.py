@@ -7,12 +7,21 @@ our own internal routes need: plain HTTP, one request in flight per
 connection, a Content-Length or chunked response parsed by httptools, a
 timeout per call. Used by app.transport.http, which translates its errors;
 nothing else imports it.
+
+It never hands out a dead connection: one whose transport is closing (a reset
+the event loop has seen) is dropped before reuse, a write on a transport that
+closed under us is a ConnectionResetError like any other, and a request that
+fails on a reused connection before any byte of its answer arrived is sent
+once more on a fresh one (every internal call is idempotent under versions).
+Every failure leaves as an OSError (ConnectionError, TimeoutError) or an
+HttpParserError, which the caller translates.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from typing import cast
 
 import httptools
 
@@ -30,9 +39,14 @@ class _Connection(asyncio.Protocol):
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
         self.alive = True
+        self.answered = False  # a byte of the current request's answer arrived
+
+    @property
+    def usable(self) -> bool:
+        return self.alive and self.transport is not None and not self.transport.is_closing()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream connection's transport is a Transport
 
     def data_received(self, data: bytes) -> None:
         if self.waiter is None:
@@ -40,6 +54,7 @@ class _Connection(asyncio.Protocol):
             # stream's framing can no longer be trusted.
             self.fail(ConnectionResetError("unexpected data from the peer"))
             return
+        self.answered = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -105,18 +120,33 @@ class PeerPool:
         self._busy += 1
         try:
             head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n" % (
-                method, path.encode("ascii"), self.host_header, headers, len(body))
-            conn = self._idle.pop() if self._idle else None
+                method,
+                path.encode("ascii"),
+                self.host_header,
+                headers,
+                len(body),
+            )
+            conn = self._reusable()
             if conn is not None:
                 try:
                     return await self._send(conn, head, body)
                 except ConnectionError:
-                    pass  # a stale keep-alive connection: once more on a new one
+                    if conn.answered:
+                        raise  # the peer had started answering: the failure is its, not a stale socket's
             conn = await self._connect()
             return await self._send(conn, head, body)
         finally:
             self._busy -= 1
             self._wake_one()
+
+    def _reusable(self) -> _Connection | None:
+        """An idle connection still open, or None; dead ones are dropped on the way."""
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.usable:
+                return conn
+            conn.fail(ConnectionResetError("connection closed while idle"))
+        return None
 
     async def _wait_for_slot(self) -> None:
         while self._busy >= self.limit:
@@ -141,18 +171,26 @@ class PeerPool:
             raise ConnectionResetError("peer pool closed")
         loop = asyncio.get_running_loop()
         _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: _Connection(self), self.host, self.port), self.timeout_s)
+            loop.create_connection(lambda: _Connection(self), self.host, self.port), self.timeout_s
+        )
         return conn
 
     async def _send(self, conn: _Connection, head: bytes, body: bytes) -> Response:
         loop = asyncio.get_running_loop()
-        waiter = conn.waiter = loop.create_future()
+        waiter: asyncio.Future[Response] = loop.create_future()
+        conn.waiter = waiter
+        conn.answered = False
         assert conn.transport is not None
-        if body:
-            conn.transport.writelines((head, body))
-        else:
-            conn.transport.write(head)
-        timer = loop.call_later(self.timeout_s, conn.fail, asyncio.TimeoutError())
+        try:
+            if body:
+                conn.transport.writelines((head, body))
+            else:
+                conn.transport.write(head)
+        except RuntimeError as exc:  # uvloop: "unable to perform operation on <TCPTransport closed=True>"
+            conn.waiter = None
+            conn.fail(ConnectionResetError(f"connection closed under the request: {exc}"))
+            raise ConnectionResetError(f"connection closed under the request: {exc}") from exc
+        timer = loop.call_later(self.timeout_s, conn.fail, TimeoutError())
         try:
             response = await waiter
         except BaseException:

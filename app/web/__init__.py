@@ -1,2 +1,13 @@
-"""The HTTP layer: FastAPI application (app.py), the lean data-path handler
-(dataplane.py), operations routes (routes_ops.py), error mapping (errors.py)."""
+"""The HTTP layer, one job per file:
+
+- app.py: the composition root (create_app: data plane, FastAPI, lifespan);
+- dataplane.py: the ASGI entry point, dispatch only;
+- asgi.py: the toolkit for raw routes (Reply, bodies, token and method checks);
+- routes_data.py: the public key-value routes (/get, /put, /delete, /kv/{key});
+- routes_peer.py: every node-to-node route under /internal/v1/;
+- routes_admin.py: /admin/ (membership changes, rebalancing progress);
+- routes_ops.py: /ready, /ring, /metrics;
+- errors.py: app errors -> HTTP statuses, headers and bodies;
+- keys.py, members.py: parsing request parts; slot.py: the node being served;
+- openapi.py: the raw routes' descriptions in /openapi.json.
+"""

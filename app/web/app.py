@@ -1,7 +1,8 @@
-"""The composition root: builds a Node from its config, the aiohttp peer
-client, the FastAPI application, and the data plane in front of it.
-
-create_app(config) returns the ASGI application uvicorn serves.
+"""The composition root: create_app(config) returns the ASGI application
+uvicorn serves: the data plane (app.web.dataplane) in front of a FastAPI
+application for the ops and admin routes and the docs. The node itself is
+opened in the lifespan, with the HTTP peer client and the discovery source
+the config names, and put in the slot both halves read.
 """
 
 from __future__ import annotations
@@ -18,33 +19,45 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app import __version__
 from app.cluster.node import Node
 from app.config import NodeConfig
-from app.discovery.base import MembershipSource
-from app.discovery.static import StaticMembership
+from app.discovery.base import DiscoverySource
+from app.discovery.static import StaticDiscovery
+from app.errors import KvstoreError
+from app.metrics import NodeMetrics
 from app.storage import check_data_dir
 from app.transport.http import HttpPeerClient
 from app.web.dataplane import DataPlane
-from app.web.openapi import merge_data_routes
-from app.web.routes_internal import admin as admin_router
-from app.web.routes_internal import internal as internal_router
+from app.web.errors import headers_for, status_for
+from app.web.openapi import merge_raw_routes
+from app.web.routes_admin import router as admin_router
 from app.web.routes_ops import router as ops_router
+from app.web.slot import NodeSlot
 
 
-def create_app(config: NodeConfig) -> DataPlane:
+def create_app(config: NodeConfig, *, metrics: NodeMetrics | None = None) -> DataPlane:
     # Settings that cannot work fail here, before the server starts: one ConfigError line
     # from the CLI, not a lifespan traceback (and no peer client left open behind it).
     check_data_dir(config)
-    source = membership_source(config)
-    node = Node(config)
+    source = discovery_source(config)
+    slot = NodeSlot()
+    metrics = metrics or NodeMetrics()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        transport = HttpPeerClient(timeout_s=config.peer_timeout, token=config.cluster_token, resolve=config.resolve)
-        await node.start(transport, source=source)
+        peer_client = HttpPeerClient(
+            timeout_s=config.peer_timeout, token=config.cluster_token, resolve=config.resolve, self_id=config.node_id
+        )
+        try:
+            node = await Node.open(config, peer_client=peer_client, source=source, metrics=metrics)
+        except BaseException:
+            await peer_client.close()
+            raise
+        slot.node = node
         try:
             yield
             await node.drain()
         finally:
-            await node.stop()
+            slot.node = None
+            await node.close()
 
     api = FastAPI(
         title="kvstore",
@@ -52,25 +65,31 @@ def create_app(config: NodeConfig) -> DataPlane:
         description="A distributed key-value store with consistent hashing.",
         lifespan=lifespan,
     )
-    api.state.node = node
+    api.state.slot = slot
+    api.state.metrics = metrics
     api.include_router(ops_router)
     api.include_router(admin_router)
-    api.include_router(internal_router)
     _install_error_handlers(api)
     _install_openapi(api)
-    return DataPlane(node=node, fallback=api)
+    return DataPlane(
+        slot=slot,
+        metrics=metrics,
+        cluster_token=config.cluster_token,
+        max_value_bytes=config.max_value_bytes,
+        fallback=api,
+    )
 
 
-def membership_source(config: NodeConfig) -> MembershipSource:
+def discovery_source(config: NodeConfig) -> DiscoverySource:
     if config.membership == "kubernetes":
-        from app.discovery.kubernetes import KubernetesMembership  # the kubernetes client loads only when used
+        from app.discovery.kubernetes import KubernetesDiscovery  # the kubernetes client loads only when used
 
-        return KubernetesMembership.from_config(config)
-    return StaticMembership(config.peers)
+        return KubernetesDiscovery.from_config(config)
+    return StaticDiscovery(config.peers)
 
 
 def _install_error_handlers(api: FastAPI) -> None:
-    """Every error FastAPI itself produces answers {"error": ...}, like the data plane."""
+    """Every error a FastAPI route raises answers {"error": ...}, like the data plane."""
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -80,6 +99,11 @@ def _install_error_handlers(api: FastAPI) -> None:
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
         return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+    @api.exception_handler(KvstoreError)
+    async def app_error(request: Request, exc: KvstoreError) -> JSONResponse:
+        status = status_for(exc)
+        return JSONResponse({"error": str(exc)}, status_code=status, headers=headers_for(exc, status))
 
     @api.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -92,7 +116,7 @@ def _install_openapi(api: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if api.openapi_schema is None:
-            api.openapi_schema = merge_data_routes(generate())
+            api.openapi_schema = merge_raw_routes(generate())
         return api.openapi_schema
 
-    api.openapi = openapi  # type: ignore[method-assign]
+    api.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise the schema

@@ -1,12 +1,13 @@
-"""Parsing and validating what identifies a key in a request: path segments,
-query strings, JSON bodies. Every failure is an InvalidRequestError."""
+"""Parsing and validating the parts of a key-value request: the key (path
+segment, query string, JSON body), the value's size, the TTL. Every failure
+is an InvalidRequestError."""
 
 from __future__ import annotations
 
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from app.config import MAX_KEY_BYTES
-from app.errors import InvalidRequestError
+from app.errors import InvalidRequestError, ValueTooLargeError
 
 
 def validate_key(key: bytes) -> bytes:
@@ -47,12 +48,17 @@ def ttl_from(raw: object) -> float | None:
     """A TTL in seconds: absent, or a positive number."""
     if raw is None:
         return None
-    if isinstance(raw, bool):
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
         raise InvalidRequestError("ttl must be a positive number of seconds")
     try:
-        ttl = float(raw)  # type: ignore[arg-type]
+        ttl = float(raw)
     except (TypeError, ValueError):
         raise InvalidRequestError("ttl must be a positive number of seconds") from None
     if not ttl > 0 or ttl == float("inf"):
         raise InvalidRequestError("ttl must be a positive number of seconds")
     return ttl
+
+
+def check_value_size(value: bytes, limit: int) -> None:
+    if len(value) > limit:
+        raise ValueTooLargeError(f"value of {len(value)} bytes exceeds the limit of {limit} bytes")

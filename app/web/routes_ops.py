@@ -1,5 +1,6 @@
 """Operations routes served by FastAPI: readiness, the ring view, metrics.
-Thin: they read the Node on app.state and shape JSON."""
+Thin: they read the node from the slot and shape JSON. (/health is the data
+plane's: probes hit it often.)"""
 
 from __future__ import annotations
 
@@ -8,19 +9,19 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.cluster.node import Node
-from app.metrics import CONTENT_TYPE_LATEST
+from app.errors import NodeStartingError
+from app.metrics import CONTENT_TYPE_LATEST, NodeMetrics
+from app.web.slot import node_of
 
 router = APIRouter(tags=["operations"])
 
 
-def _node(request: Request) -> Node:
-    return request.app.state.node
-
-
 @router.get("/ready", summary="Readiness: 200 when the ring is known and the store is open, else 503")
 async def ready(request: Request) -> JSONResponse:
-    reason = _node(request).not_ready_reason()
+    try:
+        reason = node_of(request).not_ready_reason()
+    except NodeStartingError as exc:
+        reason = str(exc)
     if reason is not None:
         return JSONResponse({"error": f"not ready: {reason}"}, status_code=503)
     return JSONResponse({"status": "ready"})
@@ -28,8 +29,8 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/ring", summary="This node's view of the ring: members, reachability, key-space shares")
 async def ring(request: Request) -> dict[str, object]:
-    node = _node(request)
-    view = node.membership.current
+    node = node_of(request)
+    view = node.topology.current
     shares = view.ring.shares()
     replica_shares = view.ring.shares(node.config.replication_factor)
     now = time.monotonic()
@@ -37,30 +38,38 @@ async def ring(request: Request) -> dict[str, object]:
     for node_id, peer in sorted(view.peers.items()):
         state = node.health.snapshot(node_id)
         is_self = node_id == node.config.node_id
-        members.append({
-            "node_id": node_id,
-            "url": peer.url,
-            "self": is_self,
-            "reachable": True if is_self else node.health.is_up(node_id),
-            "since_s": None if is_self else round(max(0.0, now - state.since), 3),
-            "last_error": None if is_self or node.health.is_up(node_id) else state.last_error,
-            "outstanding_requests": None if is_self else state.outstanding,
-            "latency_ms": None if is_self else round(state.latency_s * 1000, 3),
-            "share": round(shares[node_id], 6),
-            "replica_share": round(replica_shares[node_id], 6),
-        })
-    status = node.handoff.status if node.handoff else None
+        members.append(
+            {
+                "node_id": node_id,
+                "url": peer.url,
+                "self": is_self,
+                "reachable": True if is_self else node.health.is_up(node_id),
+                "since_s": None if is_self else round(max(0.0, now - state.since), 3),
+                "last_error": None if is_self or node.health.is_up(node_id) else state.last_error,
+                "outstanding_requests": None if is_self else state.outstanding,
+                "latency_ms": None if is_self else round(state.latency_s * 1000, 3),
+                "clock_offset_ms": None if is_self else _rounded(node.offsets.offset_ms(node_id)),
+                "share": round(shares[node_id], 6),
+                "replica_share": round(replica_shares[node_id], 6),
+            }
+        )
     return {
         "node_id": node.config.node_id,
-        "syncing": bool(status and status.syncing),
+        "syncing": node.handoff.status.syncing,
         "epoch": view.epoch,
         "vnodes": view.ring.vnodes,
         "replication_factor": min(node.config.replication_factor, len(view.ring)),
+        "clock": {"max_offset_ms": node.offsets.max_offset_ms, "refusal": node.offsets.refusal()},
         "membership_source": node.source.status() | {"staleness_s": round(node.source.staleness_s(), 3)},
         "members": members,
     }
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    return Response(_node(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    metrics: NodeMetrics = request.app.state.metrics  # served before the node is open too
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

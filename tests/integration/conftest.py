@@ -1,13 +1,13 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.harness.processes import Cluster
+from tests.harness.proxy import ProxyMesh
 from tests.integration.history import Load
-from tests.integration.nodes import Cluster
-from tests.integration.proxy import ProxyMesh
 
 
 @pytest.fixture
@@ -21,10 +21,19 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
         args: list[str] | None = None,
         durable: bool = False,
         peers_for: Callable[[str, dict[str, str]], dict[str, str]] | None = None,
+        env_for: dict[str, dict[str, str]] | None = None,
+        unready: Iterable[str] = (),
     ) -> Cluster:
-        cluster = Cluster(size=size, log_dir=tmp_path, args=args, data_root=tmp_path / "data" if durable else None, peers_for=peers_for)
+        cluster = Cluster(
+            size=size,
+            log_dir=tmp_path,
+            args=args,
+            data_root=tmp_path / "data" if durable else None,
+            peers_for=peers_for,
+            env_for=env_for,
+        )
         clusters.append(cluster)
-        return cluster.start()
+        return cluster.start(unready=unready)
 
     try:
         yield make
@@ -51,7 +60,7 @@ def start_load() -> Iterator[Callable[..., Load]]:
     loads: list[Load] = []
 
     def start(**kwargs: object) -> Load:
-        load = Load(**kwargs)  # type: ignore[arg-type]
+        load = Load(**kwargs)
         loads.append(load)
         return load.start()
 

@@ -14,6 +14,12 @@ write was a delete; and absent if the key never had an acknowledged write. A
 read that returns anything else lost an acknowledged write (or resurrected a
 deleted key, or invented a value).
 
+A put with a TTL leaves its value only until it expires, and absence after:
+read at time t, it allows its value while t < ack + ttl + slack and absence
+once t >= send + ttl - slack, where the slack covers the clocks that judge
+expiry (the coordinator's that stamped it, the reader's that serves it).
+Expiry never brings back what the TTL'd write superseded.
+
 Pure verdict (`allowed_states`, `check`) beside the machinery that produces
 the inputs (`Load`, `observe`); tests/unit/test_history_checker.py tests the
 verdict alone. Imports nothing from app.
@@ -48,7 +54,8 @@ EXAMPLES = 10  # anomalies shown in a summary
 
 @dataclass(frozen=True)
 class Op:
-    """One client request. value: the bytes a put wrote (unique per put); None for delete and get."""
+    """One client request. value: the bytes a put wrote (unique per put), or a
+    get read (None: 404, or no answer); None for a delete."""
 
     client: int
     kind: Kind
@@ -59,10 +66,26 @@ class Op:
     outcome: Outcome
     error: str = ""
     finished: float | None = None  # when the client stopped waiting, whatever the outcome
+    ttl_s: float | None = None  # a put whose value expires this long after it was applied
+    node: str = ""  # the URL that answered (or was last tried)
 
     @property
     def is_write(self) -> bool:
         return self.kind != "get"
+
+    def states_at(self, at: float, *, expiry_slack_s: float) -> set[bytes | None]:
+        """What this write may leave its key as, read at time `at`."""
+        if self.kind == "delete":
+            return {None}
+        if self.ttl_s is None:
+            return {self.value}
+        acked = self.acked if self.acked is not None else math.inf
+        states: set[bytes | None] = set()
+        if at < acked + self.ttl_s + expiry_slack_s:
+            states.add(self.value)
+        if at >= self.sent + self.ttl_s - expiry_slack_s:
+            states.add(None)
+        return states
 
     def during(self, since: float, until: float) -> bool:
         """Whether the request was in flight at some moment of [since, until]."""
@@ -78,6 +101,7 @@ class Observation:
     key: str
     value: bytes | None
     error: str = ""  # set when the node never gave a 200 or 404
+    at: float = math.inf  # time.monotonic() of the answer (inf: long after every write)
 
 
 @dataclass(frozen=True)
@@ -89,7 +113,9 @@ class Anomaly:
     expected: bytes | None  # the latest acknowledged state (None: absent)
 
     def __str__(self) -> str:
-        return f"{self.key!r} via {self.node}: {self.reason}: read {self.observed!r}, last acknowledged {self.expected!r}"
+        return (
+            f"{self.key!r} via {self.node}: {self.reason}: read {self.observed!r}, last acknowledged {self.expected!r}"
+        )
 
 
 @dataclass
@@ -125,11 +151,14 @@ class Verdict:
         return "\n".join(lines)
 
 
-def allowed_states(ops: Iterable[Op]) -> set[bytes | None]:
-    """The final states one key may legitimately be in, given its writes (see the module rule)."""
+def allowed_states(ops: Iterable[Op], *, at: float = math.inf, expiry_slack_s: float = 0.0) -> set[bytes | None]:
+    """The states one key may legitimately be in when read at `at`, given its writes (see the module rule)."""
     writes = [op for op in ops if op.is_write and op.outcome != "failed"]
     horizon = max((op.sent for op in writes if op.outcome == "ok"), default=-math.inf)
-    allowed = {op.value for op in writes if (op.acked if op.acked is not None else math.inf) >= horizon}
+    allowed: set[bytes | None] = set()
+    for op in writes:
+        if (op.acked if op.acked is not None else math.inf) >= horizon:
+            allowed |= op.states_at(at, expiry_slack_s=expiry_slack_s)
     if horizon == -math.inf:
         allowed.add(None)  # nothing acknowledged: the key may never have been written
     return allowed
@@ -140,7 +169,7 @@ def latest_acknowledged(ops: Iterable[Op]) -> bytes | None:
     return max(acked, key=lambda op: op.sent).value if acked else None
 
 
-def check(ops: Sequence[Op], observations: Iterable[Observation]) -> Verdict:
+def check(ops: Sequence[Op], observations: Iterable[Observation], *, expiry_slack_s: float = 0.0) -> Verdict:
     """Judge the final reads against the history."""
     by_key: dict[str, list[Op]] = defaultdict(list)
     for op in ops:
@@ -161,7 +190,7 @@ def check(ops: Sequence[Op], observations: Iterable[Observation]) -> Verdict:
         expected = latest_acknowledged(history)
         if seen.error:
             verdict.anomalies.append(Anomaly(seen.key, seen.node, f"unreadable ({seen.error})", None, expected))
-        elif seen.value not in allowed_states(history):
+        elif seen.value not in allowed_states(history, at=seen.at, expiry_slack_s=expiry_slack_s):
             if seen.value is not None and seen.value not in written:
                 reason = "a value nobody wrote"
             elif seen.value is None:
@@ -173,6 +202,33 @@ def check(ops: Sequence[Op], observations: Iterable[Observation]) -> Verdict:
             verdict.anomalies.append(Anomaly(seen.key, seen.node, reason, seen.value, expected))
     verdict.keys_checked = len(keys)
     return verdict
+
+
+def stale_reads(ops: Sequence[Op]) -> list[Op]:
+    """Reads that returned a state older than a write acknowledged before the
+    read was sent (a regular register's rule): per key, the latest write
+    acknowledged before the read began, or any write acknowledged after it
+    was sent or not at all, and sent before the read ended, is allowed."""
+    by_key: dict[str, list[Op]] = defaultdict(list)
+    for op in ops:
+        by_key[op.key].append(op)
+    stale = []
+    for key_ops in by_key.values():
+        writes = [op for op in key_ops if op.is_write and op.outcome != "failed"]
+        for read in (op for op in key_ops if op.kind == "get" and op.outcome == "ok"):
+            assert read.finished is not None
+            before = [w for w in writes if w.acked is not None and w.acked < read.sent]
+            horizon = max((w.sent for w in before), default=-math.inf)
+            allowed = {
+                w.value if w.kind == "put" else None
+                for w in writes
+                if w.sent <= read.finished and (w.acked if w.acked is not None else math.inf) >= horizon
+            }
+            if not before:
+                allowed.add(None)
+            if read.value not in allowed:
+                stale.append(read)
+    return stale
 
 
 def success_ratio(ops: Iterable[Op], *, since: float = -math.inf, until: float = math.inf) -> tuple[float, int]:
@@ -246,7 +302,9 @@ class Load:
         """Let the load run at least `seconds` and until `min_ops` more requests completed."""
         started, target = time.monotonic(), len(self.ops) + min_ops
         while time.monotonic() - started < seconds or len(self.ops) < target:
-            assert self._thread is not None and self._thread.is_alive(), f"load {self.name} is not running: {self._error!r}"
+            assert self._thread is not None and self._thread.is_alive(), (
+                f"load {self.name} is not running: {self._error!r}"
+            )
             assert time.monotonic() - started < max_wait, (
                 f"load {self.name}: only {len(self.ops) - target + min_ops} of {min_ops} requests in {max_wait}s"
             )
@@ -269,14 +327,26 @@ class Load:
                 seq += 1
                 key = rng.choice(self.keys)
                 draw = rng.random()
-                kind: Kind = "get" if draw < self.read_ratio else "delete" if draw < self.read_ratio + self.delete_ratio else "put"
+                kind: Kind = (
+                    "get"
+                    if draw < self.read_ratio
+                    else "delete"
+                    if draw < self.read_ratio + self.delete_ratio
+                    else "put"
+                )
                 value = f"{self.name}/{index}:{seq}".encode() if kind == "put" else None
                 sent = time.monotonic()
-                outcome, error = await self._send(client, rng, kind=kind, key=key, value=value)
+                outcome, error, node, read = await self._send(client, rng, kind=kind, key=key, value=value)
                 finished = time.monotonic()
-                self.ops.append(Op(index, kind, key, value, sent, finished if outcome == "ok" else None, outcome, error, finished))
+                if kind == "get":
+                    value = read
+                acked = finished if outcome == "ok" else None
+                self.ops.append(Op(index, kind, key, value, sent, acked, outcome, error, finished, node=node))
 
-    async def _send(self, client: httpx.AsyncClient, rng: random.Random, *, kind: Kind, key: str, value: bytes | None) -> tuple[Outcome, str]:
+    async def _send(
+        self, client: httpx.AsyncClient, rng: random.Random, *, kind: Kind, key: str, value: bytes | None
+    ) -> tuple[Outcome, str, str, bytes | None]:
+        """(outcome, error, the URL that answered or was last tried, what a get read)."""
         urls = list(self.urls)
         rng.shuffle(urls)
         path = "/kv/" + quote(key, safe="")
@@ -291,15 +361,22 @@ class Load:
             except httpx.ConnectError:
                 continue  # refused: never sent, try the next node
             except httpx.HTTPError as exc:
-                return "unknown", f"{url}: {type(exc).__name__}: {exc}"
+                return "unknown", f"{url}: {type(exc).__name__}: {exc}", url, None
             if resp.status_code == (204 if kind != "get" else 200) or (kind == "get" and resp.status_code == 404):
-                return "ok", ""
+                return "ok", "", url, resp.content if resp.status_code == 200 else None
             # 4xx: refused before anything was applied; 5xx: maybe partly applied.
-            return ("failed" if resp.status_code < 500 else "unknown"), f"{url}: HTTP {resp.status_code} {resp.text[:200]}"
-        return "failed", "no node accepted the connection"
+            outcome: Outcome = "failed" if resp.status_code < 500 else "unknown"
+            return outcome, f"{url}: HTTP {resp.status_code} {resp.text[:200]}", url, None
+        return "failed", "no node accepted the connection", urls[-1] if urls else "", None
 
 
-def observe(urls: dict[str, str], keys: Iterable[str], *, retry_for: float = READ_RETRY_S) -> list[Observation]:
+def observe(
+    urls: dict[str, str],
+    keys: Iterable[str],
+    *,
+    consistency: str = "quorum",
+    retry_for: float = READ_RETRY_S,
+) -> list[Observation]:
     """Read every key through every node in urls ({node_id: url}) with a normal client GET."""
     keys = list(keys)
 
@@ -308,9 +385,12 @@ def observe(urls: dict[str, str], keys: Iterable[str], *, retry_for: float = REA
         while True:
             async with gate:
                 try:
-                    resp = await client.get(f"{urls[node]}/kv/{quote(key, safe='')}")
+                    resp = await client.get(
+                        f"{urls[node]}/kv/{quote(key, safe='')}", params={"consistency": consistency}
+                    )
                     if resp.status_code in (200, 404):
-                        return Observation(node, key, resp.content if resp.status_code == 200 else None)
+                        value = resp.content if resp.status_code == 200 else None
+                        return Observation(node, key, value, at=time.monotonic())
                     error = f"HTTP {resp.status_code} {resp.text[:200]}"
                 except httpx.HTTPError as exc:
                     error = f"{type(exc).__name__}: {exc}"
@@ -326,18 +406,53 @@ def observe(urls: dict[str, str], keys: Iterable[str], *, retry_for: float = REA
     return asyncio.run(run())
 
 
-def record_deletes(url: str, keys: Iterable[str], *, client: int = -1) -> list[Op]:
-    """Delete keys one by one through one node, synchronously; their history."""
+def record_writes(
+    url: str,
+    writes: Iterable[tuple[str, bytes | None]],
+    *,
+    client: int = -1,
+    consistency: str = "quorum",
+    ttl_s: float | None = None,
+) -> list[Op]:
+    """Write one key after another through one node, each once its previous
+    answer came: (key, value) puts, (key, None) deletes. Their history."""
     ops = []
+    params: dict[str, str] = {"consistency": consistency}
+    if ttl_s is not None:
+        params["ttl"] = f"{ttl_s:g}"
     with httpx.Client(timeout=REQUEST_TIMEOUT_S) as http:
-        for key in keys:
+        for key, value in writes:
+            path = f"{url}/kv/{quote(key, safe='')}"
             sent = time.monotonic()
             try:
-                resp = http.delete(f"{url}/kv/{quote(key, safe='')}")
-                outcome: Outcome = "ok" if resp.status_code == 204 else "unknown"
+                resp = (
+                    http.delete(path, params=params) if value is None else http.put(path, content=value, params=params)
+                )
+                outcome: Outcome = (
+                    "ok" if resp.status_code == 204 else "failed" if resp.status_code < 500 else "unknown"
+                )
                 error = "" if outcome == "ok" else f"HTTP {resp.status_code} {resp.text[:200]}"
             except httpx.HTTPError as exc:
                 outcome, error = "unknown", f"{type(exc).__name__}: {exc}"
             finished = time.monotonic()
-            ops.append(Op(client, "delete", key, None, sent, finished if outcome == "ok" else None, outcome, error, finished))
+            kind: Kind = "delete" if value is None else "put"
+            ops.append(
+                Op(
+                    client,
+                    kind,
+                    key,
+                    value,
+                    sent,
+                    finished if outcome == "ok" else None,
+                    outcome,
+                    error,
+                    finished,
+                    ttl_s if kind == "put" else None,
+                )
+            )
     return ops
+
+
+def record_deletes(url: str, keys: Iterable[str], *, client: int = -1) -> list[Op]:
+    """Delete keys one by one through one node, synchronously; their history."""
+    return record_writes(url, ((key, None) for key in keys), client=client)

@@ -16,8 +16,10 @@ from collections.abc import Callable
 import httpx
 
 from app.ring import HashRing
-from tests.integration.nodes import Cluster, free_port_run
+from tests.harness.processes import Cluster, free_port_run, wait_ready
 from tests.unit.test_api import BAD_REQUESTS
+
+COMMAND_UP_WITHIN_S = 20.0  # `kvstore cluster` already waited for /ready: its nodes serve at once
 
 # The seed document's "Test the System" and "Health Check" commands, verbatim
 # except for the host:port each is pointed at.
@@ -52,7 +54,9 @@ def test_seed_curl_walkthrough_works_verbatim_against_every_node(make_cluster: C
             argv = [arg.replace("localhost:8080", target) for arg in argv]
             for seed_host, real in ports.items():
                 argv = [arg.replace(seed_host, real) for arg in argv]
-            done = subprocess.run([*argv, "-s", "-w", "\n%{http_code}"], capture_output=True, text=True, timeout=10, check=True)
+            done = subprocess.run(
+                [*argv, "-s", "-w", "\n%{http_code}"], capture_output=True, text=True, timeout=10, check=True
+            )
             out, _, code = done.stdout.rpartition("\n")
             assert int(code) == status, (command, done.stdout)
             if body is not None:
@@ -162,7 +166,10 @@ def test_cluster_command_starts_three_nodes_and_stops_them_on_sigint_or_sigterm(
         base = free_port_run(3)
         proc = subprocess.Popen(
             [sys.executable, "-m", "app", "cluster", "--nodes", "3", "--base-port", str(base)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         pids = []
         try:
@@ -173,17 +180,13 @@ def test_cluster_command_starts_three_nodes_and_stops_them_on_sigint_or_sigterm(
                     pids.append(int(line.rsplit("(pid ", 1)[1].rstrip(")\n")))
             assert len(pids) == 3
             assert "every node ready" in line  # said only once each node's /ready answers 200
-            deadline = time.monotonic() + 20
-            for port in range(base, base + 3):
-                while True:
-                    try:
-                        if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).text == "OK":
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    assert time.monotonic() < deadline, "cluster did not come up"
-                    time.sleep(0.1)
-            assert httpx.put(f"http://127.0.0.1:{base}/put", content=b'{"key":"alpha", "value":"value1"}').status_code == 200
+            urls = [f"http://127.0.0.1:{port}" for port in range(base, base + 3)]
+            wait_ready(urls, procs=[proc], path="/health", timeout=COMMAND_UP_WITHIN_S)
+            assert all(httpx.get(url + "/health", timeout=1).text == "OK" for url in urls)
+            assert (
+                httpx.put(f"http://127.0.0.1:{base}/put", content=b'{"key":"alpha", "value":"value1"}').status_code
+                == 200
+            )
             assert httpx.get(f"http://127.0.0.1:{base + 2}/get?key=alpha").json()["value"] == "value1"
             started = time.monotonic()
             proc.send_signal(signum)

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import httpx
 
-from tests.integration.nodes import Cluster, free_port_run
+from tests.harness.processes import Cluster, free_port_run, stop_group, wait_ready
 
 CLIENTS = 8
 LOAD_BEFORE_KILL_S = 1.5
+CLUSTER_READY_WITHIN_S = 30.0  # three nodes on a data dir each, reopened and ready
+NODE_READY_WITHIN_S = 20.0
+NODE_STOP_WITHIN_S = 10.0
 
 
 async def write_until_killed(url: str, kill: Callable[[], None]) -> tuple[dict[str, tuple[bytes, float]], float]:
@@ -72,31 +75,39 @@ def test_sigkill_with_fsync_batch_loses_at_most_the_window(make_cluster: Callabl
     assert len(acked) > 100
     lost = lost_after_restart(cluster, acked)
     print(f"fsync=batch ({window_ms} ms): {len(acked)} acknowledged, {len(lost)} lost")
-    # A process crash leaves the page cache intact, so LMDB loses nothing here;
-    # whatever might be lost must at least be inside the last window.
-    assert all(acked[key][1] > killed_at - window_ms / 1000 - 0.05 for key in lost)
+    # A process crash leaves the page cache intact, so LMDB loses nothing here
+    # (the window bounds what a power loss could take, which no test here
+    # can cause). Anything lost is a bug; show whether it was in the window.
+    in_window = [key for key in lost if acked[key][1] > killed_at - window_ms / 1000 - 0.05]
+    assert lost == [], f"{len(lost)} acknowledged writes lost, {len(in_window)} of them in the last {window_ms} ms"
 
 
 def test_cluster_command_keeps_every_key_across_a_full_stop_and_start(tmp_path: Path) -> None:
     base = free_port_run(3)
     data = tmp_path / "data"
-    command = [sys.executable, "-m", "app", "cluster", "--nodes", "3", "--base-port", str(base), "--data-dir", str(data)]
+    command = [
+        sys.executable,
+        "-m",
+        "app",
+        "cluster",
+        "--nodes",
+        "3",
+        "--base-port",
+        str(base),
+        "--data-dir",
+        str(data),
+    ]
     keys = {f"persist-{i}": f"value-{i}".encode() for i in range(150)}
 
-    def run_cluster(check: Callable[[httpx.Client], None]) -> None:
+    def run_cluster_command(check: Callable[[httpx.Client], None]) -> None:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
+            wait_ready(
+                [f"http://127.0.0.1:{port}" for port in range(base, base + 3)],
+                procs=[proc],
+                timeout=CLUSTER_READY_WITHIN_S,
+            )
             with httpx.Client(timeout=5) as http:
-                deadline = time.monotonic() + 30
-                for port in range(base, base + 3):
-                    while True:
-                        try:
-                            if http.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
-                                break
-                        except httpx.HTTPError:
-                            pass
-                        assert time.monotonic() < deadline, "cluster did not become ready"
-                        time.sleep(0.1)
                 check(http)
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=15) == 0
@@ -118,32 +129,36 @@ def test_cluster_command_keeps_every_key_across_a_full_stop_and_start(tmp_path: 
             else:
                 assert resp.content == value, key
 
-    run_cluster(write)
+    run_cluster_command(write)
     assert sorted(p.name for p in data.iterdir()) == ["node1", "node2", "node3"]
-    run_cluster(read)
+    run_cluster_command(read)
 
 
 def test_a_data_dir_refuses_another_node_id(tmp_path: Path) -> None:
     port = free_port_run(1)
 
     def node_command(node_id: str) -> list[str]:
-        return [sys.executable, "-m", "app", "node", "--node-id", node_id, "--listen", f"127.0.0.1:{port}",
-                "--data-dir", str(tmp_path / "dir")]
+        return [
+            sys.executable,
+            "-m",
+            "app",
+            "node",
+            "--node-id",
+            node_id,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(tmp_path / "dir"),
+        ]
 
-    first = subprocess.Popen(node_command("alpha"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = subprocess.Popen(
+        node_command("alpha"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "first node never became ready"
-            time.sleep(0.1)
+        wait_ready([f"http://127.0.0.1:{port}"], procs=[first], timeout=NODE_READY_WITHIN_S)
     finally:
-        os.killpg(first.pid, signal.SIGTERM)
-        first.wait(timeout=10)
+        stop_group(first, grace_s=NODE_STOP_WITHIN_S)
+    assert first.returncode is not None
     second = subprocess.run(node_command("beta"), capture_output=True, text=True, timeout=30)
     assert second.returncode != 0
     assert "alpha" in second.stderr + second.stdout

@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterable
 import pytest
 
 from app.ring import HashRing
+from tests.harness.processes import Cluster
+from tests.harness.proxy import ProxyMesh
 from tests.integration.history import Load, Op, Verdict, check, observe, record_deletes, success_ratio
-from tests.integration.nodes import (
-    Cluster,
+from tests.integration.probes import (
     change_membership,
     divergent_keys,
     membership_disagreement,
@@ -30,16 +31,20 @@ from tests.integration.nodes import (
     wait_converged,
     wait_for,
 )
-from tests.integration.proxy import ProxyMesh
 
 N = 3
 TOKEN = "fault-test-token"
 NODE_ARGS = [
-    "--replication-factor", str(N),
-    "--peer-timeout", "0.5",
-    "--anti-entropy-interval", "0.5",
-    "--fsync", "always",
-    "--cluster-token", TOKEN,
+    "--replication-factor",
+    str(N),
+    "--peer-timeout",
+    "0.5",
+    "--anti-entropy-interval",
+    "0.5",
+    "--fsync",
+    "always",
+    "--cluster-token",
+    TOKEN,
 ]
 KEYS = [f"key-{i:03d}" for i in range(200)]
 CLIENTS = 6
@@ -99,8 +104,11 @@ def assert_placement(cluster: Cluster, ids: Iterable[str], *, deleted: Iterable[
 
 
 def everyone_sees_everyone(cluster: Cluster) -> None:
-    wait_for(lambda: unreachable_peers(cluster.running_urls(), expect=cluster.direct_peers, token=TOKEN),
-             timeout=REJOIN_WITHIN_S, what="every node sees every node reachable")
+    wait_for(
+        lambda: unreachable_peers(cluster.running_urls(), expect=cluster.direct_peers, token=TOKEN),
+        timeout=REJOIN_WITHIN_S,
+        what="every node sees every node reachable",
+    )
 
 
 def test_crash_of_one_node_loses_nothing_and_keeps_answering(make_cluster: MakeCluster, start_load: StartLoad) -> None:
@@ -144,7 +152,9 @@ def test_two_crashes_in_sequence_lose_nothing(make_cluster: MakeCluster, start_l
     assert_nothing_lost(cluster, ops)
 
 
-def test_partition_heals_to_identical_replicas(make_cluster: MakeCluster, start_load: StartLoad, proxy_mesh: ProxyMesh) -> None:
+def test_partition_heals_to_identical_replicas(
+    make_cluster: MakeCluster, start_load: StartLoad, proxy_mesh: ProxyMesh
+) -> None:
     cluster = make_cluster(3, args=NODE_ARGS, durable=True, peers_for=proxy_mesh.route)
     urls = cluster.direct_peers
     load = start_load(urls=list(urls.values()), keys=KEYS, clients=CLIENTS, name="partition")
@@ -160,7 +170,12 @@ def test_partition_heals_to_identical_replicas(make_cluster: MakeCluster, start_
     # The majority's writes to node3 time out, so its failure detector notices.
     # (node3 may not notice yet: with no clients it need not be sending anything.)
     def partition_not_seen() -> str | None:
-        return "; ".join(f"{a} still sees node3" for a in ("node1", "node2") if reachability(urls[a], token=TOKEN).get("node3")) or None
+        return (
+            "; ".join(
+                f"{a} still sees node3" for a in ("node1", "node2") if reachability(urls[a], token=TOKEN).get("node3")
+            )
+            or None
+        )
 
     wait_for(partition_not_seen, timeout=REJOIN_WITHIN_S, what="the majority sees node3 unreachable")
     load.run_for(3.0, min_ops=300)
@@ -197,7 +212,11 @@ def test_join_under_load_moves_a_share_to_the_new_node(make_cluster: MakeCluster
     load.run_for(3.0, min_ops=300)
     ops = load.stop()
 
-    wait_for(lambda: membership_disagreement(peers, members=peers, token=TOKEN), timeout=REJOIN_WITHIN_S, what="every node has the four members")
+    wait_for(
+        lambda: membership_disagreement(peers, members=peers, token=TOKEN),
+        timeout=REJOIN_WITHIN_S,
+        what="every node has the four members",
+    )
     took = wait_for(lambda: rebalancing_left(peers, token=TOKEN), timeout=REBALANCE_WITHIN_S, what="rebalancing done")
     print(f"rebalancing done {took:.1f}s after the load stopped")
     converge(cluster, peers)
@@ -228,8 +247,14 @@ def test_leave_rereplicates_and_resurrects_nothing(make_cluster: MakeCluster, st
     during.run_for(3.0, min_ops=300)
     ops += during.stop()
 
-    wait_for(lambda: membership_disagreement(remaining, members=remaining, token=TOKEN), timeout=REJOIN_WITHIN_S, what="every remaining node has the three members")
-    took = wait_for(lambda: rebalancing_left(remaining, token=TOKEN), timeout=REBALANCE_WITHIN_S, what="rebalancing done")
+    wait_for(
+        lambda: membership_disagreement(remaining, members=remaining, token=TOKEN),
+        timeout=REJOIN_WITHIN_S,
+        what="every remaining node has the three members",
+    )
+    took = wait_for(
+        lambda: rebalancing_left(remaining, token=TOKEN), timeout=REBALANCE_WITHIN_S, what="rebalancing done"
+    )
     print(f"rebalancing done {took:.1f}s after the load stopped")
     converge(cluster, remaining)
     held = assert_placement(cluster, remaining, deleted=deleted)
@@ -240,4 +265,4 @@ def test_leave_rereplicates_and_resurrects_nothing(make_cluster: MakeCluster, st
 
 def _ids(members: list[object]) -> set[str]:
     """Member ids from a membership reply (ids, or objects with node_id)."""
-    return {m if isinstance(m, str) else m["node_id"] for m in members}  # type: ignore[index]
+    return {m if isinstance(m, str) else m["node_id"] for m in members}

@@ -11,6 +11,7 @@ anything here; only a power loss can lose the batch window (not tested).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -62,10 +63,8 @@ CHILD = textwrap.dedent(
 
 
 def _kill_group(child: subprocess.Popen[str]) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(child.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     child.wait(timeout=10)
 
 

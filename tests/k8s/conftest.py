@@ -1,29 +1,20 @@
 """Fixtures for the Kubernetes-side tests: the real `helm` and `hadolint` binaries
-that scripts/install_tools.py puts in .tools/bin, and a renderer for the chart.
-A missing tool fails the test (never skips): CI must run every chart test.
+that scripts/install_tools.py puts in .tools/bin, and a renderer for the chart
+(helpers in chart.py). A missing tool fails the test (never skips): CI must run
+every chart test.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-TOOLS_BIN = REPO / ".tools" / "bin"
-CHART = REPO / "deploy" / "helm" / "kvstore"
-CHART_CI_VALUES = CHART / "ci"  # non-default values files, one scenario each (kept out of the package by .helmignore)
-KUBE_VERSION = "1.33.0"
-RELEASE = "kv"
-NAMESPACE = "store"
-HELM_TIMEOUT_S = 60
-
-Render = Callable[..., list[dict[str, Any]]]
+from tests.k8s.chart import TOOLS_BIN, Render, run_helm, template_args
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -52,7 +43,10 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
 def _tool(name: str) -> Path:
     path = TOOLS_BIN / name
     if not (path.is_file() and os.access(path, os.X_OK)):
-        pytest.fail(f"{path} is missing: run `python scripts/install_tools.py` (make test does) to install helm and hadolint", pytrace=False)
+        pytest.fail(
+            f"{path} is missing: run `python scripts/install_tools.py` (make test does) to install helm and hadolint",
+            pytrace=False,
+        )
     return path
 
 
@@ -64,32 +58,6 @@ def helm() -> Path:
 @pytest.fixture(scope="session")
 def hadolint() -> Path:
     return _tool("hadolint")
-
-
-def run_helm(helm: Path, args: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=HELM_TIMEOUT_S, check=False)
-
-
-def template_args(
-    *,
-    values_files: Sequence[Path] = (),
-    set_values: Sequence[str] = (),
-    set_json: Sequence[str] = (),
-    api_versions: Sequence[str] = (),
-    show_tests: bool = True,
-) -> list[str]:
-    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION]
-    for path in values_files:
-        args += ["--values", str(path)]
-    for item in set_values:
-        args += ["--set", item]
-    for item in set_json:
-        args += ["--set-json", item]
-    for api in api_versions:
-        args += ["--api-versions", api]
-    if not show_tests:
-        args.append("--skip-tests")
-    return args
 
 
 @pytest.fixture(scope="session")

@@ -43,14 +43,22 @@ class ScriptedKubernetes(kmock.KubernetesEmulator):
     the streams open at that moment; the wrapper below turns it into the end of
     the stream or the ERROR event and is never seen by a client as such."""
 
-    async def _serve_watch(self, request: Any) -> AsyncIterator[Any]:  # type: ignore[override]
+    async def _serve_watch(self, request: Any) -> AsyncIterator[Any]:
         async for event in super()._serve_watch(request):
             if isinstance(event, dict) and event.get("type") == CONTROL:
                 if event["action"] == "gone":
-                    yield {"type": "ERROR", "object": {
-                        "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
-                        "reason": "Expired", "code": 410, "message": "too old resource version: 1 (2)",
-                    }}
+                    yield {
+                        "type": "ERROR",
+                        "object": {
+                            "apiVersion": "v1",
+                            "kind": "Status",
+                            "metadata": {},
+                            "status": "Failure",
+                            "reason": "Expired",
+                            "code": 410,
+                            "message": "too old resource version: 1 (2)",
+                        },
+                    }
                 return  # the server ends the stream
             yield event
 
@@ -86,7 +94,9 @@ class KubeAPI:
         self._server: kmock.Server | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kmock", daemon=True)
-        self._http = httpx.Client(timeout=HTTP_TIMEOUT_S, limits=httpx.Limits(max_keepalive_connections=0))  # survives server restarts
+        self._http = httpx.Client(
+            timeout=HTTP_TIMEOUT_S, limits=httpx.Limits(max_keepalive_connections=0)
+        )  # survives server restarts
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -113,7 +123,7 @@ class KubeAPI:
         assert self.handler is not None and self._server is None
 
         async def serve() -> kmock.Server:
-            server = kmock.Server(self.handler, host=self.host, port=self.port, server_cls=_QuickStopServer)  # type: ignore[arg-type]
+            server = kmock.Server(self.handler, host=self.host, port=self.port, server_cls=_QuickStopServer)
             await server.__aenter__()
             return server
 
@@ -188,27 +198,44 @@ class KubeAPI:
         assert 200 <= resp.status_code < 300, f"{method} {path}: {resp.status_code} {resp.text[:500]}"
         return resp.json()
 
-    def create_statefulset(self, *, namespace: str, name: str, replicas: int, service: str, labels: dict[str, str]) -> None:
-        self._request("POST", STATEFULSETS.format(ns=namespace), {
-            "apiVersion": "apps/v1", "kind": "StatefulSet",
-            "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
-            "spec": {
-                "replicas": replicas, "serviceName": service, "podManagementPolicy": "Parallel",
-                "selector": {"matchLabels": dict(labels)},
-                "template": {"metadata": {"labels": dict(labels)}, "spec": {"containers": [{"name": "kvstore", "image": "kvstore"}]}},
+    def create_statefulset(
+        self, *, namespace: str, name: str, replicas: int, service: str, labels: dict[str, str]
+    ) -> None:
+        self._request(
+            "POST",
+            STATEFULSETS.format(ns=namespace),
+            {
+                "apiVersion": "apps/v1",
+                "kind": "StatefulSet",
+                "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+                "spec": {
+                    "replicas": replicas,
+                    "serviceName": service,
+                    "podManagementPolicy": "Parallel",
+                    "selector": {"matchLabels": dict(labels)},
+                    "template": {
+                        "metadata": {"labels": dict(labels)},
+                        "spec": {"containers": [{"name": "kvstore", "image": "kvstore"}]},
+                    },
+                },
             },
-        })
+        )
 
     def scale_statefulset(self, *, namespace: str, name: str, replicas: int) -> None:
         self._request("PATCH", f"{STATEFULSETS.format(ns=namespace)}/{name}", {"spec": {"replicas": replicas}})
 
     def create_pod(self, *, namespace: str, name: str, labels: dict[str, str], ready: bool = False) -> None:
-        self._request("POST", PODS.format(ns=namespace), {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
-            "spec": {"containers": [{"name": "kvstore", "image": "kvstore"}]},
-            "status": _pod_status(ready),
-        })
+        self._request(
+            "POST",
+            PODS.format(ns=namespace),
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+                "spec": {"containers": [{"name": "kvstore", "image": "kvstore"}]},
+                "status": _pod_status(ready),
+            },
+        )
 
     def set_pod_ready(self, *, namespace: str, name: str, ready: bool) -> None:
         self._request("PATCH", f"{PODS.format(ns=namespace)}/{name}/status", {"status": _pod_status(ready)})
@@ -220,7 +247,10 @@ class KubeAPI:
 
 def _pod_status(ready: bool) -> dict[str, Any]:
     flag = "True" if ready else "False"
-    return {"phase": "Running", "conditions": [{"type": "Ready", "status": flag}, {"type": "ContainersReady", "status": flag}]}
+    return {
+        "phase": "Running",
+        "conditions": [{"type": "Ready", "status": flag}, {"type": "ContainersReady", "status": flag}],
+    }
 
 
 @contextlib.contextmanager

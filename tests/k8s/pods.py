@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.k8s.conftest import REPO
+from tests.k8s.chart import REPO
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 PODMAN_TIMEOUT_S = 60  # one podman call (run, exec, stop, rm); a start is ~0.5 s
@@ -78,25 +78,44 @@ class Pki:
 def make_pki(directory: Path, *, server_ip: str, name: str = "kvstore-test") -> Pki:
     """A CA and a server certificate for server_ip signed by it (the API server's serving cert)."""
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name}-ca")])
     ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
-        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
         .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(server_ip))]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -106,8 +125,9 @@ def make_pki(directory: Path, *, server_ip: str, name: str = "kvstore-test") -> 
     pki = Pki(ca_crt=directory / "ca.crt", server_crt=directory / "server.crt", server_key=directory / "server.key")
     pki.ca_crt.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     pki.server_crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pki.server_key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                 serialization.NoEncryption()))
+    pki.server_key.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return pki
 
 
@@ -220,7 +240,10 @@ class PodTemplate:
                     secrets[doc["metadata"]["name"], key] = base64.b64decode(value).decode()
         env = list(container.get("env") or [])
         domain = next((e["value"] for e in env if e["name"] == "KVSTORE_CLUSTER_DOMAIN"), "cluster.local")
-        pre_stop = (((container.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}).get("command") or ["sleep", "0"]
+        pre_stop = (((container.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}).get("command") or [
+            "sleep",
+            "0",
+        ]
         assert pre_stop[0] == "sleep", pre_stop
         return cls(
             statefulset=sts["metadata"]["name"],
@@ -255,7 +278,9 @@ class PodTemplate:
                 continue
             source = item["valueFrom"]
             if "fieldRef" in source:
-                resolved[item["name"]] = {"metadata.name": pod_name, "metadata.namespace": self.namespace}[source["fieldRef"]["fieldPath"]]
+                resolved[item["name"]] = {"metadata.name": pod_name, "metadata.namespace": self.namespace}[
+                    source["fieldRef"]["fieldPath"]
+                ]
             elif "secretKeyRef" in source:
                 ref = source["secretKeyRef"]
                 resolved[item["name"]] = self.secrets[ref["name"], ref["key"]]
@@ -278,7 +303,9 @@ class PodTemplate:
         assert not merged.get("privileged")
         for cap in (merged.get("capabilities") or {}).get("drop") or []:
             flags += ["--cap-drop", cap.lower()]
-        assert (merged.get("seccompProfile") or {}).get("type", "RuntimeDefault") == "RuntimeDefault"  # podman's default profile
+        assert (merged.get("seccompProfile") or {}).get(
+            "type", "RuntimeDefault"
+        ) == "RuntimeDefault"  # podman's default profile
         return flags
 
 
@@ -340,14 +367,23 @@ class Kubelet:
             path.chmod(0o755)
         return path
 
-    def run(self, ordinal: int, *, volume: Path | None = None, mount_token: bool | None = None,
-            extra_env: dict[str, str] | None = None, tag: str = "") -> Pod:
+    def run(
+        self,
+        ordinal: int,
+        *,
+        volume: Path | None = None,
+        mount_token: bool | None = None,
+        extra_env: dict[str, str] | None = None,
+        tag: str = "",
+    ) -> Pod:
         t = self.template
         name = t.pod_name(ordinal)
         host = self.hosts[ordinal]
         container = f"{self.prefix}-{name}{tag}"
         env = t.env_for(name)
-        env["KVSTORE_LISTEN"] = f"{host}:{t.port}"  # the pod's IP; the chart's 0.0.0.0 would collide under --network host
+        env["KVSTORE_LISTEN"] = (
+            f"{host}:{t.port}"  # the pod's IP; the chart's 0.0.0.0 would collide under --network host
+        )
         if self.api_host is not None:
             env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"] = self.api_host, str(self.api_port)
         env.update(extra_env or {})
@@ -355,10 +391,23 @@ class Kubelet:
         tmp = self.workdir / "volumes" / f"tmp-{container}"
         tmp.mkdir(parents=True, exist_ok=True)
         tmp.chmod(0o1777)
-        args = ["run", "--detach", "--name", container, "--network", "host",
-                "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
-                *t.security_flags(),
-                "--volume", f"{data}:{t.mounts['data']}", "--volume", f"{tmp}:{t.mounts['tmp']}"]
+        args = [
+            "run",
+            "--detach",
+            "--name",
+            container,
+            "--network",
+            "host",
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+            *t.security_flags(),
+            "--volume",
+            f"{data}:{t.mounts['data']}",
+            "--volume",
+            f"{tmp}:{t.mounts['tmp']}",
+        ]
         if (t.automount_token if mount_token is None else mount_token) and self.service_account is not None:
             args += ["--volume", f"{self.service_account}:{SERVICE_ACCOUNT_DIR}:ro"]
         for other, address in self.hosts.items():
@@ -367,14 +416,18 @@ class Kubelet:
             args += ["--env", f"{key}={value}"]
         self.containers.append(container)
         podman(*args, self.image)
-        return Pod(name=name, container=container, host=host, port=t.port, token=env["KVSTORE_CLUSTER_TOKEN"], data_dir=data)
+        return Pod(
+            name=name, container=container, host=host, port=t.port, token=env["KVSTORE_CLUSTER_TOKEN"], data_dir=data
+        )
 
     def stop_like_kubelet(self, pod: Pod) -> tuple[int, float]:
         """preStop (the chart's sleep, run in the container), then SIGTERM with what is
         left of the grace period before SIGKILL. Returns (exit code, seconds from SIGTERM)."""
         t = self.template
         if t.pre_stop_sleep_s:
-            podman("exec", pod.container, "sleep", str(t.pre_stop_sleep_s), timeout=t.pre_stop_sleep_s + PODMAN_TIMEOUT_S)
+            podman(
+                "exec", pod.container, "sleep", str(t.pre_stop_sleep_s), timeout=t.pre_stop_sleep_s + PODMAN_TIMEOUT_S
+            )
         started = time.monotonic()
         remaining = max(1, t.grace_s - t.pre_stop_sleep_s)
         podman("stop", "--time", str(remaining), pod.container, timeout=remaining + PODMAN_TIMEOUT_S)

@@ -46,8 +46,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.nodes import (
-    NodeProcess,
+from tests.harness.processes import NodeProcess
+from tests.integration.probes import (
     admin_get,
     membership_disagreement,
     read_replicas,
@@ -109,17 +109,35 @@ class KubeCluster:
 
     def node_args(self) -> list[str]:
         args = [
-            "--membership", "kubernetes", "--namespace", NAMESPACE, "--statefulset", STATEFULSET,
-            "--headless-service", SERVICE, "--cluster-domain", DOMAIN, "--kubeconfig", str(self.kubeconfig),
-            "--anti-entropy-interval", "0.5", "--peer-timeout", "0.5",
-            "--replication-factor", str(REPLICATION_FACTOR), "--sync-deadline", "15",
+            "--membership",
+            "kubernetes",
+            "--namespace",
+            NAMESPACE,
+            "--statefulset",
+            STATEFULSET,
+            "--headless-service",
+            SERVICE,
+            "--cluster-domain",
+            DOMAIN,
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--anti-entropy-interval",
+            "0.5",
+            "--peer-timeout",
+            "0.5",
+            "--replication-factor",
+            str(REPLICATION_FACTOR),
+            "--sync-deadline",
+            "15",
         ]
         for ordinal in range(MAX_PODS):
             args += ["--resolve", f"{pod_dns(ordinal)}={pod_host(ordinal)}"]
         return args
 
     def create_statefulset(self, replicas: int) -> None:
-        self.api.create_statefulset(namespace=NAMESPACE, name=STATEFULSET, replicas=replicas, service=SERVICE, labels=LABELS)
+        self.api.create_statefulset(
+            namespace=NAMESPACE, name=STATEFULSET, replicas=replicas, service=SERVICE, labels=LABELS
+        )
 
     def scale(self, replicas: int) -> None:
         self.api.scale_statefulset(namespace=NAMESPACE, name=STATEFULSET, replicas=replicas)
@@ -128,7 +146,9 @@ class KubeCluster:
         """The controller creates the pod (not ready), the kubelet starts its container."""
         name = pod_name(ordinal)
         self.api.create_pod(namespace=NAMESPACE, name=name, labels=LABELS, ready=False)
-        node = NodeProcess(node_id=name, host=pod_host(ordinal), port=self.port, peers={}, log_dir=self.log_dir, args=self.node_args())
+        node = NodeProcess(
+            node_id=name, host=pod_host(ordinal), port=self.port, peers={}, log_dir=self.log_dir, args=self.node_args()
+        )
         self.nodes[name] = node
         return node.start()
 
@@ -186,8 +206,11 @@ def ring(url: str) -> dict:
 def wait_members(cluster: KubeCluster, count: int, *, timeout: float = CHANGE_TIMEOUT_S) -> None:
     """Every running node's /ring has exactly pods 0..count-1."""
     members = {pod_name(i) for i in range(count)}
-    wait_for(lambda: membership_disagreement(cluster.urls(), members=members), timeout=timeout,
-             what=f"every node's ring has the {count} pods")
+    wait_for(
+        lambda: membership_disagreement(cluster.urls(), members=members),
+        timeout=timeout,
+        what=f"every node's ring has the {count} pods",
+    )
 
 
 def source_status(url: str) -> dict:
@@ -264,10 +287,15 @@ def test_three_pods_form_one_ring_of_dns_names(three_pods: KubeCluster) -> None:
             pod_name(i): f"http://{pod_dns(i)}:{cluster.port}" for i in range(3)
         }, name
         source = view["membership_source"]
-        assert source["kind"] == "kubernetes" and source["statefulset"] == STATEFULSET and source["namespace"] == NAMESPACE
+        assert (
+            source["kind"] == "kubernetes" and source["statefulset"] == STATEFULSET and source["namespace"] == NAMESPACE
+        )
         assert source["replicas"] == 3
-    wait_for(lambda: None if all(source_status(u)["connected"] for u in urls.values()) else "a source is not connected",
-             timeout=CHANGE_TIMEOUT_S, what="every source watching")
+    wait_for(
+        lambda: None if all(source_status(u)["connected"] for u in urls.values()) else "a source is not connected",
+        timeout=CHANGE_TIMEOUT_S,
+        what="every source watching",
+    )
 
     keys = [f"k-{i}" for i in range(KEYS)]
     write_keys({"kvstore-0": urls["kvstore-0"]}, keys, tag="one")
@@ -319,7 +347,11 @@ def test_scale_down_the_leaving_pod_hands_off_and_nothing_is_lost(three_pods: Ku
 
     def copies() -> str | None:
         wrong = {k: n for k, n in replica_counts(urls, keys).items() if n != REPLICATION_FACTOR}
-        return f"{len(wrong)} keys without exactly 3 live replicas, e.g. {dict(list(wrong.items())[:5])}" if wrong else None
+        return (
+            f"{len(wrong)} keys without exactly 3 live replicas, e.g. {dict(list(wrong.items())[:5])}"
+            if wrong
+            else None
+        )
 
     wait_for(copies, timeout=SETTLE_TIMEOUT_S, what="every key on all 3 remaining pods")
 
@@ -330,9 +362,18 @@ def test_a_watch_ended_by_the_server_resumes(three_pods: KubeCluster) -> None:
     watches_before = count_requests(api, plural="statefulsets", action="WATCH")
 
     assert api.end_watches(plural="statefulsets", namespace=NAMESPACE) >= 1
-    wait_for(lambda: None if count_requests(api, plural="statefulsets", action="WATCH") >= watches_before + 3
-             else "the nodes have not watched again", timeout=CHANGE_TIMEOUT_S, what="every node re-watching")
-    assert count_requests(api, plural="statefulsets", action="LIST") == lists_before, "a clean end of a watch must resume, not relist"
+    wait_for(
+        lambda: (
+            None
+            if count_requests(api, plural="statefulsets", action="WATCH") >= watches_before + 3
+            else "the nodes have not watched again"
+        ),
+        timeout=CHANGE_TIMEOUT_S,
+        what="every node re-watching",
+    )
+    assert count_requests(api, plural="statefulsets", action="LIST") == lists_before, (
+        "a clean end of a watch must resume, not relist"
+    )
     scale_replicas_and_back(cluster)
 
     # The API server restarts on the same port: every connection drops at once.
@@ -349,24 +390,39 @@ def test_410_gone_relists_and_changes_are_still_seen(three_pods: KubeCluster) ->
 
     assert api.expire_watches(plural="statefulsets", namespace=NAMESPACE) >= 1
     urls = cluster.urls()
-    wait_for(lambda: None if all(source_status(u)["relists"] >= 1 for u in urls.values()) else "not every node relisted",
-             timeout=CHANGE_TIMEOUT_S, what="every node relisting after 410")
+    wait_for(
+        lambda: None if all(source_status(u)["relists"] >= 1 for u in urls.values()) else "not every node relisted",
+        timeout=CHANGE_TIMEOUT_S,
+        what="every node relisting after 410",
+    )
     assert count_requests(api, plural="statefulsets", action="LIST") >= lists_before + 3
-    assert not any("410" in str(source_status(u)["last_error"]) for u in urls.values()), "410 Gone is a relist, not a failure"
+    assert not any("410" in str(source_status(u)["last_error"]) for u in urls.values()), (
+        "410 Gone is a relist, not a failure"
+    )
     scale_replicas_and_back(cluster)
 
 
 def test_api_server_outage_keeps_the_ring_serving_and_shows_staleness(three_pods: KubeCluster) -> None:
     cluster, api = three_pods, three_pods.api
     urls = cluster.urls()
-    wait_for(lambda: None if all(source_status(u)["connected"] for u in urls.values()) else "a source is not connected",
-             timeout=CHANGE_TIMEOUT_S, what="every source watching")
+    wait_for(
+        lambda: None if all(source_status(u)["connected"] for u in urls.values()) else "a source is not connected",
+        timeout=CHANGE_TIMEOUT_S,
+        what="every source watching",
+    )
     errors_before = {name: source_errors_metric(url) for name, url in urls.items()}
 
     api.stop_server()
     try:
-        wait_for(lambda: None if all(source_errors_metric(u) > errors_before[n] for n, u in urls.items())
-                 else "not every node has counted a source error", timeout=CHANGE_TIMEOUT_S, what="errors counted")
+        wait_for(
+            lambda: (
+                None
+                if all(source_errors_metric(u) > errors_before[n] for n, u in urls.items())
+                else "not every node has counted a source error"
+            ),
+            timeout=CHANGE_TIMEOUT_S,
+            what="errors counted",
+        )
         first = {name: source_status(url) for name, url in urls.items()}
         assert not any(status["connected"] for status in first.values()), first
 
@@ -380,12 +436,19 @@ def test_api_server_outage_keeps_the_ring_serving_and_shows_staleness(three_pods
         for name, url in urls.items():
             later = ring(url)
             assert len(later["members"]) == 3, (name, later["members"])
-            assert later["membership_source"]["staleness_s"] >= first[name]["staleness_s"] + 1.5, (name, first[name], later)
+            assert later["membership_source"]["staleness_s"] >= first[name]["staleness_s"] + 1.5, (
+                name,
+                first[name],
+                later,
+            )
             assert source_errors_metric(url) > errors_before[name]
     finally:
         api.start_server()
 
-    wait_for(lambda: None if all(source_status(u)["connected"] for u in urls.values()) else "a source is not back",
-             timeout=CHANGE_TIMEOUT_S, what="every source watching again")
+    wait_for(
+        lambda: None if all(source_status(u)["connected"] for u in urls.values()) else "a source is not back",
+        timeout=CHANGE_TIMEOUT_S,
+        what="every source watching again",
+    )
     assert all(source_status(u)["staleness_s"] < 1.0 for u in urls.values())
     scale_replicas_and_back(cluster)

@@ -16,10 +16,8 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -30,7 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.k8s.conftest import CHART, REPO
+from tests.harness.processes import free_port, wait_ready
+from tests.k8s.chart import CHART, REPO
 
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
@@ -66,7 +65,9 @@ def stages() -> list[list[tuple[str, str]]]:
 
 
 def test_hadolint_is_clean(hadolint: Path) -> None:
-    proc = subprocess.run([str(hadolint), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [str(hadolint), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -82,7 +83,10 @@ def test_image_shape_matches_the_chart() -> None:
     assert runtime_ops["EXPOSE"] == str(values["containerPort"])
     uid, _, gid = runtime_ops["USER"].partition(":")
     assert uid.isdigit() and int(uid) != 0, "a numeric non-root USER lets runAsNonRoot verify it"
-    assert (int(uid), int(gid)) == (values["podSecurityContext"]["runAsUser"], values["podSecurityContext"]["runAsGroup"])
+    assert (int(uid), int(gid)) == (
+        values["podSecurityContext"]["runAsUser"],
+        values["podSecurityContext"]["runAsGroup"],
+    )
     runtime_text = " ".join(args for _, args in runtime)
     for tool in ("gcc", "build-essential", "apt-get install", "pip install"):
         assert tool not in runtime_text, f"the runtime stage must not install {tool!r}"
@@ -90,7 +94,9 @@ def test_image_shape_matches_the_chart() -> None:
     builder_ops = [(op, args) for op, args in builder if op in ("COPY", "RUN")]
     first_code = next(i for i, (op, args) in enumerate(builder_ops) if op == "COPY" and "app" in args.split())
     assert any(op == "COPY" and "requirements/runtime.txt" in args for op, args in builder_ops[:first_code])
-    assert any(op == "RUN" and "--require-hashes -r requirements/runtime.txt" in args for op, args in builder_ops[:first_code])
+    assert any(
+        op == "RUN" and "--require-hashes -r requirements/runtime.txt" in args for op, args in builder_ops[:first_code]
+    )
     last_run = [args for op, args in builder_ops if op == "RUN"][-1]
     assert "pip uninstall --yes setuptools wheel packaging pip" in last_run, "the installers must not reach the image"
 
@@ -98,7 +104,7 @@ def test_image_shape_matches_the_chart() -> None:
 def healthcheck_command() -> list[str]:
     """The HEALTHCHECK's exec-form command, from the runtime stage."""
     args = dict(stages()[-1])["HEALTHCHECK"]
-    return json.loads(args[args.index("CMD ") + len("CMD "):])
+    return json.loads(args[args.index("CMD ") + len("CMD ") :])
 
 
 def run_healthcheck(python: Path, listen: str) -> subprocess.CompletedProcess[str]:
@@ -144,17 +150,21 @@ def test_dockerignore_sends_only_what_the_build_copies(tmp_path: Path) -> None:
     assert not dockerignore_admits(".venv/bin/python") and not dockerignore_admits("tests/unit/test_ring.py")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def pip_install(target: Path, *args: str, cwd: Path) -> None:
     """This interpreter's pip, installing into the venv `target` (pip --python): it skips
     seeding pip into the fresh venv (~9 s). The machine's pip configuration (index,
     find-links, certificates, cache) applies as in a developer's shell."""
-    cmd = [sys.executable, "-m", "pip", "--python", str(target), "install", "--disable-pip-version-check", "--quiet", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        str(target),
+        "install",
+        "--disable-pip-version-check",
+        "--quiet",
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
     assert proc.returncode == 0, f"pip install {shlex.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
 
@@ -178,7 +188,9 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_lock_pins_every_runtime_dependency_with_hashes() -> None:
     """requirements/runtime.txt (make lock) covers pyproject's dependencies, each `==` with sha256 hashes."""
     with (REPO / "pyproject.toml").open("rb") as fh:
-        wanted = {re.split(r"[\[<>=~!; ]", dep, maxsplit=1)[0].lower() for dep in tomllib.load(fh)["project"]["dependencies"]}
+        wanted = {
+            re.split(r"[\[<>=~!; ]", dep, maxsplit=1)[0].lower() for dep in tomllib.load(fh)["project"]["dependencies"]
+        }
     for name in ("runtime.txt", "test.txt", "build.txt"):
         text = (REPO / "requirements" / name).read_text()
         pins = dict(re.findall(r"^([a-z0-9][a-z0-9._-]*)==(\S+)", text, re.M))
@@ -189,16 +201,26 @@ def test_lock_pins_every_runtime_dependency_with_hashes() -> None:
 
 
 @pytest.fixture(params=["127.0.0.1", "127.0.0.3"])
-def node_process(request: pytest.FixtureRequest, image_venv: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+def node_process(
+    request: pytest.FixtureRequest, image_venv: Path, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], int, Path, str]]:
     """The installed entrypoint, on loopback and on another loopback address (as a pod on its own IP)."""
     host = request.param
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("KVSTORE_")}
-    env.update(KVSTORE_NODE_ID="n1", KVSTORE_LISTEN=f"{host}:{port}", PATH=f"{image_venv / 'bin'}:{env.get('PATH', '')}")
+    env.update(
+        KVSTORE_NODE_ID="n1", KVSTORE_LISTEN=f"{host}:{port}", PATH=f"{image_venv / 'bin'}:{env.get('PATH', '')}"
+    )
     log = tmp_path / "node.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([str(image_venv / "bin" / "kvstore"), "node"], cwd=tmp_path, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(image_venv / "bin" / "kvstore"), "node"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         yield proc, port, log, host
     finally:
@@ -215,21 +237,22 @@ def get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def test_installed_entrypoint_serves_health_and_stops_on_sigterm(image_venv: Path, node_process: tuple[subprocess.Popen[bytes], int, Path, str]) -> None:
+def test_installed_entrypoint_serves_health_and_stops_on_sigterm(
+    image_venv: Path, node_process: tuple[subprocess.Popen[bytes], int, Path, str]
+) -> None:
     proc, port, log, host = node_process
     # The installed package, not the source tree, is what runs.
-    where = subprocess.run([str(image_venv / "bin" / "python"), "-c", "import app; print(app.__file__)"],
-                           cwd=log.parent, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    where = subprocess.run(
+        [str(image_venv / "bin" / "python"), "-c", "import app; print(app.__file__)"],
+        cwd=log.parent,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
     assert Path(where).is_relative_to(image_venv), where
-    deadline = time.monotonic() + START_TIMEOUT_S
-    status, body = 0, ""
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"kvstore node exited with {proc.returncode}:\n{log.read_text()}"
-        try:
-            status, body = get(f"http://{host}:{port}/health")
-            break
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.1)
+    wait_ready([f"http://{host}:{port}"], procs=[proc], path="/health", timeout=START_TIMEOUT_S, logs=[log])
+    status, body = get(f"http://{host}:{port}/health")
     assert (status, body.strip()) == (200, "OK"), log.read_text()
 
     # The HEALTHCHECK probes the address the node listens on (defect: it always probed 127.0.0.1),
@@ -239,7 +262,9 @@ def test_installed_entrypoint_serves_health_and_stops_on_sigterm(image_venv: Pat
     if host == "127.0.0.1":
         assert run_healthcheck(python, f"0.0.0.0:{port}").returncode == 0
     else:
-        assert run_healthcheck(python, f"127.0.0.1:{port}").returncode != 0, "nothing listens there: the probe must fail"
+        assert run_healthcheck(python, f"127.0.0.1:{port}").returncode != 0, (
+            "nothing listens there: the probe must fail"
+        )
     assert run_healthcheck(python, f"{host}:{free_port()}").returncode != 0, "a probe of a closed port must fail"
     os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -249,4 +274,3 @@ def test_installed_entrypoint_serves_health_and_stops_on_sigterm(image_venv: Pat
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal so the exit status
     # reports it (uvicorn >= 0.29): -SIGTERM is a clean stop too; anything else is a crash.
     assert code in (0, -signal.SIGTERM), f"kvstore node exited {code} on SIGTERM:\n{log.read_text()}"
-

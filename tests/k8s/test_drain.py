@@ -3,7 +3,7 @@ its records off for at most --drain-deadline (KVSTORE_DRAIN_DEADLINE, which the
 chart derives from terminationGracePeriodSeconds; test_chart.py checks that
 arithmetic), then exits and logs what it did not hand off.
 
-A real `kvstore node` process (tests/integration/nodes.py) with durable storage
+A real `kvstore node` process (tests/harness/processes.py) with durable storage
 is told that the ring is now one other member, whose address accepts
 connections but never answers (a listening socket nobody accepts on), with a
 peer timeout far longer than the drain deadline: only the drain's own bound
@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from app.transport.base import MEMBERSHIP_PATH
-from tests.integration.nodes import NodeProcess, free_port
+from tests.harness.processes import NodeProcess, free_port
 
 DRAIN_DEADLINE_S = 2.0
 PEER_TIMEOUT_S = 60.0  # a push to the silent owner would wait this long: longer than any pod's grace
@@ -45,12 +45,30 @@ def silent_owner() -> Iterator[str]:
         sock.close()
 
 
-def test_a_leaving_node_stops_within_its_drain_deadline_and_logs_what_it_kept(tmp_path: Path, silent_owner: str) -> None:
+def test_a_leaving_node_stops_within_its_drain_deadline_and_logs_what_it_kept(
+    tmp_path: Path, silent_owner: str
+) -> None:
     port = free_port(NODE_HOST)
     node = NodeProcess(
-        node_id="leaving", host=NODE_HOST, port=port, peers={}, log_dir=tmp_path,
-        args=["--data-dir", str(tmp_path / "data"), "--replication-factor", "1", "--peer-timeout", str(PEER_TIMEOUT_S),
-              "--drain-deadline", str(DRAIN_DEADLINE_S), "--anti-entropy-interval", "3600", "--log-level", "info"],
+        node_id="leaving",
+        host=NODE_HOST,
+        port=port,
+        peers={},
+        log_dir=tmp_path,
+        args=[
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--replication-factor",
+            "1",
+            "--peer-timeout",
+            str(PEER_TIMEOUT_S),
+            "--drain-deadline",
+            str(DRAIN_DEADLINE_S),
+            "--anti-entropy-interval",
+            "3600",
+            "--log-level",
+            "info",
+        ],
     )
     node.start()
     try:
@@ -68,8 +86,10 @@ def test_a_leaving_node_stops_within_its_drain_deadline_and_logs_what_it_kept(tm
         try:
             node.proc.wait(timeout=DRAIN_DEADLINE_S + EXIT_SLACK_S)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"the node was still draining {DRAIN_DEADLINE_S + EXIT_SLACK_S:.0f} s after SIGTERM "
-                        f"(--drain-deadline {DRAIN_DEADLINE_S}):\n{node.log_tail()}")
+            pytest.fail(
+                f"the node was still draining {DRAIN_DEADLINE_S + EXIT_SLACK_S:.0f} s after SIGTERM "
+                f"(--drain-deadline {DRAIN_DEADLINE_S}):\n{node.log_tail()}"
+            )
         took = time.monotonic() - started
         log = node.log_path.read_text(errors="replace")
         assert "left the ring" in log, log

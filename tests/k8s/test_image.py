@@ -30,10 +30,21 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.nodes import membership_disagreement, read_replicas, rebalancing_left, wait_for
-from tests.k8s.conftest import REPO, Render
+from tests.integration.probes import membership_disagreement, read_replicas, rebalancing_left, wait_for
+from tests.k8s.chart import REPO, Render
 from tests.k8s.kube_api import KubeAPI
-from tests.k8s.pods import IMAGE_SCRIPT, Kubelet, Pki, Pod, PodTemplate, TlsFront, make_pki, podman, remove_orphans, write_service_account
+from tests.k8s.pods import (
+    IMAGE_SCRIPT,
+    Kubelet,
+    Pki,
+    Pod,
+    PodTemplate,
+    TlsFront,
+    make_pki,
+    podman,
+    remove_orphans,
+    write_service_account,
+)
 from tests.k8s.test_discovery import free_port_on
 
 API_HOST = "127.0.0.60"  # the API server's TLS front (kubernetes.default.svc)
@@ -79,13 +90,17 @@ def api(pki: Pki) -> Iterator[tuple[KubeAPI, TlsFront]]:
         kube.close()
 
 
-def kubelet_for(docs: list[dict], *, image: str, tmp_path: Path, api: tuple[KubeAPI, TlsFront] | None, ca_crt: Path | None) -> Kubelet:
+def kubelet_for(
+    docs: list[dict], *, image: str, tmp_path: Path, api: tuple[KubeAPI, TlsFront] | None, ca_crt: Path | None
+) -> Kubelet:
     template = PodTemplate.from_docs(docs)
     kubelet = Kubelet(template=template, image=image, workdir=tmp_path, hosts=POD_HOSTS)
     if api is not None:
         kubelet.api_host, kubelet.api_port = api[1].host, api[1].port
     if ca_crt is not None:
-        kubelet.service_account = write_service_account(tmp_path / "serviceaccount", namespace=template.namespace, ca_crt=ca_crt)
+        kubelet.service_account = write_service_account(
+            tmp_path / "serviceaccount", namespace=template.namespace, ca_crt=ca_crt
+        )
     return kubelet
 
 
@@ -110,8 +125,13 @@ def make_kubelet(image: str, tmp_path: Path) -> Iterator[Callable[..., Kubelet]]
 
 
 def create_statefulset(api: KubeAPI, template: PodTemplate, replicas: int) -> None:
-    api.create_statefulset(namespace=template.namespace, name=template.statefulset, replicas=replicas,
-                           service=template.service, labels=template.labels)
+    api.create_statefulset(
+        namespace=template.namespace,
+        name=template.statefulset,
+        replicas=replicas,
+        service=template.service,
+        labels=template.labels,
+    )
 
 
 def start_pod(kubelet: Kubelet, *, api: KubeAPI, ordinal: int) -> Pod:
@@ -131,6 +151,7 @@ def ready_reason(pod: Pod) -> str | None:
 
 def mark_ready(kubelet: Kubelet, *, api: KubeAPI, pod: Pod) -> None:
     """The readiness probe passes (/ready 200), so the pod's Ready condition turns True."""
+
     def check() -> str | None:
         if not pod.running():
             return f"{pod.name} exited:\n{pod.logs()}"
@@ -180,7 +201,9 @@ def one_line_failure(pod: Pod) -> str:
 
 
 def test_image_is_lean_and_installs_the_lock(image: str) -> None:
-    lock = dict(re.findall(r"^([a-z0-9][a-z0-9._-]*)==(\S+)", (REPO / "requirements" / "runtime.txt").read_text(), re.M))
+    lock = dict(
+        re.findall(r"^([a-z0-9][a-z0-9._-]*)==(\S+)", (REPO / "requirements" / "runtime.txt").read_text(), re.M)
+    )
     script = (
         "import importlib.util as u, importlib.metadata as m, json; "
         "print(json.dumps({'absent': [x for x in ('pip', 'setuptools', 'wheel', 'pkg_resources', 'kubernetes.aio') "
@@ -191,7 +214,9 @@ def test_image_is_lean_and_installs_the_lock(image: str) -> None:
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(found["absent"]) == {"pip", "setuptools", "wheel", "pkg_resources", "kubernetes.aio"}, found["absent"]
     versions = {re.sub(r"[-_.]+", "-", name): version for name, version in found["versions"].items()}
-    wrong = {name: (versions.get(name), pin) for name, pin in lock.items() if versions.get(name) != pin and name in versions}
+    wrong = {
+        name: (versions.get(name), pin) for name, pin in lock.items() if versions.get(name) != pin and name in versions
+    }
     missing = sorted(name for name in lock if name not in versions)
     assert not wrong and not missing, f"image differs from requirements/runtime.txt: {wrong} missing {missing}"
     assert importlib.metadata.version("kvstore") == found["versions"]["kvstore"]
@@ -204,7 +229,11 @@ def test_image_is_lean_and_installs_the_lock(image: str) -> None:
 
 
 def test_one_pod_serves_is_healthy_keeps_its_data_and_stops_in_time(
-    render: Render, port: int, api: tuple[KubeAPI, TlsFront], pki: Pki, make_kubelet: Callable[..., Kubelet],
+    render: Render,
+    port: int,
+    api: tuple[KubeAPI, TlsFront],
+    pki: Pki,
+    make_kubelet: Callable[..., Kubelet],
 ) -> None:
     kube, _ = api
     docs = render(set_values=[f"containerPort={port}", "replicaCount=1", "replicationFactor=1"], show_tests=False)
@@ -217,12 +246,18 @@ def test_one_pod_serves_is_healthy_keeps_its_data_and_stops_in_time(
     health = podman("healthcheck", "run", pod.container, check=False)
     assert health.returncode == 0, f"healthcheck: {health.returncode} {health.stdout} {health.stderr}"
     assert podman("exec", pod.container, "id", "-u").stdout.strip() == str(kubelet.template.pod_security["runAsUser"])
-    assert podman("exec", pod.container, "touch", "/opt/venv/x", check=False).returncode != 0, "the root must be read-only"
+    assert podman("exec", pod.container, "touch", "/opt/venv/x", check=False).returncode != 0, (
+        "the root must be read-only"
+    )
 
     keys = [f"one-{i}" for i in range(KEYS)]
     write_keys([pod], keys, tag="v")
     code, took = kubelet.stop_like_kubelet(pod)
-    assert stopped_cleanly(code) and took < kubelet.template.grace_s - kubelet.template.pre_stop_sleep_s, (code, took, pod.logs())
+    assert stopped_cleanly(code) and took < kubelet.template.grace_s - kubelet.template.pre_stop_sleep_s, (
+        code,
+        took,
+        pod.logs(),
+    )
 
     again = kubelet.run(0, volume=pod.data_dir, tag="-again")  # a new container on the same volume
     mark_ready(kubelet, api=kube, pod=again)
@@ -233,7 +268,11 @@ def test_one_pod_serves_is_healthy_keeps_its_data_and_stops_in_time(
 
 
 def test_three_pods_form_a_ring_through_the_api_and_scale_3_4_3_without_loss(
-    render: Render, port: int, api: tuple[KubeAPI, TlsFront], pki: Pki, make_kubelet: Callable[..., Kubelet],
+    render: Render,
+    port: int,
+    api: tuple[KubeAPI, TlsFront],
+    pki: Pki,
+    make_kubelet: Callable[..., Kubelet],
 ) -> None:
     kube, _ = api
     docs = render(set_values=[f"containerPort={port}"], show_tests=False)
@@ -250,8 +289,11 @@ def test_three_pods_form_a_ring_through_the_api_and_scale_3_4_3_without_loss(
         return {pod.name: pod.url for pod in members}
 
     def same_ring(members: list[Pod], count: int) -> None:
-        wait_for(lambda: membership_disagreement(urls(members), members={t.pod_name(i) for i in range(count)}, token=token),
-                 timeout=READY_TIMEOUT_S, what=f"every pod's ring has the {count} pods")
+        wait_for(
+            lambda: membership_disagreement(urls(members), members={t.pod_name(i) for i in range(count)}, token=token),
+            timeout=READY_TIMEOUT_S,
+            what=f"every pod's ring has the {count} pods",
+        )
 
     same_ring(pods, 3)
     ring = httpx.get(pods[0].url + "/ring", headers={"x-kvstore-token": token}, timeout=5.0).json()
@@ -263,7 +305,9 @@ def test_three_pods_form_a_ring_through_the_api_and_scale_3_4_3_without_loss(
     pods.append(start_pod(kubelet, api=kube, ordinal=3))
     mark_ready(kubelet, api=kube, pod=pods[3])
     same_ring(pods, 4)
-    wait_for(lambda: rebalancing_left(urls(pods), token=token), timeout=SETTLE_TIMEOUT_S, what="rebalancing after the join")
+    wait_for(
+        lambda: rebalancing_left(urls(pods), token=token), timeout=SETTLE_TIMEOUT_S, what="rebalancing after the join"
+    )
     late = [f"late-{i}" for i in range(KEYS)]
     write_keys(pods, late, tag="v")  # some owned by the fourth pod, written through it too
 
@@ -271,7 +315,9 @@ def test_three_pods_form_a_ring_through_the_api_and_scale_3_4_3_without_loss(
     leaving = pods.pop()
     code, took = kubelet.stop_like_kubelet(leaving)
     log = leaving.logs()
-    assert stopped_cleanly(code), f"the leaving pod exited {code} after {took:.1f} s (137: killed mid-drain):\n{log[-3000:]}"
+    assert stopped_cleanly(code), (
+        f"the leaving pod exited {code} after {took:.1f} s (137: killed mid-drain):\n{log[-3000:]}"
+    )
     assert "left the ring" in log and "hand-off complete" in log, log[-3000:]
     kube.delete_pod(namespace=t.namespace, name=leaving.name)
 
@@ -282,7 +328,9 @@ def test_three_pods_form_a_ring_through_the_api_and_scale_3_4_3_without_loss(
     def copies() -> str | None:
         records = read_replicas(urls(pods), everything, token=token)
         short = {k: n for k in everything if (n := sum(records[p.name, k].live for p in pods)) != 3}
-        return f"{len(short)} keys without exactly 3 live copies, e.g. {dict(list(short.items())[:5])}" if short else None
+        return (
+            f"{len(short)} keys without exactly 3 live copies, e.g. {dict(list(short.items())[:5])}" if short else None
+        )
 
     wait_for(copies, timeout=SETTLE_TIMEOUT_S, what="every key on all 3 remaining pods")
 
@@ -291,7 +339,11 @@ def test_three_pods_form_a_ring_through_the_api_and_scale_3_4_3_without_loss(
 
 
 def test_unwritable_data_volume_fails_in_one_line_naming_fsgroup(
-    render: Render, port: int, api: tuple[KubeAPI, TlsFront], pki: Pki, make_kubelet: Callable[..., Kubelet],
+    render: Render,
+    port: int,
+    api: tuple[KubeAPI, TlsFront],
+    pki: Pki,
+    make_kubelet: Callable[..., Kubelet],
 ) -> None:
     docs = render(set_values=[f"containerPort={port}"], show_tests=False)
     kubelet = make_kubelet(docs, api=api, ca_crt=pki.ca_crt)
@@ -301,9 +353,15 @@ def test_unwritable_data_volume_fails_in_one_line_naming_fsgroup(
 
 
 def test_missing_service_account_token_fails_in_one_line(
-    render: Render, port: int, api: tuple[KubeAPI, TlsFront], pki: Pki, make_kubelet: Callable[..., Kubelet],
+    render: Render,
+    port: int,
+    api: tuple[KubeAPI, TlsFront],
+    pki: Pki,
+    make_kubelet: Callable[..., Kubelet],
 ) -> None:
-    docs = render(set_values=[f"containerPort={port}", "serviceAccount.automountServiceAccountToken=false"], show_tests=False)
+    docs = render(
+        set_values=[f"containerPort={port}", "serviceAccount.automountServiceAccountToken=false"], show_tests=False
+    )
     kubelet = make_kubelet(docs, api=api, ca_crt=pki.ca_crt)
     assert not kubelet.template.automount_token  # so run() mounts no token, as the kubelet would not
     line = one_line_failure(kubelet.run(0))
@@ -312,9 +370,14 @@ def test_missing_service_account_token_fails_in_one_line(
 
 @pytest.mark.parametrize("fault", ["untrusted", "unreachable"])
 def test_a_bad_api_server_keeps_the_pod_up_and_unready_with_the_reason(
-    fault: str, render: Render, port: int, api: tuple[KubeAPI, TlsFront], tmp_path: Path, make_kubelet: Callable[..., Kubelet],
+    fault: str,
+    render: Render,
+    port: int,
+    api: tuple[KubeAPI, TlsFront],
+    tmp_path: Path,
+    make_kubelet: Callable[..., Kubelet],
 ) -> None:
-    kube, front = api
+    kube, _front = api
     docs = render(set_values=[f"containerPort={port}", "replicaCount=1", "replicationFactor=1"], show_tests=False)
     if fault == "untrusted":  # ca.crt of another CA than the one that signed the API server's certificate
         kubelet = make_kubelet(docs, api=api, ca_crt=make_pki(tmp_path / "other", server_ip=API_HOST).ca_crt)
@@ -334,4 +397,6 @@ def test_a_bad_api_server_keeps_the_pod_up_and_unready_with_the_reason(
     wait_for(reason, timeout=UNREADY_TIMEOUT_S, what=f"/ready naming the {fault} API server")
     assert httpx.get(pod.url + "/health", timeout=2.0).status_code == 200, "alive: the kubelet must not restart it"
     log = pod.logs()
-    assert "Traceback" not in log and any(all(word in line for word in expected) for line in log.splitlines()), log[-3000:]
+    assert "Traceback" not in log and any(all(word in line for word in expected) for line in log.splitlines()), log[
+        -3000:
+    ]

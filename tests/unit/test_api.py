@@ -10,7 +10,7 @@ from app.clock import Version
 from app.storage.base import Record
 from app.transport import codec
 from app.web.app import create_app
-from tests.unit.conftest import single_node_config
+from tests.unit.nodes import single_node_config
 
 
 def test_seed_put_get_delete_roundtrip(client: TestClient) -> None:
@@ -100,7 +100,13 @@ BAD_REQUESTS = [
     ("GET", "/internal/v1/kv/%FF", None, 400, "UTF-8"),
     ("PUT", "/internal/v1/kv/a", b"v", 400, "version"),
     ("POST", "/internal/v1/writes", b"\x05ab", 400, "malformed"),
-    ("POST", "/internal/v1/writes", codec.encode_writes([(b"big", Record(Version(1, "n1"), b"x" * 5000, 0), None)]), 413, "limit"),
+    (
+        "POST",
+        "/internal/v1/writes",
+        codec.encode_writes([(b"big", Record(Version(1, "n1"), b"x" * 5000, 0), None)]),
+        413,
+        "limit",
+    ),
     ("GET", "/internal/v1/writes", None, 405, "POST"),
     ("POST", "/internal/v1/reads", b"\x00", 400, "malformed"),
     ("POST", "/internal/v1/reads", codec.encode_keys([b"a", b""]), 400, "empty"),
@@ -125,7 +131,7 @@ def test_ttl_makes_a_key_expire(client: TestClient, monkeypatch: pytest.MonkeyPa
     import app.clock
 
     now = [app.clock.wall_ms()]
-    for module in ("app.clock", "app.cluster.coordinator", "app.storage.memory"):
+    for module in ("app.clock", "app.cluster.coordinator"):
         monkeypatch.setattr(f"{module}.wall_ms", lambda: now[0])
     assert client.put("/kv/ephemeral?ttl=5", content=b"v").status_code == 204
     assert client.put("/put", json={"key": "e2", "value": "v", "ttl": 5}).status_code == 200
@@ -151,23 +157,38 @@ def test_internal_routes_require_the_cluster_token_when_set() -> None:
 def test_coalesced_replica_calls_apply_each_write_and_answer_each_read(client: TestClient) -> None:
     old, new = Version(100, "n9"), Version(200, "n9")
     client.post("/internal/v1/writes", content=codec.encode_writes([(b"lww", Record(new, b"new", 0), None)]))
-    answer = client.post("/internal/v1/writes", content=codec.encode_writes([
-        (b"c1", Record(new, b"one", 0), None),
-        (b"lww", Record(old, b"older", 0), None),  # older than what is stored: ignored
-        (b"gone", Record(new, None, 0), None),  # a tombstone for a key never written
-    ]))
+    answer = client.post(
+        "/internal/v1/writes",
+        content=codec.encode_writes(
+            [
+                (b"c1", Record(new, b"one", 0), None),
+                (b"lww", Record(old, b"older", 0), None),  # older than what is stored: ignored
+                (b"gone", Record(new, None, 0), None),  # a tombstone for a key never written
+            ]
+        ),
+    )
     assert answer.status_code == 200
-    assert list(answer.content) == [codec.ACK_APPLIED, codec.ACK_EXISTED, codec.ACK_APPLIED]
+    # The older write lost: its ack names the newer version the replica kept.
+    assert codec.decode_acks(answer.content) == [(True, False, None), (False, True, new), (True, False, None)]
     reads = client.post("/internal/v1/reads", content=codec.encode_keys([b"c1", b"lww", b"gone", b"never"]))
     assert codec.decode_read_answers(reads.content) == [
-        (Record(new, b"one", 0), False), (Record(new, b"new", 0), False), (Record(new, None, 0), False), (None, False),
+        (Record(new, b"one", 0), False),
+        (Record(new, b"new", 0), False),
+        (Record(new, None, 0), False),
+        (None, False),
     ]
     assert client.get("/kv/c1").content == b"one"
-    held = client.post("/internal/v1/writes", content=codec.encode_writes([
-        (b"for-n7", Record(new, b"held", 0), "n7"),  # a hint: held for n7, not stored as ours
-        (b"c2", Record(new, b"two", 0), None),
-    ]))
+    held = client.post(
+        "/internal/v1/writes",
+        content=codec.encode_writes(
+            [
+                (b"for-n7", Record(new, b"held", 0), "n7"),  # a hint: held for n7, not stored as ours
+                (b"c2", Record(new, b"two", 0), None),
+            ]
+        ),
+    )
     assert list(held.content) == [codec.ACK_APPLIED, codec.ACK_APPLIED]
     assert client.get("/kv/for-n7").status_code == 404
     assert client.get("/kv/c2").content == b"two"
-    assert client.app.node.replica.hints.for_target("n7", 10) == [(b"for-n7", Record(new, b"held", 0))]  # type: ignore[attr-defined]
+    node = client.app.slot.require()
+    assert node.replica.hints.for_target("n7", 10) == [(b"for-n7", Record(new, b"held", 0))]

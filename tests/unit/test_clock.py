@@ -3,6 +3,7 @@ causal across nodes, totally ordered, and stable on the wire."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from app.clock import LOGICAL_BITS, ZERO, HybridClock, Version
+from app.errors import FutureVersionError
 
 wall_readings = st.lists(st.integers(0, 2**40), min_size=1, max_size=60)
 node_ids = st.text(min_size=1, max_size=12)
@@ -29,9 +31,9 @@ class ScriptedWall:
 def test_stamps_strictly_increase_even_when_the_wall_clock_jumps_back(readings: list[int]) -> None:
     clock = HybridClock("n1", wall=ScriptedWall(readings))
     stamps = [clock.now() for _ in readings]
-    assert all(a < b for a, b in zip(stamps, stamps[1:]))
+    assert all(a < b for a, b in itertools.pairwise(stamps))
     # Never behind the wall clock it has read so far.
-    for reading, stamp in zip(readings, stamps):
+    for reading, stamp in zip(readings, stamps, strict=True):
         assert stamp.wall_ms >= reading
 
 
@@ -114,3 +116,29 @@ def test_concurrent_stamps_are_unique() -> None:
     for thread in threads:
         thread.join()
     assert len(set(stamps)) == 2000
+
+
+# -- never back across a restart, and bounded in how far it follows ---------------
+
+
+def test_restore_starts_the_clock_above_a_high_water_mark_far_ahead_of_the_wall() -> None:
+    clock = HybridClock("n1", wall=lambda: 1000, max_offset_ms=500)
+    clock.restore(Version(5000 << LOGICAL_BITS, "n2").hlc)  # versions it held before the restart
+    assert clock.now() > Version(5000 << LOGICAL_BITS, "n2")
+
+
+def test_observe_refuses_a_version_from_beyond_the_max_offset_and_does_not_follow_it() -> None:
+    clock = HybridClock("n1", wall=lambda: 10_000, max_offset_ms=500)
+    clock.observe(Version(10_500 << LOGICAL_BITS, "near"))  # exactly at the bound: followed
+    assert clock.now().wall_ms == 10_500
+    far = Version(10_502 << LOGICAL_BITS, "far")
+    with pytest.raises(FutureVersionError, match=r"from node far is 502 ms ahead of node n1's clock"):
+        clock.observe(far)
+    assert not clock.observe_if_plausible(far)
+    assert clock.now() < far
+
+
+def test_an_unbounded_clock_follows_any_version() -> None:
+    clock = HybridClock("n1", wall=lambda: 0)
+    clock.observe(Version(10**9 << LOGICAL_BITS, "far"))
+    assert clock.now().wall_ms == 10**9

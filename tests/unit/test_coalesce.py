@@ -7,9 +7,9 @@ import asyncio
 import pytest
 
 from app.clock import Version
+from app.coalesce import Coalescer
 from app.storage.base import Record
 from app.transport import codec
-from app.transport.coalesce import Coalescer
 
 
 class Recorder:
@@ -116,17 +116,24 @@ def test_write_frames_round_trip_with_hints_and_tombstones() -> None:
 
 
 def test_read_answer_frames_round_trip() -> None:
-    answers = [(b"a", Record(Version(1, "n1"), b"x" * 300, 0), False), (b"b", None, True), (b"c", Record(Version(2, "n2"), None, 5), True)]
+    answers = [
+        (b"a", Record(Version(1, "n1"), b"x" * 300, 0), False),
+        (b"b", None, True),
+        (b"c", Record(Version(2, "n2"), None, 5), True),
+    ]
     assert codec.decode_read_answers(codec.encode_read_answers(answers)) == [(r, s) for _, r, s in answers]
     assert codec.decode_keys(codec.encode_keys([b"a", b"bb", b"x" * 1024])) == [b"a", b"bb", b"x" * 1024]
 
 
-@pytest.mark.parametrize("decode, frames", [
-    (codec.decode_writes, codec.encode_writes([(b"k", Record(Version(1, "n"), b"value", 0), "h")])),
-    (codec.decode_keys, codec.encode_keys([b"key"])),
-    (codec.decode_read_answers, codec.encode_read_answers([(b"k", Record(Version(1, "n"), b"value", 0), False)])),
-])
-def test_truncated_frames_are_refused(decode, frames) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    "decode, frames",
+    [
+        (codec.decode_writes, codec.encode_writes([(b"k", Record(Version(1, "n"), b"value", 0), "h")])),
+        (codec.decode_keys, codec.encode_keys([b"key"])),
+        (codec.decode_read_answers, codec.encode_read_answers([(b"k", Record(Version(1, "n"), b"value", 0), False)])),
+    ],
+)
+def test_truncated_frames_are_refused(decode, frames) -> None:
     for cut in range(1, len(frames)):
         with pytest.raises(ValueError):
             decode(frames[:cut])

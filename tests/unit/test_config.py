@@ -9,7 +9,9 @@ from app.errors import ConfigError
 
 
 def test_peers_parse_and_self_is_added() -> None:
-    config = NodeConfig.from_options({"node_id": "n3", "listen": "127.0.0.1:8082", "peers": "n1=http://h:1, n2=http://h:2/"})
+    config = NodeConfig.from_options(
+        {"node_id": "n3", "listen": "127.0.0.1:8082", "peers": "n1=http://h:1, n2=http://h:2/"}
+    )
     assert config.peers == {"n1": "http://h:1", "n2": "http://h:2", "n3": "http://127.0.0.1:8082"}
     assert config.advertise_url == "http://127.0.0.1:8082"
 

@@ -3,43 +3,45 @@ owners, quorum counting, newest-version reads, failures named."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from app.clock import HybridClock
+from app.clock import Version, wall_ms
 from app.cluster.coordinator import Coordinator, required_acks
-from app.cluster.health import PeerHealth
-from app.cluster.membership import MembershipView
-from app.cluster.replica import Replica
-from app.errors import InvalidRequestError, QuorumError
-from app.metrics import NodeMetrics
-from app.storage.hints import HintStore
-from app.storage.memory import MemoryStore
+from app.errors import ClockOffsetError, InvalidRequestError, QuorumError, WriteNotWonError
+from app.storage.base import Record
 from app.transport.fake import InProcessPeerClient
+from tests.unit.in_process import InProcessCluster, members
 
-NODES = {"a": "http://a", "b": "http://b", "c": "http://c"}
+NODES = members("a", "b", "c")
 
 
-def build_cluster(replication_factor: int) -> tuple[dict[str, Coordinator], InProcessPeerClient]:
-    transport = InProcessPeerClient()
-    coordinators = {}
+async def build_cluster(
+    cluster: InProcessCluster,
+    *,
+    replication_factor: int,
+    skew_ms: dict[str, int] | None = None,
+    max_offset_ms: int = 500,
+) -> tuple[dict[str, Coordinator], InProcessPeerClient]:
+    """Three nodes (skew_ms moves a node's wall clock); their coordinators, and the peer client to break."""
     for node_id in NODES:
-        coordinators[node_id] = Coordinator(
-            membership=MembershipView(self_id=node_id, members=NODES, vnodes=32),
-            replica=Replica(store=MemoryStore(tombstone_grace_s=60), hints=HintStore(MemoryStore(tombstone_grace_s=60)), clock=(clock := HybridClock(node_id))),
-            clock=clock,
-            transport=transport,
-            health=PeerHealth(),
-            metrics=NodeMetrics(),
-            replication_factor=replication_factor,
+        await cluster.add(
+            node_id,
+            NODES,
+            skew_ms=(skew_ms or {}).get(node_id, 0),
+            vnodes="32",
+            replication_factor=str(replication_factor),
+            max_clock_offset=str(max_offset_ms / 1000),
         )
-    transport.replicas.update({node_id: c.replica for node_id, c in coordinators.items()})
-    return coordinators, transport
+    await cluster.settle()
+    cluster.peer_client.calls.clear()
+    return {node_id: node.coordinator for node_id, node in cluster.nodes.items()}, cluster.peer_client
 
 
 def key_owned_by(coordinator: Coordinator, owner: str) -> bytes:
     return next(
-        key for key in (f"k{i}".encode() for i in range(1000))
-        if coordinator.replicas_for(key)[0].node_id == owner
+        key for key in (f"k{i}".encode() for i in range(1000)) if coordinator.replicas_for(key)[0].node_id == owner
     )
 
 
@@ -50,33 +52,34 @@ def test_required_acks() -> None:
         required_acks("most", 3)
 
 
-async def test_single_owner_routes_to_the_owner_only() -> None:
-    nodes, transport = build_cluster(replication_factor=1)
+async def test_single_owner_routes_to_the_owner_only(cluster: InProcessCluster) -> None:
+    nodes, transport = await build_cluster(cluster, replication_factor=1)
     key = key_owned_by(nodes["a"], "b")
     await nodes["a"].put(key, b"v")
-    assert nodes["b"].replica.store.get(key).value == b"v"  # type: ignore[union-attr]
+    assert nodes["b"].replica.store.get(key).value == b"v"
     assert nodes["a"].replica.store.get(key) is None and nodes["c"].replica.store.get(key) is None
-    assert (await nodes["c"].get(key)).value == b"v"  # type: ignore[union-attr]
+    assert (await nodes["c"].get(key)).value == b"v"
     assert transport.calls == [("b", "write"), ("b", "read")]
 
 
-async def test_unreachable_owner_is_named_and_marked_down() -> None:
-    nodes, transport = build_cluster(replication_factor=1)
+async def test_unreachable_owner_is_named_and_marked_down(cluster: InProcessCluster) -> None:
+    nodes, transport = await build_cluster(cluster, replication_factor=1)
     key = key_owned_by(nodes["a"], "c")
     transport.unreachable.add("c")
     with pytest.raises(QuorumError, match=r"peer c \(http://c\) unreachable"):
         await nodes["a"].get(key)
     assert not nodes["a"].health.is_up("c")
+    assert nodes["a"].metrics.replica_read_failures.labels("c")._value.get() == 1
     transport.unreachable.clear()
     assert await nodes["a"].get(key) is None  # a down owner is still tried when it is the only one
     assert nodes["a"].health.is_up("c")
 
 
-async def test_quorum_write_survives_one_replica_down_but_not_two() -> None:
-    nodes, transport = build_cluster(replication_factor=3)
+async def test_quorum_write_survives_one_replica_down_but_not_two(cluster: InProcessCluster) -> None:
+    nodes, transport = await build_cluster(cluster, replication_factor=3)
     transport.unreachable.add("c")
     await nodes["a"].put(b"k", b"v1")
-    assert (await nodes["b"].get(b"k")).value == b"v1"  # type: ignore[union-attr]
+    assert (await nodes["b"].get(b"k")).value == b"v1"
     transport.unreachable.add("b")
     with pytest.raises(QuorumError) as caught:
         await nodes["a"].put(b"k", b"v2")
@@ -84,30 +87,140 @@ async def test_quorum_write_survives_one_replica_down_but_not_two() -> None:
     assert "1 of 2 required" in str(caught.value)
     # consistency=one still works with a single live replica.
     await nodes["a"].put(b"k", b"v3", consistency="one")
-    assert (await nodes["a"].get(b"k", consistency="one")).value == b"v3"  # type: ignore[union-attr]
+    assert (await nodes["a"].get(b"k", consistency="one")).value == b"v3"
 
 
-async def test_read_returns_the_newest_version_among_replicas() -> None:
-    nodes, transport = build_cluster(replication_factor=3)
+async def test_read_returns_the_newest_version_among_replicas(cluster: InProcessCluster) -> None:
+    nodes, transport = await build_cluster(cluster, replication_factor=3)
     await nodes["a"].put(b"k", b"old")
     transport.unreachable.add("c")
     await nodes["a"].put(b"k", b"new")  # c misses this one
     transport.unreachable.clear()
-    assert nodes["c"].replica.store.get(b"k").value == b"old"  # type: ignore[union-attr]
+    assert nodes["c"].replica.store.get(b"k").value == b"old"
     for reader in nodes.values():
-        assert (await reader.get(b"k", consistency="all")).value == b"new"  # type: ignore[union-attr]
+        assert (await reader.get(b"k", consistency="all")).value == b"new"
 
 
-async def test_delete_reports_whether_the_key_existed_and_hides_it() -> None:
-    nodes, _ = build_cluster(replication_factor=3)
+async def test_delete_reports_whether_the_key_existed_and_hides_it(cluster: InProcessCluster) -> None:
+    nodes, _ = await build_cluster(cluster, replication_factor=3)
     assert await nodes["a"].delete(b"k") is False
     await nodes["b"].put(b"k", b"v")
     assert await nodes["c"].delete(b"k") is True
     assert await nodes["a"].get(b"k", consistency="all") is None
-    assert nodes["a"].replica.store.get(b"k").is_tombstone  # type: ignore[union-attr]
+    assert nodes["a"].replica.store.get(b"k").is_tombstone
 
 
-async def test_replicas_observe_the_coordinators_clock() -> None:
-    nodes, _ = build_cluster(replication_factor=3)
+async def test_replicas_observe_the_coordinators_clock(cluster: InProcessCluster) -> None:
+    nodes, _ = await build_cluster(cluster, replication_factor=3)
     version = await nodes["a"].put(b"k", b"v")
     assert nodes["b"].clock.now() > version
+
+
+# -- a write is acknowledged only if it won --------------------------------------
+
+
+async def test_a_write_from_a_clock_behind_is_restamped_above_the_newer_version_and_wins(
+    cluster: InProcessCluster,
+) -> None:
+    nodes, transport = await build_cluster(
+        cluster, replication_factor=3, skew_ms={"a": 30_000, "c": -30_000}, max_offset_ms=120_000
+    )
+    transport.unreachable.add("c")
+    first = await nodes["a"].put(b"k", b"v1")  # stamped 30 s ahead; c misses it, so its clock never saw it
+    transport.unreachable.clear()
+    second = await nodes["c"].put(b"k", b"v2")  # c's wall clock is 60 s behind that version
+    assert second > first
+    assert nodes["c"].metrics.write_restamps._value.get() >= 1
+    for reader in nodes.values():
+        assert (await reader.get(b"k", consistency="all")).value == b"v2"
+
+
+async def test_a_replica_s_newer_version_from_beyond_the_bound_fails_the_write_with_503_instead_of_winning(
+    cluster: InProcessCluster,
+) -> None:
+    nodes, _ = await build_cluster(cluster, replication_factor=3, max_offset_ms=500)
+    far = Version((wall_ms() + 30_000) << 16, "rogue")
+    for node in nodes.values():
+        node.replica.store.apply(b"k", Record(version=far, value=b"from a clock 30 s fast"))
+    with pytest.raises(WriteNotWonError, match=r"from node rogue is \d+ ms ahead .* beyond --max-clock-offset"):
+        await nodes["a"].put(b"k", b"v")
+    assert nodes["a"].clock.now().wall_ms < far.wall_ms  # the clock did not jump to follow it
+
+
+async def test_a_write_that_keeps_losing_fails_after_the_bounded_rounds(cluster: InProcessCluster) -> None:
+    nodes, _ = await build_cluster(cluster, replication_factor=1)
+    key = key_owned_by(nodes["a"], "a")
+    store = nodes["a"].replica.store
+    original = store.apply
+
+    def always_newer(k: bytes, record: Record):
+        original(k, Record(version=Version(record.version.hlc + 1, "racer"), value=b"racer"))
+        return original(k, record)
+
+    store.apply = always_newer
+    with pytest.raises(WriteNotWonError, match="after 3 rounds"):
+        await nodes["a"].put(key, b"mine")
+
+
+async def test_a_node_whose_clock_is_off_from_most_peers_refuses_to_coordinate_writes(
+    cluster: InProcessCluster,
+) -> None:
+    nodes, _ = await build_cluster(cluster, replication_factor=3)
+    nodes["c"].offsets.record("a", sent_wall_ms=0, round_trip_ms=2, peer_wall_ms=-5_000)
+    nodes["c"].offsets.record("b", sent_wall_ms=0, round_trip_ms=2, peer_wall_ms=-5_000)
+    with pytest.raises(ClockOffsetError, match="off from 2 of 2 peers"):
+        await nodes["c"].put(b"k", b"v")
+    with pytest.raises(ClockOffsetError):
+        await nodes["c"].delete(b"k")
+    await nodes["a"].put(b"k", b"v")  # the others still coordinate
+    assert (await nodes["c"].get(b"k")).value == b"v"
+
+
+async def test_reads_advance_the_coordinators_clock(cluster: InProcessCluster) -> None:
+    nodes, transport = await build_cluster(cluster, replication_factor=3, skew_ms={"a": 20_000}, max_offset_ms=60_000)
+    transport.unreachable.add("c")
+    written = await nodes["a"].put(b"k", b"v")
+    nodes["b"].replica.store.discard(b"k", written)  # so only a read can show c the version
+    transport.unreachable.clear()
+    assert nodes["c"].clock.now() < written
+    await nodes["c"].get(b"k", consistency="all")
+    assert nodes["c"].clock.now() > written
+
+
+# -- expiry is a version -------------------------------------------------------
+
+
+async def test_an_expired_value_hides_an_older_live_one_on_a_replica_that_missed_it(cluster: InProcessCluster) -> None:
+    nodes, transport = await build_cluster(cluster, replication_factor=3)
+    await nodes["a"].put(b"k", b"old")
+    transport.unreachable.add("c")
+    await nodes["a"].put(b"k", b"short-lived", ttl_s=0.001)
+    transport.unreachable.clear()
+    await asyncio.sleep(0.01)
+    assert nodes["c"].replica.store.get(b"k").value == b"old"
+    for reader in nodes.values():
+        assert await reader.get(b"k", consistency="all") is None
+    await asyncio.sleep(0)  # read repair ran: c now holds the dead version too
+    dead = nodes["c"].replica.store.get(b"k")
+    assert dead is not None and dead.value == b"short-lived" and not dead.live(wall_ms())
+
+
+# -- gray failures: a replica that accepts and never answers ---------------------
+
+
+async def test_a_read_hedges_past_a_hung_replica_and_the_breaker_marks_it_down(cluster: InProcessCluster) -> None:
+    nodes, transport = await build_cluster(cluster, replication_factor=3)
+    await nodes["a"].put(b"k", b"v")
+    transport.hung.add("c")
+    for _ in range(12):
+        nodes["a"].health.snapshot("b").latency_s = 10.0  # so that c, the hung one, looks best and is asked first
+        started = asyncio.get_running_loop().time()
+        read = await asyncio.wait_for(nodes["a"].get(b"k"), timeout=1.0)  # the peer timeout would be 2 s
+        assert read is not None and read.value == b"v"
+        assert asyncio.get_running_loop().time() - started < 0.1
+    for _ in range(4):
+        await nodes["a"].put(b"k", b"v2")  # writes go to every replica: the hung one collects strikes
+    await asyncio.sleep(0.25)  # past the suspect delay (200 ms)
+    assert not nodes["a"].health.is_up("c")
+    assert "unanswered past" in nodes["a"].health.snapshot("c").last_error
+    assert nodes["a"].metrics.hedged_reads._value.get() == 12

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from app.cluster.health import PeerHealth
+from app.cluster.health import BREAKER_STRIKES, HEDGE_FLOOR_S, P95_EVERY, SUSPECT_FLOOR_S, PeerHealth
 
 
 def test_probes_cannot_overrule_a_not_ready_pod() -> None:
@@ -53,3 +53,33 @@ def test_a_peer_not_asked_for_a_while_gets_one_read_to_refresh_its_estimate() ->
     health.end("fast", health.begin("fast") - 0.001)
     firsts = [health.rank(["recovered", "fast"])[0] for _ in range(5)]
     assert firsts == ["recovered", "fast", "fast", "fast", "fast"]  # one exploring read, not a burst
+
+
+def test_the_hedge_delay_follows_the_peer_s_recent_p95_above_a_floor() -> None:
+    health = PeerHealth()
+    assert health.hedge_delay("b") == HEDGE_FLOOR_S  # never timed: the floor
+    for i in range(P95_EVERY * 4):
+        started = health.begin("b")
+        health.end("b", started - (0.050 if i % 20 == 0 else 0.030))  # 30 ms, with a 50 ms tail
+    assert 0.030 <= health.hedge_delay("b") <= 0.051
+    assert health.suspect_after("b") == max(SUSPECT_FLOOR_S, 4 * health.hedge_delay("b"))
+    slow_unanswered = health.begin("b")
+    health.end("b", slow_unanswered - 2.0, answered=False)  # a timeout says nothing about answer times
+    assert health.hedge_delay("b") <= 0.051
+
+
+def test_strikes_in_a_row_mark_a_peer_down_and_any_answer_or_request_from_it_clears_them() -> None:
+    health = PeerHealth()
+    health.begin("b")
+    for _ in range(BREAKER_STRIKES - 1):
+        health.strike("b")
+    health.mark_up("b")  # an answer between: the count starts over
+    for _ in range(BREAKER_STRIKES - 1):
+        health.strike("b")
+    assert health.is_up("b")
+    health.strike("b")
+    assert not health.is_up("b") and "unanswered" in health.snapshot("b").last_error
+    health.heard_from("b")  # it sent us a request: up again, without waiting for a probe
+    assert health.is_up("b")
+    health.heard_from("stranger")  # not a peer this node has ever called: nothing to track
+    assert "stranger" not in health.down_peers() and health.is_up("stranger")

@@ -3,15 +3,15 @@ histories: no sockets, no clocks."""
 
 from __future__ import annotations
 
-from tests.integration.history import Observation, Op, allowed_states, check, success_ratio
+from tests.integration.history import Observation, Op, allowed_states, check, stale_reads, success_ratio
 
 
 def put(key: str, value: str, sent: float, acked: float | None, outcome: str = "ok", client: int = 0) -> Op:
-    return Op(client, "put", key, value.encode(), sent, acked if outcome == "ok" else None, outcome)  # type: ignore[arg-type]
+    return Op(client, "put", key, value.encode(), sent, acked if outcome == "ok" else None, outcome)
 
 
 def delete(key: str, sent: float, acked: float | None, outcome: str = "ok", client: int = 0) -> Op:
-    return Op(client, "delete", key, None, sent, acked if outcome == "ok" else None, outcome)  # type: ignore[arg-type]
+    return Op(client, "delete", key, None, sent, acked if outcome == "ok" else None, outcome)
 
 
 def seen(key: str, value: str | None, node: str = "node1") -> Observation:
@@ -100,3 +100,29 @@ def test_a_request_cut_short_by_the_fault_counts_against_it() -> None:
     before = Op(0, "put", "k", b"y", 0.5, 0.9, "ok", finished=0.9)
     after = Op(1, "put", "k", b"z", 2.5, 2.6, "ok", finished=2.6)
     assert success_ratio([cut, before, after], since=2.0, until=3.0) == (0.5, 2)
+
+
+def test_a_ttl_d_value_is_allowed_until_it_expires_and_absence_after() -> None:
+    ops = [
+        Op(0, "put", "k", b"old", sent=0.0, acked=1.0, outcome="ok"),
+        Op(0, "put", "k", b"short", sent=2.0, acked=3.0, outcome="ok", ttl_s=10.0),
+    ]
+    assert allowed_states(ops, at=5.0, expiry_slack_s=0.5) == {b"short"}
+    assert allowed_states(ops, at=12.0, expiry_slack_s=0.5) == {b"short", None}  # expiring, give or take the clocks
+    assert allowed_states(ops, at=20.0, expiry_slack_s=0.5) == {None}
+    # What the TTL'd write superseded never comes back when it expires.
+    verdict = check(ops, [Observation("n1", "k", b"old", at=20.0)], expiry_slack_s=0.5)
+    assert verdict.lost == 1 and "stale value" in verdict.anomalies[0].reason
+    assert check(ops, [Observation("n1", "k", None, at=20.0)], expiry_slack_s=0.5).lost == 0
+
+
+def test_a_read_may_not_return_what_a_write_acknowledged_before_it_began_superseded() -> None:
+    w1 = Op(0, "put", "k", b"one", sent=0.0, acked=1.0, outcome="ok", finished=1.0)
+    w2 = Op(0, "put", "k", b"two", sent=2.0, acked=3.0, outcome="ok", finished=3.0)
+    fresh = Op(1, "get", "k", b"two", sent=4.0, acked=4.5, outcome="ok", finished=4.5)
+    stale = Op(1, "get", "k", b"one", sent=4.0, acked=4.5, outcome="ok", finished=4.5)
+    concurrent = Op(1, "get", "k", b"one", sent=2.5, acked=2.6, outcome="ok", finished=2.6)  # w2 not yet acknowledged
+    early = Op(1, "get", "k", None, sent=-1.0, acked=-0.5, outcome="ok", finished=-0.5)  # before anything was written
+    assert stale_reads([w1, w2, fresh, stale, concurrent, early]) == [stale]
+    too_early = Op(1, "get", "k", b"two", sent=0.5, acked=1.5, outcome="ok", finished=1.5)  # w2 not even sent yet
+    assert stale_reads([w1, w2, too_early]) == [too_early]

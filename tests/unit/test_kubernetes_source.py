@@ -13,7 +13,7 @@ from app.config import NodeConfig
 from app.discovery.kubernetes import (
     PODS,
     STATEFULSETS,
-    KubernetesMembership,
+    KubernetesDiscovery,
     _Change,
     _Connected,
     _Expired,
@@ -38,7 +38,7 @@ class Sink:
     async def set_members(self, members: dict[str, str]) -> None:
         self.members.append(dict(members))
 
-    def set_ready(self, node_id: str, ready: bool) -> None:
+    def set_peer_ready(self, node_id: str, ready: bool) -> None:
         self.ready.append((node_id, ready))
 
     def record_source_error(self, reason: str) -> None:
@@ -60,9 +60,15 @@ def pod(name: str, *, ready: bool, labels: dict[str, str] = LABELS, terminating:
 
 
 @pytest.fixture
-def source() -> KubernetesMembership:
-    return KubernetesMembership(api_client=None, namespace="ns", statefulset="kv", headless_service="kv-h",
-                                cluster_domain="cluster.local", port=8080)
+def source() -> KubernetesDiscovery:
+    return KubernetesDiscovery(
+        api_client=None,
+        namespace="ns",
+        statefulset="kv",
+        headless_service="kv-h",
+        cluster_domain="cluster.local",
+        port=8080,
+    )
 
 
 def test_members_are_the_ordinals_at_their_stable_dns_names() -> None:
@@ -83,7 +89,7 @@ def test_pods_count_by_selector_and_ordinal_name_and_ready_condition() -> None:
     assert not pod_is_ready({"metadata": {"name": "kv-0"}})
 
 
-async def test_members_follow_replicas_and_only_changes_are_pushed(source: KubernetesMembership) -> None:
+async def test_members_follow_replicas_and_only_changes_are_pushed(source: KubernetesDiscovery) -> None:
     sink = Sink()
     await source._apply(_Snapshot(STATEFULSETS, [sts(5, name="other"), sts(3)], "1"), sink)
     assert [sorted(m) for m in sink.members] == [["kv-0", "kv-1", "kv-2"]]
@@ -95,7 +101,7 @@ async def test_members_follow_replicas_and_only_changes_are_pushed(source: Kuber
     assert source.status()["replicas"] == 4 and source.status()["resource_version"] == "4"
 
 
-async def test_missing_deleted_or_zero_statefulset_keeps_the_last_ring(source: KubernetesMembership) -> None:
+async def test_missing_deleted_or_zero_statefulset_keeps_the_last_ring(source: KubernetesDiscovery) -> None:
     sink = Sink()
     await source._apply(_Snapshot(STATEFULSETS, [], "1"), sink)
     assert sink.members == [] and len(sink.errors) == 1
@@ -107,11 +113,13 @@ async def test_missing_deleted_or_zero_statefulset_keeps_the_last_ring(source: K
     assert source.status()["errors"] == 2
 
 
-async def test_readiness_goes_to_the_sink_for_members_on_change_only(source: KubernetesMembership) -> None:
+async def test_readiness_goes_to_the_sink_for_members_on_change_only(source: KubernetesDiscovery) -> None:
     sink = Sink()
     await source._apply(_Snapshot(STATEFULSETS, [sts(2)], "1"), sink)
     assert sink.ready == []  # pods not listed yet: nothing is known
-    await source._apply(_Snapshot(PODS, [pod("kv-0", ready=True), pod("kv-5", ready=True), pod("x-1", ready=True)], "1"), sink)
+    await source._apply(
+        _Snapshot(PODS, [pod("kv-0", ready=True), pod("kv-5", ready=True), pod("x-1", ready=True)], "1"), sink
+    )
     assert sorted(sink.ready) == [("kv-0", True), ("kv-1", False)]  # kv-1 has no pod yet
     await source._apply(_Change(PODS, "MODIFIED", pod("kv-0", ready=True), "2"), sink)
     assert len(sink.ready) == 2
@@ -122,7 +130,9 @@ async def test_readiness_goes_to_the_sink_for_members_on_change_only(source: Kub
     assert sink.ready[-1] == ("kv-2", False)  # a new member without a pod
 
 
-async def test_failures_count_and_staleness_grows_until_reconnected(source: KubernetesMembership, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_failures_count_and_staleness_grows_until_reconnected(
+    source: KubernetesDiscovery, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sink = Sink()
     now = [1000.0]
     monkeypatch.setattr("app.discovery.kubernetes.time.monotonic", lambda: now[0])
@@ -159,10 +169,24 @@ def test_from_config_reads_the_kubernetes_settings(tmp_path: Path) -> None:
         "users:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\n"
         "current-context: x\n"
     )
-    config = NodeConfig.from_options({
-        "node_id": "kv-0", "listen": "127.0.0.2:7000", "membership": "kubernetes", "namespace": "ns",
-        "statefulset": "kv", "headless_service": "kv-h", "cluster_domain": "example.org", "kubeconfig": str(kubeconfig),
-    })
-    source = KubernetesMembership.from_config(config)
-    assert (source.namespace, source.statefulset, source.headless_service, source.cluster_domain, source.port) == ("ns", "kv", "kv-h", "example.org", 7000)
+    config = NodeConfig.from_options(
+        {
+            "node_id": "kv-0",
+            "listen": "127.0.0.2:7000",
+            "membership": "kubernetes",
+            "namespace": "ns",
+            "statefulset": "kv",
+            "headless_service": "kv-h",
+            "cluster_domain": "example.org",
+            "kubeconfig": str(kubeconfig),
+        }
+    )
+    source = KubernetesDiscovery.from_config(config)
+    assert (source.namespace, source.statefulset, source.headless_service, source.cluster_domain, source.port) == (
+        "ns",
+        "kv",
+        "kv-h",
+        "example.org",
+        7000,
+    )
     assert source.api_client.configuration.host == "http://127.0.0.1:1"

@@ -5,71 +5,17 @@ rebalancing after a membership change, hand-off of foreign records."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
 from app.clock import HybridClock
 from app.cluster.replica import Replica
-from app.config import NodeConfig
-from app.cluster.node import Node
-from app.discovery.static import StaticMembership
 from app.errors import QuorumError
 from app.ring import ArcSet, HashRing
 from app.storage.base import Record
 from app.storage.hints import HintStore
 from app.storage.memory import MemoryStore
-from app.transport.fake import InProcessPeerClient
-
-
-def config(node_id: str, members: dict[str, str]) -> NodeConfig:
-    return NodeConfig.from_options({
-        "node_id": node_id, "listen": "127.0.0.1:9", "peers": ",".join(f"{n}={u}" for n, u in members.items()),
-        "anti_entropy_interval": "3600", "sweep_interval": "3600", "sync_deadline": "2",
-    })
-
-
-class InProcessCluster:
-    def __init__(self) -> None:
-        self.transport = InProcessPeerClient()
-        self.nodes: dict[str, Node] = {}
-
-    async def add(self, node_id: str, members: dict[str, str]) -> Node:
-        node = Node(config(node_id, members))
-        await node.start(self.transport, source=StaticMembership(members))
-        self.nodes[node_id] = node
-        self.transport.replicas[node_id] = node.replica  # type: ignore[assignment]
-        self.transport.membership_handlers[node_id] = lambda m, node=node: node.apply_membership(m, propagate=False)
-        return node
-
-    async def settle(self) -> None:
-        """Let started background work (bootstrap syncs) finish."""
-        for node in self.nodes.values():
-            while not node.members_known:
-                await asyncio.sleep(0)
-            task = node.handoff._sync_task  # type: ignore[union-attr]
-            if task is not None:
-                await task
-
-    def holders(self, key: bytes) -> set[str]:
-        return {n for n, node in self.nodes.items() if (r := node.replica.store.get(key)) is not None and r.value is not None}  # type: ignore[union-attr]
-
-    async def stop(self) -> None:
-        for node in self.nodes.values():
-            await node.stop()
-
-
-def members(*ids: str) -> dict[str, str]:
-    return {node_id: f"http://{node_id}" for node_id in ids}
-
-
-@pytest.fixture
-async def cluster() -> AsyncIterator[InProcessCluster]:
-    c = InProcessCluster()
-    try:
-        yield c
-    finally:
-        await c.stop()
+from tests.unit.in_process import InProcessCluster, members
 
 
 async def test_a_down_replica_s_write_goes_to_a_spare_as_a_hint_and_is_delivered(cluster: InProcessCluster) -> None:
@@ -82,16 +28,16 @@ async def test_a_down_replica_s_write_goes_to_a_spare_as_a_hint_and_is_delivered
     owners = ring.owners(key, 3)
     spare = ring.owners(key, 4)[3]
     down = owners[1]
-    cluster.transport.unreachable.add(down)
+    cluster.peer_client.unreachable.add(down)
     coordinator = cluster.nodes[owners[0]].coordinator
-    await coordinator.put(key, b"v", consistency="all")  # type: ignore[union-attr]  # all 3 acks: 2 direct + 1 hinted
-    assert cluster.nodes[spare].replica.hints.pending() == 1  # type: ignore[union-attr]
+    await coordinator.put(key, b"v", consistency="all")
+    assert cluster.nodes[spare].replica.hints.pending() == 1
     assert down not in cluster.holders(key)
-    cluster.transport.unreachable.clear()
+    cluster.peer_client.unreachable.clear()
     cluster.nodes[spare].health.mark_up(down)
-    await cluster.nodes[spare].handoff.deliver_hints()  # type: ignore[union-attr]
+    await cluster.nodes[spare].handoff.deliver_hints()
     assert cluster.holders(key) == set(owners)
-    assert cluster.nodes[spare].replica.hints.pending() == 0  # type: ignore[union-attr]
+    assert cluster.nodes[spare].replica.hints.pending() == 0
 
 
 async def test_with_no_spare_the_coordinator_keeps_an_uncounted_hint(cluster: InProcessCluster) -> None:
@@ -99,16 +45,16 @@ async def test_with_no_spare_the_coordinator_keeps_an_uncounted_hint(cluster: In
     for node_id in ids:
         await cluster.add(node_id, ids)
     await cluster.settle()
-    cluster.transport.unreachable.add("c")
-    await cluster.nodes["a"].coordinator.put(b"k", b"v")  # type: ignore[union-attr]  # quorum: a and b
+    cluster.peer_client.unreachable.add("c")
+    await cluster.nodes["a"].coordinator.put(b"k", b"v")
     with pytest.raises(QuorumError, match="2 of 3"):
-        await cluster.nodes["a"].coordinator.put(b"k", b"v2", consistency="all")  # type: ignore[union-attr]
-    assert cluster.nodes["a"].replica.hints.pending() == 1  # type: ignore[union-attr]  # one per key: newest wins
-    assert cluster.nodes["c"].replica.store.get(b"k") is None  # type: ignore[union-attr]
-    cluster.transport.unreachable.clear()
+        await cluster.nodes["a"].coordinator.put(b"k", b"v2", consistency="all")
+    assert cluster.nodes["a"].replica.hints.pending() == 1
+    assert cluster.nodes["c"].replica.store.get(b"k") is None
+    cluster.peer_client.unreachable.clear()
     cluster.nodes["a"].health.mark_up("c")  # what the probe loop does once c answers
-    await cluster.nodes["a"].handoff.deliver_hints()  # type: ignore[union-attr]
-    assert cluster.nodes["c"].replica.store.get(b"k").value == b"v2"  # type: ignore[union-attr]
+    await cluster.nodes["a"].handoff.deliver_hints()
+    assert cluster.nodes["c"].replica.store.get(b"k").value == b"v2"
 
 
 async def test_read_repair_updates_a_stale_replica(cluster: InProcessCluster) -> None:
@@ -116,18 +62,18 @@ async def test_read_repair_updates_a_stale_replica(cluster: InProcessCluster) ->
     for node_id in ids:
         await cluster.add(node_id, ids)
     await cluster.settle()
-    await cluster.nodes["a"].coordinator.put(b"k", b"old")  # type: ignore[union-attr]
-    cluster.transport.unreachable.add("c")
-    await cluster.nodes["a"].coordinator.put(b"k", b"new")  # type: ignore[union-attr]
+    await cluster.nodes["a"].coordinator.put(b"k", b"old")
+    cluster.peer_client.unreachable.add("c")
+    await cluster.nodes["a"].coordinator.put(b"k", b"new")
     cluster.nodes["a"].replica.hints.close()  # lose the hint: only read repair can fix c now
-    cluster.transport.unreachable.clear()
+    cluster.peer_client.unreachable.clear()
     cluster.nodes["c"].health.mark_up("a")
     cluster.nodes["c"].health.mark_up("b")
     # c coordinates: it reads itself (stale) and one other (fresh).
-    assert (await cluster.nodes["c"].coordinator.get(b"k")).value == b"new"  # type: ignore[union-attr]
+    assert (await cluster.nodes["c"].coordinator.get(b"k")).value == b"new"
     for _ in range(3):  # read repair runs in the background: let it
         await asyncio.sleep(0)
-    assert cluster.nodes["c"].replica.store.get(b"k").value == b"new"  # type: ignore[union-attr]
+    assert cluster.nodes["c"].replica.store.get(b"k").value == b"new"
 
 
 async def test_anti_entropy_converges_replicas_that_missed_writes(cluster: InProcessCluster) -> None:
@@ -135,17 +81,17 @@ async def test_anti_entropy_converges_replicas_that_missed_writes(cluster: InPro
     for node_id in ids:
         await cluster.add(node_id, ids)
     await cluster.settle()
-    cluster.transport.unreachable.add("c")
+    cluster.peer_client.unreachable.add("c")
     for i in range(200):
-        await cluster.nodes["a"].coordinator.put(f"k{i}".encode(), f"v{i}".encode())  # type: ignore[union-attr]
-    await cluster.nodes["a"].coordinator.delete(b"k0")  # type: ignore[union-attr]
-    cluster.transport.unreachable.clear()
-    repaired = await cluster.nodes["c"].anti_entropy.compare_with("a")  # type: ignore[union-attr]
+        await cluster.nodes["a"].coordinator.put(f"k{i}".encode(), f"v{i}".encode())
+    await cluster.nodes["a"].coordinator.delete(b"k0")
+    cluster.peer_client.unreachable.clear()
+    repaired = await cluster.nodes["c"].anti_entropy.compare_with("a")
     assert repaired == 200  # 199 values and a tombstone
-    assert cluster.nodes["c"].replica.store.get(b"k5").value == b"v5"  # type: ignore[union-attr]
-    assert cluster.nodes["c"].replica.store.get(b"k0").is_tombstone  # type: ignore[union-attr]
+    assert cluster.nodes["c"].replica.store.get(b"k5").value == b"v5"
+    assert cluster.nodes["c"].replica.store.get(b"k0").is_tombstone
     # In sync now: nothing differs, nothing moves.
-    assert await cluster.nodes["c"].anti_entropy.compare_with("a") == 0  # type: ignore[union-attr]
+    assert await cluster.nodes["c"].anti_entropy.compare_with("a") == 0
 
 
 async def test_join_pulls_ranges_and_old_replicas_hand_off_foreign_records(cluster: InProcessCluster) -> None:
@@ -155,19 +101,19 @@ async def test_join_pulls_ranges_and_old_replicas_hand_off_foreign_records(clust
     await cluster.settle()
     keys = [f"k{i}".encode() for i in range(300)]
     for key in keys:
-        await cluster.nodes["a"].coordinator.put(key, b"v")  # type: ignore[union-attr]
+        await cluster.nodes["a"].coordinator.put(key, b"v")
     four = members("a", "b", "c", "d")
     d = await cluster.add("d", four)
     await cluster.settle()
-    assert d.handoff.status.keys_streamed > 0  # type: ignore[union-attr]
+    assert d.handoff.status.keys_streamed > 0
     await cluster.nodes["a"].apply_membership(four, propagate=True)
     await cluster.settle()
     for node in cluster.nodes.values():
-        await node.handoff.handoff_foreign()  # type: ignore[union-attr]
+        await node.handoff.handoff_foreign()
     ring = HashRing(four)
     for key in keys:
         assert cluster.holders(key) == set(ring.owners(key, 3)), key
-    assert all(node.handoff.status.foreign_keys == 0 for node in cluster.nodes.values())  # type: ignore[union-attr]
+    assert all(node.handoff.status.foreign_keys == 0 for node in cluster.nodes.values())
 
 
 async def test_a_syncing_replica_is_not_counted_toward_the_read_quorum(cluster: InProcessCluster) -> None:
@@ -175,11 +121,11 @@ async def test_a_syncing_replica_is_not_counted_toward_the_read_quorum(cluster: 
     for node_id in ids:
         await cluster.add(node_id, ids)
     await cluster.settle()
-    await cluster.nodes["a"].coordinator.put(b"k", b"v")  # type: ignore[union-attr]
-    cluster.nodes["b"].replica.syncing = ArcSet([(0, 0)])  # type: ignore[union-attr]  # b: "still pulling everything"
-    cluster.transport.unreachable.add("c")
+    await cluster.nodes["a"].coordinator.put(b"k", b"v")
+    cluster.nodes["b"].replica.syncing = ArcSet([(0, 0)])
+    cluster.peer_client.unreachable.add("c")
     with pytest.raises(QuorumError, match="1 of 2"):
-        await cluster.nodes["a"].coordinator.get(b"k")  # type: ignore[union-attr]
+        await cluster.nodes["a"].coordinator.get(b"k")
 
 
 class CountingStore(MemoryStore):
@@ -189,7 +135,7 @@ class CountingStore(MemoryStore):
         super().__init__(tombstone_grace_s=60)
         self.transactions: list[int] = []
 
-    def apply_many(self, writes):  # type: ignore[no-untyped-def]
+    def apply_many(self, writes):
         self.transactions.append(len(writes))
         return super().apply_many(writes)
 
@@ -215,10 +161,10 @@ async def test_no_foreign_record_scan_when_every_member_replicates_everything(cl
     await cluster.settle()
     node = cluster.nodes["a"]
 
-    def no_full_scan(start: int, end: int):  # type: ignore[no-untyped-def]
+    def no_full_scan(start: int, end: int):
         raise AssertionError("scanned the whole store although no key can be foreign at N=3 on 3 nodes")
 
-    node.replica.store.iter_range = no_full_scan  # type: ignore[union-attr, method-assign]
-    assert node.handoff.foreign_dirty  # type: ignore[union-attr]
-    await node.handoff.handoff_foreign()  # type: ignore[union-attr]
-    assert not node.handoff.foreign_dirty  # type: ignore[union-attr]
+    node.replica.store.iter_range = no_full_scan
+    assert node.handoff.foreign_dirty
+    await node.handoff.handoff_foreign()
+    assert not node.handoff.foreign_dirty

@@ -16,10 +16,26 @@ member_names = st.lists(st.text("abcdefghij0123456789-", min_size=1, max_size=12
 
 
 def test_stable_hash_is_fixed_across_releases() -> None:
-    # Golden values: if these change, every deployed ring reshuffles.
-    assert stable_hash(b"alpha") == int.from_bytes(__import__("hashlib").blake2b(b"alpha", digest_size=8).digest(), "big")
-    assert stable_hash(b"") != stable_hash(b"\x00")
+    # Golden values, written down as literals (64-bit BLAKE2b, big-endian):
+    # if these change, every deployed ring reshuffles and every data dir's
+    # keys land on the wrong nodes.
+    assert stable_hash(b"alpha") == 5982700193828047002
+    assert stable_hash(b"bravo") == 6655117143818746637
+    assert stable_hash(b"") == 16476032584258269876
+    assert stable_hash(b"\x00") == 10734006239897485896
+    assert stable_hash(b"key-0") == 9679884382612836663
     assert 0 <= stable_hash(b"bravo") < HASH_SPACE
+
+
+def test_default_ring_places_keys_where_it_always_did() -> None:
+    # Golden preference lists of the seed's three nodes with the default
+    # vnodes: a change of hash, vnode naming or vnode count moves them.
+    ring = HashRing(["node1", "node2", "node3"])
+    assert ring.owners(b"alpha", 3) == ("node3", "node1", "node2")
+    assert ring.owners(b"bravo", 3) == ("node1", "node2", "node3")
+    assert ring.owners(b"charlie", 3) == ("node2", "node1", "node3")
+    assert ring.owners(b"key-0", 3) == ("node2", "node1", "node3")
+    assert ring.owners(b"key-1", 3) == ("node3", "node1", "node2")
 
 
 def test_owners_agree_across_processes_with_different_hash_seeds() -> None:
@@ -30,7 +46,10 @@ def test_owners_agree_across_processes_with_different_hash_seeds() -> None:
     )
     outputs = {
         subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, check=True,
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
             env={"PYTHONHASHSEED": seed, "PATH": ""},
         ).stdout
         for seed in ("1", "2", "12345")

@@ -3,60 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 
 import pytest
+import uvloop
 
 from app.transport.wire import PeerPool
-
-Handler = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
-
-
-class ScriptedServer:
-    """Reads requests (head + Content-Length body) and lets a test answer each."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.connections = 0
-        self.open_now = 0
-        self.max_open = 0
-        self.heads: list[bytes] = []
-        self.server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> ScriptedServer:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return self.server.sockets[0].getsockname()[1]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self.open_now += 1
-        self.max_open = max(self.max_open, self.open_now)
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
-                body = await reader.readexactly(length)
-                self.heads.append(head)
-                await self.handler(head + body, writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self.open_now -= 1
-            writer.close()
-
-
-def ok(body: bytes, extra: bytes = b"") -> bytes:
-    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Answer: yes\r\n%s\r\n%s" % (len(body), extra, body)
+from tests.unit.scripted_server import ScriptedServer, ok
 
 
 async def echo(request: bytes, writer: asyncio.StreamWriter) -> None:
@@ -71,7 +26,9 @@ async def test_reuses_one_connection_for_sequential_requests() -> None:
     async with ScriptedServer(echo) as server:
         pool = pool_for(server)
         for i in range(20):
-            status, headers, body = await pool.request(b"PUT", "/internal/v1/kv/k", headers=b"X-A: 1\r\n", body=b"v%d" % i)
+            status, headers, body = await pool.request(
+                b"PUT", "/internal/v1/kv/k", headers=b"X-A: 1\r\n", body=b"v%d" % i
+            )
             assert (status, body, headers["x-answer"]) == (200, b"v%d" % i, "yes")
         assert server.connections == 1
         assert server.heads[0].startswith(b"PUT /internal/v1/kv/k HTTP/1.1\r\n")
@@ -195,3 +152,146 @@ async def test_forgetting_a_peer_closes_its_connections_and_a_later_call_reconne
             assert server.connections == 2
         finally:
             await client.close()
+
+
+# -- resets: the pool never hands out a dead connection ------------------------------
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close with an RST, as a crashed peer or a middlebox that drops the flow does."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def on_uvloop(test: Callable[[], Awaitable[None]]) -> None:
+    """The nodes run uvloop, whose closed transports raise where asyncio's only log."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(test())
+
+
+def test_a_connection_reset_while_idle_is_not_reused_and_the_request_succeeds() -> None:
+    async def main() -> None:
+        answered = 0
+
+        async def answer_then_reset(request: bytes, writer: asyncio.StreamWriter) -> None:
+            nonlocal answered
+            answered += 1
+            writer.write(ok(b"fine"))
+            await writer.drain()
+            reset(writer)
+
+        async with ScriptedServer(answer_then_reset) as server:
+            pool = pool_for(server)
+            for _ in range(20):
+                assert (await pool.request(b"GET", "/a"))[2] == b"fine"
+                await asyncio.sleep(0.005 if answered % 2 else 0)  # sometimes the loop has seen the RST, sometimes not
+            assert server.connections == 20
+
+    on_uvloop(main)
+
+
+def test_resets_under_load_fail_only_as_oserrors() -> None:
+    async def main() -> None:
+        seen = 0
+
+        async def flaky(request: bytes, writer: asyncio.StreamWriter) -> None:
+            nonlocal seen
+            seen += 1
+            if seen % 3 == 0:
+                reset(writer)
+                return
+            writer.write(ok(b"fine"))
+
+        async with ScriptedServer(flaky) as server:
+            pool = pool_for(server, limit=16)
+
+            async def one() -> str:
+                try:
+                    return (await pool.request(b"PUT", "/kv/k", body=b"v"))[2].decode()
+                except OSError as exc:
+                    return type(exc).__name__
+
+            outcomes = await asyncio.gather(*(one() for _ in range(300)))
+        # Fine answers, or OSErrors the caller turns into "peer unavailable";
+        # never a RuntimeError from a closed transport (an HTTP 500 upstream).
+        assert set(outcomes) <= {"fine", "ConnectionResetError", "BrokenPipeError", "ConnectionAbortedError"}
+        assert outcomes.count("fine") > 150
+
+    on_uvloop(main)
+
+
+def test_a_reset_before_any_byte_of_the_answer_is_retried_once_on_a_fresh_connection() -> None:
+    async def main() -> None:
+        async def once_per_connection(request: bytes, writer: asyncio.StreamWriter) -> None:
+            if getattr(writer, "answered_once", False):
+                reset(writer)  # the request arrived; no byte of an answer left
+                return
+            writer.answered_once = True
+            writer.write(ok(b"fine"))
+
+        async with ScriptedServer(once_per_connection) as server:
+            pool = pool_for(server)
+            for _ in range(10):
+                assert (await pool.request(b"PUT", "/kv/k", body=b"v"))[2] == b"fine"
+            assert server.connections == 10  # every reuse was reset and retried on a new connection
+
+    on_uvloop(main)
+
+
+def test_a_reset_after_the_answer_began_is_not_retried() -> None:
+    async def main() -> None:
+        async def half_then_reset(request: bytes, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhal")
+            await writer.drain()
+            await asyncio.sleep(0.01)
+            reset(writer)
+
+        async with ScriptedServer(half_then_reset) as server:
+            pool = pool_for(server)
+            with pytest.raises(ConnectionError):
+                await pool.request(b"GET", "/a")
+            assert server.connections == 1  # the peer had begun to answer: no second try
+
+    on_uvloop(main)
+
+
+def test_an_idle_connection_whose_transport_closed_before_the_pool_heard_is_not_used() -> None:
+    """The window a reset leaves: the loop has closed the transport, and the
+    connection_lost callback that would drop it from the idle list has not run."""
+
+    async def main() -> None:
+        async with ScriptedServer(echo) as server:
+            pool = pool_for(server)
+            assert (await pool.request(b"PUT", "/a", body=b"one"))[2] == b"one"
+            idle = pool._idle[0]
+            assert idle.transport is not None
+            idle.transport.abort()  # closed at once (as on a reset); connection_lost is only scheduled
+            assert (await pool.request(b"PUT", "/a", body=b"two"))[2] == b"two"
+            assert server.connections == 2
+
+    on_uvloop(main)
+
+
+def test_a_fresh_connection_the_peer_closed_before_the_first_write_fails_as_an_oserror() -> None:
+    """What a dropping proxy or a crashing peer does under load: the
+    connection is accepted, then closed, and the loop has delivered
+    connection_lost by the time the request is written."""
+
+    async def main() -> None:
+        async with ScriptedServer(echo) as server:
+            pool = pool_for(server)
+            connect = pool._connect
+
+            async def connect_then_lose_it() -> object:
+                conn = await connect()
+                assert conn.transport is not None
+                conn.transport.abort()
+                await asyncio.sleep(0)  # connection_lost runs: the transport is now closed for good
+                return conn
+
+            pool._connect = connect_then_lose_it
+            with pytest.raises(ConnectionResetError, match="closed under the request"):
+                await pool.request(b"PUT", "/kv/k", body=b"v")
+
+    on_uvloop(main)

@@ -12,14 +12,14 @@ import random
 import threading
 from pathlib import Path
 
+import lmdb
 import pytest
 
 from app.config import NodeConfig
 from app.errors import NodeIdMismatchError, StorageError
 from app.ring import HASH_SPACE, in_arc, stable_hash
-from app.storage import LmdbStore, MemoryStore, Record, Store, open_store
-from app.storage import lmdb_store
-from tests.unit.storage.conftest import GRACE_S, START_MS, FakeClock, StoreFactory, put, tombstone, version
+from app.storage import LmdbStore, MemoryStore, Record, Store, lmdb_store, open_store
+from tests.unit.storage.fakes import GRACE_S, START_MS, FakeClock, StoreFactory, put, tombstone, version
 
 T = START_MS
 KEYS = [f"key-{i}".encode() for i in range(200)]
@@ -115,7 +115,7 @@ def test_apply_many_is_apply_in_order_within_one_batch(store: Store, order: tupl
     store.apply(b"other", put(b"before", at=T))
     results = store.apply_many([(b"k", records[i]) for i in order] + [(b"other", put(b"after", at=T + 1))])
     newest_so_far = -1
-    for i, result in zip(order, results):
+    for i, result in zip(order, results[:-1], strict=True):  # the last result is the other key's
         assert result.applied == (i > newest_so_far)
         newest_so_far = max(newest_so_far, i)
     assert results[-1].applied and results[-1].previous == put(b"before", at=T)
@@ -148,36 +148,44 @@ def test_the_logical_counter_orders_writes_in_the_same_millisecond(store: Store)
     assert store.get(b"k") == later
 
 
-# -- TTL -----------------------------------------------------------------------
+# -- TTL: expiry is a version -------------------------------------------------
 
 
-def test_a_record_expires_at_its_deadline(store: Store, clock: FakeClock) -> None:
+def test_an_expired_record_stays_a_dead_record_at_its_version(store: Store, clock: FakeClock) -> None:
     record = put(b"v", at=T, expires_at_ms=T + 1000)
     store.apply(b"k", record)
-    clock.advance(999)
-    assert store.get(b"k") == record
+    digest = store.digest(0, 0)
+    clock.advance(1000)
+    stored = store.get(b"k")
+    assert stored == record and not stored.live(clock())  # the reader judges liveness
     assert whole(store) == {b"k": record}
-    clock.advance(1)
-    assert store.get(b"k") is None
-    assert whole(store) == {}
-    assert store.digest(0, 0) == bytes(16)
+    assert store.digest(0, 0) == digest  # expiring changes no digest: replicas still agree
 
 
-def test_applying_an_already_expired_record_is_a_no_op(store: Store) -> None:
-    result = store.apply(b"k", put(b"v", at=T - 10, expires_at_ms=T))
-    assert not result.applied and result.previous is None
-    assert store.get(b"k") is None
-    assert store.live_count() == 0
-    assert store.sweep(T) == 0
-
-
-def test_an_expired_record_no_longer_blocks_writes(store: Store, clock: FakeClock) -> None:
-    store.apply(b"k", put(b"short", at=T, expires_at_ms=T + 10))
+def test_an_expired_record_still_wins_over_an_older_live_one(store: Store, clock: FakeClock) -> None:
+    store.apply(b"k", put(b"ttl", at=T, expires_at_ms=T + 10))
     clock.advance(10)
-    # Expired means absent: a write is compared with what a read would see.
-    result = store.apply(b"k", put(b"again", at=T - 5))
-    assert result.applied and result.previous is None
-    assert store.get(b"k") == put(b"again", at=T - 5)
+    # An older value (a replica that missed the TTL write, read repair, a
+    # late hint) must not come back once the newer record has expired.
+    result = store.apply(b"k", put(b"older", at=T - 5))
+    assert not result.applied and result.previous == put(b"ttl", at=T, expires_at_ms=T + 10)
+    assert store.sweep(clock()) == 1  # turned into a tombstone at its version
+    dead = store.get(b"k")
+    assert dead is not None and dead.is_tombstone and dead.version == version(T)
+    assert not store.apply(b"k", put(b"older", at=T - 5)).applied
+    assert store.apply(b"k", put(b"newer", at=T + 20)).applied
+
+
+def test_an_already_expired_record_is_stored_as_the_dead_version_it_is(store: Store) -> None:
+    older = put(b"old", at=T - 20)
+    store.apply(b"k", older)
+    expired = put(b"v", at=T - 10, expires_at_ms=T)
+    result = store.apply(b"k", expired)
+    assert result.applied and result.previous == older
+    assert store.get(b"k") == expired
+    assert store.live_count() == 1  # counted until the sweep turns it
+    assert store.sweep(T) == 1
+    assert store.live_count() == 0
 
 
 def test_overwriting_with_a_ttl_and_without_one(store: Store, clock: FakeClock) -> None:
@@ -189,21 +197,29 @@ def test_overwriting_with_a_ttl_and_without_one(store: Store, clock: FakeClock) 
     store.apply(b"k", put(b"v3", at=T + 2, expires_at_ms=T + 200))
     clock.advance(100)
     assert store.sweep(clock()) == 1
-    assert store.get(b"k") is None
+    dead = store.get(b"k")
+    assert dead is not None and dead.is_tombstone and dead.version == version(T + 2)
 
 
 # -- sweep -------------------------------------------------------------------
 
 
-def test_sweep_purges_expired_records(store: Store, clock: FakeClock) -> None:
+def test_sweep_turns_expired_records_into_tombstones_then_purges_them_after_the_grace(
+    store: Store, clock: FakeClock
+) -> None:
+    grace_ms = int(GRACE_S * 1000)
     for i in range(10):
         store.apply(KEYS[i], put(b"v", at=T, expires_at_ms=T + 100 * (i + 1)))
     store.apply(b"forever", put(b"v", at=T))
     assert store.sweep(T + 450) == 4
     assert store.sweep(T + 450) == 0
-    clock.advance(450)
-    assert len(whole(store)) == 7
+    assert len(whole(store)) == 11
+    assert sum(r.is_tombstone for r in whole(store).values()) == 4
+    assert store.live_count() == 7
     assert store.sweep(T + 10_000) == 6
+    # The grace counts from each record's expiry, not from its write.
+    assert store.sweep(T + 400 + grace_ms) == 4
+    assert store.sweep(T + 1000 + grace_ms) == 6
     assert whole(store) == {b"forever": put(b"v", at=T)}
 
 
@@ -235,8 +251,10 @@ def test_sweep_in_many_batches(make_store: StoreFactory, monkeypatch: pytest.Mon
         store.apply(key, put(b"v", at=T, expires_at_ms=T + 5))
     for key in KEYS[50:80]:
         store.apply(key, tombstone(at=T))
-    assert store.sweep(T + int(GRACE_S * 1000)) == 80
-    assert store.live_count() == 0 and whole(store) == {}
+    assert store.sweep(T + int(GRACE_S * 1000)) == 80  # 50 expired values turned, 30 tombstones purged
+    assert store.live_count() == 0 and len(whole(store)) == 50
+    assert store.sweep(T + 5 + int(GRACE_S * 1000)) == 50
+    assert whole(store) == {}
 
 
 # -- iteration by ring arc ---------------------------------------------------
@@ -273,11 +291,11 @@ def test_iter_range_returns_exactly_the_keys_on_the_arc(store: Store) -> None:
         assert dict(store.iter_range(start, end)) == expected, (start, end)
 
 
-def test_iter_range_includes_tombstones_and_skips_expired(store: Store) -> None:
+def test_iter_range_includes_tombstones_and_expired_records(store: Store) -> None:
     store.apply(b"gone", tombstone(at=T))
     store.apply(b"dead", put(b"v", at=T - 10, expires_at_ms=T))
     store.apply(b"ttl", put(b"v", at=T - 10, expires_at_ms=T + 1))
-    assert set(whole(store)) == {b"gone", b"ttl"}
+    assert set(whole(store)) == {b"gone", b"dead", b"ttl"}
 
 
 def test_iter_range_crosses_scan_chunks(make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -346,14 +364,14 @@ def test_digests_of_adjacent_arcs_combine(store: Store) -> None:
     _fill(store, KEYS)
     cut = sorted(stable_hash(key) for key in KEYS)[100]
     left, right = store.digest(0, cut), store.digest(cut, 0)
-    combined = bytes(x ^ y for x, y in zip(left, right))
+    combined = bytes(x ^ y for x, y in zip(left, right, strict=True))
     assert combined == store.digest(0, 0)
     assert store.digest(cut, cut) == store.digest(0, 0)
 
 
-def test_every_engine_computes_the_same_digest(tmp_path: Path, clock: FakeClock) -> None:
-    memory = MemoryStore(tombstone_grace_s=GRACE_S, clock=clock)
-    durable = LmdbStore(path=str(tmp_path), node_id="n1", fsync="never", fsync_window_ms=5, tombstone_grace_s=GRACE_S, clock=clock)
+def test_every_engine_computes_the_same_digest(tmp_path: Path) -> None:
+    memory = MemoryStore(tombstone_grace_s=GRACE_S)
+    durable = LmdbStore(path=str(tmp_path), node_id="n1", fsync="never", fsync_window_ms=5, tombstone_grace_s=GRACE_S)
     try:
         for i, key in enumerate(KEYS):
             record = tombstone(at=T + i) if i % 5 == 0 else put(key, at=T + i, node=f"n{i % 3}")
@@ -364,6 +382,55 @@ def test_every_engine_computes_the_same_digest(tmp_path: Path, clock: FakeClock)
         assert memory.digest(0, 0) != bytes(16)
     finally:
         durable.close()
+
+
+# -- the high-water mark --------------------------------------------------------
+
+
+def ceiling_over(store: Store, wall_ms: int) -> None:
+    """The store's high water is at or above the version at wall_ms, and within the step of it."""
+    assert version(wall_ms).hlc <= store.high_water() <= version(wall_ms + lmdb_store.HIGH_WATER_STEP_MS).hlc
+
+
+def test_high_water_is_at_or_just_above_the_largest_version_ever_applied(store: Store) -> None:
+    assert store.high_water() == 0
+    store.apply(b"a", put(b"v", at=T + 5))
+    store.apply_many([(b"b", put(b"v", at=T + 9)), (b"c", tombstone(at=T + 7))])
+    ceiling_over(store, T + 9)
+    mark = store.high_water()
+    store.apply(b"b", put(b"stale", at=T + 1))  # not applied: no new high
+    store.apply(b"d", put(b"v", at=T + 2))  # applied, but lower
+    store.discard(b"b", version(T + 9))  # forgetting a record does not lower it
+    store.sweep(T + 10**9)
+    assert store.high_water() == mark
+    store.apply(b"e", put(b"v", at=T + 5000))
+    ceiling_over(store, T + 5000)
+
+
+@lmdb_only
+def test_high_water_survives_a_reopen(make_store: StoreFactory, engine: str) -> None:
+    store = make_store(fsync="batch")
+    store.apply(b"k", put(b"v", at=T + 42))
+    mark = store.high_water()
+    store.close()
+    again = make_store(fsync="batch")
+    assert again.high_water() == mark
+    ceiling_over(again, T + 42)
+
+
+@lmdb_only
+def test_a_data_dir_without_a_high_water_mark_gets_one_from_its_records(
+    make_store: StoreFactory, engine: str, tmp_path: Path
+) -> None:
+    store = make_store(fsync="batch")
+    _fill(store, KEYS[:50])
+    store.apply(b"newest", tombstone(at=T + 77))
+    store.close()
+    env = lmdb.open(str(tmp_path / "data"), max_dbs=4)  # as a build before the mark wrote it
+    with env.begin(write=True, db=env.open_db(b"meta")) as txn:
+        assert txn.delete(b"high_water")
+    env.close()
+    assert make_store(fsync="batch").high_water() == version(T + 77).hlc
 
 
 # -- live_count --------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Ring membership: the current members, their URLs and the ring built from them.
 
-A membership change builds a whole new Membership (and HashRing) and swaps
+A membership change builds a whole new Topology (and HashRing) and swaps
 one reference, so a request never sees a half-updated ring. Providers
 (static peer list, Kubernetes) call `update`; the coordinator reads `current`.
 """
@@ -15,7 +15,7 @@ from app.transport.base import Peer
 
 
 @dataclass(frozen=True)
-class Membership:
+class Topology:
     ring: HashRing
     peers: dict[str, Peer]  # every member, this node included, by node id
     epoch: int  # bumped on every change; lets watchers tell views apart
@@ -24,28 +24,28 @@ class Membership:
         return self.peers[node_id]
 
 
-class MembershipView:
-    """Holds the current Membership of one node and swaps it atomically."""
+class CurrentTopology:
+    """Holds the current Topology of one node and swaps it atomically."""
 
     def __init__(self, *, self_id: str, members: dict[str, str], vnodes: int) -> None:
         self.self_id = self_id
         self._vnodes = vnodes
-        self._listeners: list[Callable[[Membership, Membership], None]] = []
+        self._listeners: list[Callable[[Topology, Topology], None]] = []
         self._current = self._build(members, epoch=1)
 
-    def _build(self, members: dict[str, str], *, epoch: int) -> Membership:
+    def _build(self, members: dict[str, str], *, epoch: int) -> Topology:
         peers = {node_id: Peer(node_id, url.rstrip("/")) for node_id, url in members.items()}
-        return Membership(ring=HashRing(peers, vnodes=self._vnodes), peers=peers, epoch=epoch)
+        return Topology(ring=HashRing(peers, vnodes=self._vnodes), peers=peers, epoch=epoch)
 
     @property
-    def current(self) -> Membership:
+    def current(self) -> Topology:
         return self._current
 
-    def on_change(self, listener: Callable[[Membership, Membership], None]) -> None:
+    def on_change(self, listener: Callable[[Topology, Topology], None]) -> None:
         """Call listener(old, new) after every swap."""
         self._listeners.append(listener)
 
-    def update(self, members: dict[str, str]) -> Membership:
+    def update(self, members: dict[str, str]) -> Topology:
         """Swap in a new membership if it differs from the current one."""
         old = self._current
         if {node_id: peer.url for node_id, peer in old.peers.items()} == members:

@@ -75,7 +75,7 @@ class Coalescer(Generic[Item, Result]):
             results = await self._send([item for item, _ in batch])
             if len(results) != len(batch):
                 raise ValueError(f"the peer answered {len(results)} of {len(batch)} coalesced calls")
-        except BaseException as exc:  # noqa: BLE001 - each caller gets the batch's failure, as its own
+        except BaseException as exc:
             cancelled = isinstance(exc, asyncio.CancelledError)
             for _, future in batch:
                 if not future.done():
@@ -83,6 +83,6 @@ class Coalescer(Generic[Item, Result]):
             if cancelled:
                 raise
             return
-        for (_, future), result in zip(batch, results):
+        for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)

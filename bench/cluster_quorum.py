@@ -1,0 +1,43 @@
+"""The cluster benchmark's quorum section: what replication costs. Three nodes
+(LMDB data dirs, default --fsync batch) with --replication-factor 1, then the
+same with N=3; wrk drives `GET /kv/{key}` and `PUT /kv/{key}` (100-byte raw
+body) through node1 with keys spread so every owner is hit, at the default
+consistency (quorum: R = W = 2 at N=3). Rows n1_get, n1_put, n3_get, n3_put.
+"""
+
+from __future__ import annotations
+
+import argparse
+from contextlib import ExitStack
+from pathlib import Path
+
+from _common import run_wrk
+from cluster_nodes import start_cluster
+from cluster_report import Report
+from loader import preload
+from pyspy import profile_put
+
+
+def section_quorum(report: Report, *, args: argparse.Namespace, logdir: Path, luas: dict[str, Path]) -> None:
+    print("\n[quorum] 3 nodes via node1, N=1 then N=3 (default consistency: quorum)", flush=True)
+    for rf in (1, 3):
+        with ExitStack() as stack:
+            cluster = start_cluster(stack, logdir=logdir, name=f"q{rf}", rf=rf, storage=args.storage)
+            url = cluster.node("node1").url
+            preload(url)
+            tag = f"N={rf}" + (" quorum (R=W=2)" if rf == 3 else " (one owner, R=W=1)")
+            for op in ("get", "put"):
+                label = f"3 nodes {tag} {op.upper()} /kv via node1"
+                report.add(
+                    f"n{rf}_{op}",
+                    run_wrk(
+                        label,
+                        url,
+                        lua=luas[op],
+                        duration_s=args.duration,
+                        warmup_s=args.warmup,
+                        server_pids=cluster.pids(),
+                    ),
+                )
+            if rf == 3 and args.profile:
+                profile_put(report, args=args, cluster=cluster, lua=luas["put"])

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install the Debian packages the tests need, where missing: the suite fails
+# (never skips) without them, and a fresh machine has only what the project
+# installs. Idempotent: an installed package is left alone, and apt's lists
+# are refreshed only when something must be installed.
+#
+#   scripts/ensure_debian_packages.sh PACKAGE...
+#
+# faketime: libfaketime, which runs a node with a skewed wall clock
+#           (tests/integration/test_clock_skew.py).
+set -euo pipefail
+missing=()
+for package in "$@"; do
+    status=$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null || true)
+    [ "$status" = "install ok installed" ] || missing+=("$package")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+    echo "ensure_debian_packages: missing ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "installed: ${missing[*]}"

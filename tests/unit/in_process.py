@@ -1,0 +1,68 @@
+"""Real nodes in one process, for unit tests: Node.open over the in-process
+peer client (app.transport.fake), no sockets, no sleeps. The one builder
+behind test_coordinator and test_replication."""
+
+from __future__ import annotations
+
+import asyncio
+
+from app.clock import wall_ms
+from app.cluster.node import Node
+from app.config import NodeConfig
+from app.discovery.static import StaticDiscovery
+from app.transport.fake import InProcessPeerClient
+
+QUIET = {
+    "anti_entropy_interval": "3600",
+    "sweep_interval": "3600",
+    "sync_deadline": "2",
+}  # background work only when a test asks
+
+
+def node_config(node_id: str, members: dict[str, str], **options: str) -> NodeConfig:
+    peers = ",".join(f"{n}={u}" for n, u in members.items())
+    return NodeConfig.from_options({"node_id": node_id, "listen": "127.0.0.1:9", "peers": peers, **QUIET, **options})
+
+
+def members(*ids: str) -> dict[str, str]:
+    return {node_id: f"http://{node_id}" for node_id in ids}
+
+
+class InProcessCluster:
+    def __init__(self) -> None:
+        self.peer_client = InProcessPeerClient()
+        self.nodes: dict[str, Node] = {}
+
+    async def add(self, node_id: str, members: dict[str, str], *, skew_ms: int = 0, **options: str) -> Node:
+        """Open a node (its wall clock skew_ms off) and make it reachable to the others."""
+
+        def wall() -> int:
+            return wall_ms() + skew_ms
+
+        node = await Node.open(
+            node_config(node_id, members, **options),
+            peer_client=self.peer_client,
+            source=StaticDiscovery(members),
+            wall=wall,
+        )
+        self.nodes[node_id] = node
+        self.peer_client.replicas[node_id] = node.replica
+        self.peer_client.walls[node_id] = wall
+        self.peer_client.membership_handlers[node_id] = lambda m, node=node: node.apply_membership(m, propagate=False)
+        return node
+
+    async def settle(self) -> None:
+        """Let started background work (the first member list, bootstrap syncs) finish."""
+        for node in self.nodes.values():
+            while not node.members_known:
+                await asyncio.sleep(0)
+            task = node.handoff._sync_task
+            if task is not None:
+                await task
+
+    def holders(self, key: bytes) -> set[str]:
+        return {n for n, node in self.nodes.items() if (r := node.store.get(key)) is not None and r.value is not None}
+
+    async def close(self) -> None:
+        for node in self.nodes.values():
+            await node.close()

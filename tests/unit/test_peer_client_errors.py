@@ -1,0 +1,85 @@
+"""How the HTTP peer client classifies a peer's answers: only no answer at
+all, a timeout, or the peer's own 503 make it unavailable (and so marked
+down); a refusal or a garbled answer comes from a peer that is up."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from app.clock import Version
+from app.errors import PeerError, PeerRefusedError, PeerUnavailableError
+from app.storage.base import Record
+from app.transport.base import Peer
+from app.transport.http import HttpPeerClient
+from tests.unit.scripted_server import ScriptedServer, ok
+
+RECORD = Record(Version(1 << 16, "n1"), b"v")
+
+
+def answering(status_line: bytes, body: bytes) -> ScriptedServer:
+    async def handler(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n%s" % (status_line, len(body), body))
+
+    return ScriptedServer(handler)
+
+
+@pytest.mark.parametrize(
+    ("status_line", "body", "error", "says"),
+    [
+        (b"409 Conflict", b'{"error": "clock: version 1.n1 is 30000 ms ahead"}', PeerRefusedError, "30000 ms ahead"),
+        (b"403 Forbidden", b'{"error": "wrong cluster token"}', PeerRefusedError, "wrong cluster token"),
+        (b"503 Service Unavailable", b'{"error": "node is starting"}', PeerUnavailableError, "node is starting"),
+        (b"500 Internal Server Error", b"oops", PeerError, "oops"),
+    ],
+)
+async def test_a_status_becomes_the_error_kind_it_means(
+    status_line: bytes, body: bytes, error: type, says: str
+) -> None:
+    async with answering(status_line, body) as server:
+        client = HttpPeerClient(timeout_s=2.0)
+        peer = Peer("n2", f"http://127.0.0.1:{server.port}")
+        try:
+            for call in (
+                client.write(peer, b"k", RECORD),
+                client.read(peer, b"k"),
+                client.write_batch(peer, [(b"k", RECORD)]),
+            ):
+                with pytest.raises(PeerError, match=says) as caught:
+                    await call
+                assert type(caught.value) is error
+        finally:
+            await client.close()
+
+
+async def test_a_malformed_answer_is_the_peer_s_error_not_an_outage() -> None:
+    async def garbled(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(ok(b"\xff\x07", b"X-Kvstore-Version: not-a-version\r\n"))
+
+    async with ScriptedServer(garbled) as server:
+        client = HttpPeerClient(timeout_s=2.0)
+        peer = Peer("n2", f"http://127.0.0.1:{server.port}")
+        try:
+            with pytest.raises(PeerError, match="malformed answer") as caught:
+                await client.read(peer, b"k")
+            assert not isinstance(caught.value, PeerUnavailableError)
+            with pytest.raises(PeerError, match="malformed answer") as caught:
+                await client.digests(peer, [(0, 1)])
+            assert not isinstance(caught.value, PeerUnavailableError)
+        finally:
+            await client.close()
+
+
+async def test_no_answer_at_all_is_unavailable() -> None:
+    async with ScriptedServer(answering(b"200 OK", b"").handler) as server:
+        port = server.port  # closed on leaving: nothing listens there any more
+    client = HttpPeerClient(timeout_s=1.0)
+    peer = Peer("n2", f"http://127.0.0.1:{port}")
+    try:
+        with pytest.raises(PeerUnavailableError, match="unreachable"):
+            await client.write(peer, b"k", RECORD)
+        with pytest.raises(PeerUnavailableError, match="unreachable"):
+            await client.wall_clock(peer)
+    finally:
+        await client.close()

@@ -192,3 +192,14 @@ def test_coalesced_replica_calls_apply_each_write_and_answer_each_read(client: T
     assert client.get("/kv/c2").content == b"two"
     node = client.app.slot.require()
     assert node.replica.hints.for_target("n7", 10) == [(b"for-n7", Record(new, b"held", 0))]
+
+
+def test_a_503_says_when_to_retry_and_a_405_what_is_allowed() -> None:
+    # A two-member ring whose second member listens nowhere: a write at `all` cannot reach it.
+    config = single_node_config(peers="n1=http://127.0.0.1:9,n2=http://127.0.0.1:1", replication_factor="2")
+    with TestClient(create_app(config)) as client:
+        refused = client.put("/kv/k?consistency=all", content=b"v")
+        assert refused.status_code == 503 and "quorum not reached" in refused.json()["error"]
+        assert refused.headers["retry-after"] == "1"
+        wrong = client.post("/kv/k")
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "GET, HEAD, PUT, DELETE"

@@ -16,6 +16,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client 
 # Data-path latencies sit between ~100 us (local hit) and the peer timeout.
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 OPS = ("get", "put", "delete")
+REBALANCE_DIRECTIONS = ("in", "out")  # records pulled into this node, records handed off by it
 
 __all__ = ["CONTENT_TYPE_LATEST", "NodeMetrics"]
 
@@ -159,6 +160,12 @@ class NodeMetrics:
             "Ring arcs with fewer than a quorum of their replicas reachable from this node (writes to them fail).",
             registry=r,
         )
+        # Every child whose label values are known up front exists from the start, at 0: a rate or an
+        # alert over it then reads "none yet", not "no data" (Prometheus' advice on initialising metrics).
+        for op in ("read", "write"):
+            self.quorum_failures.labels(op)
+        for direction in REBALANCE_DIRECTIONS:
+            self.rebalance_keys_streamed.labels(direction)
         self.internal_reads = self.internal.labels("read")  # bound once: the replica routes' hot path
         self.internal_writes = self.internal.labels("write")
         self._observers = {op: self.duration.labels(op) for op in OPS}

@@ -28,8 +28,9 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy
 
 # The real helm and hadolint binaries, hash-pinned, into .tools/bin (the chart and image tests need them),
-# and the Debian packages the fault tests use (libfaketime for clock skew).
-DEBIAN_PACKAGES := faketime
+# and the Debian packages the tests use (libfaketime for clock skew; prometheus and promtool
+# for the alert rules and the dashboard's queries).
+DEBIAN_PACKAGES := faketime prometheus
 tools: $(VENV)/.installed
 	$(BIN)/python scripts/install_tools.py
 	scripts/ensure_debian_packages.sh $(DEBIAN_PACKAGES)

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TOOLS := .tools/bin
 
-.PHONY: run test unit integration k8s lint tools bench clean
+.PHONY: run test unit integration k8s lint tools bench clean dashboard-picture
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "kvstore needs Python 3.11+"'
@@ -46,6 +46,12 @@ unit: $(VENV)/.installed
 
 integration: $(VENV)/.installed tools
 	$(BIN)/pytest tests/integration
+
+# The README's dashboard picture: a real Prometheus scraping a loaded three-node cluster (one node
+# killed near the end), the dashboard's panels drawn from its query API (~2 min).
+dashboard-picture: $(VENV)/.installed tools
+	$(BIN)/pip install --quiet -e '.[test,picture]'
+	KVSTORE_DASHBOARD_PICTURE=$(CURDIR)/docs/dashboard.png $(BIN)/pytest -q -s tests/integration/test_prometheus.py
 
 # Load benchmarks (not tests): need wrk and taskset; results go in BENCHMARKS.md.
 bench: $(VENV)/.installed

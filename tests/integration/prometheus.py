@@ -10,9 +10,10 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +21,36 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.nodes import free_port
-
 SCRAPE_INTERVAL = "1s"  # a short test sees several scrapes; rates over 10 s windows have data
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 QUERY_TIMEOUT_S = 10.0
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now (the kernel's pick)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: Callable[[], str | None], *, timeout: float, what: str, interval: float = 0.25) -> float:
+    """Poll check() until it returns None; fail with its last complaint after
+    `timeout` seconds. Returns the seconds it took."""
+    started = time.monotonic()
+    while (complaint := check()) is not None:
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what} not seen within {timeout}s: {complaint}")
+        time.sleep(interval)
+    return time.monotonic() - started
+
+
 def prometheus_binary() -> str:
     found = shutil.which("prometheus")
     if found is None:
-        pytest.fail("prometheus is missing: run `make tools` (scripts/ensure_debian_packages.sh prometheus)", pytrace=False)
+        pytest.fail(
+            "prometheus is missing: run `make tools` (scripts/ensure_debian_packages.sh prometheus)", pytrace=False
+        )
     return found
 
 
@@ -43,8 +62,11 @@ class PrometheusServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
-            "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL,
-                       "scrape_timeout": SCRAPE_INTERVAL},
+            "global": {
+                "scrape_interval": SCRAPE_INTERVAL,
+                "evaluation_interval": SCRAPE_INTERVAL,
+                "scrape_timeout": SCRAPE_INTERVAL,
+            },
             "rule_files": [str(path) for path in rule_files],
             "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets)}]}],
         }
@@ -58,10 +80,16 @@ class PrometheusServer:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         try:
             self.proc = subprocess.Popen(
-                [prometheus_binary(), f"--config.file={self.config_path}",
-                 f"--storage.tsdb.path={self.workdir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{self.port}",
-                 "--web.enable-lifecycle"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    prometheus_binary(),
+                    f"--config.file={self.config_path}",
+                    f"--storage.tsdb.path={self.workdir / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--web.enable-lifecycle",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         finally:
             log.close()

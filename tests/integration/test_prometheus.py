@@ -20,14 +20,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 import yaml
 
-from tests.integration.nodes import Cluster, wait_for
-from tests.integration.prometheus import PrometheusServer
+from tests.integration.prometheus import PrometheusServer, wait_until
+
+if TYPE_CHECKING:  # only annotates make_cluster (the harness fixture)
+    from tests.integration.nodes import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "kvstore"
@@ -50,10 +52,24 @@ def chart_rules(path: Path) -> list[dict[str, Any]]:
     if not HELM.is_file():
         pytest.fail(f"{HELM} is missing: run `make tools`", pytrace=False)
     proc = subprocess.run(
-        [str(HELM), "template", "kv", str(CHART), "--api-versions", "monitoring.coreos.com/v1",
-         "--set", "metrics.prometheusRule.enabled=true", "--set", f'metrics.prometheusRule.selector=job="{JOB}"',
-         "--show-only", "templates/prometheusrule.yaml"],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            str(HELM),
+            "template",
+            "kv",
+            str(CHART),
+            "--api-versions",
+            "monitoring.coreos.com/v1",
+            "--set",
+            "metrics.prometheusRule.enabled=true",
+            "--set",
+            f'metrics.prometheusRule.selector=job="{JOB}"',
+            "--show-only",
+            "templates/prometheusrule.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     groups = yaml.safe_load(proc.stdout)["spec"]["groups"]
     for group in groups:
@@ -152,8 +168,10 @@ def test_prometheus_scrapes_the_dashboard_queries_and_the_unreachable_alert(
 
         empty = [(title, expr) for title, expr in panel_queries() if not server.query(expr)]
         assert not empty, "dashboard expressions without data:\n" + "\n".join(f"{t}: {e}" for t, e in empty)
-        latency = server.query(f"histogram_quantile(0.99, sum by (op, le) "
-                               f"(rate(kvstore_request_duration_seconds_bucket{{job=\"{JOB}\"}}[{RATE_WINDOW}])))")
+        latency = server.query(
+            f"histogram_quantile(0.99, sum by (op, le) "
+            f'(rate(kvstore_request_duration_seconds_bucket{{job="{JOB}"}}[{RATE_WINDOW}])))'
+        )
         assert {r["metric"]["op"] for r in latency if r["value"][1] != "NaN"} == {"get", "put", "delete"}, latency
         storage = server.query(f'kvstore_storage_used_bytes{{job="{JOB}"}} / kvstore_storage_limit_bytes > 0')
         assert len(storage) == 3 and all(0 < float(r["value"][1]) < 1 for r in storage), storage
@@ -167,15 +185,22 @@ def test_prometheus_scrapes_the_dashboard_queries_and_the_unreachable_alert(
         victim = cluster.nodes[2]
         killed_at = time.monotonic()
         victim.kill()
-        took = wait_for(
-            lambda: None if _alert_state(server, "KvstoreNodeUnreachable", peer=victim.node_id) in ("pending", "firing")
-            else f"KvstoreNodeUnreachable for {victim.node_id} is {_alert_state(server, 'KvstoreNodeUnreachable')}",
-            timeout=ALERT_TIMEOUT_S, what="the node-unreachable alert",
+        took = wait_until(
+            lambda: (
+                None
+                if _alert_state(server, "KvstoreNodeUnreachable", peer=victim.node_id) in ("pending", "firing")
+                else f"KvstoreNodeUnreachable for {victim.node_id} is {_alert_state(server, 'KvstoreNodeUnreachable')}"
+            ),
+            timeout=ALERT_TIMEOUT_S,
+            what="the node-unreachable alert",
         )
         print(f"KvstoreNodeUnreachable pending/firing {took:.1f}s after the kill")  # measured; pytest -s shows it
-        wait_for(
-            lambda: None if _alert_state(server, "KvstoreNodeUnreachable", peer=victim.node_id) == "firing" else "pending",
-            timeout=ALERT_TIMEOUT_S, what="the alert to fire",
+        wait_until(
+            lambda: (
+                None if _alert_state(server, "KvstoreNodeUnreachable", peer=victim.node_id) == "firing" else "pending"
+            ),
+            timeout=ALERT_TIMEOUT_S,
+            what="the alert to fire",
         )
         print(f"firing {time.monotonic() - killed_at:.1f}s after the kill")
         # One node of three down: every arc still has a write quorum (2 of 3).
@@ -187,12 +212,30 @@ def test_prometheus_scrapes_the_dashboard_queries_and_the_unreachable_alert(
     assert answered > sum(traffic.counts.values()) * 0.9, traffic.counts  # the load was served, not refused
 
     if PICTURE:
-        subprocess.run([sys.executable, str(REPO / "scripts" / "dashboard_picture.py"), "--prometheus", server.url,
-                        "--job", JOB, "--minutes", "2", "--out", PICTURE], check=True, timeout=120)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "scripts" / "dashboard_picture.py"),
+                "--prometheus",
+                server.url,
+                "--job",
+                JOB,
+                "--minutes",
+                "2",
+                "--out",
+                PICTURE,
+            ],
+            check=True,
+            timeout=120,
+        )
 
     cluster.nodes[1].kill()  # now two of three replicas of every key are down
-    wait_for(
-        lambda: None if any(float(r["value"][1]) > 0 for r in server.query(f'kvstore_ranges_below_quorum{{job="{JOB}"}}'))
-        else "no arc below quorum yet",
-        timeout=ALERT_TIMEOUT_S, what="arcs below quorum seen by Prometheus",
+    wait_until(
+        lambda: (
+            None
+            if any(float(r["value"][1]) > 0 for r in server.query(f'kvstore_ranges_below_quorum{{job="{JOB}"}}'))
+            else "no arc below quorum yet"
+        ),
+        timeout=ALERT_TIMEOUT_S,
+        what="arcs below quorum seen by Prometheus",
     )

@@ -7,10 +7,13 @@ restart), reads keep being served, and in a cluster its peers see a refusal
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import httpx
 
-from tests.integration.nodes import Cluster
+if TYPE_CHECKING:  # only annotates make_cluster (the harness fixture)
+    from tests.integration.nodes import Cluster
+
 
 TINY_MAP = "1Mi"  # 256 pages: full after a few dozen 16 KiB values
 VALUE_BYTES = 16 * 1024
@@ -68,7 +71,9 @@ def test_peers_see_a_full_replica_refuse_not_vanish(make_cluster: Callable[..., 
     with httpx.Client(timeout=5) as client:
         for i in range(MAX_WRITES):
             response = client.put(f"{node1.url}/kv/k{i}", content=value(i))
-            assert response.status_code == 204, f"write {i} through a healthy node: {response.status_code} {response.text}"
+            assert response.status_code == 204, (
+                f"write {i} through a healthy node: {response.status_code} {response.text}"
+            )
             acked[f"k{i}"] = value(i)
             if i % 5 == 4:
                 probe = client.put(f"{node3.url}/kv/probe{i}", content=value(i))

@@ -6,7 +6,6 @@ A missing tool fails the test (never skips): CI must run every chart test.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -65,15 +64,6 @@ def helm() -> Path:
 @pytest.fixture(scope="session")
 def hadolint() -> Path:
     return _tool("hadolint")
-
-
-@pytest.fixture(scope="session")
-def promtool() -> Path:
-    """Debian's promtool (package prometheus, installed by `make tools`)."""
-    found = shutil.which("promtool")
-    if found is None:
-        pytest.fail("promtool is missing: run `make tools` (scripts/ensure_debian_packages.sh prometheus)", pytrace=False)
-    return Path(found)
 
 
 def run_helm(helm: Path, args: Sequence[str]) -> subprocess.CompletedProcess[str]:

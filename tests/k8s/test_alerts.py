@@ -7,6 +7,7 @@ taken from the rendered rule; every templated one is spelled out here.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,24 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.k8s.conftest import Render
-from tests.k8s.test_chart import EXPECTED_ALERTS
+from tests.k8s.test_chart import Render
+from tests.k8s.test_monitoring import EXPECTED_ALERTS
 
 MONITORING_API = "monitoring.coreos.com/v1"
 SELECTOR = 'job="kvstore"'  # what the synthetic series carry; the chart's default selects by namespace
 PROMTOOL_TIMEOUT_S = 60
 J = {"job": "kvstore"}
+
+
+@pytest.fixture(scope="session")
+def promtool() -> Path:
+    """Debian's promtool (package prometheus, installed by `make tools`); missing, the test fails."""
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.fail(
+            "promtool is missing: run `make tools` (scripts/ensure_debian_packages.sh prometheus)", pytrace=False
+        )
+    return Path(found)
 
 
 def rendered_rules(render: Render) -> list[dict[str, Any]]:
@@ -55,14 +67,16 @@ CASES: dict[str, Case] = {
             series("kvstore_peer_reachable", "1x12", instance="n1", peer="n2"),
         ],
         "6m",
-        [(
-            {"severity": "warning", "peer": "n3"},
-            {
-                "summary": "kvstore node n3 is unreachable from its peers",
-                "description": "100% of the nodes watching n3 cannot reach it. Its writes go to hints; "
-                "one more node down loses quorum for some keys.",
-            },
-        )],
+        [
+            (
+                {"severity": "warning", "peer": "n3"},
+                {
+                    "summary": "kvstore node n3 is unreachable from its peers",
+                    "description": "100% of the nodes watching n3 cannot reach it. Its writes go to hints; "
+                    "one more node down loses quorum for some keys.",
+                },
+            )
+        ],
     ),
     "node-unreachable-one-bad-link-is-quiet": (
         "KvstoreNodeUnreachable",
@@ -77,10 +91,12 @@ CASES: dict[str, Case] = {
         "KvstoreQuorumLost",
         [series("kvstore_ranges_below_quorum", "0 512x10", instance="n1")],
         "5m",
-        [(
-            {"severity": "critical", "instance": "n1", **J},
-            {"summary": "kvstore: 512 ring arcs lack a quorum of reachable replicas, seen from n1"},
-        )],
+        [
+            (
+                {"severity": "critical", "instance": "n1", **J},
+                {"summary": "kvstore: 512 ring arcs lack a quorum of reachable replicas, seen from n1"},
+            )
+        ],
     ),
     "quorum-held-is-quiet": (
         "KvstoreQuorumLost",
@@ -96,8 +112,15 @@ CASES: dict[str, Case] = {
             series("kvstore_quorum_failures_total", "0x20", op="write", instance="n1"),
         ],
         "15m",
-        [({"severity": "critical"}, {"description": "0.0909 (5xx share of requests, or quorum failures per second) "
-                                                    "over the last 5 minutes."})],
+        [
+            (
+                {"severity": "critical"},
+                {
+                    "description": "0.0909 (5xx share of requests, or quorum failures per second) "
+                    "over the last 5 minutes."
+                },
+            )
+        ],
     ),
     "errors-fire-on-quorum-failures": (
         "KvstoreErrorsHigh",
@@ -106,8 +129,12 @@ CASES: dict[str, Case] = {
             series("kvstore_quorum_failures_total", "0+60x20", op="read", instance="n1"),
         ],
         "15m",
-        [({"severity": "critical"}, {"description": "1 (5xx share of requests, or quorum failures per second) "
-                                                    "over the last 5 minutes."})],
+        [
+            (
+                {"severity": "critical"},
+                {"description": "1 (5xx share of requests, or quorum failures per second) over the last 5 minutes."},
+            )
+        ],
     ),
     "errors-rare-are-quiet": (
         "KvstoreErrorsHigh",
@@ -127,13 +154,15 @@ CASES: dict[str, Case] = {
             series("kvstore_request_duration_seconds_bucket", "0+100x30", op="get", le="+Inf", instance="n1"),
         ],
         "20m",
-        [(
-            {"severity": "warning", "op": "get"},
-            {
-                "summary": "kvstore p99 get latency is 994.9ms",
-                "description": "The 99th percentile of get requests has been above 0.5s for 10 minutes.",
-            },
-        )],
+        [
+            (
+                {"severity": "warning", "op": "get"},
+                {
+                    "summary": "kvstore p99 get latency is 994.9ms",
+                    "description": "The 99th percentile of get requests has been above 0.5s for 10 minutes.",
+                },
+            )
+        ],
     ),
     "latency-fast-is-quiet": (
         "KvstoreLatencyHigh",
@@ -148,8 +177,12 @@ CASES: dict[str, Case] = {
         "KvstoreHintsGrowing",
         [series("kvstore_hints_pending", "0+10x60", instance="n1")],
         "50m",
-        [({"severity": "warning", "instance": "n1", **J},
-          {"summary": "kvstore n1 holds 500 undelivered hints, and more each minute"})],
+        [
+            (
+                {"severity": "warning", "instance": "n1", **J},
+                {"summary": "kvstore n1 holds 500 undelivered hints, and more each minute"},
+            )
+        ],
     ),
     "hints-draining-are-quiet": (
         "KvstoreHintsGrowing",
@@ -161,8 +194,12 @@ CASES: dict[str, Case] = {
         "KvstoreAntiEntropyMismatches",
         [series("kvstore_anti_entropy_ranges_mismatched_total", "0+2x60", instance="n1")],
         "45m",
-        [({"severity": "warning", "instance": "n1", **J},
-          {"summary": "kvstore n1: anti-entropy finds mismatched arcs round after round"})],
+        [
+            (
+                {"severity": "warning", "instance": "n1", **J},
+                {"summary": "kvstore n1: anti-entropy finds mismatched arcs round after round"},
+            )
+        ],
     ),
     "anti-entropy-one-repair-is-quiet": (
         "KvstoreAntiEntropyMismatches",
@@ -177,8 +214,7 @@ CASES: dict[str, Case] = {
             series("kvstore_membership_staleness_seconds", "0x30", instance="n1"),
         ],
         "20m",
-        [({"severity": "warning", "instance": "n1", **J},
-          {"summary": "kvstore n1 cannot read its membership source"})],
+        [({"severity": "warning", "instance": "n1", **J}, {"summary": "kvstore n1 cannot read its membership source"})],
     ),
     "membership-stale-fires": (
         "KvstoreMembershipSourceFailing",
@@ -187,8 +223,7 @@ CASES: dict[str, Case] = {
             series("kvstore_membership_staleness_seconds", "0+60x30", instance="n1"),
         ],
         "20m",
-        [({"severity": "warning", "instance": "n1", **J},
-          {"summary": "kvstore n1 cannot read its membership source"})],
+        [({"severity": "warning", "instance": "n1", **J}, {"summary": "kvstore n1 cannot read its membership source"})],
     ),
     "membership-fresh-is-quiet": (
         "KvstoreMembershipSourceFailing",
@@ -203,8 +238,12 @@ CASES: dict[str, Case] = {
         "KvstoreSyncingTooLong",
         [series("kvstore_syncing_ranges", "12x30", instance="n4")],
         "20m",
-        [({"severity": "warning", "instance": "n4", **J},
-          {"summary": "kvstore n4 has been pulling 12 ranges for 15 minutes"})],
+        [
+            (
+                {"severity": "warning", "instance": "n4", **J},
+                {"summary": "kvstore n4 has been pulling 12 ranges for 15 minutes"},
+            )
+        ],
     ),
     "syncing-briefly-is-quiet": (
         "KvstoreSyncingTooLong",

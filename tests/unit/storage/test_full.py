@@ -26,7 +26,7 @@ def _open(path: Path, map_size: int) -> LmdbStore:
 def test_a_full_map_refuses_the_write_and_keeps_every_applied_one(tmp_path: Path) -> None:
     store = _open(tmp_path, TINY_MAP)
     applied: list[bytes] = []
-    with pytest.raises(StorageFullError, match="map .* is full.*--map-size"):
+    with pytest.raises(StorageFullError, match=r"map .* is full.*--map-size"):
         for i in range(1000):
             key = f"k{i}".encode()
             store.apply(key, put(VALUE, at=i + 1))

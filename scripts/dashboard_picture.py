@@ -4,7 +4,8 @@ with every target queried over the last minutes through Prometheus' HTTP
 query_range API. No Grafana needed; what is drawn is what the panels' PromQL
 returns. Run by `make dashboard-picture` (tests/integration/test_prometheus.py
 with KVSTORE_DASHBOARD_PICTURE set), which gives it a Prometheus scraping a
-loaded three-node cluster with one node killed near the end.
+loaded three-node cluster with one node killed near the end, after installing
+matplotlib (needed by nothing else, so it is not among the test extras).
 
     python scripts/dashboard_picture.py --prometheus URL --job kvstore --out docs/dashboard.png
 """

@@ -8,13 +8,19 @@ from pathlib import Path
 
 import pytest
 
+from app.clock import LOGICAL_BITS, Version
 from app.config import MIN_LMDB_MAP_SIZE
 from app.errors import StorageFullError
-from app.storage import LmdbStore, MemoryStore
-from tests.unit.storage.conftest import GRACE_S, put
+from app.storage import LmdbStore, MemoryStore, Record
 
 TINY_MAP = 256 << 10  # 64 pages: fills after a few dozen 4 KiB values
 VALUE = b"v" * 4096
+GRACE_S = 60.0  # tombstones are not what these tests are about
+START_MS = 1_700_000_000_000  # a fixed wall clock: versions are START_MS + at
+
+
+def put(value: bytes, *, at: int) -> Record:
+    return Record(version=Version((START_MS + at) << LOGICAL_BITS, "n1"), value=value)
 
 
 def _open(path: Path, map_size: int) -> LmdbStore:

@@ -47,8 +47,9 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy
 
 # The real helm and hadolint binaries, hash-pinned, into .tools/bin (the chart and image tests need them),
-# and the Debian packages the fault tests use (libfaketime for clock skew).
-DEBIAN_PACKAGES := faketime
+# and the Debian packages the tests use (libfaketime for clock skew; prometheus and promtool
+# for the alert rules and the dashboard's queries).
+DEBIAN_PACKAGES := faketime prometheus
 tools: $(VENV)/.installed
 	$(BIN)/python scripts/install_tools.py
 	scripts/ensure_debian_packages.sh $(DEBIAN_PACKAGES)
@@ -72,6 +73,14 @@ unit: $(VENV)/.installed
 
 integration: $(VENV)/.installed tools
 	$(BIN)/pytest tests/integration
+
+# The README's dashboard picture: a real Prometheus scraping a loaded three-node cluster (one node
+# killed near the end), the dashboard's panels drawn from its query API (~2 min).
+# matplotlib is needed for nothing else, so it is installed here alone, not with the test extras.
+.PHONY: dashboard-picture
+dashboard-picture: $(VENV)/.installed tools
+	$(BIN)/pip install --quiet 'matplotlib>=3.7'
+	KVSTORE_DASHBOARD_PICTURE=$(CURDIR)/docs/dashboard.png $(BIN)/pytest -q -s tests/integration/test_prometheus.py
 
 # Load benchmarks (not tests): need wrk and taskset; results go in BENCHMARKS.md.
 bench: $(VENV)/.installed

@@ -23,9 +23,22 @@ DEFAULT_STORAGE_FSYNC = "batch"  # group commit: durable within a few ms at a fr
 DEFAULT_FSYNC_WINDOW_MS = 10  # batch window: at most this much acknowledged data is exposed to power loss
 DEFAULT_TOMBSTONE_GRACE_S = 86_400.0  # 1 day: longer than any partition we expect anti-entropy to heal
 DEFAULT_SWEEP_INTERVAL_S = 30.0  # TTL / tombstone sweep pace: reclaim space without competing with traffic
-DEFAULT_LMDB_MAP_SIZE = (
-    64 << 30
-)  # 64 GiB of address space, not disk: the file grows only with data; ~400M small records
+# --map-size: 64 GiB of address space, not disk: the file grows only with data;
+# ~400M small records. The chart sets it to the volume's size instead.
+DEFAULT_LMDB_MAP_SIZE = 64 << 30
+MIN_LMDB_MAP_SIZE = 64 << 10  # 16 pages: below this LMDB cannot even write its sub-databases' roots
+# Kubernetes quantity suffixes, so the chart can pass persistence.size as it is.
+SIZE_SUFFIXES = {
+    "Ki": 1 << 10,
+    "Mi": 1 << 20,
+    "Gi": 1 << 30,
+    "Ti": 1 << 40,
+    "k": 10**3,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+}
 # writemap measured ~2x cheaper puts, but with unsynced commits a power loss can
 # then corrupt the file (LMDB docs) and a full disk is SIGBUS: durability first.
 LMDB_WRITEMAP = False
@@ -102,6 +115,11 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("--peer-timeout", str(DEFAULT_PEER_TIMEOUT_S), "seconds to wait for another node"),
     Option("--storage", None, "storage engine: memory or lmdb (default: lmdb with --data-dir, else memory)"),
     Option("--data-dir", None, "directory for durable data (implies --storage lmdb)"),
+    Option(
+        "--map-size",
+        str(DEFAULT_LMDB_MAP_SIZE),
+        "lmdb: most bytes the store may hold, e.g. 10Gi; a full store refuses writes with 507 (see Storage limits)",
+    ),
     Option("--fsync", DEFAULT_STORAGE_FSYNC, "durability: always, batch or never (see Durability)"),
     Option("--fsync-window-ms", str(DEFAULT_FSYNC_WINDOW_MS), "batch window for --fsync batch"),
     Option("--tombstone-grace", str(DEFAULT_TOMBSTONE_GRACE_S), "seconds a delete marker is kept"),
@@ -158,6 +176,19 @@ def parse_resolve(spec: str) -> dict[str, str]:
     return mapping
 
 
+def parse_size(raw: str) -> int:
+    """'10Gi' -> 10737418240: bytes, with an optional Kubernetes quantity suffix."""
+    text = raw.strip()
+    suffix = next((s for s in sorted(SIZE_SUFFIXES, key=len, reverse=True) if text.endswith(s)), "")
+    number = text[: len(text) - len(suffix)]
+    if not number.isdigit():
+        raise ConfigError(f"config: --map-size must be bytes, optionally with Ki, Mi, Gi, Ti, k, M, G or T: {raw!r}")
+    size = int(number) * SIZE_SUFFIXES.get(suffix, 1)
+    if size < MIN_LMDB_MAP_SIZE:
+        raise ConfigError(f"config: --map-size must be at least {MIN_LMDB_MAP_SIZE} bytes, got {raw!r}")
+    return size
+
+
 def _positive(name: str, raw: str, kind: type[int] | type[float]) -> int | float:
     try:
         value: int | float = kind(raw)
@@ -186,6 +217,7 @@ class NodeConfig:
     peer_timeout: float = DEFAULT_PEER_TIMEOUT_S
     storage: str = "memory"
     data_dir: str | None = None
+    map_size: int = DEFAULT_LMDB_MAP_SIZE
     fsync: str = DEFAULT_STORAGE_FSYNC
     fsync_window_ms: int = DEFAULT_FSYNC_WINDOW_MS
     tombstone_grace: float = DEFAULT_TOMBSTONE_GRACE_S
@@ -274,6 +306,7 @@ class NodeConfig:
             ),
             storage=storage,
             data_dir=data_dir,
+            map_size=parse_size(values.get("map_size") or str(DEFAULT_LMDB_MAP_SIZE)),
             fsync=fsync,
             fsync_window_ms=int(
                 _positive("--fsync-window-ms", values.get("fsync_window_ms") or str(DEFAULT_FSYNC_WINDOW_MS), int)

@@ -11,7 +11,8 @@
     │   └── TokenWrongError     a wrong token sent (403)
     ├── NodeStartingError      the node's stores are not open yet (503)
     ├── StorageError           the local engine failed or refused
-    │   └── NodeIdMismatchError data dir belongs to another node id
+    │   ├── NodeIdMismatchError data dir belongs to another node id
+    │   └── StorageFullError    the LMDB map or the volume is full: writes refused, reads served (507)
     ├── ClockError             clocks too far apart to order writes safely
     │   ├── ClockOffsetError    this node's clock is off from most peers' (503: it will not coordinate)
     │   └── FutureVersionError  a version from further ahead than --max-clock-offset (409)
@@ -74,6 +75,11 @@ class StorageError(KvstoreError):
 
 class NodeIdMismatchError(StorageError):
     """The data directory was created by a different node id."""
+
+
+class StorageFullError(StorageError):
+    """The store has no room for a write (its --map-size or its volume is full).
+    Nothing was written; everything acknowledged before stays readable."""
 
 
 class ClockError(KvstoreError):

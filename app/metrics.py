@@ -16,6 +16,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client 
 # Data-path latencies sit between ~100 us (local hit) and the peer timeout.
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 OPS = ("get", "put", "delete")
+REBALANCE_DIRECTIONS = ("in", "out")  # records pulled into this node, records handed off by it
 
 __all__ = ["CONTENT_TYPE_LATEST", "NodeMetrics"]
 
@@ -148,6 +149,28 @@ class NodeMetrics:
             "Seconds since the membership source last confirmed the ring.",
             registry=r,
         )
+        self.storage_used = Gauge(
+            "kvstore_storage_used_bytes",
+            "Bytes the local store uses (LMDB: its file's high-water mark; 0 in memory).",
+            registry=r,
+        )
+        self.storage_limit = Gauge(
+            "kvstore_storage_limit_bytes",
+            "Bytes the local store may use before writes are refused with 507: the smaller of --map-size "
+            "and what the volume has room for (0: no limit, in memory).",
+            registry=r,
+        )
+        self.ranges_below_quorum = Gauge(
+            "kvstore_ranges_below_quorum",
+            "Ring arcs with fewer than a quorum of their replicas reachable from this node (writes to them fail).",
+            registry=r,
+        )
+        # Every child whose label values are known up front exists from the start, at 0: a rate or an
+        # alert over it then reads "none yet", not "no data" (Prometheus' advice on initialising metrics).
+        for op in ("read", "write"):
+            self.quorum_failures.labels(op)
+        for direction in REBALANCE_DIRECTIONS:
+            self.rebalance_keys_streamed.labels(direction)
         self.internal_reads = self.internal.labels("read")  # bound once: the replica routes' hot path
         self.internal_writes = self.internal.labels("write")
         self._observers = {op: self.duration.labels(op) for op in OPS}
@@ -156,6 +179,11 @@ class NodeMetrics:
 
     def track_keys(self, count: Callable[[], int]) -> None:
         self.keys.set_function(count)
+
+    def track_storage(self, *, used: Callable[[], float], limit: Callable[[], float]) -> None:
+        """Storage gauges read when scraped: a full volume shows without a write."""
+        self.storage_used.set_function(used)
+        self.storage_limit.set_function(limit)
 
     def observe(self, op: str, status: int, seconds: float) -> None:
         """Record one client request (the hot path: two dict lookups, two increments)."""

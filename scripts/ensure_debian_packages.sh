@@ -8,6 +8,9 @@
 #
 # faketime: libfaketime, which runs a node with a skewed wall clock
 #           (tests/integration/test_clock_skew.py).
+# prometheus: the real Prometheus server and promtool, which check and unit-test
+#           the chart's alert rules (tests/k8s/test_alerts.py) and scrape a
+#           running cluster (tests/integration/test_prometheus.py).
 set -euo pipefail
 missing=()
 for package in "$@"; do

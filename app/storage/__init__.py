@@ -10,7 +10,7 @@ import os
 
 from app.config import NodeConfig
 from app.errors import ConfigError
-from app.storage.base import ApplyResult, Record, Store
+from app.storage.base import ApplyResult, Record, StorageUsage, Store
 from app.storage.hints import HintStore
 from app.storage.lmdb_store import LmdbStore
 from app.storage.memory import MemoryStore
@@ -21,6 +21,7 @@ __all__ = [
     "LmdbStore",
     "MemoryStore",
     "Record",
+    "StorageUsage",
     "Store",
     "check_data_dir",
     "open_hint_store",
@@ -43,6 +44,7 @@ def open_store(config: NodeConfig) -> Store:
             fsync=config.fsync,
             fsync_window_ms=config.fsync_window_ms,
             tombstone_grace_s=config.tombstone_grace,
+            map_size=config.map_size,
         )
     raise NotImplementedError(f"storage engine {config.storage!r} is not built yet")
 

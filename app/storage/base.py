@@ -52,6 +52,15 @@ class ApplyResult:
     previous: Record | None  # what was stored before, if anything
 
 
+@dataclass(frozen=True, slots=True)
+class StorageUsage:
+    """How full an engine is: bytes it uses, and bytes it may use before
+    writes are refused (the smaller of its map and what its volume has left)."""
+
+    used_bytes: int
+    limit_bytes: int
+
+
 class Store(abc.ABC):
     """One node's local records. Thread-safe; calls may block briefly."""
 
@@ -115,6 +124,10 @@ class Store(abc.ABC):
         for key, record in self.iter_range(start, end):
             acc ^= fingerprint(key, record.version.hlc, record.version.node.encode())
         return acc.to_bytes(DIGEST_BYTES, "big")
+
+    def usage(self) -> StorageUsage | None:
+        """How full the engine is; None for an engine with no limit of its own (memory)."""
+        return None
 
     def sync(self) -> None:  # noqa: B027 - engines without a write-back buffer need nothing
         """Make every applied write durable now (blocking)."""

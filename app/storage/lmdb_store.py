@@ -30,9 +30,9 @@ import lmdb
 
 from app.clock import LOGICAL_BITS, Version
 from app.config import DEFAULT_LMDB_MAP_SIZE, FSYNC_POLICIES, LMDB_SCAN_CHUNK, LMDB_SWEEP_BATCH, LMDB_WRITEMAP
-from app.errors import NodeIdMismatchError, StorageError
+from app.errors import NodeIdMismatchError, StorageError, StorageFullError
 from app.ring import HASH_SPACE, stable_hash
-from app.storage.base import DIGEST_BYTES, ApplyResult, Record, Store, fingerprint
+from app.storage.base import DIGEST_BYTES, ApplyResult, Record, StorageUsage, Store, fingerprint
 from app.storage.flusher import Flusher
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,33 @@ class LmdbStore(Store):
     def high_water(self) -> int:
         return self._high_water
 
+    def _full(self, exc: lmdb.Error) -> StorageFullError:
+        """The refusal of a write that found no room: the transaction was
+        aborted, so nothing of it is stored and everything before it is."""
+        where = "map" if isinstance(exc, lmdb.MapFullError) else "volume"
+        return StorageFullError(
+            f"storage: the LMDB {where} in {self._path} is full ({exc}); writes are refused, reads still served: "
+            "grow the volume, then raise --map-size (README: Storage limits)"
+        )
+
+    def usage(self) -> StorageUsage:
+        """Used: the pages LMDB has ever handed out (its file's high-water
+        mark; freed pages inside it are reused before the file grows). Limit:
+        the map size, or less when the volume has less room left for the file."""
+        try:
+            info = self._env.info()
+            page = self._env.stat()["psize"]
+        except lmdb.Error as exc:
+            raise StorageError(f"storage: usage failed: {exc}") from exc
+        used = (info["last_pgno"] + 1) * page
+        try:
+            volume = os.statvfs(self._path)
+            file_size = os.path.getsize(os.path.join(self._path, "data.mdb"))
+        except OSError:
+            return StorageUsage(used_bytes=used, limit_bytes=info["map_size"])
+        room = file_size + volume.f_bavail * volume.f_frsize
+        return StorageUsage(used_bytes=used, limit_bytes=min(info["map_size"], room))
+
     # -- reads ----------------------------------------------------------------
 
     def get(self, key: bytes) -> Record | None:
@@ -293,8 +320,8 @@ class LmdbStore(Store):
             except BaseException:
                 txn.abort()
                 raise
-        except lmdb.MapFullError as exc:
-            raise StorageError(f"storage: LMDB map full in {self._path}; reopen with a larger map size") from exc
+        except (lmdb.MapFullError, lmdb.DiskError) as exc:
+            raise self._full(exc) from exc
         except lmdb.Error as exc:
             raise StorageError(f"storage: apply failed: {exc}") from exc
         if changed:

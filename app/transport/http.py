@@ -370,9 +370,12 @@ def _expect(status: int, body: bytes, peer: Peer, what: str) -> None:
         raise _answer_error(peer, status, body, what)
 
 
+INSUFFICIENT_STORAGE = 507  # a replica whose map or volume is full: it still serves reads
+
+
 def _answer_error(peer: Peer, status: int, body: bytes, what: str) -> PeerError:
     """The one translation of a peer's unexpected status: 503 says it cannot
-    serve now (unavailable), 409 and other 4xx that it refused this call,
+    serve now (unavailable), 409, other 4xx and 507 (full) that it refused this call,
     anything else that it failed. The peer's own error message is kept."""
     try:
         reason = str(orjson.loads(body)["error"])
@@ -381,7 +384,7 @@ def _answer_error(peer: Peer, status: int, body: bytes, what: str) -> PeerError:
     message = f"peer {peer} answered {status} to a {what}: {reason}"
     if status == 503:
         return PeerUnavailableError(message, peer=peer.node_id)
-    if 400 <= status < 500:
+    if 400 <= status < 500 or status == INSUFFICIENT_STORAGE:  # a full replica is up and refusing writes
         return PeerRefusedError(message, peer=peer.node_id)
     return PeerError(message, peer=peer.node_id)
 

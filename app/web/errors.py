@@ -14,6 +14,7 @@ from app.errors import (
     MethodNotAllowedError,
     NodeStartingError,
     PeerError,
+    StorageFullError,
     TokenMissingError,
     ValueTooLargeError,
     WriteNotWonError,
@@ -33,6 +34,8 @@ def status_for(exc: KvstoreError) -> int:
         return 400
     if isinstance(exc, AccessError):
         return 401 if isinstance(exc, TokenMissingError) else 403
+    if isinstance(exc, StorageFullError):
+        return 507  # Insufficient Storage: this node is full; growing its volume and --map-size fixes it
     if isinstance(exc, FutureVersionError):
         return 409  # the sender's version is from too far ahead: its clock, not this request, must change
     if isinstance(exc, (PeerError, ClockError, WriteNotWonError, NodeStartingError)):

@@ -38,6 +38,7 @@ CHART_ENV = frozenset(
         "KVSTORE_CLUSTER_TOKEN",
         "KVSTORE_FSYNC",
         "KVSTORE_LOG_LEVEL",
+        "KVSTORE_MAP_SIZE",
     }
 )
 APP_ENV = frozenset(option.env for option in NODE_OPTIONS)
@@ -58,6 +59,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "no-provisioner": {"values_files": [NO_PROVISIONER]},
     "network-policy-defaults": {"set_values": ["networkPolicy.enabled=true"]},
     "single-node": {"set_values": ["replicaCount=1", "replicationFactor=1"]},
+    "alerts-and-dashboards": {
+        "set_values": ["metrics.prometheusRule.enabled=true", "metrics.dashboards.enabled=true"],
+        "api_versions": [MONITORING_API],
+    },
+    "alerts-without-monitoring-api": {"set_values": ["metrics.prometheusRule.enabled=true"]},
 }
 
 
@@ -132,9 +138,45 @@ def validate_service_monitor(doc: Doc) -> None:
             assert duration.match(endpoint[key]), f"{key}={endpoint[key]!r} is not a Prometheus duration"
 
 
+PROMETHEUS_DURATION = re.compile(
+    r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+)
+RULE_GROUP_FIELDS = {"name", "interval", "rules", "partial_response_strategy", "limit", "query_offset", "labels"}
+RULE_FIELDS = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
+LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+def validate_prometheus_rule(doc: Doc) -> None:
+    """PrometheusRule is a CRD kubernetes-validate has no schema for: check it against the
+    monitoring.coreos.com/v1 PrometheusRule fields (spec.groups[].rules[]: record|alert, expr,
+    for, keep_firing_for, labels, annotations); promtool checks the PromQL (test_alerts.py)."""
+    assert doc["apiVersion"] == MONITORING_API
+    assert set(doc) <= {"apiVersion", "kind", "metadata", "spec"}, set(doc)
+    assert isinstance(doc["metadata"]["name"], str) and doc["metadata"]["name"]
+    assert all(isinstance(v, str) for v in doc["metadata"].get("labels", {}).values())
+    assert set(doc["spec"]) == {"groups"}, set(doc["spec"])
+    names = [group["name"] for group in doc["spec"]["groups"]]
+    assert len(names) == len(set(names)), "group names must be unique"
+    for group in doc["spec"]["groups"]:
+        assert set(group) <= RULE_GROUP_FIELDS, set(group)
+        assert isinstance(group["name"], str) and group["rules"]
+        for rule in group["rules"]:
+            assert set(rule) <= RULE_FIELDS, set(rule)
+            assert ("alert" in rule) != ("record" in rule), rule
+            assert isinstance(rule["expr"], str) and rule["expr"].strip()
+            if "for" in rule:
+                assert PROMETHEUS_DURATION.match(rule["for"]), rule["for"]
+            for key in ("labels", "annotations"):
+                pairs = rule.get(key, {}).items()
+                assert all(LABEL_NAME.match(k) and isinstance(v, str) for k, v in pairs), rule.get(key)
+
+
 def validate_doc(doc: Doc) -> None:
     if doc["kind"] == "ServiceMonitor":
         validate_service_monitor(doc)
+        return
+    if doc["kind"] == "PrometheusRule":
+        validate_prometheus_rule(doc)
         return
     try:
         kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
@@ -178,8 +220,9 @@ def test_every_rendered_manifest_is_valid_kubernetes(render: Render, scenario: s
             "app.kubernetes.io/component",
         ):
             assert key in labels, f"{doc['kind']} {doc['metadata']['name']} lacks label {key}"
-        if doc["kind"] != "ServiceMonitor":
-            assert doc["metadata"]["namespace"] == NAMESPACE
+        monitoring = scenario == "full" and doc["kind"] in ("ServiceMonitor", "PrometheusRule", "ConfigMap")
+        # full-values.yaml puts the monitoring objects in namespace "monitoring"
+        assert doc["metadata"]["namespace"] == ("monitoring" if monitoring else NAMESPACE)
 
 
 def test_one_resource_per_template_named_by_kind(helm: Path) -> None:
@@ -195,6 +238,8 @@ def test_one_resource_per_template_named_by_kind(helm: Path) -> None:
         "Secret": "secret.yaml",
         "ServiceMonitor": "servicemonitor.yaml",
         "NetworkPolicy": "networkpolicy.yaml",
+        "PrometheusRule": "prometheusrule.yaml",
+        "ConfigMap": "configmap-dashboards.yaml",
     }
     proc = run_helm(helm, template_args(**SCENARIOS["full"]))
     assert proc.returncode == 0, proc.stderr
@@ -384,6 +429,9 @@ def test_chart_sets_exactly_the_documented_env(render: Render, scenario: str) ->
     chart_env = {name for name in env if name.startswith("KVSTORE_")}
     if scenario == "full":
         chart_env -= {"KVSTORE_SYNC_DEADLINE"}  # the user's own, from extraEnv in full-values.yaml
+    if scenario == "existing-secret":
+        assert chart_env == CHART_ENV - {"KVSTORE_MAP_SIZE"}, "no volume, no mapSize: the app's default"
+        return
     assert chart_env == CHART_ENV
 
 

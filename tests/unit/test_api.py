@@ -60,6 +60,10 @@ def test_ready_ring_metrics(client: TestClient) -> None:
     assert 'kvstore_request_duration_seconds_bucket{le="0.0002",op="get"}' in text
     assert "kvstore_keys 1.0" in text
     assert "kvstore_forwarded_requests_total" in text
+    # In memory there is no limit: both storage gauges read 0 (the alerts divide only by a limit > 0).
+    assert "kvstore_storage_used_bytes 0.0" in text and "kvstore_storage_limit_bytes 0.0" in text
+    assert "kvstore_ranges_below_quorum 0.0" in text  # one node, itself up: every arc has its quorum
+    assert 'kvstore_rebalance_keys_streamed_total{direction="in"} 0.0' in text, "known label values start at 0"
 
 
 def test_openapi_describes_every_route(client: TestClient) -> None:

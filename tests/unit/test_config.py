@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.config import NODE_OPTIONS, NodeConfig, env_default, parse_peers
+from app.config import DEFAULT_LMDB_MAP_SIZE, NODE_OPTIONS, NodeConfig, env_default, parse_peers, parse_size
 from app.errors import ConfigError
 
 
@@ -36,6 +36,9 @@ def test_self_url_comes_from_the_peer_list_when_named_there() -> None:
         ({"node_id": "n", "storage": "floppy"}, "--storage"),
         ({"node_id": "n", "fsync": "sometimes"}, "--fsync"),
         ({"node_id": "n", "storage": "lmdb"}, "--data-dir"),
+        ({"node_id": "n", "map_size": "lots"}, "--map-size"),
+        ({"node_id": "n", "map_size": "10Xi"}, "--map-size"),
+        ({"node_id": "n", "map_size": "1Ki"}, "at least"),
     ],
 )
 def test_bad_settings_are_refused_with_a_clear_message(values: dict[str, str], words: str) -> None:
@@ -53,3 +56,16 @@ def test_every_option_reads_its_kvstore_env_var() -> None:
 
 def test_empty_peer_entries_are_ignored() -> None:
     assert parse_peers(" , a=http://x:1 ,") == {"a": "http://x:1"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "size"),
+    [("1048576", 1 << 20), ("10Gi", 10 << 30), ("512Mi", 512 << 20), ("2G", 2 * 10**9), ("100k", 10**5)],
+)
+def test_map_size_takes_bytes_or_a_kubernetes_quantity(raw: str, size: int) -> None:
+    assert parse_size(raw) == size
+    assert NodeConfig.from_options({"node_id": "n", "map_size": raw}).map_size == size
+
+
+def test_map_size_defaults_to_the_lmdb_default() -> None:
+    assert NodeConfig.from_options({"node_id": "n"}).map_size == DEFAULT_LMDB_MAP_SIZE

@@ -31,6 +31,7 @@ def answering(status_line: bytes, body: bytes) -> ScriptedServer:
         (b"409 Conflict", b'{"error": "clock: version 1.n1 is 30000 ms ahead"}', PeerRefusedError, "30000 ms ahead"),
         (b"403 Forbidden", b'{"error": "wrong cluster token"}', PeerRefusedError, "wrong cluster token"),
         (b"503 Service Unavailable", b'{"error": "node is starting"}', PeerUnavailableError, "node is starting"),
+        (b"507 Insufficient Storage", b'{"error": "storage: the LMDB map ... is full"}', PeerRefusedError, "is full"),
         (b"500 Internal Server Error", b"oops", PeerError, "oops"),
     ],
 )

@@ -109,6 +109,27 @@ true
 {{- end -}}
 {{- end -}}
 
+{{/* kvstore.prometheusRuleEnabled: "true" when a PrometheusRule is asked for and the cluster serves its API. */}}
+{{- define "kvstore.prometheusRuleEnabled" -}}
+{{- if and .Values.metrics.prometheusRule.enabled (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1") -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* kvstore.alertSelector: the PromQL label matchers picking this release's series in alert rules. */}}
+{{- define "kvstore.alertSelector" -}}
+{{- default (printf "namespace=%q" .Release.Namespace) .Values.metrics.prometheusRule.selector -}}
+{{- end -}}
+
+{{/* kvstore.mapSize: KVSTORE_MAP_SIZE: mapSize if set, else the volume's size (the real limit), else "" (the app's default). */}}
+{{- define "kvstore.mapSize" -}}
+{{- if .Values.mapSize -}}
+{{- .Values.mapSize -}}
+{{- else if .Values.persistence.enabled -}}
+{{- .Values.persistence.size -}}
+{{- end -}}
+{{- end -}}
+
 {{/* kvstore.podAntiAffinity: the affinity for podAntiAffinityPreset soft | hard | none. */}}
 {{- define "kvstore.podAntiAffinity" -}}
 {{- if eq .Values.podAntiAffinityPreset "hard" -}}

@@ -1,0 +1,96 @@
+"""A node whose store is full (a tiny --map-size): writes get a clear 507 with
+a JSON body, nothing acknowledged is lost (read back at once and after a
+restart), reads keep being served, and in a cluster its peers see a refusal
+(it stays reachable, writes reach quorum on the others), not an outage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import httpx
+
+if TYPE_CHECKING:  # only annotates make_cluster (the harness fixture)
+    from tests.harness.processes import Cluster
+
+
+TINY_MAP = "1Mi"  # 256 pages: full after a few dozen 16 KiB values
+VALUE_BYTES = 16 * 1024
+MAX_WRITES = 400  # a bound: 1 MiB holds far fewer 16 KiB values than this
+
+
+def value(i: int) -> bytes:
+    return (f"{i:06d}".encode() * (VALUE_BYTES // 6 + 1))[:VALUE_BYTES]
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exported by {url}")
+
+
+def test_a_full_node_answers_507_and_keeps_every_acknowledged_write(make_cluster: Callable[..., Cluster]) -> None:
+    cluster = make_cluster(size=1, durable=True, args=["--map-size", TINY_MAP])
+    node = cluster[0]
+    acked: dict[str, bytes] = {}
+    refused: httpx.Response | None = None
+    with httpx.Client(timeout=5) as client:
+        for i in range(MAX_WRITES):
+            response = client.put(f"{node.url}/kv/k{i}", content=value(i))
+            if response.status_code == 507:
+                refused = response
+                break
+            assert response.status_code == 204, response.text
+            acked[f"k{i}"] = value(i)
+        assert refused is not None, f"{MAX_WRITES} writes fit in a {TINY_MAP} map"
+        assert refused.headers["content-type"].startswith("application/json")
+        assert "full" in refused.json()["error"] and "--map-size" in refused.json()["error"]
+        seed = client.put(f"{node.url}/put", json={"key": "seed", "value": "x" * VALUE_BYTES})
+        assert seed.status_code == 507 and "error" in seed.json()
+        assert len(acked) > 10
+        assert _metric(node.url, "kvstore_storage_used_bytes") / _metric(node.url, "kvstore_storage_limit_bytes") > 0.9
+        assert _metric(node.url, "kvstore_storage_limit_bytes") == 1 << 20
+        assert client.get(f"{node.url}/ready").status_code == 200, "a full node still serves reads"
+        for key, expected in acked.items():
+            assert client.get(f"{node.url}/kv/{key}").content == expected, key
+
+    node.stop()
+    node.start().wait_ready()
+    with httpx.Client(timeout=5) as client:
+        for key, expected in acked.items():
+            assert client.get(f"{node.url}/kv/{key}").content == expected, f"{key} lost across the restart"
+
+
+def test_peers_see_a_full_replica_refuse_not_vanish(make_cluster: Callable[..., Cluster]) -> None:
+    cluster = make_cluster(durable=True, env_for={"node3": {"KVSTORE_MAP_SIZE": TINY_MAP}})
+    node1, node2, node3 = cluster.nodes
+    acked: dict[str, bytes] = {}
+    full = False
+    with httpx.Client(timeout=5) as client:
+        for i in range(MAX_WRITES):
+            response = client.put(f"{node1.url}/kv/k{i}", content=value(i))
+            assert response.status_code == 204, (
+                f"write {i} through a healthy node: {response.status_code} {response.text}"
+            )
+            acked[f"k{i}"] = value(i)
+            if i % 5 == 4:
+                probe = client.put(f"{node3.url}/kv/probe{i}", content=value(i))
+                if probe.status_code == 507:
+                    full = True
+                    break
+                assert probe.status_code == 204, probe.text
+                acked[f"probe{i}"] = value(i)
+        assert full, f"node3 never filled its {TINY_MAP} map"
+        for _ in range(5):  # more writes that node3 must refuse: each still reaches quorum on node1 and node2
+            i += 1
+            assert client.put(f"{node2.url}/kv/k{i}", content=value(i)).status_code == 204
+            acked[f"k{i}"] = value(i)
+        for url in (node1.url, node2.url):
+            ring = client.get(f"{url}/ring").json()
+            members = {m["node_id"]: m for m in ring["members"]}
+            assert members["node3"]["reachable"] is True, f"{url} counts a full node as down: {members['node3']}"
+        for url in (node1.url, node2.url, node3.url):
+            for key, expected in acked.items():
+                assert client.get(f"{url}/kv/{key}").content == expected, f"{key} through {url}"

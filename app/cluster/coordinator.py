@@ -286,12 +286,9 @@ class Coordinator:
 
     async def _remote(self, peer: Peer, call: Awaitable[T]) -> T:
         """A call to a peer, accounted in its health: an answer of any kind,
-        a refusal included, proves it reachable; no answer marks it down, and
-        so, before the timeout, do several calls in a row left unanswered
-        past the peer's suspect delay (the breaker)."""
-        node_id = peer.node_id
-        started = self.health.begin(node_id)
-        suspect = asyncio.get_running_loop().call_later(self.health.suspect_after(node_id), self.health.strike, node_id)
+        a refusal included, proves it reachable; no answer marks it down (and
+        a long silence does sooner: PeerHealth.trip_silent)."""
+        started = self.health.begin(peer.node_id)
         try:
             result = await call
         except PeerError as exc:
@@ -305,8 +302,6 @@ class Coordinator:
         except BaseException:
             self.health.end(peer.node_id, started, answered=False)
             raise
-        finally:
-            suspect.cancel()
         self.health.end(peer.node_id, started)
         self.health.mark_up(peer.node_id)
         return result
@@ -360,7 +355,7 @@ class _ReadRound:
 
     def _hedge(self, peer: Peer, task: asyncio.Future[ReadAnswer]) -> None:
         """The replica has not answered within its p95: ask the next one too,
-        and the first answers win; the slow one gets a strike."""
+        and the first answers win."""
         if task.done() or self.finished.done():
             return
         self.coordinator.metrics.hedged_reads.inc()

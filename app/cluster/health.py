@@ -7,10 +7,11 @@ node's periodic probe mark it up again at once (the speed of evidence).
 Outstanding requests and a latency EWMA per peer drive replica choice for
 reads (power of two choices), so a slow node sheds read load. A recent-latency
 window gives each peer a p95: a read not answered by then is hedged to
-another replica, and a peer that lets BREAKER_STRIKES requests in a row run
-past it without answering any is marked down without waiting for timeouts
-(a circuit breaker, the way Cassandra's speculative retry and "The Tail at
-Scale" hedged requests work).
+another replica (Cassandra's speculative retry, "The Tail at Scale"'s hedged
+requests), and a peer that owes answers and has given none for longer than
+its suspect delay is marked down by trip_silent(), without waiting for each
+call's timeout (a circuit breaker; the node runs it four times a second, so
+no call pays for a timer of its own).
 """
 
 from __future__ import annotations
@@ -41,13 +42,11 @@ EXPLORE_AFTER_S = 1.0
 HEDGE_FLOOR_S = 0.010
 LATENCY_WINDOW = 64  # answered calls kept per peer for its p95
 P95_EVERY = 16  # recompute the p95 every this many samples: a sort of 64 floats, not one per call
-# A peer that lets this many requests in a row go unanswered past its
-# suspect delay, with no answer in between, is marked down: a hung peer
-# (accepting, never answering) is noticed in a fraction of a second, not after
-# a peer timeout per request. The delay is generous (a GC pause or a burst on
-# a healthy peer must not trip it), and any answer or request from the peer
-# brings it back at once.
-BREAKER_STRIKES = 4
+# A peer with calls pending that has answered none of them for this long is
+# marked down: a hung peer (accepting, never answering) is noticed in a
+# fraction of a second, not after a peer timeout per call. The delay is
+# generous (a GC pause or a burst on a healthy peer must not trip it), and any
+# answer or request from the peer brings it back at once.
 SUSPECT_FLOOR_S = 0.2
 SUSPECT_FACTOR = 4  # x the peer's p95
 
@@ -64,7 +63,9 @@ class PeerState:
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))  # answered calls' latencies
     p95_s: float = HEDGE_FLOOR_S
     unsorted: int = 0  # samples since the p95 was computed
-    strikes: int = 0  # requests in a row past their hedge delay without an answer
+    waiting_since: float = (
+        0.0  # monotonic: since when it has owed an answer and given none (meaningful while outstanding)
+    )
 
     @property
     def load_score(self) -> float:
@@ -110,7 +111,6 @@ class PeerHealth:
 
     def mark_up(self, node_id: str) -> None:
         state = self._state(node_id)
-        state.strikes = 0
         if not state.up:
             state.up, state.since, state.last_error = True, time.monotonic(), ""
             if self._on_flip:
@@ -132,8 +132,11 @@ class PeerHealth:
 
     def begin(self, node_id: str) -> float:
         state = self._state(node_id)
+        now = self._monotonic()
+        if state.outstanding == 0:
+            state.waiting_since = now
         state.outstanding += 1
-        state.last_asked = self._monotonic()
+        state.last_asked = now
         return time.perf_counter()
 
     def end(self, node_id: str, started: float, *, answered: bool = True) -> None:
@@ -143,6 +146,7 @@ class PeerHealth:
         elapsed = time.perf_counter() - started
         state.latency_s += EWMA_WEIGHT * (elapsed - state.latency_s)
         if answered:
+            state.waiting_since = self._monotonic()  # it answers: any silence starts over
             state.recent.append(elapsed)
             state.unsorted += 1
             if state.unsorted >= P95_EVERY:
@@ -159,14 +163,17 @@ class PeerHealth:
         """How long a call may go unanswered before it counts against the peer."""
         return max(SUSPECT_FLOOR_S, SUSPECT_FACTOR * self.hedge_delay(node_id))
 
-    def strike(self, node_id: str) -> None:
-        """A call to the peer went unanswered past its suspect delay; enough
-        in a row, with no answer between, and the peer is down."""
-        state = self._state(node_id)
-        state.strikes += 1
-        if state.strikes >= BREAKER_STRIKES and state.up:
-            reason = f"{state.strikes} requests in a row unanswered past {self.suspect_after(node_id) * 1000:.0f} ms"
-            self.mark_down(node_id, reason)
+    def trip_silent(self) -> list[str]:
+        """Mark down every peer that owes answers and has given none for
+        longer than its suspect delay; returns their ids."""
+        now = self._monotonic()
+        tripped = []
+        for node_id, state in list(self._states.items()):
+            silent = now - state.waiting_since
+            if state.up and state.outstanding > 0 and silent > self.suspect_after(node_id):
+                self.mark_down(node_id, f"no answer for {silent * 1000:.0f} ms with {state.outstanding} calls pending")
+                tripped.append(node_id)
+        return tripped
 
     def heard_from(self, node_id: str) -> None:
         """The peer sent us a request: it is up, whatever we last concluded."""

@@ -34,9 +34,11 @@ from app.transport.base import Peer, PeerClient
 log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 1.0  # clock offsets measured, gauges refreshed, the membership re-read on exit
-# A peer marked down is asked whether it is back this often: a healed link is
-# used again within a quarter second even when no request proves it sooner.
-DOWN_PROBE_INTERVAL_S = 0.25
+# Four times a second: a peer silent past its suspect delay is marked down
+# (the breaker), and a peer marked down is asked whether it is back, so a
+# healed link is used again within a quarter second even when no request
+# proves it sooner.
+PEER_WATCH_INTERVAL_S = 0.25
 HINT_INTERVAL_S = 1.0  # how soon hints reach a replica after it is back
 MAX_LOOP_BACKOFF_S = 30.0  # a failing background loop retries at most this far apart
 
@@ -129,7 +131,7 @@ class Node:
         node._tasks = [
             asyncio.create_task(node._run_source()),
             asyncio.create_task(node._forever("clock probe", PROBE_INTERVAL_S, node._probe_clocks)),
-            asyncio.create_task(node._forever("down-peer probe", DOWN_PROBE_INTERVAL_S, node._probe_down_peers)),
+            asyncio.create_task(node._forever("peer watch", PEER_WATCH_INTERVAL_S, node._watch_peers)),
             asyncio.create_task(node._forever("hint delivery", HINT_INTERVAL_S, node.handoff.deliver_hints)),
             asyncio.create_task(node._forever("anti-entropy", config.anti_entropy_interval, node._repair_round)),
             asyncio.create_task(node._forever("sweep", config.sweep_interval, node._sweep)),
@@ -269,8 +271,10 @@ class Node:
         await self.anti_entropy.run_round()
         await self.handoff.handoff_foreign()
 
-    async def _probe_down_peers(self) -> None:
-        """Ask each peer marked down whether it is back."""
+    async def _watch_peers(self) -> None:
+        """Trip the breaker on silent peers; ask each peer marked down whether it is back."""
+        for node_id in self.health.trip_silent():
+            log.warning("peer %s marked down: %s", node_id, self.health.snapshot(node_id).last_error)
         view = self.topology.current
         down = [view.peers[node_id] for node_id in self.health.down_peers() if node_id in view.peers]
         results = await asyncio.gather(*(self.peer_client.probe(peer) for peer in down))

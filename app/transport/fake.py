@@ -66,8 +66,11 @@ class InProcessPeerClient(PeerClient):
             await result
 
     async def probe(self, peer: Peer) -> bool:
-        return peer.node_id in self.replicas and peer.node_id not in self.unreachable
+        # A hung peer's probe times out, as the real client's does after PROBE_TIMEOUT_S.
+        return peer.node_id in self.replicas and not ({peer.node_id} & (self.unreachable | self.hung))
 
     async def wall_clock(self, peer: Peer) -> int:
         self._target(peer, "clock")
+        if peer.node_id in self.hung:
+            raise PeerUnavailableError(f"peer {peer} unreachable (clock): timed out", peer=peer.node_id)
         return self.walls.get(peer.node_id, wall_ms)()

@@ -219,8 +219,8 @@ async def test_a_read_hedges_past_a_hung_replica_and_the_breaker_marks_it_down(c
         assert read is not None and read.value == b"v"
         assert asyncio.get_running_loop().time() - started < 0.1
     for _ in range(4):
-        await nodes["a"].put(b"k", b"v2")  # writes go to every replica: the hung one collects strikes
-    await asyncio.sleep(0.25)  # past the suspect delay (200 ms)
+        await nodes["a"].put(b"k", b"v2")  # writes go to every replica: the hung one owes answers
+    await asyncio.sleep(0.6)  # past the suspect delay (200 ms), and a peer watch (every 250 ms) has run
     assert not nodes["a"].health.is_up("c")
-    assert "unanswered past" in nodes["a"].health.snapshot("c").last_error
+    assert "no answer for" in nodes["a"].health.snapshot("c").last_error
     assert nodes["a"].metrics.hedged_reads._value.get() == 12

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from app.cluster.health import BREAKER_STRIKES, HEDGE_FLOOR_S, P95_EVERY, SUSPECT_FLOOR_S, PeerHealth
+from app.cluster.health import HEDGE_FLOOR_S, P95_EVERY, SUSPECT_FLOOR_S, PeerHealth
 
 
 def test_probes_cannot_overrule_a_not_ready_pod() -> None:
@@ -68,17 +68,37 @@ def test_the_hedge_delay_follows_the_peer_s_recent_p95_above_a_floor() -> None:
     assert health.hedge_delay("b") <= 0.051
 
 
-def test_strikes_in_a_row_mark_a_peer_down_and_any_answer_or_request_from_it_clears_them() -> None:
-    health = PeerHealth()
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_peer_silent_past_its_suspect_delay_with_calls_pending_is_marked_down() -> None:
+    clock = Clock()
+    health = PeerHealth(monotonic=clock)
+    first = health.begin("b")
+    clock.now += SUSPECT_FLOOR_S * 0.9
+    assert health.trip_silent() == []
+    health.end("b", first)  # an answer: the silence starts over
     health.begin("b")
-    for _ in range(BREAKER_STRIKES - 1):
-        health.strike("b")
-    health.mark_up("b")  # an answer between: the count starts over
-    for _ in range(BREAKER_STRIKES - 1):
-        health.strike("b")
-    assert health.is_up("b")
-    health.strike("b")
-    assert not health.is_up("b") and "unanswered" in health.snapshot("b").last_error
+    clock.now += SUSPECT_FLOOR_S * 0.9
+    assert health.trip_silent() == [] and health.is_up("b")
+    clock.now += SUSPECT_FLOOR_S * 0.2
+    assert health.trip_silent() == ["b"]
+    assert not health.is_up("b") and "no answer for" in health.snapshot("b").last_error
+
+
+def test_an_idle_peer_is_never_silent_and_any_evidence_brings_one_back() -> None:
+    clock = Clock()
+    health = PeerHealth(monotonic=clock)
+    started = health.begin("b")
+    health.end("b", started)
+    clock.now += 60  # nothing asked of it, nothing owed
+    assert health.trip_silent() == [] and health.is_up("b")
+    health.mark_down("b", "timeout")
     health.heard_from("b")  # it sent us a request: up again, without waiting for a probe
     assert health.is_up("b")
     health.heard_from("stranger")  # not a peer this node has ever called: nothing to track

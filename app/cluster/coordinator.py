@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from app.clock import HybridClock, Version, wall_ms
 from app.cluster.clock_offsets import ClockOffsets
 from app.cluster.context import ClusterContext
+from app.cluster.hedging import Hedger
 from app.cluster.topology import Topology
 from app.errors import (
     ClockOffsetError,
@@ -84,6 +85,7 @@ class Coordinator:
         self.node_id = context.node_id
         self.clock = clock
         self.offsets = offsets
+        self.hedger = Hedger()
         self._background: set[asyncio.Future[Any]] = set()
 
     def replicas_for(self, key: bytes) -> list[Peer]:
@@ -343,15 +345,11 @@ class _ReadRound:
         task = asyncio.ensure_future(coordinator._read_remote(peer, self.key))
         coordinator._keep(task)  # a late answer still lands in health and metrics
         self.in_flight += 1
-        hedge = asyncio.get_running_loop().call_later(
-            coordinator.health.hedge_delay(peer.node_id), self._hedge, peer, task
+        node_id = peer.node_id
+        coordinator.hedger.watch(
+            node_id, coordinator.health.hedge_delay(node_id), task, lambda: self._hedge(peer, task)
         )
-
-        def done(t: asyncio.Future[ReadAnswer]) -> None:
-            hedge.cancel()
-            self._on_done(peer, t)
-
-        task.add_done_callback(done)
+        task.add_done_callback(lambda t: self._on_done(peer, t))
 
     def _hedge(self, peer: Peer, task: asyncio.Future[ReadAnswer]) -> None:
         """The replica has not answered within its p95: ask the next one too,

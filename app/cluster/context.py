@@ -24,3 +24,18 @@ class ClusterContext:
     topology: CurrentTopology
     metrics: NodeMetrics
     replication_factor: int
+
+
+class ClusterWorker:
+    """Base of the coordinator, anti-entropy and hand-off: the context's parts
+    as attributes of their own (the coordinator reads them per request, and a
+    plain attribute is one lookup, not two)."""
+
+    def __init__(self, context: ClusterContext) -> None:
+        self.node_id = context.node_id
+        self.replica = context.replica
+        self.peer_client = context.peer_client
+        self.health = context.health
+        self.topology = context.topology
+        self.metrics = context.metrics
+        self.replication_factor = context.replication_factor

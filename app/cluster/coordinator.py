@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from app.clock import HybridClock, Version, wall_ms
 from app.cluster.clock_offsets import ClockOffsets
-from app.cluster.context import ClusterContext
+from app.cluster.context import ClusterContext, ClusterWorker
 from app.cluster.hedging import Hedger
 from app.cluster.topology import Topology
 from app.errors import (
@@ -73,16 +73,9 @@ def required_acks(consistency: str, replicas: int) -> int:
     raise InvalidRequestError(f"consistency must be one of {', '.join(CONSISTENCY_LEVELS)}, got {consistency!r}")
 
 
-class Coordinator:
+class Coordinator(ClusterWorker):
     def __init__(self, context: ClusterContext, *, clock: HybridClock, offsets: ClockOffsets) -> None:
-        # The context's parts as attributes of their own: this class runs per request.
-        self.topology = context.topology
-        self.replica = context.replica
-        self.peer_client = context.peer_client
-        self.health = context.health
-        self.metrics = context.metrics
-        self.replication_factor = context.replication_factor
-        self.node_id = context.node_id
+        super().__init__(context)
         self.clock = clock
         self.offsets = offsets
         self.hedger = Hedger()

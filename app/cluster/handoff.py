@@ -13,7 +13,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-from app.cluster.context import ClusterContext
+from app.cluster.context import ClusterContext, ClusterWorker
 from app.cluster.topology import Topology
 from app.errors import PeerError
 from app.ring import ArcSet, HashRing, segments
@@ -38,15 +38,9 @@ class RebalanceStatus:
     last_change_epoch: int = 0
 
 
-class Handoff:
+class Handoff(ClusterWorker):
     def __init__(self, context: ClusterContext, *, write_quorum: int, sync_deadline_s: float) -> None:
-        self.node_id = context.node_id
-        self.replica = context.replica
-        self.peer_client = context.peer_client
-        self.health = context.health
-        self.topology = context.topology
-        self.metrics = context.metrics
-        self.n = context.replication_factor
+        super().__init__(context)
         self.write_quorum = write_quorum
         self.sync_deadline_s = sync_deadline_s
         self.status = RebalanceStatus()
@@ -84,7 +78,7 @@ class Handoff:
         """Write records to each key's current replicas; True when all of them took them."""
         by_owner: dict[str, list[tuple[bytes, Record]]] = defaultdict(list)
         for key, record in records:
-            for owner in view.ring.owners(key, self.n):
+            for owner in view.ring.owners(key, self.replication_factor):
                 by_owner[owner].append((key, record))
         ok = True
         for owner, batch in by_owner.items():
@@ -121,7 +115,7 @@ class Handoff:
 
     async def _sync(self, old_ring: HashRing, new: Topology, urls: dict[str, Peer]) -> None:
         groups: dict[tuple[str, ...], list[tuple[int, int]]] = defaultdict(list)
-        for start, end, before, after in segments(old_ring, new.ring, self.n):
+        for start, end, before, after in segments(old_ring, new.ring, self.replication_factor):
             if self.node_id in after and self.node_id not in before and before:
                 groups[before].append((start, end))
         pending = [arc for arcs in groups.values() for arc in arcs]
@@ -188,7 +182,7 @@ class Handoff:
         if not self.foreign_dirty:
             return
         view = self.topology.current
-        ring, me, n = view.ring, self.node_id, self.n
+        ring, me, n = view.ring, self.node_id, self.replication_factor
         if me in ring.members and len(ring.members) <= n:
             # Every member replicates every key (3 nodes at N=3, a lone node):
             # nothing here can be foreign, so skip a scan that costs seconds

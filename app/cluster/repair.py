@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from app.cluster.context import ClusterContext
+from app.cluster.context import ClusterContext, ClusterWorker
 from app.errors import PeerError
 from app.storage.base import Record
 from app.transport.base import Peer
@@ -25,21 +25,19 @@ ARCS_PER_EXCHANGE = 64  # mismatched arcs fetched per request
 MAX_ARCS_PER_ROUND = 1024  # bound on one round's repair work; the rest waits for the next round
 
 
-class AntiEntropy:
+class AntiEntropy(ClusterWorker):
     def __init__(self, context: ClusterContext) -> None:
-        self.node_id = context.node_id
-        self.replica = context.replica
-        self.peer_client = context.peer_client
-        self.health = context.health
-        self.topology = context.topology
-        self.metrics = context.metrics
-        self.n = context.replication_factor
+        super().__init__(context)
         self._turn = itertools.count()
         self.rounds = 0
 
     def shared_arcs(self, peer_id: str) -> list[tuple[int, int]]:
         ring = self.topology.current.ring
-        return [arc for arc, owners in ring.replica_sets(self.n) if self.node_id in owners and peer_id in owners]
+        return [
+            arc
+            for arc, owners in ring.replica_sets(self.replication_factor)
+            if self.node_id in owners and peer_id in owners
+        ]
 
     async def run_round(self) -> int:
         """Compare with the next reachable peer; returns the records repaired."""

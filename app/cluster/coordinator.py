@@ -236,8 +236,7 @@ class Coordinator(ClusterWorker):
 
         async def one(peer: Peer) -> WriteAck | None:
             try:
-                self.metrics.count_forwarded(peer.node_id, "write")
-                return await self._remote(peer, self.peer_client.write(peer, key, record))
+                return await self._write_direct(peer, key, record)
             except PeerError:
                 return None
 
@@ -255,8 +254,7 @@ class Coordinator(ClusterWorker):
             round_.skipped.append(peer)
         else:
             try:
-                self.metrics.count_forwarded(peer.node_id, "write")
-                return Landing.DIRECT, await self._remote(peer, self.peer_client.write(peer, key, record))
+                return Landing.DIRECT, await self._write_direct(peer, key, record)
             except PeerError as exc:  # unreachable, or refused (say, its clock is behind ours by more than the bound)
                 self.metrics.replica_write_failures.labels(peer.node_id).inc()
                 if not isinstance(exc, PeerUnavailableError):
@@ -278,6 +276,11 @@ class Coordinator(ClusterWorker):
         return Landing.UNCOUNTED, WriteAck(applied=False, existed=False)
 
     # -- plumbing -------------------------------------------------------------
+
+    async def _write_direct(self, peer: Peer, key: bytes, record: Record) -> WriteAck:
+        """One replica write to a peer, counted as forwarded and in its health."""
+        self.metrics.count_forwarded(peer.node_id, "write")
+        return await self._remote(peer, self.peer_client.write(peer, key, record))
 
     async def _remote(self, peer: Peer, call: Awaitable[T]) -> T:
         """A call to a peer, accounted in its health: an answer of any kind,

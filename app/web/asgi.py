@@ -94,12 +94,11 @@ def check_token(scope: Scope, token: bytes | None) -> None:
     """Internal and admin routes need the cluster token when one is set."""
     if token is None:
         return
-    for name, value in scope["headers"]:
-        if name == TOKEN_HEADER_BYTES:
-            if hmac.compare_digest(value, token):
-                return
-            raise TokenWrongError("wrong cluster token on an internal route")
-    raise TokenMissingError(f"internal routes need the cluster token ({TOKEN_HEADER})")
+    sent = header(scope, TOKEN_HEADER_BYTES)
+    if sent is None:
+        raise TokenMissingError(f"internal routes need the cluster token ({TOKEN_HEADER})")
+    if not hmac.compare_digest(sent, token):
+        raise TokenWrongError("wrong cluster token on an internal route")
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:

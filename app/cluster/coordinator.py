@@ -277,10 +277,11 @@ class Coordinator(ClusterWorker):
 
     # -- plumbing -------------------------------------------------------------
 
-    async def _write_direct(self, peer: Peer, key: bytes, record: Record) -> WriteAck:
-        """One replica write to a peer, counted as forwarded and in its health."""
+    def _write_direct(self, peer: Peer, key: bytes, record: Record) -> Awaitable[WriteAck]:
+        """One replica write to a peer, counted as forwarded and in its health
+        (the call itself, awaited by the caller: no extra coroutine per write)."""
         self.metrics.count_forwarded(peer.node_id, "write")
-        return await self._remote(peer, self.peer_client.write(peer, key, record))
+        return self._remote(peer, self.peer_client.write(peer, key, record))
 
     async def _remote(self, peer: Peer, call: Awaitable[T]) -> T:
         """A call to a peer, accounted in its health: an answer of any kind,

@@ -21,6 +21,7 @@ setup writes from loader.py, the tables and targets from cluster_report.py,
 load core. Each wrk run is a 1 s warm-up, discarded, then the measured run.
 
     .venv/bin/python bench/cluster.py [--only quorum,converge,slow,etcd] [--duration 5] [--markdown]
+                                      [--fsync always]   # the quorum nodes sync every write, like etcd
                                       [--profile PREFIX]   # py-spy node1 during an extra N=3 PUT run
 
 Exit status 0 when every target is met, 1 when one is missed or a section
@@ -60,6 +61,12 @@ def main() -> int:
         choices=("lmdb", "memory"),
         default="lmdb",
         help="engine of the quorum and slow nodes (convergence always uses lmdb data dirs)",
+    )
+    parser.add_argument(
+        "--fsync",
+        choices=("batch", "always"),
+        default="batch",
+        help="--fsync policy of the quorum nodes; 'always' syncs every acknowledged write, as etcd's WAL does",
     )
     parser.add_argument(
         "--converge-paces",

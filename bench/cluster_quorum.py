@@ -1,5 +1,5 @@
 """The cluster benchmark's quorum section: what replication costs. Three nodes
-(LMDB data dirs, default --fsync batch) with --replication-factor 1, then the
+(LMDB data dirs, --fsync batch unless bench/cluster.py --fsync says otherwise) with --replication-factor 1, then the
 same with N=3; wrk drives `GET /kv/{key}` and `PUT /kv/{key}` (100-byte raw
 body) through node1 with keys spread so every owner is hit, at the default
 consistency (quorum: R = W = 2 at N=3). Rows n1_get, n1_put, n3_get, n3_put.
@@ -22,7 +22,9 @@ def section_quorum(report: Report, *, args: argparse.Namespace, logdir: Path, lu
     print("\n[quorum] 3 nodes via node1, N=1 then N=3 (default consistency: quorum)", flush=True)
     for rf in (1, 3):
         with ExitStack() as stack:
-            cluster = start_cluster(stack, logdir=logdir, name=f"q{rf}", rf=rf, storage=args.storage)
+            cluster = start_cluster(
+                stack, logdir=logdir, name=f"q{rf}", rf=rf, storage=args.storage, extra=["--fsync", args.fsync]
+            )
             url = cluster.node("node1").url
             preload(url)
             tag = f"N={rf}" + (" quorum (R=W=2)" if rf == 3 else " (one owner, R=W=1)")

@@ -51,9 +51,10 @@ def print_report(report: Report, args: argparse.Namespace) -> None:
         ]
         print()
         print(format_table(headers, rows, markdown=args.markdown))
+        durability = f" (LMDB; --fsync {args.fsync} for the quorum rows, batch for the slow rows)"
         print(
             f"\n({args.duration:g} s per run after a {args.warmup:g} s warm-up; storage {args.storage}"
-            f"{' (LMDB, --fsync batch)' if args.storage == 'lmdb' else ''} for the quorum and slow rows)"
+            f"{durability if args.storage == 'lmdb' else ''})"
         )
     if report.converge:
         headers = [

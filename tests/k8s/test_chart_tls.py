@@ -1,7 +1,9 @@
 """The chart with TLS on (deploy/helm/kvstore, tls.*), rendered by the real
-helm: cert-manager's Certificate and Issuer (checked field by field against
-the cert-manager.io/v1 API, since kubernetes-validate knows no CRDs; every
-other document strictly against the Kubernetes schemas), the names the node
+helm: cert-manager's Certificate and Issuer (validated against cert-manager's
+published CRD schemas, compiled by the npm package @kubernetes-models/cert-manager
+that scripts/install_tools.py installs from a lock, and, since those schemas
+let unknown fields through, field by field against the cert-manager.io/v1 API;
+every other document strictly against the Kubernetes schemas), the names the node
 certificate covers, the Secret mounted where the env points, HTTPS probes,
 the ServiceMonitor's tlsConfig, the helm test pod and NOTES using the CA,
 and nothing of it by default.
@@ -9,13 +11,16 @@ and nothing of it by default.
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.k8s.chart import CHART, CHART_CI_VALUES, NAMESPACE, RELEASE, Render, run_helm
+from tests.k8s.chart import CHART, CHART_CI_VALUES, NAMESPACE, RELEASE, REPO, Render, run_helm
 from tests.k8s.test_chart import (
     MONITORING_API,
     by_kind,
@@ -100,6 +105,28 @@ def validate(doc: Doc) -> None:
         validate_doc(doc)
 
 
+CRD_VALIDATOR = Path(__file__).resolve().parent / "cert_manager" / "validate.mjs"
+CRD_MODELS = REPO / ".tools" / "cert-manager-models"  # scripts/install_tools.py: npm ci of cert_manager/'s lock
+
+
+def crd_schema_verdicts(docs: list[Doc]) -> tuple[int, str]:
+    """(exit status, output) of cert-manager's published schemas judging docs (node validate.mjs)."""
+    node = shutil.which("node")
+    if node is None or not (CRD_MODELS / "node_modules").is_dir():
+        pytest.fail(
+            f"node or {CRD_MODELS} is missing: run `python scripts/install_tools.py` (make tools)", pytrace=False
+        )
+    proc = subprocess.run(
+        [node, str(CRD_VALIDATOR), str(CRD_MODELS)],
+        input=json.dumps(docs),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
 def hours(duration: str) -> float:
     return float(duration.removesuffix("h"))
 
@@ -118,6 +145,32 @@ def test_every_manifest_with_tls_is_valid(render: Render, scenario: str) -> None
         "self-signed": ["Certificate", "Certificate", "Issuer", "Issuer"],
     }.get(scenario, [])
     assert kinds == expected
+
+
+def test_cert_manager_resources_pass_the_published_crd_schemas(render: Render) -> None:
+    docs = [
+        doc
+        for scenario in ("cluster-issuer", "self-signed")
+        for doc in render(**SCENARIOS[scenario])
+        if doc["kind"] in ("Certificate", "Issuer")
+    ]
+    assert len(docs) == 5
+    status, output = crd_schema_verdicts(docs)
+    assert status == 0, output
+    assert output.count("valid ") == 5, output
+
+
+def test_the_published_crd_schemas_catch_mistakes(render: Render) -> None:
+    """Guard on the guard: the compiled schemas refuse wrong types, a missing issuer name and bad enums."""
+    cert = one(render(**SCENARIOS["cluster-issuer"]), "Certificate")
+    broken = [
+        {**cert, "spec": {**cert["spec"], "dnsNames": "one-name"}},
+        {**cert, "spec": {**cert["spec"], "issuerRef": {"kind": "ClusterIssuer"}}},
+        {**cert, "spec": {**cert["spec"], "privateKey": {"algorithm": "DSA"}}},
+        {**cert, "spec": {**cert["spec"], "usages": ["server-auth"]}},
+    ]
+    status, output = crd_schema_verdicts(broken)
+    assert status == 1 and output.count("INVALID") == 4, output
 
 
 def test_cert_manager_field_check_catches_mistakes() -> None:

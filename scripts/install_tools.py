@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import shutil
 import os
 import platform
+import shutil
 import stat
 import subprocess
 import sys

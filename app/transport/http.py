@@ -371,7 +371,9 @@ class HttpPeerClient(PeerClient):
             ) as resp:
                 await resp.read()
                 return resp.status == 200
-        except (TimeoutError, aiohttp.ClientError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            if _tls_failure(exc) is not None:
+                raise _unreachable(peer, "probe", exc) from exc  # a PeerTLSError: the prober records why
             return False
 
     def forget(self, peer: Peer) -> None:

@@ -148,6 +148,46 @@ def test_a_node_from_a_foreign_ca_cannot_join_and_the_ring_says_why(make_cluster
     print(f"node3's certificate at node1: {refusal}")
 
 
+def test_a_node_back_with_a_foreign_certificate_is_reported_by_the_prober(
+    make_cluster: MakeCluster, tmp_path: Path
+) -> None:
+    """node3 crashes (its peers see it down: connection refused) and comes back
+    with a certificate of another CA: the prober that asks a down peer whether it
+    is back is what finds out, and /ring says why, with no client traffic."""
+    ours, foreign = Authority.create("our-ca"), Authority.create("foreign-ca")
+    root = tmp_path / "tls"
+
+    def node_args(node_id: str) -> list[str]:
+        directory = root / node_id
+        if not (directory / "tls.crt").exists():
+            write_secret(directory, issued=ours.issue(node_id, ips=("127.0.0.1",)), ca_pem=ours.cert_pem)
+        return node_flags(directory)
+
+    watcher = ssl.create_default_context(cadata=(ours.cert_pem + foreign.cert_pem).decode())
+    cluster = make_cluster(3, args=SHORT_ARGS, tls=TlsMode(node_args=node_args, context=watcher))
+    node1, node3 = cluster.node("node1"), cluster.node("node3")
+    node3.kill()
+    for i in range(5):  # replica writes to node3 fail: node1 marks it down
+        httpx.put(f"{node1.url}/kv/while-down-{i}", content=b"v", verify=watcher, timeout=5)
+    wait_for(
+        lambda: None if "node3" in ring_errors(node1.url, watcher) else "node3 still up",
+        timeout=15,
+        what="node1 sees node3 down",
+    )
+    assert "TLS" not in ring_errors(node1.url, watcher)["node3"]
+    write_secret(root / "node3", issued=foreign.issue("node3", ips=("127.0.0.1",)), ca_pem=foreign.cert_pem)
+    node3.start().wait_serving()
+    wait_for(
+        lambda: (
+            None
+            if "certificate verify failed" in ring_errors(node1.url, watcher).get("node3", "")
+            else f"node1's /ring: {ring_errors(node1.url, watcher)}"
+        ),
+        timeout=15,
+        what="node1's prober reports node3's foreign certificate",
+    )
+
+
 def test_plaintext_and_certificateless_clients_are_refused_cleanly(make_cluster: MakeCluster, tmp_path: Path) -> None:
     tls = tls_mode(tmp_path / "tls", client_cert_auth=True)
     cluster = make_cluster(1, args=SHORT_ARGS, tls=tls)

@@ -117,9 +117,11 @@ class HttpPeerClient(PeerClient):
         tls: TlsMaterial | None = None,
     ) -> None:
         self._tls = tls
-        trace = aiohttp.TraceConfig()
-        if tls is not None:
+        traces = []
+        if tls is not None:  # only then: a trace config costs every request a little
+            trace = aiohttp.TraceConfig()
             trace.on_connection_create_end.append(self._count_aiohttp_connection)
+            traces.append(trace)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=0,
@@ -130,7 +132,7 @@ class HttpPeerClient(PeerClient):
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
-            trace_configs=[trace],
+            trace_configs=traces or None,
         )
         if tls is not None:
             tls.on_rotate(self.cycle_connections)
@@ -191,10 +193,6 @@ class HttpPeerClient(PeerClient):
         for pool in self._pools.values():
             if pool is not None:
                 pool.cycle()
-
-    def connections_made(self) -> int:
-        """New connections the lean pools opened so far (each one a TLS handshake over https)."""
-        return sum(pool.connections_made for pool in self._pools.values() if pool is not None)
 
     def _url(self, peer: Peer, key: bytes) -> URL:
         return URL(peer.url + KV_PATH + quote_key(key), encoded=True)

@@ -128,7 +128,6 @@ class PeerPool:
         self.server_hostname = server_hostname
         self.on_connect = on_connect
         self.epoch = 0  # bumped by cycle(): connections of an older epoch are not reused
-        self.connections_made = 0
         self._idle: list[_Connection] = []
         self._busy = 0
         self._queue: deque[asyncio.Future[None]] = deque()
@@ -197,7 +196,6 @@ class PeerPool:
         if self._closed:
             raise ConnectionResetError("peer pool closed")
         loop = asyncio.get_running_loop()
-        self.connections_made += 1
         if self.on_connect is not None:
             self.on_connect()
         if self.ssl_context is None:

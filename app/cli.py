@@ -5,6 +5,9 @@
     kvstore put KEY VALUE | get KEY | delete KEY | ring [--url URL]    a client
 
 Every node flag also reads KVSTORE_<FLAG> from the environment (app.config).
+Every client command takes --url, --cacert, --cert and --key (env KVSTORE_URL,
+KVSTORE_CACERT, KVSTORE_CERT, KVSTORE_KEY) through one helper,
+add_client_options() with open_client().
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -34,9 +38,14 @@ from app.config import (
     env_default,
 )
 from app.errors import ConfigError, KvstoreError
+from app.metrics import NodeMetrics
 
 if TYPE_CHECKING:
+    import asyncio
+
     import httpx  # imported for real only by the client commands: a node never loads it
+
+    from app.transport.tls import TlsMaterial
 
 CLUSTER_STOP_GRACE_S = 5.0  # how long `kvstore cluster` waits for nodes to exit before SIGKILL
 CLIENT_TIMEOUT_S = 10.0
@@ -52,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = f"{option.help} [env {option.env}]"
         if option.repeatable:
             node.add_argument(option.flag, dest=option.dest, action="append", default=None, help=help_text)
+        elif option.switch:
+            node.add_argument(
+                option.flag, dest=option.dest, nargs="?", const="true", default=env_default(option), help=help_text
+            )
         else:
             node.add_argument(option.flag, dest=option.dest, default=env_default(option), help=help_text)
 
@@ -67,15 +80,53 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("get", "read a key"), ("delete", "delete a key")):
         client = sub.add_parser(name, help=help_text)
         client.add_argument("key")
-        client.add_argument("--url", default=os.environ.get("KVSTORE_URL", DEFAULT_CLIENT_URL))
+        add_client_options(client)
     put = sub.add_parser("put", help="write a key")
     put.add_argument("key")
     put.add_argument("value")
     put.add_argument("--ttl", type=float, default=None, help="seconds until the key expires")
-    put.add_argument("--url", default=os.environ.get("KVSTORE_URL", DEFAULT_CLIENT_URL))
+    add_client_options(put)
     ring = sub.add_parser("ring", help="show the ring: members, reachability, shares")
-    ring.add_argument("--url", default=os.environ.get("KVSTORE_URL", DEFAULT_CLIENT_URL))
+    add_client_options(ring)
     return parser
+
+
+def add_client_options(parser: argparse.ArgumentParser) -> None:
+    """--url and the TLS options every client command takes (each with its env var)."""
+    parser.add_argument(
+        "--url", default=os.environ.get("KVSTORE_URL", DEFAULT_CLIENT_URL), help="a node's URL [env KVSTORE_URL]"
+    )
+    parser.add_argument(
+        "--cacert",
+        default=os.environ.get("KVSTORE_CACERT"),
+        help="PEM CA bundle that verifies an https node (default: the system CAs) [env KVSTORE_CACERT]",
+    )
+    parser.add_argument(
+        "--cert",
+        default=os.environ.get("KVSTORE_CERT"),
+        help="PEM client certificate, for nodes run with --client-cert-auth [env KVSTORE_CERT]",
+    )
+    parser.add_argument(
+        "--key",
+        dest="client_key",  # `key` is the commands' positional KEY
+        default=os.environ.get("KVSTORE_KEY"),
+        help="PEM private key of --cert [env KVSTORE_KEY]",
+    )
+
+
+def open_client(args: argparse.Namespace, *, timeout: float = CLIENT_TIMEOUT_S) -> httpx.Client:
+    """The HTTP client of a client command, from add_client_options()'s options."""
+    import httpx
+
+    from app.transport.tls import client_context
+
+    if args.client_key and not args.cert:
+        raise ConfigError("config: --key needs --cert")
+    try:
+        verify = client_context(cafile=args.cacert, certfile=args.cert, keyfile=args.client_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"config: cannot load --cacert/--cert/--key: {exc}") from exc
+    return httpx.Client(base_url=args.url.rstrip("/"), timeout=timeout, verify=verify)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -111,13 +162,21 @@ def run_node(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format=f"%(asctime)s {config.node_id} %(levelname)s %(name)s: %(message)s"
     )
+    metrics = NodeMetrics()
+    tls = None
+    if config.tls is not None:
+        from app.transport.tls import TlsMaterial
+
+        tls = TlsMaterial(config.tls, on_handshake=metrics.count_tls_handshake, on_reload=metrics.count_tls_reload)
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(config),
+            create_app(config, metrics=metrics, tls=tls),
             host=config.host,
             port=config.port,
             loop="uvloop",
-            http="httptools",
+            http="httptools" if tls is None else _tls_protocol(tls),
+            # uvicorn listens with our context: its sni_callback swaps in rotated certificates.
+            ssl_context_factory=None if tls is None else (lambda _config, _default: tls.server_context),
             workers=1,  # the store lives in the process: exactly one worker
             lifespan="on",
             access_log=False,
@@ -135,6 +194,59 @@ def run_node(args: argparse.Namespace) -> int:
     gc.set_threshold(*GC_THRESHOLDS)
     server.run()
     return 0 if server.started else 1
+
+
+def _tls_protocol(tls: TlsMaterial) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol, over TLS, with two additions.
+
+    It tells the app what client certificate the connection presented, in
+    the ASGI TLS extension (scope["extensions"]["tls"]): under --peer-tls,
+    internal routes need one (app.web.asgi.check_peer_certificate). The
+    handshake has verified it against the CA before connection_made runs, so
+    it is read once per connection, not per request.
+
+    And it ends the connections accepted before a certificate rotation: idle
+    ones at once, busy ones after their response (uvicorn's own graceful
+    shutdown of a connection), so a certificate or CA that was withdrawn
+    stops being trusted within one request, not at the client's leisure.
+    """
+    import weakref
+
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    open_connections: weakref.WeakSet[HttpToolsProtocol] = weakref.WeakSet()
+
+    class TlsHttpToolsProtocol(HttpToolsProtocol):
+        tls_extension: dict[object, object]  # set in connection_made, before any request
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's own
+            super().connection_made(transport)
+            open_connections.add(self)
+            ssl_object = transport.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            self.tls_extension = {
+                "server_cert": None,
+                "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
+                "client_cert_name": None,
+                "client_cert_error": None,
+                "tls_version": None,
+                "cipher_suite": None,
+            }
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            open_connections.discard(self)
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.scope["extensions"] = {"tls": self.tls_extension}  # the ASGI TLS extension
+
+    def end_connections_of_old_certificates() -> None:
+        for connection in list(open_connections):
+            connection.shutdown()  # idle: closed now; busy: after its response
+
+    tls.on_rotate(end_connections_of_old_certificates)
+    return TlsHttpToolsProtocol
 
 
 # -- cluster ------------------------------------------------------------------
@@ -213,12 +325,14 @@ def wait_until_ready(
     stopping: Callable[[], bool] = lambda: False,
     timeout: float = CLUSTER_READY_WAIT_S,
     path: str = "/ready",
+    ssl_context: ssl.SSLContext | None = None,
 ) -> bool:
     """Poll each node's /ready: a fresh cluster's nodes first pull their
-    ranges from each other, and until then quorum reads may get 503. Saying
-    "running" only after that keeps the README's curl walkthrough from racing it.
-    False when time runs out, `stopping()` turns true, or a process in
-    `procs` exits. The test and bench harness waits with this too."""
+        ranges from each other, and until then quorum reads may get 503. Saying
+        "running" only after that keeps the README's curl walkthrough from racing it.
+        False when time runs out, `stopping()` turns true, or a process in
+        `procs` exits. The test and bench harness waits with this too (with
+    `ssl_context` for https nodes)."""
     import urllib.error
     import urllib.request
 
@@ -228,7 +342,7 @@ def wait_until_ready(
         if any(proc.poll() is not None for proc in procs):
             return False  # the caller reports the dead node
         try:
-            with urllib.request.urlopen(pending[0] + path, timeout=1) as resp:
+            with urllib.request.urlopen(pending[0] + path, timeout=1, context=ssl_context) as resp:
                 if resp.status == 200:
                     pending.pop(0)
                     continue
@@ -269,7 +383,7 @@ def run_client(args: argparse.Namespace) -> int:
     base = args.url.rstrip("/")
     path = "/kv/" + quote(args.key, safe="") if args.command != "ring" else "/ring"
     try:
-        with httpx.Client(base_url=base, timeout=CLIENT_TIMEOUT_S) as client:
+        with open_client(args) as client:
             if args.command == "get":
                 resp = client.get(path)
                 if resp.status_code == 200:

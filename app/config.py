@@ -60,6 +60,9 @@ DEFAULT_CLUSTER_BASE_PORT = 8080  # `kvstore cluster`: 8080, 8081, 8082, as the 
 DEFAULT_CLUSTER_NODES = 3
 CLUSTER_READY_WAIT_S = 30.0  # `kvstore cluster` waits this long for every node's /ready before saying it runs
 DEFAULT_CLIENT_URL = "http://127.0.0.1:8080"
+# How often the TLS files are checked for a change (cert-manager rewrites the mounted Secret):
+# a rotation reaches new connections within this, plus one peer timeout for pooled ones.
+DEFAULT_TLS_RELOAD_INTERVAL_S = 1.0
 
 STORAGE_ENGINES = ("memory", "lmdb")
 MEMBERSHIP_SOURCES = ("static", "kubernetes")
@@ -70,12 +73,14 @@ FSYNC_POLICIES = ("always", "batch", "never")
 @dataclass(frozen=True)
 class Option:
     """One node setting: `--flag`, env var KVSTORE_FLAG, default and help text.
-    A repeatable flag may be given several times; its env var is comma-separated."""
+    A repeatable flag may be given several times; its env var is comma-separated.
+    A switch may be given alone (`--peer-tls`, meaning true) or with true/false."""
 
     flag: str
     default: str | None
     help: str
     repeatable: bool = False
+    switch: bool = False
 
     @property
     def dest(self) -> str:
@@ -133,6 +138,29 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option(
         "--resolve", None, "NAME=ADDRESS: reach host NAME at ADDRESS, like curl --resolve (repeatable)", repeatable=True
     ),
+    Option("--tls-cert", None, "PEM certificate (cert-manager's tls.crt): serve HTTPS and talk https to peers"),
+    Option("--tls-key", None, "PEM private key of --tls-cert (cert-manager's tls.key)"),
+    Option("--tls-ca", None, "PEM CA bundle (cert-manager's ca.crt): verifies peers and client certificates"),
+    Option(
+        "--peer-tls",
+        "false",
+        "mutual TLS between nodes: present a certificate, require one on internal routes",
+        switch=True,
+    ),
+    Option("--peer-tls-cert", None, "certificate this node presents to peers (default: --tls-cert)"),
+    Option("--peer-tls-key", None, "key of --peer-tls-cert (default: --tls-key)"),
+    Option("--peer-tls-ca", None, "CA bundle that verifies peers (default: --tls-ca)"),
+    Option(
+        "--client-cert-auth",
+        "false",
+        "require a client certificate signed by --tls-ca on every connection",
+        switch=True,
+    ),
+    Option(
+        "--tls-reload-interval",
+        str(DEFAULT_TLS_RELOAD_INTERVAL_S),
+        "seconds between checks of the TLS files for a rotation",
+    ),
     Option("--log-level", "warning", "log level: debug, info, warning or error"),
 )
 
@@ -174,6 +202,70 @@ def parse_resolve(spec: str) -> dict[str, str]:
             raise ConfigError(f"config: --resolve entry must be NAME=ADDRESS, got {item!r}")
         mapping[name.strip()] = address.strip()
     return mapping
+
+
+def parse_bool(name: str, raw: str | None) -> bool:
+    """'true'/'false' (also 1/0, yes/no, on/off), as flags and env vars give them."""
+    text = (raw or "false").strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"config: {name} must be true or false, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """One certificate, its key and the CA bundle that verifies the other side
+    (cert-manager's Secret layout: tls.crt, tls.key, ca.crt)."""
+
+    cert: str
+    key: str
+    ca: str | None
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """What the node serves with (`server`) and presents to and trusts in peers (`peer`)."""
+
+    server: TlsFiles
+    peer: TlsFiles
+    peer_tls: bool  # mutual TLS between nodes: present `peer.cert`; internal routes require a verified one
+    client_cert_auth: bool  # every connection must present a certificate the CA signed
+    reload_interval: float = DEFAULT_TLS_RELOAD_INTERVAL_S
+
+
+def parse_tls(values: dict[str, str | None]) -> TlsConfig | None:
+    """The TLS settings, or None when the node serves plain HTTP."""
+    cert, key, ca = values.get("tls_cert") or None, values.get("tls_key") or None, values.get("tls_ca") or None
+    peer_tls = parse_bool("--peer-tls", values.get("peer_tls"))
+    client_cert_auth = parse_bool("--client-cert-auth", values.get("client_cert_auth"))
+    if not cert and not key:
+        if peer_tls or client_cert_auth or ca:
+            raise ConfigError("config: --peer-tls, --client-cert-auth and --tls-ca need --tls-cert and --tls-key")
+        return None
+    if not (cert and key):
+        raise ConfigError("config: --tls-cert and --tls-key go together (cert-manager's tls.crt and tls.key)")
+    if client_cert_auth and not ca:
+        raise ConfigError("config: --client-cert-auth needs --tls-ca to verify client certificates")
+    peer_ca = values.get("peer_tls_ca") or ca
+    if peer_tls and not peer_ca:
+        raise ConfigError("config: --peer-tls needs --tls-ca (or --peer-tls-ca) to verify the other nodes")
+    peer = TlsFiles(cert=values.get("peer_tls_cert") or cert, key=values.get("peer_tls_key") or key, ca=peer_ca)
+    interval = float(
+        _positive(
+            "--tls-reload-interval",
+            values.get("tls_reload_interval") or str(DEFAULT_TLS_RELOAD_INTERVAL_S),
+            float,
+        )
+    )
+    return TlsConfig(
+        server=TlsFiles(cert=cert, key=key, ca=ca),
+        peer=peer,
+        peer_tls=peer_tls,
+        client_cert_auth=client_cert_auth,
+        reload_interval=interval,
+    )
 
 
 def parse_size(raw: str) -> int:
@@ -230,6 +322,12 @@ class NodeConfig:
     cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
     kubeconfig: str | None = None
     resolve: dict[str, str] = field(default_factory=dict)
+    tls: TlsConfig | None = None
+
+    @property
+    def scheme(self) -> str:
+        """How peers and clients reach this node: https once it serves TLS."""
+        return "https" if self.tls is not None else "http"
 
     @classmethod
     def from_options(cls, values: dict[str, str | None]) -> NodeConfig:
@@ -240,8 +338,14 @@ class NodeConfig:
         if any(c in node_id for c in ",= /") or not node_id.isprintable():
             raise ConfigError(f"config: --node-id may not contain ',', '=', '/' or spaces: {node_id!r}")
         host, port = parse_listen(values.get("listen") or DEFAULT_LISTEN)
-        advertise = (values.get("advertise_url") or f"http://{host}:{port}").rstrip("/")
+        tls = parse_tls(values)
+        scheme = "https" if tls is not None else "http"
+        advertise = (values.get("advertise_url") or f"{scheme}://{host}:{port}").rstrip("/")
         peers = parse_peers(values.get("peers") or "")
+        if tls is not None and (plain := sorted(nid for nid, url in peers.items() if url.startswith("http:"))):
+            raise ConfigError(
+                f"config: with --tls-cert every peer URL must be https://, not http:// ({', '.join(plain)})"
+            )
         if peers.get(node_id, advertise) != advertise and values.get("advertise_url"):
             raise ConfigError(f"config: --peers gives {node_id} a URL other than --advertise-url")
         advertise = peers.setdefault(node_id, advertise)
@@ -325,4 +429,5 @@ class NodeConfig:
             cluster_domain=values.get("cluster_domain") or DEFAULT_CLUSTER_DOMAIN,
             kubeconfig=values.get("kubeconfig") or None,
             resolve=parse_resolve(values.get("resolve") or ""),
+            tls=tls,
         )

@@ -8,7 +8,8 @@
     │   └── MethodNotAllowedError  the route exists, the method does not (405)
     ├── AccessError            an internal or admin route without the cluster token
     │   ├── TokenMissingError   no token sent (401)
-    │   └── TokenWrongError     a wrong token sent (403)
+    │   ├── TokenWrongError     a wrong token sent (403)
+    │   └── PeerCertificateRequiredError  an internal route without a verified node certificate (403)
     ├── NodeStartingError      the node's stores are not open yet (503)
     ├── StorageError           the local engine failed or refused
     │   ├── NodeIdMismatchError data dir belongs to another node id
@@ -19,6 +20,7 @@
     ├── WriteNotWonError       replicas kept a newer version; re-stamping did not win in time (503)
     └── PeerError              talking to another node failed (it answered wrongly: 500 or garbage)
         ├── PeerUnavailableError  could not reach it, it timed out, or it said 503 (marks it down)
+        │   └── PeerTLSError      the TLS handshake failed: a certificate from another CA, a wrong name
         ├── PeerRefusedError      it answered and refused the call (409, other 4xx)
         └── QuorumError           too few replicas answered
 
@@ -65,6 +67,11 @@ class TokenWrongError(AccessError):
     """The cluster token sent is not this cluster's."""
 
 
+class PeerCertificateRequiredError(AccessError):
+    """Under --peer-tls an internal route was called on a connection that
+    presented no verified client certificate (a client, not a node)."""
+
+
 class NodeStartingError(KvstoreError):
     """The node is still opening its stores; nothing can be served yet."""
 
@@ -109,6 +116,11 @@ class PeerError(KvstoreError):
 
 class PeerUnavailableError(PeerError):
     """The peer could not be reached, refused, or did not answer in time."""
+
+
+class PeerTLSError(PeerUnavailableError):
+    """The TLS handshake with the peer failed: its certificate is not signed by
+    our CA or names another host, or it refused ours. Down, and says why."""
 
 
 class PeerRefusedError(PeerError):

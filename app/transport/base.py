@@ -133,7 +133,9 @@ class PeerClient(abc.ABC):
 
     @abc.abstractmethod
     async def probe(self, peer: Peer) -> bool:
-        """A cheap liveness check: True if the peer answers its health route."""
+        """A cheap liveness check: True if the peer answers its health route.
+        May raise PeerTLSError instead of returning False, to say why not (a
+        certificate from another CA): the prober shows that reason in /ring."""
 
     @abc.abstractmethod
     async def wall_clock(self, peer: Peer) -> int:

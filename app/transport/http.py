@@ -4,16 +4,24 @@ pool per peer (app.transport.wire), coalesced per event-loop iteration
 
 Node-to-node calls are the hot path: httpx measured ~4 ms of CPU per request
 here under concurrency, aiohttp ~120 us, the lean pool ~30 us (BENCHMARKS.md).
-aiohttp stays for bulk transfers, probes and https peers, where its generality
-is worth its cost. Foreign errors and unexpected statuses are translated
-here, into the PeerError kinds: only network errors, timeouts and a peer's
-own 503 make it unavailable (app.errors draws the tree).
+aiohttp stays for bulk transfers and probes, where its generality is worth
+its cost. Foreign errors and unexpected statuses are translated here, into
+the PeerError kinds: only network errors, timeouts and a peer's own 503 make
+it unavailable (app.errors draws the tree); a failed TLS handshake is
+PeerTLSError, a kind of unavailable that says why.
+
+https peers: both clients take the newest client context from the node's
+TlsMaterial (app.transport.tls) for every new connection. After a rotation
+the lean pools close their idle connections and retire busy ones when their
+call ends; aiohttp keys its pool by context, so it never reuses a connection
+of the old one, and closes those within its keep-alive timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable, Mapping, Sized
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -27,7 +35,7 @@ from yarl import URL
 
 from app.clock import Version
 from app.coalesce import Coalescer
-from app.errors import PeerError, PeerRefusedError, PeerUnavailableError
+from app.errors import PeerError, PeerRefusedError, PeerTLSError, PeerUnavailableError
 from app.storage.base import Record
 from app.transport import codec
 from app.transport.base import (
@@ -56,6 +64,7 @@ from app.transport.base import (
     record_from_headers,
     record_headers,
 )
+from app.transport.tls import TlsMaterial
 from app.transport.wire import PeerPool
 
 Write = tuple[bytes, Record, "str | None"]  # key, record, hint_for
@@ -63,6 +72,7 @@ T = TypeVar("T")
 
 CONNECTIONS_PER_PEER = 64  # keep-alive pool per peer: enough for a fan-out under load, bounded
 PROBE_TIMEOUT_S = 1.0  # a health probe that takes longer than this counts as down
+AIOHTTP_KEEPALIVE_S = 60  # idle aiohttp connections close after this (old-context ones too, after a rotation)
 BULK_TIMEOUT_S = 60.0  # range fetches and batches move many records: allow more than one request's time
 # What says "no answer came": the network, a timeout, or bytes that are no
 # HTTP at all. A malformed body or a local bug is not in this list.
@@ -104,18 +114,28 @@ class HttpPeerClient(PeerClient):
         token: str | None = None,
         resolve: dict[str, str] | None = None,
         self_id: str | None = None,
+        tls: TlsMaterial | None = None,
     ) -> None:
+        self._tls = tls
+        traces = []
+        if tls is not None:  # only then: a trace config costs every request a little
+            trace = aiohttp.TraceConfig()
+            trace.on_connection_create_end.append(self._count_aiohttp_connection)
+            traces.append(trace)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=0,
                 limit_per_host=CONNECTIONS_PER_PEER,
-                keepalive_timeout=60,
+                keepalive_timeout=AIOHTTP_KEEPALIVE_S,
                 resolver=OverrideResolver(resolve) if resolve else None,
             ),
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            trace_configs=traces or None,
         )
+        if tls is not None:
+            tls.on_rotate(self.cycle_connections)
         # Every internal request carries the token (when set) and names its
         # sender, so the peer learns this node is up from the request itself.
         self._token_headers = ({TOKEN_HEADER: token} if token else {}) | ({FROM_HEADER: self_id} if self_id else {})
@@ -128,16 +148,25 @@ class HttpPeerClient(PeerClient):
         self._reads: dict[str, Coalescer[bytes, ReadAnswer]] = {}
         self._octets_line = b"content-type: application/octet-stream\r\n" + self._token_line
 
+    async def _count_aiohttp_connection(self, *_: object) -> None:
+        if self._tls is not None:
+            self._tls.count_client_handshake()
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        """aiohttp's ssl argument: the newest client context, or its default (plain peers)."""
+        return self._tls.client_context() if self._tls is not None else True
+
     def _pool(self, peer: Peer) -> PeerPool | None:
-        """The peer's keep-alive pool; None for an https peer (aiohttp does TLS)."""
+        """The peer's keep-alive pool; None for an https peer when this node
+        has no TLS material (aiohttp then verifies against the system CAs)."""
         try:
             return self._pools[peer.url]
         except KeyError:
             pass
         parts = urlsplit(peer.url)
         pool = None
+        hostname = parts.hostname or "127.0.0.1"
         if parts.scheme == "http":
-            hostname = parts.hostname or "127.0.0.1"
             pool = PeerPool(
                 self._resolve.get(hostname, hostname),
                 parts.port or 80,
@@ -145,8 +174,25 @@ class HttpPeerClient(PeerClient):
                 limit=CONNECTIONS_PER_PEER,
                 timeout_s=self._timeout_s,
             )
+        elif self._tls is not None:
+            pool = PeerPool(
+                self._resolve.get(hostname, hostname),
+                parts.port or 443,
+                host_header=parts.netloc,
+                limit=CONNECTIONS_PER_PEER,
+                timeout_s=self._timeout_s,
+                ssl_context=self._tls.client_context,
+                server_hostname=hostname,
+                on_connect=self._tls.count_client_handshake,
+            )
         self._pools[peer.url] = pool
         return pool
+
+    def cycle_connections(self) -> None:
+        """After a certificate rotation: retire every pooled connection made before it."""
+        for pool in self._pools.values():
+            if pool is not None:
+                pool.cycle()
 
     def _url(self, peer: Peer, key: bytes) -> URL:
         return URL(peer.url + KV_PATH + quote_key(key), encoded=True)
@@ -257,7 +303,7 @@ class HttpPeerClient(PeerClient):
     async def _read_aiohttp(self, peer: Peer, key: bytes) -> ReadAnswer:
         async with (
             self._call(peer, "read"),
-            self._session.get(self._url(peer, key), headers=self._token_headers) as resp,
+            self._session.get(self._url(peer, key), headers=self._token_headers, ssl=self._ssl()) as resp,
         ):
             body = await resp.read()
             syncing = resp.headers.get(SYNCING_HEADER) == "1"
@@ -271,7 +317,7 @@ class HttpPeerClient(PeerClient):
     async def _write_aiohttp(self, peer: Peer, key: bytes, record: Record, headers: dict[str, str]) -> WriteAck:
         async with (
             self._call(peer, "write"),
-            self._session.put(self._url(peer, key), data=record.value or b"", headers=headers) as resp,
+            self._session.put(self._url(peer, key), data=record.value or b"", headers=headers, ssl=self._ssl()) as resp,
         ):
             _expect(resp.status, await resp.read(), peer, "write")
             return _decoded(lambda: _ack_from_headers(resp.headers), peer)
@@ -283,7 +329,7 @@ class HttpPeerClient(PeerClient):
         headers = {"content-type": content_type} | self._token_headers
         async with (
             self._call(peer, what),
-            self._session.post(url, data=body, headers=headers, timeout=self._bulk_timeout) as resp,
+            self._session.post(url, data=body, headers=headers, timeout=self._bulk_timeout, ssl=self._ssl()) as resp,
         ):
             data = await resp.read()
             _expect(resp.status, data, peer, what)
@@ -306,7 +352,7 @@ class HttpPeerClient(PeerClient):
         url = URL(peer.url + CLOCK_PATH, encoded=True)
         async with (
             self._call(peer, "clock"),
-            self._session.get(url, headers=self._token_headers, timeout=timeout) as resp,
+            self._session.get(url, headers=self._token_headers, timeout=timeout, ssl=self._ssl()) as resp,
         ):
             body = await resp.read()
             _expect(resp.status, body, peer, "clock probe")
@@ -318,10 +364,14 @@ class HttpPeerClient(PeerClient):
     async def probe(self, peer: Peer) -> bool:
         try:
             timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
-            async with self._session.get(URL(peer.url + "/health", encoded=True), timeout=timeout) as resp:
+            async with self._session.get(
+                URL(peer.url + "/health", encoded=True), timeout=timeout, ssl=self._ssl()
+            ) as resp:
                 await resp.read()
                 return resp.status == 200
-        except (TimeoutError, aiohttp.ClientError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            if _tls_failure(exc) is not None:
+                raise _unreachable(peer, "probe", exc) from exc  # a PeerTLSError: the prober records why
             return False
 
     def forget(self, peer: Peer) -> None:
@@ -390,8 +440,26 @@ def _answer_error(peer: Peer, status: int, body: bytes, what: str) -> PeerError:
 
 
 def _unreachable(peer: Peer, what: str, exc: BaseException) -> PeerUnavailableError:
-    """The one translation of a failure to get any answer (network, timeout, not HTTP)."""
+    """The one translation of a failure to get any answer (network, timeout,
+    not HTTP); a failed TLS handshake says so, with OpenSSL's reason."""
+    tls = _tls_failure(exc)
+    if tls is not None:
+        return PeerTLSError(f"peer {peer} refused over TLS ({what}): {_describe(tls)}", peer=peer.node_id)
     return PeerUnavailableError(f"peer {peer} unreachable ({what}): {_describe(exc)}", peer=peer.node_id)
+
+
+def _tls_failure(exc: BaseException) -> BaseException | None:
+    """The ssl.SSLError behind exc (aiohttp wraps it), or None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        if isinstance(seen, aiohttp.ClientConnectorCertificateError):
+            return seen.certificate_error
+        if isinstance(seen, aiohttp.ClientSSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _describe(exc: BaseException) -> str:

@@ -3,7 +3,7 @@
 The peer hot path (every forwarded read, every replica write) needs a client
 that costs little CPU per request; aiohttp's ClientSession measured ~120 us
 per request here, this ~30 us (bench/peer_clients.py). It speaks only what
-our own internal routes need: plain HTTP, one request in flight per
+our own internal routes need: HTTP/1.1, plain or over TLS, one request in flight per
 connection, a Content-Length or chunked response parsed by httptools, a
 timeout per call. Used by app.transport.http, which translates its errors;
 nothing else imports it.
@@ -13,14 +13,22 @@ the event loop has seen) is dropped before reuse, a write on a transport that
 closed under us is a ConnectionResetError like any other, and a request that
 fails on a reused connection before any byte of its answer arrived is sent
 once more on a fresh one (every internal call is idempotent under versions).
-Every failure leaves as an OSError (ConnectionError, TimeoutError) or an
-HttpParserError, which the caller translates.
+Every failure leaves as an OSError (ConnectionError, TimeoutError, ssl.SSLError)
+or an HttpParserError, which the caller translates.
+
+Over TLS, every new connection takes the newest client context (`ssl_context()`,
+app.transport.tls), verifying the peer's certificate against the URL's host
+name. `cycle()` retires the connections made before a certificate rotation:
+idle ones are closed at once, busy ones when their request ends, so none
+outlives a rotation by more than one request (at most the call timeout).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import cast
 
 import httptools
@@ -40,6 +48,7 @@ class _Connection(asyncio.Protocol):
         self.body: list[bytes] = []
         self.alive = True
         self.answered = False  # a byte of the current request's answer arrived
+        self.epoch = pool.epoch  # the pool's certificate generation when this connection was made
 
     @property
     def usable(self) -> bool:
@@ -95,13 +104,30 @@ class PeerPool:
 
     host is the address to connect to (already resolved, e.g. by --resolve);
     host_header what the Host header says (the peer's URL authority).
+    With ssl_context, connections speak TLS, verifying server_hostname
+    (the URL's host name); on_connect() is called for every new connection.
     """
 
-    def __init__(self, host: str, port: int, *, host_header: str, limit: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        host_header: str,
+        limit: int,
+        timeout_s: float,
+        ssl_context: Callable[[], ssl.SSLContext] | None = None,
+        server_hostname: str | None = None,
+        on_connect: Callable[[], None] | None = None,
+    ) -> None:
         self.host, self.port = host, port
         self.host_header = host_header.encode()
         self.limit = limit
         self.timeout_s = timeout_s
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.on_connect = on_connect
+        self.epoch = 0  # bumped by cycle(): connections of an older epoch are not reused
         self._idle: list[_Connection] = []
         self._busy = 0
         self._queue: deque[asyncio.Future[None]] = deque()
@@ -170,9 +196,19 @@ class PeerPool:
         if self._closed:
             raise ConnectionResetError("peer pool closed")
         loop = asyncio.get_running_loop()
-        _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: _Connection(self), self.host, self.port), self.timeout_s
-        )
+        if self.on_connect is not None:
+            self.on_connect()
+        if self.ssl_context is None:
+            connecting = loop.create_connection(lambda: _Connection(self), self.host, self.port)
+        else:
+            connecting = loop.create_connection(
+                lambda: _Connection(self),
+                self.host,
+                self.port,
+                ssl=self.ssl_context(),
+                server_hostname=self.server_hostname or self.host,
+            )
+        _, conn = await asyncio.wait_for(connecting, self.timeout_s)
         return conn
 
     async def _send(self, conn: _Connection, head: bytes, body: bytes) -> Response:
@@ -199,11 +235,19 @@ class PeerPool:
         finally:
             timer.cancel()
             conn.waiter = None
-        if conn.alive and not self._closed:
+        if conn.alive and not self._closed and conn.epoch == self.epoch:
             self._idle.append(conn)
         else:
             conn.fail(ConnectionResetError("connection not kept alive"))
         return response
+
+    def cycle(self) -> None:
+        """After a certificate rotation: close the idle connections now; busy
+        ones are closed when their request ends (they are of an older epoch)."""
+        self.epoch += 1
+        for conn in list(self._idle):
+            conn.fail(ConnectionResetError("connection cycled after a certificate rotation"))
+        self._idle.clear()
 
     def close(self) -> None:
         self._closed = True

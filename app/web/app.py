@@ -7,6 +7,8 @@ the config names, and put in the slot both halves read.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,6 +27,7 @@ from app.errors import KvstoreError
 from app.metrics import NodeMetrics
 from app.storage import check_data_dir
 from app.transport.http import HttpPeerClient
+from app.transport.tls import TlsMaterial
 from app.web.dataplane import DataPlane
 from app.web.errors import headers_for, status_for
 from app.web.openapi import merge_raw_routes
@@ -33,7 +36,9 @@ from app.web.routes_ops import router as ops_router
 from app.web.slot import NodeSlot
 
 
-def create_app(config: NodeConfig, *, metrics: NodeMetrics | None = None) -> DataPlane:
+def create_app(config: NodeConfig, *, metrics: NodeMetrics | None = None, tls: TlsMaterial | None = None) -> DataPlane:
+    """tls: the node's TLS material when it serves HTTPS (the CLI builds it,
+    since uvicorn listens with its server context); watched for rotation here."""
     # Settings that cannot work fail here, before the server starts: one ConfigError line
     # from the CLI, not a lifespan traceback (and no peer client left open behind it).
     check_data_dir(config)
@@ -44,7 +49,11 @@ def create_app(config: NodeConfig, *, metrics: NodeMetrics | None = None) -> Dat
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         peer_client = HttpPeerClient(
-            timeout_s=config.peer_timeout, token=config.cluster_token, resolve=config.resolve, self_id=config.node_id
+            timeout_s=config.peer_timeout,
+            token=config.cluster_token,
+            resolve=config.resolve,
+            self_id=config.node_id,
+            tls=tls,
         )
         try:
             node = await Node.open(config, peer_client=peer_client, source=source, metrics=metrics)
@@ -52,11 +61,16 @@ def create_app(config: NodeConfig, *, metrics: NodeMetrics | None = None) -> Dat
             await peer_client.close()
             raise
         slot.node = node
+        watcher = asyncio.create_task(tls.watch()) if tls is not None else None
         try:
             yield
             await node.drain()
         finally:
             slot.node = None
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
             await node.close()
 
     api = FastAPI(
@@ -77,6 +91,7 @@ def create_app(config: NodeConfig, *, metrics: NodeMetrics | None = None) -> Dat
         cluster_token=config.cluster_token,
         max_value_bytes=config.max_value_bytes,
         fallback=api,
+        require_peer_certificate=tls is not None and tls.requires_peer_certificate,
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from app.errors import (
     KvstoreError,
     MethodNotAllowedError,
+    PeerCertificateRequiredError,
     TokenMissingError,
     TokenWrongError,
     ValueTooLargeError,
@@ -99,6 +100,18 @@ def check_token(scope: Scope, token: bytes | None) -> None:
         raise TokenMissingError(f"internal routes need the cluster token ({TOKEN_HEADER})")
     if not hmac.compare_digest(sent, token):
         raise TokenWrongError("wrong cluster token on an internal route")
+
+
+def check_peer_certificate(scope: Scope) -> None:
+    """Under --peer-tls, internal routes need a connection that presented a
+    client certificate. The handshake already verified it against the CA (a
+    foreign one fails there); the serving protocol (app.cli) puts it in the
+    ASGI TLS extension, scope["extensions"]["tls"]["client_cert_chain"]."""
+    tls = (scope.get("extensions") or {}).get("tls") or {}
+    if not tls.get("client_cert_chain"):
+        raise PeerCertificateRequiredError(
+            "internal routes need a node certificate under --peer-tls; this connection presented none"
+        )
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:

@@ -40,6 +40,7 @@ from app.web.asgi import (
     Reply,
     Scope,
     Send,
+    check_peer_certificate,
     check_token,
     header,
     json_error,
@@ -68,8 +69,10 @@ class DataPlane:
         cluster_token: str | None,
         max_value_bytes: int,
         fallback: ASGIApp,
+        require_peer_certificate: bool = False,
     ) -> None:
         self.slot = slot
+        self.require_peer_certificate = require_peer_certificate
         self.fallback = fallback
         self.token = cluster_token.encode() if cluster_token else None
         peer = PeerRoutes(max_value_bytes=max_value_bytes)
@@ -111,6 +114,8 @@ class DataPlane:
         try:
             node = self.slot.require()
             if op is INTERNAL:
+                if self.require_peer_certificate:
+                    check_peer_certificate(scope)
                 check_token(scope, self.token)
                 sender = header(scope, FROM_HEADER_BYTES)
                 if sender is not None:

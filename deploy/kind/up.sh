@@ -3,6 +3,8 @@
 #   create the cluster (1 control plane + 3 workers) -> docker build the image ->
 #   kind load it -> helm install the chart -> wait for the rollout ->
 #   port-forward the client Service -> PUT/GET/DELETE a key with curl -> helm test.
+#   With tls.enabled in HELM_ARGS (cert-manager installed first: README, TLS in kind), curl
+#   verifies the nodes with the release's CA over https://localhost.
 # Needs: docker, kind, kubectl, helm (v3 or v4), curl. Idempotent: re-running upgrades in place.
 # Settings (env): CLUSTER_NAME=kvstore IMAGE=kvstore:dev RELEASE=kvstore NAMESPACE=kvstore
 #                 LOCAL_PORT=8080 HELM_ARGS="--set replicaCount=3 ..."
@@ -62,9 +64,20 @@ SVC_PORT="$("${KUBECTL[@]}" get service "$SVC" -o jsonpath='{.spec.ports[0].port
 "${KUBECTL[@]}" port-forward "service/$SVC" "$LOCAL_PORT:$SVC_PORT" >/dev/null 2>&1 &
 PF_PID=$!
 trap 'kill "$PF_PID" 2>/dev/null || true' EXIT
+# With tls.enabled (HELM_ARGS="--set tls.enabled=true ..."), the pods mount a Secret named "tls":
+# verify them with its ca.crt, by the name `localhost` the chart's certificate carries.
+TLS_SECRET="$("${KUBECTL[@]}" get statefulset "$STS" -o jsonpath='{.spec.template.spec.volumes[?(@.name=="tls")].secret.secretName}')"
+CURL=(curl)
 URL="http://127.0.0.1:$LOCAL_PORT"
+if [ -n "$TLS_SECRET" ]; then
+  CA_FILE="$(mktemp)"
+  trap 'kill "$PF_PID" 2>/dev/null || true; rm -f "$CA_FILE"' EXIT
+  "${KUBECTL[@]}" get secret "$TLS_SECRET" -o jsonpath='{.data.ca\.crt}' | base64 -d > "$CA_FILE"
+  CURL=(curl --cacert "$CA_FILE")
+  URL="https://localhost:$LOCAL_PORT"
+fi
 for _ in $(seq 1 50); do
-  if curl -fsS "$URL/health" >/dev/null 2>&1; then break; fi
+  if "${CURL[@]}" -fsS "$URL/health" >/dev/null 2>&1; then break; fi
   kill -0 "$PF_PID" 2>/dev/null || die "kubectl port-forward exited (is port $LOCAL_PORT free?)"
   sleep 0.2
 done
@@ -72,16 +85,16 @@ done
 say "smoke test against $URL"
 KEY="smoke-$(date +%s)"
 set -x
-curl -fsS -X PUT "$URL/kv/$KEY" --data-binary 'hello from up.sh'
-got="$(curl -fsS "$URL/kv/$KEY")"
+"${CURL[@]}" -fsS -X PUT "$URL/kv/$KEY" --data-binary 'hello from up.sh'
+got="$("${CURL[@]}" -fsS "$URL/kv/$KEY")"
 [ "$got" = 'hello from up.sh' ] || die "GET /kv/$KEY returned '$got'"
-curl -fsS -X PUT "$URL/put" -d "{\"key\":\"$KEY-json\",\"value\":\"v1\"}"
-curl -fsS "$URL/get?key=$KEY-json"
-curl -fsS -X DELETE "$URL/delete?key=$KEY-json"
-curl -fsS -X DELETE "$URL/kv/$KEY"
-status="$(curl -sS -o /dev/null -w '%{http_code}' "$URL/kv/$KEY")"
+"${CURL[@]}" -fsS -X PUT "$URL/put" -d "{\"key\":\"$KEY-json\",\"value\":\"v1\"}"
+"${CURL[@]}" -fsS "$URL/get?key=$KEY-json"
+"${CURL[@]}" -fsS -X DELETE "$URL/delete?key=$KEY-json"
+"${CURL[@]}" -fsS -X DELETE "$URL/kv/$KEY"
+status="$("${CURL[@]}" -sS -o /dev/null -w '%{http_code}' "$URL/kv/$KEY")"
 [ "$status" = 404 ] || die "GET after DELETE answered $status, not 404"
-curl -fsS "$URL/ring"
+"${CURL[@]}" -fsS "$URL/ring"
 set +x
 
 say "helm test $RELEASE"

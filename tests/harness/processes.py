@@ -1,6 +1,8 @@
 """Real `kvstore node` processes: free loopback ports, start in their own
 process group, wait until ready, pause, kill or stop with real signals,
-always reap; optionally with a skewed wall clock (libfaketime).
+always reap; optionally with a skewed wall clock (libfaketime), and
+optionally over TLS (`TlsMode`: https URLs, each node's certificate flags,
+the client context the readiness polls verify with).
 
 Built on `kvstore cluster`'s code in app/cli.py: the node flags
 (`cluster_node_args`), the readiness wait (`wait_until_ready`) and the
@@ -16,9 +18,11 @@ import glob
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from app.cli import cluster_node_args, stop_all, wait_until_ready
@@ -28,6 +32,16 @@ READY_TIMEOUT_S = 20.0  # a node imports FastAPI and builds its ring in a few se
 STOP_TIMEOUT_S = 5.0  # SIGTERM, then SIGKILL: `kvstore cluster`'s own grace
 FAKETIME_LIBRARY = "/usr/lib/*/faketime/libfaketime.so.1"  # Debian's faketime package (`make tools`)
 PORT_SEARCH_TRIES = 200  # random free ports tried for a free run before giving up
+
+
+@dataclass(frozen=True)
+class TlsMode:
+    """Nodes serve https: `node_args(node_id)` gives one node's TLS flags (its
+    certificate files), `context` is what the harness's own requests verify
+    with (and present, for --client-cert-auth). tests/harness/certs.py makes one."""
+
+    node_args: Callable[[str], list[str]]
+    context: ssl.SSLContext
 
 
 def skewed_clock(seconds: float) -> dict[str, str]:
@@ -80,11 +94,12 @@ def wait_ready(
     timeout: float = READY_TIMEOUT_S,
     path: str = "/ready",
     logs: Sequence[Path] = (),
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     """Wait until every URL answers 200 on `path` (`/health`: serving, not
     necessarily ready). Raises RuntimeError when one of `procs` exits,
     TimeoutError when time runs out; either shows the tails of `logs`."""
-    if wait_until_ready(urls, procs=procs, timeout=timeout, path=path):
+    if wait_until_ready(urls, procs=procs, timeout=timeout, path=path, ssl_context=ssl_context):
         return
     tails = "\n".join(f"--- {log.name}\n{log_tail(log)}" for log in logs)
     dead = [f"pid {proc.pid} exited with {proc.returncode}" for proc in procs if proc.poll() is not None]
@@ -119,8 +134,10 @@ class NodeProcess:
         env: dict[str, str] | None = None,
         launcher: Sequence[str] = (),
         cwd: Path | None = None,
+        tls: TlsMode | None = None,
     ) -> None:
         self.node_id = node_id
+        self.tls = tls
         self.host = host
         self.port = port
         self.peers = peers
@@ -133,7 +150,12 @@ class NodeProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """What a client of this node verifies with (None: plain HTTP)."""
+        return self.tls.context if self.tls else None
 
     @property
     def pid(self) -> int:
@@ -142,7 +164,8 @@ class NodeProcess:
 
     def command(self) -> list[str]:
         node_args = cluster_node_args(node_id=self.node_id, listen=f"{self.host}:{self.port}", peers=self.peers)
-        return [*self.launcher, sys.executable, "-m", "app", "node", *node_args, *self.args]
+        tls_args = self.tls.node_args(self.node_id) if self.tls else []
+        return [*self.launcher, sys.executable, "-m", "app", "node", *node_args, *tls_args, *self.args]
 
     def start(self) -> NodeProcess:
         assert self.proc is None or self.proc.poll() is not None, "already running"
@@ -163,7 +186,14 @@ class NodeProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S, *, path: str = "/ready") -> None:
-        wait_ready([self.url], procs=[self.proc] if self.proc else [], timeout=timeout, path=path, logs=[self.log_path])
+        wait_ready(
+            [self.url],
+            procs=[self.proc] if self.proc else [],
+            timeout=timeout,
+            path=path,
+            logs=[self.log_path],
+            ssl_context=self.ssl_context,
+        )
 
     def wait_serving(self, timeout: float = READY_TIMEOUT_S) -> None:
         """Up and answering /health, not necessarily ready (a joining node
@@ -204,7 +234,8 @@ class Cluster:
     given: it returns the peer list of one node from the direct {id: url} map
     (a ProxyMesh's `route`, so nodes reach each other through proxies).
     `env_for` adds environment variables to some nodes (a skewed clock);
-    `launcher` and `cwd` apply to every node (see NodeProcess).
+    `launcher` and `cwd` apply to every node (see NodeProcess); with `tls`
+    every node serves https (see TlsMode).
     """
 
     def __init__(
@@ -218,8 +249,11 @@ class Cluster:
         env_for: dict[str, dict[str, str]] | None = None,
         launcher: Sequence[str] = (),
         cwd: Path | None = None,
+        tls: TlsMode | None = None,
     ) -> None:
         self.host = HOST
+        self.tls = tls
+        self.scheme = "https" if tls else "http"
         self.log_dir = log_dir
         self.args = list(args or [])
         self.data_root = data_root
@@ -228,7 +262,7 @@ class Cluster:
         self.launcher = list(launcher)
         self.cwd = cwd
         base = free_port_run(size, self.host)
-        direct = {f"node{i + 1}": f"http://{self.host}:{base + i}" for i in range(size)}
+        direct = {f"node{i + 1}": f"{self.scheme}://{self.host}:{base + i}" for i in range(size)}
         self.nodes: list[NodeProcess] = [
             self._node(node_id=node_id, port=base + i, direct=direct) for i, node_id in enumerate(direct)
         ]
@@ -248,7 +282,13 @@ class Cluster:
             env=self.env_for.get(node_id),
             launcher=self.launcher,
             cwd=self.cwd,
+            tls=self.tls,
         )
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """What a client of the cluster verifies with (None: plain HTTP)."""
+        return self.tls.context if self.tls else None
 
     @property
     def direct_peers(self) -> dict[str, str]:
@@ -266,7 +306,7 @@ class Cluster:
         """
         node_id = node_id or f"node{len(self.nodes) + 1}"
         port = free_port(self.host)
-        direct = {**self.direct_peers, node_id: f"http://{self.host}:{port}"}
+        direct = {**self.direct_peers, node_id: f"{self.scheme}://{self.host}:{port}"}
         node = self._node(node_id=node_id, port=port, direct=direct)
         self.nodes.append(node)
         return node
@@ -284,7 +324,7 @@ class Cluster:
             ("/ready", [n for n in self.nodes if n.node_id not in unready]),
             ("/health", [n for n in self.nodes if n.node_id in unready]),
         ):
-            wait_ready([node.url for node in group], procs=procs, path=path, logs=logs)
+            wait_ready([node.url for node in group], procs=procs, path=path, logs=logs, ssl_context=self.ssl_context)
         return self
 
     def stop(self) -> None:

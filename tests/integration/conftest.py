@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.processes import Cluster
+from tests.harness.processes import Cluster, TlsMode
 from tests.harness.proxy import ProxyMesh
 from tests.integration.history import Load
 
@@ -23,6 +23,7 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
         peers_for: Callable[[str, dict[str, str]], dict[str, str]] | None = None,
         env_for: dict[str, dict[str, str]] | None = None,
         unready: Iterable[str] = (),
+        tls: TlsMode | None = None,
     ) -> Cluster:
         cluster = Cluster(
             size=size,
@@ -31,6 +32,7 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
             data_root=tmp_path / "data" if durable else None,
             peers_for=peers_for,
             env_for=env_for,
+            tls=tls,
         )
         clusters.append(cluster)
         return cluster.start(unready=unready)

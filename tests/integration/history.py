@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import ssl
 import threading
 import time
 from collections import defaultdict
@@ -265,8 +266,10 @@ class Load:
         read_ratio: float = 0.2,
         seed: int = 0,
         timeout: float = REQUEST_TIMEOUT_S,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.urls = list(urls)
+        self.verify = verify  # https nodes: the context that verifies them (and presents a client certificate)
         self.keys = list(keys)
         self.clients = clients
         self.name = name
@@ -321,7 +324,7 @@ class Load:
 
     async def _client(self, index: int) -> None:
         rng = random.Random(f"{self.seed}/{self.name}/{index}")
-        async with httpx.AsyncClient(timeout=self.timeout) as client:
+        async with httpx.AsyncClient(timeout=self.timeout, verify=self.verify) as client:
             seq = 0
             while not self._stop.is_set():
                 seq += 1
@@ -376,6 +379,7 @@ def observe(
     *,
     consistency: str = "quorum",
     retry_for: float = READ_RETRY_S,
+    verify: ssl.SSLContext | bool = True,
 ) -> list[Observation]:
     """Read every key through every node in urls ({node_id: url}) with a normal client GET."""
     keys = list(keys)
@@ -400,7 +404,7 @@ def observe(
 
     async def run() -> list[Observation]:
         gate = asyncio.Semaphore(READ_CONCURRENCY)
-        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, verify=verify) as client:
             return list(await asyncio.gather(*(one(client, gate, node, key) for node in urls for key in keys)))
 
     return asyncio.run(run())

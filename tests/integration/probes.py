@@ -6,6 +6,7 @@ them against a deadline. The processes themselves come from tests/harness."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ class ReplicaRecord:
 
 
 def read_replicas(
-    urls: dict[str, str], keys: Iterable[str], *, token: str | None = None
+    urls: dict[str, str], keys: Iterable[str], *, token: str | None = None, verify: ssl.SSLContext | bool = True
 ) -> dict[tuple[str, str], ReplicaRecord]:
     """{(node_id, key): record} from every node's own store, read concurrently."""
     keys = list(keys)
@@ -92,7 +93,7 @@ def read_replicas(
     async def run() -> dict[tuple[str, str], ReplicaRecord]:
         gate = asyncio.Semaphore(INSPECT_CONCURRENCY)
         pairs = [(node_id, key) for node_id in urls for key in keys]
-        async with httpx.AsyncClient(timeout=INSPECT_TIMEOUT_S, headers=_headers(token)) as client:
+        async with httpx.AsyncClient(timeout=INSPECT_TIMEOUT_S, headers=_headers(token), verify=verify) as client:
             records = await asyncio.gather(*(one(client, gate, urls[node_id], key) for node_id, key in pairs))
         return dict(zip(pairs, records, strict=True))
 
@@ -100,11 +101,16 @@ def read_replicas(
 
 
 def divergent_keys(
-    urls: dict[str, str], keys: Iterable[str], *, owners: Callable[[str], Iterable[str]], token: str | None = None
+    urls: dict[str, str],
+    keys: Iterable[str],
+    *,
+    owners: Callable[[str], Iterable[str]],
+    token: str | None = None,
+    verify: ssl.SSLContext | bool = True,
 ) -> dict[str, dict[str, ReplicaRecord]]:
     """Keys whose replicas (owners(key), each read from its own store) do not all hold the same record."""
     keys = list(keys)
-    records = read_replicas(urls, keys, token=token)
+    records = read_replicas(urls, keys, token=token, verify=verify)
     divergent = {}
     for key in keys:
         replicas = {node_id: records[node_id, key] for node_id in owners(key)}
@@ -121,6 +127,7 @@ def wait_converged(
     owners: Callable[[str], Iterable[str]],
     timeout: float,
     token: str | None = None,
+    verify: ssl.SSLContext | bool = True,
 ) -> float:
     """Wait until every key's replicas hold identical records; returns the seconds it took.
 
@@ -131,7 +138,7 @@ def wait_converged(
 
     def check() -> str | None:
         nonlocal pending
-        divergent = divergent_keys(urls, pending, owners=owners, token=token)
+        divergent = divergent_keys(urls, pending, owners=owners, token=token, verify=verify)
         pending = list(divergent)
         if not divergent:
             return None
@@ -140,13 +147,13 @@ def wait_converged(
         return f"{len(divergent)} keys still differ between replicas, e.g. {key!r}: {shown}"
 
     wait_for(check, timeout=timeout, what="replicas converge", interval=0.2)
-    full = divergent_keys(urls, keys, owners=owners, token=token)
+    full = divergent_keys(urls, keys, owners=owners, token=token, verify=verify)
     assert not full, f"replicas diverged again after converging: {sorted(full)[:5]}"
     return time.monotonic() - started
 
 
-def admin_get(url: str, path: str, *, token: str | None = None) -> Any:
-    resp = httpx.get(url + path, headers=_headers(token), timeout=INSPECT_TIMEOUT_S)
+def admin_get(url: str, path: str, *, token: str | None = None, verify: ssl.SSLContext | bool = True) -> Any:
+    resp = httpx.get(url + path, headers=_headers(token), timeout=INSPECT_TIMEOUT_S, verify=verify)
     resp.raise_for_status()
     return resp.json()
 
@@ -172,18 +179,21 @@ def rebalancing_left(urls: dict[str, str], *, token: str | None = None) -> str |
     return "; ".join(left) or None
 
 
-def reachability(url: str, *, token: str | None = None) -> dict[str, bool]:
+def reachability(url: str, *, token: str | None = None, verify: ssl.SSLContext | bool = True) -> dict[str, bool]:
     """{member id: reachable} as one node sees it (GET /ring)."""
-    return {m["node_id"]: bool(m.get("reachable")) for m in admin_get(url, "/ring", token=token)["members"]}
+    members = admin_get(url, "/ring", token=token, verify=verify)["members"]
+    return {m["node_id"]: bool(m.get("reachable")) for m in members}
 
 
-def unreachable_peers(urls: dict[str, str], *, expect: Iterable[str], token: str | None = None) -> str | None:
+def unreachable_peers(
+    urls: dict[str, str], *, expect: Iterable[str], token: str | None = None, verify: ssl.SSLContext | bool = True
+) -> str | None:
     """None when every node in urls sees every id in `expect` as reachable in /ring."""
     expect = set(expect)
     problems = []
     for node_id, url in urls.items():
         try:
-            view = reachability(url, token=token)
+            view = reachability(url, token=token, verify=verify)
         except httpx.HTTPError as exc:
             problems.append(f"{node_id}: {type(exc).__name__}")
             continue

@@ -131,8 +131,15 @@ def validate_service_monitor(doc: Doc) -> None:
             "honorLabels",
             "relabelings",
             "metricRelabelings",
+            "tlsConfig",
         }, set(endpoint)
         assert isinstance(endpoint["port"], str)
+        assert endpoint.get("scheme", "http") in ("http", "https")
+        tls = endpoint.get("tlsConfig", {})
+        assert set(tls) <= {"ca", "cert", "keySecret", "serverName", "insecureSkipVerify"}, set(tls)
+        for source in (tls[key] for key in ("ca", "cert") if key in tls):
+            [(kind, ref)] = source.items()
+            assert kind in ("secret", "configMap") and set(ref) == {"name", "key"}, source
         assert endpoint["path"].startswith("/")
         for key in ("interval", "scrapeTimeout"):
             assert duration.match(endpoint[key]), f"{key}={endpoint[key]!r} is not a Prometheus duration"

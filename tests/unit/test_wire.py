@@ -295,3 +295,27 @@ def test_a_fresh_connection_the_peer_closed_before_the_first_write_fails_as_an_o
                 await pool.request(b"PUT", "/kv/k", body=b"v")
 
     on_uvloop(main)
+
+
+async def test_cycle_closes_idle_connections_now_and_busy_ones_after_their_request() -> None:
+    """What a certificate rotation asks of the pool: no connection made before it is reused."""
+    release = asyncio.Event()
+
+    async def held(request: bytes, writer: asyncio.StreamWriter) -> None:
+        if b"/slow" in request:
+            await release.wait()
+        writer.write(ok(b"x"))
+
+    async with ScriptedServer(held) as server:
+        pool = pool_for(server)
+        await asyncio.gather(pool.request(b"GET", "/a"), pool.request(b"GET", "/b"))  # two idle connections
+        busy = asyncio.ensure_future(pool.request(b"GET", "/slow"))  # takes one of them
+        await asyncio.sleep(0.05)
+        assert server.connections == 2
+        pool.cycle()
+        release.set()
+        assert (await busy)[0] == 200  # the call in flight finishes on its old connection
+        for _ in range(3):
+            assert (await pool.request(b"GET", "/c"))[0] == 200
+        assert server.connections == 3, "both old connections retired, one new one reused"
+        pool.close()

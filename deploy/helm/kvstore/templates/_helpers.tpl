@@ -92,9 +92,65 @@ Offline (helm template, --dry-run) lookup finds nothing and a new token is drawn
 {{- .Values.persistence.mountPath -}}
 {{- end -}}
 
+{{/* kvstore.scheme: how clients and peers reach the nodes: https with tls.enabled. */}}
+{{- define "kvstore.scheme" -}}
+{{- ternary "https" "http" .Values.tls.enabled -}}
+{{- end -}}
+
 {{/* kvstore.clientUrl: the client Service's in-cluster URL. */}}
 {{- define "kvstore.clientUrl" -}}
-{{- printf "http://%s.%s.svc.%s:%d" (include "kvstore.fullname" .) .Release.Namespace .Values.clusterDomain (int .Values.service.port) -}}
+{{- printf "%s://%s.%s.svc.%s:%d" (include "kvstore.scheme" .) (include "kvstore.fullname" .) .Release.Namespace .Values.clusterDomain (int .Values.service.port) -}}
+{{- end -}}
+
+{{/* kvstore.tlsSecretName: the Secret with tls.crt, tls.key and ca.crt (given, or cert-manager's). */}}
+{{- define "kvstore.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "kvstore.fullname" .)) .Values.tls.existingSecret -}}
+{{- end -}}
+
+{{/* kvstore.tlsDnsNames: every name the node certificate must cover: each pod's headless name
+(full and short forms), a wildcard for pods added by scaling, the client Service, localhost. */}}
+{{- define "kvstore.tlsDnsNames" -}}
+{{- $fullname := include "kvstore.fullname" . -}}
+{{- $headless := include "kvstore.headlessServiceName" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- $domain := .Values.clusterDomain -}}
+{{- $names := list -}}
+{{- range $i := until (int .Values.replicaCount) -}}
+{{- $pod := printf "%s-%d.%s" $fullname $i $headless -}}
+{{- $names = append $names (printf "%s.%s.svc.%s" $pod $ns $domain) -}}
+{{- $names = append $names (printf "%s.%s.svc" $pod $ns) -}}
+{{- $names = append $names $pod -}}
+{{- end -}}
+{{- $names = append $names (printf "*.%s.%s.svc.%s" $headless $ns $domain) -}}
+{{- $names = append $names (printf "%s.%s.svc.%s" $fullname $ns $domain) -}}
+{{- $names = append $names (printf "%s.%s.svc" $fullname $ns) -}}
+{{- $names = append $names (printf "%s.%s" $fullname $ns) -}}
+{{- $names = append $names $fullname -}}
+{{- $names = append $names "localhost" -}}
+{{- toYaml $names -}}
+{{- end -}}
+
+{{/* kvstore.tlsClientEnv: env for a client of the nodes inside the cluster (the helm test pod):
+the CA that verifies them. Use inside `if .Values.tls.enabled`, as the next two. */}}
+{{- define "kvstore.tlsClientEnv" -}}
+- name: KVSTORE_CACERT
+  value: {{ printf "%s/ca.crt" .Values.tls.mountPath | quote }}
+{{- end -}}
+
+{{/* kvstore.tlsVolumeMount and kvstore.tlsVolume: the TLS Secret, read-only, for a pod's container
+and its volumes (the nodes and the helm test pod). */}}
+{{- define "kvstore.tlsVolumeMount" -}}
+- name: tls
+  mountPath: {{ .Values.tls.mountPath }}
+  readOnly: true
+{{- end -}}
+
+{{- define "kvstore.tlsVolume" -}}
+- name: tls
+  secret:
+    secretName: {{ include "kvstore.tlsSecretName" . }}
+    # Group-readable: the pods' fsGroup owns it; the key is readable by nothing else.
+    defaultMode: 0440
 {{- end -}}
 
 {{/* kvstore.clientLabel: the label that lets a pod through the NetworkPolicy as a client. */}}
@@ -177,6 +233,18 @@ factor at the ring size until the StatefulSet grows again. */}}
 {{- end -}}
 {{- if lt (int (include "kvstore.drainDeadlineSeconds" .)) 1 -}}
 {{- $errors = append $errors (printf "terminationGracePeriodSeconds (%d) leaves no time to drain after lifecycle.preStopSleepSeconds (%d) and lifecycle.drainMarginSeconds (%d): a pod leaving on scale-down would be killed before handing off its records. Fix: --set terminationGracePeriodSeconds=%d or more." (int .Values.terminationGracePeriodSeconds) (int .Values.lifecycle.preStopSleepSeconds) (int .Values.lifecycle.drainMarginSeconds) (add (int .Values.lifecycle.preStopSleepSeconds) (int .Values.lifecycle.drainMarginSeconds) 30)) -}}
+{{- end -}}
+{{- if .Values.tls.enabled -}}
+{{- if and .Values.tls.existingSecret .Values.tls.certManager.enabled -}}
+{{- $errors = append $errors "tls.existingSecret and tls.certManager.enabled are both set: the chart would mount one and issue the other. Fix: set only one of them." -}}
+{{- else if not (or .Values.tls.existingSecret .Values.tls.certManager.enabled) -}}
+{{- $errors = append $errors "tls.enabled needs certificates: --set tls.certManager.enabled=true (with tls.certManager.issuerRef.name, or tls.certManager.selfSigned=true), or --set tls.existingSecret=<Secret with tls.crt, tls.key and ca.crt>." -}}
+{{- end -}}
+{{- if and .Values.tls.certManager.enabled (not .Values.tls.certManager.selfSigned) (not .Values.tls.certManager.issuerRef.name) -}}
+{{- $errors = append $errors "tls.certManager.enabled needs an issuer: --set tls.certManager.issuerRef.name=<Issuer> (and issuerRef.kind=ClusterIssuer for a cluster-wide one), or --set tls.certManager.selfSigned=true for a private CA." -}}
+{{- end -}}
+{{- else if or .Values.tls.certManager.enabled .Values.tls.existingSecret -}}
+{{- $errors = append $errors "tls.certManager.enabled or tls.existingSecret is set but tls.enabled is false: the nodes would serve plain HTTP. Fix: --set tls.enabled=true." -}}
 {{- end -}}
 {{- if $errors -}}
 {{- fail (printf "\n\nkvstore: invalid values:\n  - %s\n" (join "\n  - " $errors)) -}}

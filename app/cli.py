@@ -3,6 +3,7 @@
     kvstore node --node-id ID --listen HOST:PORT --peers ID=URL,...   one node
     kvstore cluster --nodes 3 --base-port 8080                         three local nodes on 8080-8082
     kvstore put KEY VALUE | get KEY | delete KEY | ring [--url URL]    a client
+    kvstore backup --url URL -o FILE | -;  kvstore restore --url URL FILE | -
 
 Every node flag also reads KVSTORE_<FLAG> from the environment (app.config).
 """
@@ -75,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("--url", default=os.environ.get("KVSTORE_URL", DEFAULT_CLIENT_URL))
     ring = sub.add_parser("ring", help="show the ring: members, reachability, shares")
     ring.add_argument("--url", default=os.environ.get("KVSTORE_URL", DEFAULT_CLIENT_URL))
+    token_help = "the cluster token (the nodes' --cluster-token) [env KVSTORE_CLUSTER_TOKEN]"
+    backup = sub.add_parser("backup", help="stream a backup of the whole cluster into a file or stdout")
+    backup.add_argument("target", nargs="?", default=None, help="`-`: write to stdout (same as -o -)")
+    backup.add_argument("-o", "--output", default=None, help="the file to write (`-`: stdout)")
+    backup.add_argument("--compression", default="zstd", choices=("zstd", "none"), help="how chunks are compressed")
+    restore = sub.add_parser("restore", help="write a backup's records into a cluster; newer versions win")
+    restore.add_argument("file", help="the backup file (`-`: stdin)")
+    for command in (backup, restore):
+        command.add_argument("--url", default=os.environ.get("KVSTORE_URL", DEFAULT_CLIENT_URL))
+        command.add_argument("--token", default=os.environ.get("KVSTORE_CLUSTER_TOKEN"), help=token_help)
     return parser
 
 
@@ -267,9 +278,13 @@ def run_client(args: argparse.Namespace) -> int:
     import httpx
 
     base = args.url.rstrip("/")
-    path = "/kv/" + quote(args.key, safe="") if args.command != "ring" else "/ring"
     try:
         with httpx.Client(base_url=base, timeout=CLIENT_TIMEOUT_S) as client:
+            if args.command in ("backup", "restore"):
+                from app import cli_backup
+
+                return cli_backup.run(client, args)
+            path = "/kv/" + quote(args.key, safe="") if args.command != "ring" else "/ring"
             if args.command == "get":
                 resp = client.get(path)
                 if resp.status_code == 200:

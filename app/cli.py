@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("target", nargs="?", default=None, help="`-`: write to stdout (same as -o -)")
     backup.add_argument("-o", "--output", default=None, help="the file to write (`-`: stdout)")
     backup.add_argument("--compression", default="zstd", choices=("zstd", "none"), help="how chunks are compressed")
+    backup.add_argument(
+        "--pace",
+        type=float,
+        default=None,
+        help="share of time the backup works, 0-1 (server default 0.3; 1: full speed)",
+    )
     restore = sub.add_parser("restore", help="write a backup's records into a cluster; newer versions win")
     restore.add_argument("file", help="the backup file (`-`: stdin)")
     for command in (backup, restore):

@@ -70,14 +70,15 @@ def backup(client: httpx.Client, args: argparse.Namespace, headers: dict[str, st
     to_stdout = output == "-"
     if to_stdout and sys.stdout.isatty():
         raise BackupCommandError("backup: stdout is a terminal; redirect it, or use -o FILE")
+    params: dict[str, str | float] = {"compression": args.compression}
+    if args.pace is not None:
+        params["pace"] = args.pace
     started = time.monotonic()
     progress = Progress("backup")
     partial = None if to_stdout else output + ".partial"
     timeout = httpx.Timeout(CLIENT_CONNECT_TIMEOUT_S, read=BACKUP_READ_TIMEOUT_S)
     try:
-        with client.stream(
-            "GET", "/admin/backup", params={"compression": args.compression}, headers=headers, timeout=timeout
-        ) as resp:
+        with client.stream("GET", "/admin/backup", params=params, headers=headers, timeout=timeout) as resp:
             if resp.status_code != 200:
                 resp.read()
                 raise BackupCommandError(f"backup: {resp.status_code}: {error_text(resp)}")

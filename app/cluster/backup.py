@@ -17,16 +17,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Sequence
 
 from app.cluster.context import ClusterWorker
 from app.cluster.coordinator import required_acks
-from app.errors import PeerError, QuorumError
+from app.errors import InvalidRequestError, PeerError, QuorumError
 from app.storage.base import Record
 from app.transport.base import Peer
 
 ARCS_PER_BATCH = 32  # ~1/100 of a 3 x 1024-vnode ring: ~10k records of a 1M-key store per batch
 PREFETCH_BATCHES = 1  # batches read ahead while the previous one is sent: bounded memory, no idle wait
+# The share of time a backup works; it rests the rest, for client traffic.
+# Measured with 3 nodes on one core, 3 x 1M keys (BENCHMARKS.md, issue 11):
+# at pace 1 the backup took 8 s and GET throughput during it fell to 0.38x;
+# at 0.3, 21 s and 0.86x. `kvstore backup --pace 1` when nothing else runs.
+DEFAULT_PACE = 0.3
 
 Arc = tuple[int, int]
 Batch = list[tuple[bytes, Record]]
@@ -40,6 +46,7 @@ class BackupSource(ClusterWorker):
     """The records of the whole ring, batch by batch; one per backup."""
 
     _epoch = -1  # the ring's epoch when plan() ran: a batch read under another epoch fails
+    _caller_busy = 0.0
 
     def plan(self) -> list[tuple[tuple[str, ...], list[Arc]]]:
         """The ring's arcs in batches, each batch's arcs sharing one replica set;
@@ -78,13 +85,21 @@ class BackupSource(ClusterWorker):
         copies = min(self.replication_factor, members)
         return self.replica.store.live_count() * members // copies
 
-    async def batches(self, plan: list[tuple[tuple[str, ...], list[Arc]]]) -> AsyncIterator[Batch]:
-        """Each planned batch's records, newest per key; the next batch is read
-        while the caller handles the current one (PREFETCH_BATCHES ahead)."""
+    async def batches(
+        self, plan: list[tuple[tuple[str, ...], list[Arc]]], *, pace: float = DEFAULT_PACE
+    ) -> AsyncIterator[Batch]:
+        """Each planned batch's records, newest per key. The next batch is read
+        while the caller handles the current one (PREFETCH_BATCHES ahead), and
+        after each read the reader rests so that it works `pace` of the time
+        (the caller's own work on a batch counts: note_busy)."""
+        if not 0 < pace <= 1:
+            raise InvalidRequestError(f"backup: pace must be in (0, 1], got {pace}")
         queue: asyncio.Queue[asyncio.Task[Batch]] = asyncio.Queue(maxsize=PREFETCH_BATCHES)
+        rest_per_busy = (1 - pace) / pace
 
         async def feed() -> None:
             for owners, arcs in plan:
+                started = time.monotonic()
                 task = asyncio.ensure_future(self.read_batch(owners, arcs))
                 try:
                     await queue.put(task)
@@ -93,6 +108,9 @@ class BackupSource(ClusterWorker):
                     raise
                 with contextlib.suppress(Exception):  # its failure reaches the consumer through the task
                     await task
+                busy, self._caller_busy = time.monotonic() - started + self._caller_busy, 0.0
+                if rest_per_busy:
+                    await asyncio.sleep(busy * rest_per_busy)
 
         feeder = asyncio.ensure_future(feed())
         try:
@@ -106,6 +124,10 @@ class BackupSource(ClusterWorker):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await feeder
 
+    def note_busy(self, seconds: float) -> None:
+        """The caller spent `seconds` on a batch (encoding it): the next rest covers that too."""
+        self._caller_busy += seconds
+
     async def read_batch(self, owners: tuple[str, ...], arcs: list[Arc]) -> Batch:
         if self.topology.current.epoch != self._epoch:
             raise MembershipChangedError(
@@ -113,24 +135,28 @@ class BackupSource(ClusterWorker):
                 required=0,
                 answered=0,
             )
-        view = self.topology.current
-        peers = [view.peers[o] for o in owners]
-        answers = await asyncio.gather(*(self._digests(peer, arcs) for peer in peers))
-        reached = [(peer, digests) for peer, digests in zip(peers, answers, strict=True) if digests is not None]
         needed = self.required(owners)
-        if len(reached) < needed:
-            raise QuorumError(
-                f"backup: only {len(reached)} of {len(owners)} replicas of {len(arcs)} arcs answered, "
-                f"{needed} needed; retry once the nodes are back",
-                required=needed,
-                answered=len(reached),
-            )
-        # The replica to read agreeing arcs from: this node if it is one (no hop).
-        reached.sort(key=lambda pair: pair[0].node_id != self.node_id)
-        agreeing = [arc for i, arc in enumerate(arcs) if all(digests[i] == reached[0][1][i] for _, digests in reached)]
-        differing = [arc for arc in arcs if arc not in set(agreeing)] if len(agreeing) < len(arcs) else []
+        # Digests from just N - W + 1 replicas (this node first: its records need
+        # no hop), asking the next ones only for those that do not answer.
+        candidates = iter(self._order(owners))
+        reached: list[tuple[Peer, list[bytes]]] = []
+        while len(reached) < needed:
+            wave = [peer for _, peer in zip(range(needed - len(reached)), candidates, strict=False)]
+            if not wave:
+                raise QuorumError(
+                    f"backup: only {len(reached)} of {len(owners)} replicas of {len(arcs)} arcs answered, "
+                    f"{needed} needed; retry once the nodes are back",
+                    required=needed,
+                    answered=len(reached),
+                )
+            answers = await asyncio.gather(*(self._digests(peer, arcs) for peer in wave))
+            reached += [(peer, digests) for peer, digests in zip(wave, answers, strict=True) if digests is not None]
+        first = reached[0][1]
+        agreeing = [arc for i, arc in enumerate(arcs) if all(digests[i] == first[i] for _, digests in reached)]
         records: Batch = await self._from_any([peer for peer, _ in reached], agreeing) if agreeing else []
-        if differing:
+        if len(agreeing) < len(arcs):
+            agreed = set(agreeing)
+            differing = [arc for arc in arcs if arc not in agreed]
             newest: dict[bytes, Record] = {}
             for part in await asyncio.gather(*(self._records(peer, differing) for peer, _ in reached)):
                 for key, record in part:
@@ -139,6 +165,15 @@ class BackupSource(ClusterWorker):
                         newest[key] = record
             records.extend(newest.items())
         return records
+
+    def _order(self, owners: tuple[str, ...]) -> list[Peer]:
+        """This node first, then the reachable replicas least loaded first, then the rest."""
+        peers = self.topology.current.peers
+        others = [o for o in owners if o != self.node_id]
+        ranked = self.health.rank(others)
+        ordered = ([self.node_id] if self.node_id in owners else []) + ranked
+        ordered += [o for o in others if o not in ranked]
+        return [peers[o] for o in ordered]
 
     async def _digests(self, peer: Peer, arcs: list[Arc]) -> list[bytes] | None:
         """The peer's digests, or None when it cannot answer now."""

@@ -25,7 +25,7 @@ from app.backup_format import (
     error_frame,
     parse_chunk_frame,
 )
-from app.cluster.backup import BackupSource
+from app.cluster.backup import DEFAULT_PACE, BackupSource
 from app.cluster.context import ClusterContext
 from app.cluster.node import Node
 from app.cluster.restore import RestoreWriter
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_token)])
 
 COMPRESSION_HELP = f"how chunks are compressed: {' or '.join(COMPRESSIONS)}"
+PACE_HELP = "the share of time the backup works (it rests the rest, for client traffic); 1: full speed"
 
 
 def context_of(node: Node) -> ClusterContext:
@@ -65,7 +66,9 @@ def _check_compression(compression: str) -> None:
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
 async def backup(
-    request: Request, compression: str = Query(DEFAULT_COMPRESSION, description=COMPRESSION_HELP)
+    request: Request,
+    compression: str = Query(DEFAULT_COMPRESSION, description=COMPRESSION_HELP),
+    pace: float = Query(DEFAULT_PACE, gt=0, le=1, description=PACE_HELP),
 ) -> StreamingResponse:
     _check_compression(compression)
     node = node_of(request)
@@ -93,9 +96,12 @@ async def backup(
     async def frames() -> AsyncIterator[bytes]:
         yield header
         try:
-            async for batch in source.batches(plan):
+            async for batch in source.batches(plan, pace=pace):
                 # Encoding and compressing ~1 MB is a few ms of CPU: off the event loop.
-                for frame in await asyncio.to_thread(_encode, writer, batch):
+                started = time.monotonic()
+                frames = await asyncio.to_thread(_encode, writer, batch)
+                source.note_busy(time.monotonic() - started)
+                for frame in frames:
                     yield frame
         except KvstoreError as exc:
             log.warning("backup stopped: %s", exc)

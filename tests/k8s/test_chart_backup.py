@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.harness.processes import NodeProcess, free_port
 from tests.k8s.chart import CHART_CI_VALUES, Render
@@ -185,3 +186,27 @@ def test_the_cronjob_script_backs_up_and_prunes(render: Render, tmp_path: Path) 
     [new] = [name for name in left if name.startswith("kvstore-") and not name.startswith("kvstore-2024")]
     assert (backups / new).read_bytes().startswith(b"KVSTORE-BACKUP")
     assert "pruned kvstore-20240101T000000Z.kvbak" in done.stdout
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_the_readme_restore_job_is_valid_kubernetes() -> None:
+    """The README's restore-from-the-backup-volume Job, as an operator pastes it."""
+    text = README.read_text()
+    start = text.index("kubectl -n store apply -f - <<'EOF'\n") + len("kubectl -n store apply -f - <<'EOF'\n")
+    job = yaml.safe_load(text[start : text.index("\nEOF\n", start)])
+    job["metadata"]["namespace"] = "store"
+    validate_doc(job)
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    assert "kvstore restore" in container["args"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_the_readme_documents_every_backup_value() -> None:
+    values = yaml.safe_load((CHART_CI_VALUES.parent / "values.yaml").read_text())["backup"]
+    text = README.read_text()
+    keys = [f"backup.{k}" for k in values if k != "persistence"]
+    keys += [f"backup.persistence.{k}" for k in values["persistence"] if k != "accessModes"]
+    missing = [key for key in keys if f"`{key}`" not in text]
+    assert not missing, f"README's backup values table lacks {missing}"

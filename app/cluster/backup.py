@@ -26,7 +26,8 @@ from app.errors import InvalidRequestError, PeerError, QuorumError
 from app.storage.base import Record
 from app.transport.base import Peer
 
-ARCS_PER_BATCH = 32  # ~1/100 of a 3 x 1024-vnode ring: ~10k records of a 1M-key store per batch
+BATCH_RECORDS = 10_000  # records per batch aimed at (from the key estimate): ~2 MB in flight, per batch
+MAX_ARCS_PER_BATCH = 64  # the replicas scan each arc's range up to here (Replica: FULL_SCAN_ABOVE_ARCS)
 PREFETCH_BATCHES = 1  # batches read ahead while the previous one is sent: bounded memory, no idle wait
 # The share of time a backup works; it rests the rest, for client traffic.
 # Measured with 3 nodes on one core, 3 x 1M keys (BENCHMARKS.md, issue 11):
@@ -69,11 +70,9 @@ class BackupSource(ClusterWorker):
                 required=self.required(short[0]),
                 answered=0,
             )
-        return [
-            (owners, arcs[i : i + ARCS_PER_BATCH])
-            for owners, arcs in by_owners.items()
-            for i in range(0, len(arcs), ARCS_PER_BATCH)
-        ]
+        per_arc = self.estimated_records() / max(1, sum(len(arcs) for arcs in by_owners.values()))
+        size = max(1, min(MAX_ARCS_PER_BATCH, int(BATCH_RECORDS / max(per_arc, 1.0))))
+        return [(owners, arcs[i : i + size]) for owners, arcs in by_owners.items() for i in range(0, len(arcs), size)]
 
     def required(self, owners: Sequence[str]) -> int:
         """Replicas of an arc that must answer: N - W + 1 (W: a quorum of N)."""

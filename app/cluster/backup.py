@@ -31,8 +31,8 @@ MAX_ARCS_PER_BATCH = 64  # the replicas scan each arc's range up to here (Replic
 PREFETCH_BATCHES = 1  # batches read ahead while the previous one is sent: bounded memory, no idle wait
 # The share of time a backup works; it rests the rest, for client traffic.
 # Measured with 3 nodes on one core, 3 x 1M keys (BENCHMARKS.md, issue 11):
-# at pace 1 the backup took 8 s and GET throughput during it fell to 0.38x;
-# at 0.3, 21 s and 0.86x. `kvstore backup --pace 1` when nothing else runs.
+# at pace 1 the backup took 7-8 s and GET throughput during it fell to 0.38x;
+# at 0.3, 19-22 s and 0.76-0.86x over three runs. `--pace 1` when nothing else runs.
 DEFAULT_PACE = 0.3
 
 Arc = tuple[int, int]

@@ -14,7 +14,6 @@ Every node is pinned to the server core; wrk, the CLI and this script to the
 load core (bench/_common.py). Needs wrk (fails clearly without it).
 
     .venv/bin/python -u bench/backup.py [--keys 1000000] [--duration 8] [--markdown]
-                                        [--profile PREFIX]   # py-spy node1 during one backup
 
 Exit status 0 when every target is met, 1 otherwise.
 """
@@ -24,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -153,44 +151,11 @@ def cli(*args: str, output: Path | None = None) -> tuple[float, dict[str, object
     return seconds, json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def profile_backup(prefix: str, cluster: Cluster, out: Path) -> None:
-    spy = os.environ.get("BENCH_PYSPY") or shutil.which("py-spy")
-    if spy is None:
-        raise SystemExit("bench: --profile needs py-spy (pip install py-spy, or set BENCH_PYSPY)")
-    raw = Path(f"{prefix}-n1-backup.txt")
-    proc = subprocess.Popen(
-        [
-            spy,
-            "record",
-            "--pid",
-            str(cluster.node("node1").pid),
-            "--rate",
-            "250",
-            "--format",
-            "raw",
-            "--output",
-            str(raw),
-            "--nonblocking",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        time.sleep(1)
-        cli("backup", "--url", cluster.node("node1").url, "-o", str(out))
-    finally:
-        proc.send_signal(2)
-        proc.wait(timeout=30)
-    print(f"  py-spy raw stacks of node1 during a backup: {raw}", flush=True)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keys", type=int, default=1_000_000)
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per measured wrk run")
     parser.add_argument("--markdown", action="store_true")
-    parser.add_argument("--profile", default=None, help="py-spy node1 during an extra backup; raw stacks to PREFIX-*")
     args = parser.parse_args()
     require_wrk()
     print(machine_summary(), flush=True)
@@ -228,8 +193,6 @@ def main() -> int:
             )
         met &= zstd_s <= BACKUP_TARGET_S
         print(f"backup: zstd {zstd_s:.1f} s, none {none_s:.1f} s", flush=True)
-        if args.profile:
-            profile_backup(args.profile, source, root / "profiled.kvbak")
 
         # GET throughput without, then during back-to-back backups.
         lua = write_lua(root, "get", LUA_GET_RANDOM)

@@ -1,9 +1,10 @@
 """Reading the whole cluster for a backup, arc by arc, the way anti-entropy
-compares replicas: for each bounded batch of ring arcs, every replica of
-those arcs is asked for its digests; where all that answered agree, the
-records come from one of them (this node when it is one), where they differ,
-from all of them, keeping the newest version per key (tombstones and
-expiries included). Called by the backup route (app.web.routes_backup), which
+compares replicas: for each bounded batch of ring arcs, N - W + 1 of their
+replicas (this node first when it is one) are asked for their digests; where
+those agree, the records come from one of them, where they differ, from each
+of them, keeping the newest version per key (tombstones and expiries
+included). Paced: after each batch the reader rests, so client traffic keeps
+most of the CPU. Called by the backup route (app.web.routes_backup), which
 turns each batch into chunks of app.backup_format.
 
 Why that is complete: a write acknowledged before the backup started is

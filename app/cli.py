@@ -3,6 +3,7 @@
     kvstore node --node-id ID --listen HOST:PORT --peers ID=URL,...   one node
     kvstore cluster --nodes 3 --base-port 8080                         three local nodes on 8080-8082
     kvstore put KEY VALUE | get KEY | delete KEY | ring [--url URL]    a client
+    kvstore backup --url URL -o FILE | -;  kvstore restore --url URL FILE | -
 
 Every node flag also reads KVSTORE_<FLAG> from the environment (app.config).
 Every client command takes --url, --cacert, --cert and --key (env KVSTORE_URL,
@@ -88,6 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_options(put)
     ring = sub.add_parser("ring", help="show the ring: members, reachability, shares")
     add_client_options(ring)
+    token_help = "the cluster token (the nodes' --cluster-token) [env KVSTORE_CLUSTER_TOKEN]"
+    backup = sub.add_parser("backup", help="stream a backup of the whole cluster into a file or stdout")
+    backup.add_argument("target", nargs="?", default=None, help="`-`: write to stdout (same as -o -)")
+    backup.add_argument("-o", "--output", default=None, help="the file to write (`-`: stdout)")
+    backup.add_argument("--compression", default="zstd", choices=("zstd", "none"), help="how chunks are compressed")
+    backup.add_argument(
+        "--pace",
+        type=float,
+        default=None,
+        help="share of time the backup works, 0-1 (server default 0.3; 1: full speed)",
+    )
+    restore = sub.add_parser("restore", help="write a backup's records into a cluster; newer versions win")
+    restore.add_argument("file", help="the backup file (`-`: stdin)")
+    for command in (backup, restore):
+        add_client_options(command)
+        command.add_argument("--token", default=os.environ.get("KVSTORE_CLUSTER_TOKEN"), help=token_help)
     return parser
 
 
@@ -381,9 +398,13 @@ def run_client(args: argparse.Namespace) -> int:
     import httpx
 
     base = args.url.rstrip("/")
-    path = "/kv/" + quote(args.key, safe="") if args.command != "ring" else "/ring"
     try:
         with open_client(args) as client:
+            if args.command in ("backup", "restore"):
+                from app import cli_backup
+
+                return cli_backup.run(client, args)
+            path = "/kv/" + quote(args.key, safe="") if args.command != "ring" else "/ring"
             if args.command == "get":
                 resp = client.get(path)
                 if resp.status_code == 200:

@@ -5,7 +5,8 @@
     ├── ConfigError            bad flag, env var or peer list (startup refuses)
     ├── InvalidRequestError    a client sent something we cannot accept (400)
     │   ├── ValueTooLargeError value over the configured limit (413)
-    │   └── MethodNotAllowedError  the route exists, the method does not (405)
+    │   ├── MethodNotAllowedError  the route exists, the method does not (405)
+    │   └── BackupFormatError  a backup stream or chunk that is corrupt, truncated or of another format (400)
     ├── AccessError            an internal or admin route without the cluster token
     │   ├── TokenMissingError   no token sent (401)
     │   ├── TokenWrongError     a wrong token sent (403)
@@ -53,6 +54,11 @@ class MethodNotAllowedError(InvalidRequestError):
     def __init__(self, message: str, *, allowed: tuple[str, ...]) -> None:
         super().__init__(message)
         self.allowed = allowed
+
+
+class BackupFormatError(InvalidRequestError):
+    """A backup file or chunk failed its checks: wrong magic or format
+    version, a checksum mismatch, a truncation. The message names the chunk."""
 
 
 class AccessError(KvstoreError):

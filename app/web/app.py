@@ -32,6 +32,7 @@ from app.web.dataplane import DataPlane
 from app.web.errors import headers_for, status_for
 from app.web.openapi import merge_raw_routes
 from app.web.routes_admin import router as admin_router
+from app.web.routes_backup import router as backup_router
 from app.web.routes_ops import router as ops_router
 from app.web.slot import NodeSlot
 
@@ -83,6 +84,7 @@ def create_app(config: NodeConfig, *, metrics: NodeMetrics | None = None, tls: T
     api.state.metrics = metrics
     api.include_router(ops_router)
     api.include_router(admin_router)
+    api.include_router(backup_router)
     _install_error_handlers(api)
     _install_openapi(api)
     return DataPlane(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import re
 import signal
 from collections.abc import Callable, Iterator
@@ -400,3 +401,83 @@ def test_a_bad_api_server_keeps_the_pod_up_and_unready_with_the_reason(
     assert "Traceback" not in log and any(all(word in line for word in expected) for line in log.splitlines()), log[
         -3000:
     ]
+
+
+# -- the backup CronJob's container --------------------------------------------------------
+
+
+def test_the_backup_cronjob_container_backs_up_and_prunes_in_the_image(
+    image: str, render: Render, tmp_path: Path
+) -> None:
+    """The CronJob's container as the chart renders it (command, env, securityContext,
+    the /backups and /tmp volumes), run from the image against a real node: the
+    image has what its script uses, and the backup is written under a read-only root."""
+    from app.backup_format import BackupReader
+    from tests.harness.processes import NodeProcess
+
+    docs = render(set_values=["backup.enabled=true", "backup.keep=1"], show_tests=False)
+    cronjob = next(doc for doc in docs if doc["kind"] == "CronJob")
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    security = {**pod["securityContext"], **container["securityContext"]}
+    assert security["runAsNonRoot"] and security["readOnlyRootFilesystem"]
+    assert security["allowPrivilegeEscalation"] is False and security["capabilities"] == {"drop": ["ALL"]}
+    host, token = "127.0.0.70", "backup-token"
+    node_port = free_port_on([host])
+    node = NodeProcess(
+        node_id="n1",
+        host=host,
+        port=node_port,
+        peers={"n1": f"http://{host}:{node_port}"},
+        log_dir=tmp_path,
+        args=["--replication-factor", "1", "--cluster-token", token],
+    )
+    backups, tmp = tmp_path / "backups", tmp_path / "tmp"
+    for path in (backups, tmp):
+        path.mkdir()
+    os.chown(backups, 0, pod["securityContext"]["fsGroup"])  # as the kubelet hands over a volume with fsGroup
+    backups.chmod(0o2775)
+    tmp.chmod(0o1777)
+    (backups / "kvstore-20240101T000000Z.kvbak").write_bytes(b"old")
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    env["KVSTORE_URL"], env["KVSTORE_CLUSTER_TOKEN"] = node.url, token  # the Service and the Secret
+    node.start()
+    try:
+        node.wait_ready()
+        for i in range(20):
+            assert httpx.put(f"{node.url}/kv/b{i}", content=b"v", timeout=5).status_code == 204
+        flags = [
+            "--user",
+            f"{security['runAsUser']}:{security['runAsGroup']}",
+            "--group-add",
+            str(pod["securityContext"]["fsGroup"]),
+            "--read-only",
+            "--security-opt",
+            "no-new-privileges",
+            "--cap-drop",
+            "all",
+        ]
+        proc = podman(
+            "run",
+            *RUN_FLAGS,
+            *flags,
+            "--volume",
+            f"{backups}:/backups",
+            "--volume",
+            f"{tmp}:/tmp",
+            *[arg for name, value in env.items() for arg in ("--env", f"{name}={value}")],
+            "--entrypoint",
+            container["command"][0],
+            image,
+            *container["command"][1:],
+            *container["args"],
+            check=False,
+        )
+    finally:
+        node.stop()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [written] = list(backups.iterdir())
+    assert written.name != "kvstore-20240101T000000Z.kvbak" and "pruned kvstore-20240101T000000Z.kvbak" in proc.stdout
+    with written.open("rb") as stream:
+        reader = BackupReader(stream)
+        assert sum(chunk.records for chunk in reader) == 20 and reader.trailer is not None

@@ -250,3 +250,24 @@ factor at the ring size until the StatefulSet grows again. */}}
 {{- fail (printf "\n\nkvstore: invalid values:\n  - %s\n" (join "\n  - " $errors)) -}}
 {{- end -}}
 {{- end -}}
+
+{{/* kvstore.backupLabels: the labels of the backup CronJob, its Jobs and pods (not the node selector: no Service picks them up). */}}
+{{- define "kvstore.backupLabels" -}}
+helm.sh/chart: {{ include "kvstore.chart" . }}
+{{ include "kvstore.backupSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kvstore
+{{- end -}}
+
+{{/* kvstore.backupSelectorLabels: what selects the backup pods (the NetworkPolicy admits them by it). */}}
+{{- define "kvstore.backupSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "kvstore.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: backup
+{{- end -}}
+
+{{/* kvstore.backupClaimName: the claim backups are written into (given, or chart-made). */}}
+{{- define "kvstore.backupClaimName" -}}
+{{- default (printf "%s-backup" (include "kvstore.fullname" .)) .Values.backup.persistence.existingClaim -}}
+{{- end -}}

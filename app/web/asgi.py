@@ -97,9 +97,9 @@ def check_token(scope: Scope, token: bytes | None) -> None:
         return
     sent = header(scope, TOKEN_HEADER_BYTES)
     if sent is None:
-        raise TokenMissingError(f"internal routes need the cluster token ({TOKEN_HEADER})")
+        raise TokenMissingError(f"internal and admin routes need the cluster token ({TOKEN_HEADER})")
     if not hmac.compare_digest(sent, token):
-        raise TokenWrongError("wrong cluster token on an internal route")
+        raise TokenWrongError("wrong cluster token")
 
 
 def check_peer_certificate(scope: Scope) -> None:

@@ -7,6 +7,7 @@ file without a restart.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import socket
 import ssl
@@ -222,6 +223,19 @@ def test_plaintext_and_certificateless_clients_are_refused_cleanly(make_cluster:
     assert refused.returncode == 1 and "cannot reach" in refused.stderr, refused.stderr
     unverified = kvstore("get", "cli-key", "--url", node.url)  # the system CAs do not know the test CA
     assert unverified.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in unverified.stderr, unverified.stderr
+
+    # backup and restore take the same options: a backup over TLS, restored onto the same data, applies nothing.
+    cli_env = env | {"KVSTORE_KEY": str(secret / "tls.key"), "KVSTORE_CLUSTER_TOKEN": TOKEN}
+    backup_file = tmp_path / "over-tls.kvbak"
+    backup = kvstore("backup", "-o", str(backup_file), env=cli_env)
+    assert backup.returncode == 0, backup.stderr
+    assert json.loads(backup.stdout.splitlines()[-1])["records"] == 1
+    restore = kvstore("restore", str(backup_file), env=cli_env)
+    assert restore.returncode == 0, restore.stderr
+    restored = json.loads(restore.stdout.splitlines()[-1])
+    assert (restored["records"], restored["applied"]) == (1, 0), restored
+    unverified_backup = kvstore("backup", "-o", str(tmp_path / "refused.kvbak"), "--url", node.url, "--token", TOKEN)
+    assert unverified_backup.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in unverified_backup.stderr
 
 
 def kvstore(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

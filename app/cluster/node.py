@@ -343,6 +343,9 @@ class Node:
         self.metrics.peers_reachable.set(sum(self.health.is_up(n) for n in others))
 
     def _on_topology_change(self, old: Topology, new: Topology) -> None:
+        # The digest index re-cuts itself at the new ring's arcs in its own
+        # thread (only the intervals a new boundary cuts are re-read).
+        self.replica.store.align_digests(new.ring.ranges())
         self.metrics.ring_members.set(len(new.peers))
         for node_id in new.peers:
             if node_id != self.config.node_id:

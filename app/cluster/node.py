@@ -95,6 +95,7 @@ class Node:
         metrics.track_keys(store.live_count)
         metrics.track_storage(used=lambda: self._usage()[0], limit=lambda: self._usage()[1])
         metrics.ranges_below_quorum.set_function(self._ranges_below_quorum)
+        metrics.digest_index_ready.set_function(lambda: float(store.digests_ready()))
         metrics.membership_staleness.set_function(source.staleness_s)
         self.topology.on_change(self._on_topology_change)
         self._on_topology_change(self.topology.current, self.topology.current)

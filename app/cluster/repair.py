@@ -64,6 +64,7 @@ class AntiEntropy(ClusterWorker):
         differing = await self._differing(peer, arcs)
         if differing is None:
             return 0
+        self.metrics.ae_rounds.inc()
         self.metrics.ae_ranges_compared.inc(len(arcs))
         self.metrics.ae_ranges_mismatched.inc(len(differing))
         if not differing:

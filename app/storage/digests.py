@@ -32,6 +32,7 @@ from app.ring import HASH_SPACE
 
 log = logging.getLogger(__name__)
 
+_SAVED_FORMAT = b"\x01"  # first byte of a saved index: bumped if the layout changes
 INTERRUPT_EVERY = 4096  # records scanned between looks at whether the engine is closing
 
 Scan = Callable[[int, int], Iterable[tuple[int, int]]]  # arc (start, end] -> (key hash, fingerprint) pairs
@@ -118,6 +119,31 @@ class DigestIndex:
             index = bisect.bisect_left(bounds, token)
             acc[0 if index == n else index] ^= fp
 
+    def to_bytes(self) -> bytes:
+        """The index as stored beside the data at a clean close (LmdbStore)."""
+        n = len(self.boundaries)
+        return b"".join(
+            [
+                _SAVED_FORMAT,
+                n.to_bytes(4, "big"),
+                *(b.to_bytes(8, "big") for b in self.boundaries),
+                *(a.to_bytes(16, "big") for a in self.acc),
+            ]
+        )
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> DigestIndex | None:
+        """An index saved by to_bytes; None for anything else (it is then rebuilt)."""
+        if raw[:1] != _SAVED_FORMAT or len(raw) < 5:
+            return None
+        n = int.from_bytes(raw[1:5], "big")
+        if n == 0 or len(raw) != 5 + 24 * n:
+            return None
+        acc_at = 5 + 8 * n
+        index = cls([int.from_bytes(raw[i : i + 8], "big") for i in range(5, acc_at, 8)])
+        index.acc = [int.from_bytes(raw[i : i + 16], "big") for i in range(acc_at, len(raw), 16)]
+        return index
+
     def merge(self, other: DigestIndex) -> None:
         """XOR another index over the same boundaries into this one."""
         self.acc = [a ^ b for a, b in zip(self.acc, other.acc, strict=True)]
@@ -184,6 +210,17 @@ class MaintainedDigests:
             self._served.changed(token, delta)
         if self._building is not None:
             self._building.changed(token, delta)
+
+    def restore(self, index: DigestIndex) -> None:
+        """Serve an index saved at the last clean close (before any write or
+        align): the first align() then re-cuts it instead of reading everything."""
+        with self.lock:
+            self._served = index
+        self._built.set()
+
+    def saved(self) -> DigestIndex | None:
+        """The complete index, to save at close (caller holds lock, after close())."""
+        return self._served
 
     def ready(self) -> bool:
         return self._served is not None

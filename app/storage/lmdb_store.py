@@ -41,7 +41,7 @@ from app.config import (
 from app.errors import NodeIdMismatchError, StorageError, StorageFullError
 from app.ring import HASH_SPACE, stable_hash
 from app.storage.base import ApplyResult, Record, StorageUsage, Store, fingerprint, record_fingerprint
-from app.storage.digests import MaintainedDigests, Snapshot
+from app.storage.digests import DigestIndex, MaintainedDigests, Snapshot
 from app.storage.flusher import Flusher
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,10 @@ LOCK_FILE = "kvstore.lock"  # beside LMDB's data.mdb and lock.mdb; holds the own
 _META_NODE_ID = b"node_id"
 _META_FORMAT = b"format"
 _META_HIGH_WATER = b"high_water"  # u64: an hlc at or above every version ever applied
+# The digest index as of a clean close, with the id of the transaction that
+# wrote it: valid only while that is still the last transaction (any later
+# write, even by a build that does not know the key, makes it stale).
+_META_DIGESTS = b"digest_index"
 # How far the stored ceiling runs ahead of the newest version: a commit that
 # passes it writes one more meta page (measured on the PUT path when every
 # commit did), and a restarted node's clock may start up to this far ahead of
@@ -136,6 +140,7 @@ class LmdbStore(Store):
             self._expiry = self._env.open_db(b"expiry")  # expires_at u64 + data key -> b""
             self._tombs = self._env.open_db(b"tombstones")  # version wall ms u64 + data key -> b""
             self._meta = self._env.open_db(b"meta")
+            saved_digests = self._saved_digests()
             self._claim(node_id)
             self._high_water = self._read_high_water()
         except lmdb.Error as exc:
@@ -154,6 +159,8 @@ class LmdbStore(Store):
         self._maintained = self._digests = MaintainedDigests(
             lock=self._write_lock, snapshot=self._snapshot, parts=DIGEST_SUBARCS, name="lmdb"
         )
+        if saved_digests is not None:
+            self._maintained.restore(saved_digests)
         self._flusher = Flusher(policy=fsync, window_ms=fsync_window_ms, sync=self._env_sync, name="lmdb")
 
     @staticmethod
@@ -198,6 +205,27 @@ class LmdbStore(Store):
         elif layout != FORMAT:
             self._env.close()
             raise StorageError(f"storage: data dir {self._path} has layout {layout!r}; this build reads {FORMAT!r}")
+
+    def _saved_digests(self) -> DigestIndex | None:
+        """The digest index saved at the last clean close, if nothing was written since."""
+        with self._env.begin(db=self._meta) as txn:
+            raw = txn.get(_META_DIGESTS)
+            last = txn.id()
+        if raw is None or len(raw) < 8 or int.from_bytes(raw[:8], "big") != last:
+            return None
+        return DigestIndex.from_bytes(raw[8:])
+
+    def _save_digests(self) -> None:
+        """At close, under the write lock: keep the digest index for the next open."""
+        index = self._maintained.saved()
+        try:
+            with self._env.begin(write=True, db=self._meta) as txn:
+                if index is None:
+                    txn.delete(_META_DIGESTS)
+                else:
+                    txn.put(_META_DIGESTS, txn.id().to_bytes(8, "big") + index.to_bytes())
+        except lmdb.Error as exc:  # a full map, say: the next open rebuilds the index instead
+            log.warning("storage: could not save the digest index (%s); it is rebuilt at the next start", exc)
 
     def _read_high_water(self) -> int:
         """The stored high-water ceiling. A directory written before it was
@@ -468,11 +496,15 @@ class LmdbStore(Store):
         self._closing = True
         self._maintained.close()
         self._flusher.close()
-        try:
-            self._env.sync(True)
-        finally:
-            self._env.close()
-            self._lock_file.close()
+        # The write lock is held until the environment is closed, so no write
+        # can land after the digest index was saved.
+        with self._write_lock:
+            try:
+                self._save_digests()
+                self._env.sync(True)
+            finally:
+                self._env.close()
+                self._lock_file.close()
 
 
 class _LmdbSnapshot(Snapshot):

@@ -8,9 +8,10 @@ from __future__ import annotations
 import itertools
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import lmdb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +20,7 @@ from app.ring import HASH_SPACE, in_arc, stable_hash
 from app.storage import LmdbStore, MemoryStore, Record, Store
 from app.storage.base import record_fingerprint
 from app.storage.digests import DigestIndex, Snapshot, split_arc, subarc_boundaries
+from app.storage.lmdb_store import _data_key, _encode
 from tests.unit.storage.fakes import START_MS, FakeClock, put, version
 
 GRACE_S = 0.05  # 50 ms of fake time: histories cross it often
@@ -120,10 +122,12 @@ steps = st.one_of(
     st.tuples(st.just("discard"), keys),
     st.tuples(st.just("realign"), st.lists(tokens, min_size=1, max_size=6), st.integers(1, 4)),
     st.tuples(st.just("check"), tokens, tokens),
+    st.tuples(st.just("reopen")),  # LMDB: closed (the index saved) and opened again (the index restored)
 )
 
 
-def run_history(store: Store, history: list[tuple]) -> None:
+def run_history(store: Store, history: list[tuple], reopen: Callable[[Store], Store] | None = None) -> Store:
+    """Play the history; returns the store (a new one if it was reopened)."""
     clock = FakeClock(START_MS)
     # Each re-cut is waited for, so that the writes after it are counted by
     # the maintained index, not by its build (test_writes_during_a_build_...
@@ -148,6 +152,10 @@ def run_history(store: Store, history: list[tuple]) -> None:
             _, points, parts = step
             store.align_digests([arc for arc in ring_arcs(points) for arc in split_arc(*arc, parts)])
             assert store.wait_digests(WAIT_S)
+        elif step[0] == "reopen":
+            if reopen is not None:
+                store = reopen(store)
+                assert store.digests_ready()  # restored, not rebuilt
         else:
             assert store.wait_digests(WAIT_S)
             _, start, end = step
@@ -161,6 +169,7 @@ def run_history(store: Store, history: list[tuple]) -> None:
     for key in (b"a", b"b", b"c", b"d", b"e", b"f"):
         token = stable_hash(key)
         assert store.digest(token - 1, token) == recomputed(store, token - 1, token).to_bytes(16, "big")
+    return store
 
 
 @settings(max_examples=40, deadline=None)
@@ -177,11 +186,21 @@ def test_memory_digests_stay_equal_to_a_full_recomputation(history: list[tuple])
 @given(st.lists(steps, max_size=40))
 def test_lmdb_digests_stay_equal_to_a_full_recomputation(history: list[tuple]) -> None:
     with tempfile.TemporaryDirectory() as path:
-        store = LmdbStore(path=path, node_id="x", fsync="never", fsync_window_ms=5, tombstone_grace_s=GRACE_S)
-        try:
-            run_history(store, history)
-        finally:
+
+        def opened() -> Store:
+            return LmdbStore(path=path, node_id="x", fsync="never", fsync_window_ms=5, tombstone_grace_s=GRACE_S)
+
+        def reopen(store: Store) -> Store:
+            nonlocal current
             store.close()
+            current = opened()
+            return current
+
+        current = opened()
+        try:
+            run_history(current, history, reopen)
+        finally:
+            current.close()
 
 
 class _HeldSnapshot(Snapshot):
@@ -239,3 +258,27 @@ def test_a_refused_lmdb_commit_leaves_the_digests_alone(tmp_path: Path) -> None:
             assert store.digest(0, 0) != bytes(16)
         finally:
             store.close()
+
+
+def test_a_saved_index_is_dropped_once_anything_wrote_after_it(tmp_path: Path) -> None:
+    def opened() -> LmdbStore:
+        return LmdbStore(path=str(tmp_path), node_id="n1", fsync="never", fsync_window_ms=5, tombstone_grace_s=60)
+
+    store = opened()
+    store.align_digests(ring_arcs([0, 1 << 63]))
+    assert store.wait_digests(WAIT_S)
+    store.apply(b"a", put(b"1", at=START_MS))
+    store.close()
+    # Another build of the program (one that knows nothing of the saved index) writes.
+    env = lmdb.open(str(tmp_path), max_dbs=4)
+    with env.begin(write=True, db=env.open_db(b"data")) as txn:
+        txn.put(_data_key(b"b"), _encode(put(b"2", at=START_MS + 1)))
+    env.close()
+    store = opened()
+    try:
+        assert not store.digests_ready()  # stale: rebuilt from the records instead
+        store.align_digests(ring_arcs([0, 1 << 63]))
+        assert store.wait_digests(WAIT_S)
+        assert store.digest(0, 0) == recomputed(store, 0, 0).to_bytes(16, "big")
+    finally:
+        store.close()

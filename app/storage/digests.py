@@ -13,7 +13,9 @@ MaintainedDigests keeps one current beside an engine: the engine reports
 every committed change under its write lock, and one worker thread builds
 the index at open and re-cuts it when the ring changes, from a snapshot
 taken under that lock, while writes keep landing (XOR deltas commute).
-Used by app.storage.memory and app.storage.lmdb_store; pure, no asyncio.
+LMDB saves the index at a clean close and restores it at open (to_bytes,
+restore), so a restart reads no records. Used by app.storage.memory and
+app.storage.lmdb_store; pure, no asyncio.
 """
 
 from __future__ import annotations

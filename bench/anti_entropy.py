@@ -267,6 +267,7 @@ def main() -> int:
             "PROBE ",
             1800,
         )[0]
+        print("  " + json.dumps(probe), flush=True)
 
         print("cluster runs ...", flush=True)
         runs: dict[str, tuple[ClusterRun, ClusterRun]] = {}
@@ -300,6 +301,12 @@ def main() -> int:
                     "index build at open (open + build)",
                     f"{probe['build_wall_s']:.2f} s wall, {probe['build_cpu_s']:.2f} s CPU",
                 ],
+                ["close (saves the index)", f"{probe['close_s'] * 1000:.0f} ms"],
+                [
+                    "reopen with the saved index (open + restore + align)",
+                    f"{probe['restored_wall_s'] * 1000:.0f} ms wall, {probe['restored_cpu_s'] * 1000:.0f} ms CPU",
+                ],
+                ["restored digests equal to the full pass", str(probe["restored_agree"])],
                 [
                     "every arc's digest from the index (one side of a quiet round)",
                     f"{probe['index_cpu_s'] * 1000:.1f} ms CPU",

@@ -118,6 +118,10 @@ store.align_digests(arcs)
 assert store.wait_digests(600)
 restored_wall_s, restored_cpu_s = time.perf_counter() - wall, time.process_time() - cpu
 restored_agree = [store.digest(start, end) for start, end in arcs] == scanned
+wall, cpu = time.perf_counter(), time.process_time()
+store.align_digests(HashRing({nodes!r} + ("node4",)).ranges())  # a fourth node joins: the index is re-cut
+assert store.wait_digests(600)
+recut_wall_s, recut_cpu_s = time.perf_counter() - wall, time.process_time() - cpu
 store.close()
 
 BASE = 1_800_000_000_000 << LOGICAL_BITS
@@ -140,7 +144,7 @@ print("PROBE " + json.dumps({{
     "arcs": len(arcs), "opened_s": opened_s, "build_wall_s": build_wall_s, "build_cpu_s": build_cpu_s,
     "index_cpu_s": min(c for c, _ in index_runs), "scan_cpu_s": scan_cpu_s, "agree": agree,
     "close_s": close_s, "restored_wall_s": restored_wall_s, "restored_cpu_s": restored_cpu_s,
-    "restored_agree": restored_agree,
+    "restored_agree": restored_agree, "recut_wall_s": recut_wall_s, "recut_cpu_s": recut_cpu_s,
     "apply_tracked_us": statistics.median(per_apply[True]) * 1e6,
     "apply_untracked_us": statistics.median(per_apply[False]) * 1e6,
 }}), flush=True)
@@ -307,6 +311,10 @@ def main() -> int:
                     f"{probe['restored_wall_s'] * 1000:.0f} ms wall, {probe['restored_cpu_s'] * 1000:.0f} ms CPU",
                 ],
                 ["restored digests equal to the full pass", str(probe["restored_agree"])],
+                [
+                    "re-cut for a fourth node's ring (in a thread)",
+                    f"{probe['recut_wall_s']:.2f} s wall, {probe['recut_cpu_s']:.2f} s CPU",
+                ],
                 [
                     "every arc's digest from the index (one side of a quiet round)",
                     f"{probe['index_cpu_s'] * 1000:.1f} ms CPU",

@@ -89,6 +89,16 @@ class NodeMetrics:
             registry=r,
         )
         self.read_repairs = Counter("kvstore_read_repairs_total", "Stale replicas updated by read repair.", registry=r)
+        self.ae_rounds = Counter(
+            "kvstore_anti_entropy_rounds_total",
+            "Anti-entropy rounds that compared this node's digests with a peer's.",
+            registry=r,
+        )
+        self.digest_index_ready = Gauge(
+            "kvstore_digest_index_ready",
+            "1 once the maintained digest index is built (anti-entropy waits for it after a start), else 0.",
+            registry=r,
+        )
         self.ae_ranges_compared = Counter(
             "kvstore_anti_entropy_ranges_compared_total",
             "Ring arcs whose digests anti-entropy compared.",

@@ -95,6 +95,7 @@ class Node:
         metrics.track_keys(store.live_count)
         metrics.track_storage(used=lambda: self._usage()[0], limit=lambda: self._usage()[1])
         metrics.ranges_below_quorum.set_function(self._ranges_below_quorum)
+        metrics.digest_index_ready.set_function(lambda: float(store.digests_ready()))
         metrics.membership_staleness.set_function(source.staleness_s)
         self.topology.on_change(self._on_topology_change)
         self._on_topology_change(self.topology.current, self.topology.current)
@@ -347,6 +348,9 @@ class Node:
         self.metrics.peers_reachable.set(sum(self.health.is_up(n) for n in others))
 
     def _on_topology_change(self, old: Topology, new: Topology) -> None:
+        # The digest index re-cuts itself at the new ring's arcs in its own
+        # thread (only the intervals a new boundary cuts are re-read).
+        self.replica.store.align_digests(new.ring.ranges())
         self.metrics.ring_members.set(len(new.peers))
         for node_id in new.peers:
             if node_id != self.config.node_id:

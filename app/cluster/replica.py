@@ -104,10 +104,16 @@ class Replica:
                 for key, record in self.store.iter_range(start, end):
                     yield i, key, record
 
+    def digests_ready(self) -> bool:
+        """Whether the store answers digests from its maintained index."""
+        return self.store.digests_ready()
+
     def digests(self, arcs: list[tuple[int, int]]) -> list[bytes]:
-        """One digest per arc (the same function as Store.digest, computed in
-        one pass when there are many arcs); blocking: callers use a thread."""
-        if len(arcs) <= FULL_SCAN_ABOVE_ARCS:
+        """One digest per arc (the same function as Store.digest): from the
+        store's maintained index once built (no record read for an arc cut at
+        its boundaries), else computed in one pass when there are many arcs;
+        blocking: callers use a thread."""
+        if len(arcs) <= FULL_SCAN_ABOVE_ARCS or self.store.digests_ready():
             return [self.store.digest(start, end) for start, end in arcs]
         sums = [0] * len(arcs)
         for i, key, record in self._indexed_records(arcs):

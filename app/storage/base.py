@@ -16,8 +16,12 @@ import hashlib
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from app.clock import Version
+
+if TYPE_CHECKING:
+    from app.storage.digests import MaintainedDigests
 
 DIGEST_BYTES = 16  # 128 bits: two differing arcs collide with odds no anti-entropy run will meet
 
@@ -110,6 +114,10 @@ class Store(abc.ABC):
     def close(self) -> None:
         """Flush and release the engine; further calls are errors."""
 
+    # Set by engines that keep their digests current (app.storage.digests);
+    # None: every digest is computed by reading the arc.
+    _digests: MaintainedDigests | None = None
+
     def digest(self, start: int, end: int) -> bytes:
         """A fingerprint of the (key, version) pairs in the arc (start, end].
 
@@ -118,12 +126,39 @@ class Store(abc.ABC):
         record's version does. Every engine gives the same digest for the same
         records, so replicas on different engines compare equal. Dead records
         count like live ones: replicas holding the same versions agree whether
-        or not their sweeps have run.
+        or not their sweeps have run. Answered from the maintained index when
+        it is built (only the ends of an arc not cut at its boundaries are read).
         """
+        index = self._digests.index() if self._digests is not None else None
+        if index is None:
+            return self.scan_digest(start, end).to_bytes(DIGEST_BYTES, "big")
+        acc, edges = index.range_digest(start, end)
+        for edge_start, edge_end in edges:
+            acc ^= self.scan_digest(edge_start, edge_end)
+        return acc.to_bytes(DIGEST_BYTES, "big")
+
+    def scan_digest(self, start: int, end: int) -> int:
+        """The digest of the arc, computed by reading its records."""
         acc = 0
         for key, record in self.iter_range(start, end):
-            acc ^= fingerprint(key, record.version.hlc, record.version.node.encode())
-        return acc.to_bytes(DIGEST_BYTES, "big")
+            acc ^= record_fingerprint(key, record)
+        return acc
+
+    def align_digests(self, arcs: list[tuple[int, int]]) -> None:
+        """Keep the digests of these ring arcs and of their sub-arcs
+        (config.DIGEST_SUBARCS) ready to answer without reading; the engine
+        builds or re-cuts its index in a thread. A no-op for an engine without one."""
+        if self._digests is not None:
+            self._digests.align(arcs)
+
+    def wait_digests(self, timeout: float | None = None) -> bool:
+        """Block until the index is cut at the arcs of the last align_digests
+        call; True if it then answers (False for an engine without one)."""
+        return self._digests is not None and self._digests.wait_aligned(timeout)
+
+    def digests_ready(self) -> bool:
+        """Whether digests are answered from the maintained index (built)."""
+        return self._digests is not None and self._digests.ready()
 
     def usage(self) -> StorageUsage | None:
         """How full the engine is; None for an engine with no limit of its own (memory)."""
@@ -142,6 +177,10 @@ class Store(abc.ABC):
         before acknowledging; the engine never blocks the event loop on disk.
         """
         return None
+
+
+def record_fingerprint(key: bytes, record: Record) -> int:
+    return fingerprint(key, record.version.hlc, record.version.node.encode())
 
 
 def fingerprint(key: bytes, hlc: int, node: bytes) -> int:

@@ -4,12 +4,15 @@ engine (the conformance suite in tests/unit/storage runs both)."""
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Iterator
 
 from app.clock import Version
+from app.config import DIGEST_SUBARCS
 from app.ring import in_arc, stable_hash
-from app.storage.base import ApplyResult, Record, Store
+from app.storage.base import ApplyResult, Record, Store, record_fingerprint
+from app.storage.digests import MaintainedDigests, Snapshot
 
 
 class MemoryStore(Store):
@@ -21,6 +24,9 @@ class MemoryStore(Store):
         # sweep is what takes them out, as in the durable engine.
         self._live = 0
         self._high_water = 0
+        self._maintained = self._digests = MaintainedDigests(
+            lock=self._lock, snapshot=self._snapshot, parts=DIGEST_SUBARCS, name="memory"
+        )
 
     def get(self, key: bytes) -> Record | None:
         return self._records.get(key)
@@ -33,6 +39,9 @@ class MemoryStore(Store):
             self._records[key] = record
             self._high_water = max(self._high_water, record.version.hlc)
             self._live += (record.value is not None) - (stored is not None and stored.value is not None)
+            if self._maintained.tracking:
+                old = 0 if stored is None else record_fingerprint(key, stored)
+                self._maintained.changed(stable_hash(key), old ^ record_fingerprint(key, record))
             return ApplyResult(applied=True, previous=stored)
 
     def discard(self, key: bytes, version: Version) -> bool:
@@ -42,6 +51,8 @@ class MemoryStore(Store):
                 return False  # a newer write arrived since the caller read it: keep it
             del self._records[key]
             self._live -= record.value is not None
+            if self._maintained.tracking:
+                self._maintained.changed(stable_hash(key), record_fingerprint(key, record))
             return True
 
     def live_count(self) -> int:
@@ -70,10 +81,35 @@ class MemoryStore(Store):
                 if record.value is None and record.dead_since_ms + self._grace_ms <= now_ms
             ]
             for key in doomed:
-                del self._records[key]
+                record = self._records.pop(key)
+                if self._maintained.tracking:  # expiry keeps the version, so only a purge changes a digest
+                    self._maintained.changed(stable_hash(key), record_fingerprint(key, record))
             return len(expired) + len(doomed)
 
+    def _snapshot(self) -> _MemorySnapshot:
+        return _MemorySnapshot(list(self._records.items()))
+
     def close(self) -> None:
+        self._maintained.close()
         with self._lock:
             self._records.clear()
             self._live = 0
+
+
+class _MemorySnapshot(Snapshot):
+    """The records as they were under the lock, sorted by hash once, on first use."""
+
+    def __init__(self, items: list[tuple[bytes, Record]]) -> None:
+        self._items = items
+        self._sorted: list[tuple[int, int]] | None = None
+        self._hashes: list[int] = []
+
+    def scan(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        if self._sorted is None:
+            self._sorted = sorted((stable_hash(key), record_fingerprint(key, record)) for key, record in self._items)
+            self._hashes = [token for token, _ in self._sorted]
+        spans = [(start, end)] if start < end else [(start, 1 << 64), (-1, end)]
+        for low, high in spans:
+            left = bisect.bisect_right(self._hashes, low)
+            right = bisect.bisect_right(self._hashes, high)
+            yield from self._sorted[left:right]

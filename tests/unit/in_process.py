@@ -17,6 +17,7 @@ QUIET = {
     "sweep_interval": "3600",
     "sync_deadline": "2",
 }  # background work only when a test asks
+DIGEST_WAIT_S = 10.0  # an in-memory index builds in milliseconds; this only bounds a hang
 
 
 def node_config(node_id: str, members: dict[str, str], **options: str) -> NodeConfig:
@@ -52,13 +53,15 @@ class InProcessCluster:
         return node
 
     async def settle(self) -> None:
-        """Let started background work (the first member list, bootstrap syncs) finish."""
+        """Let started background work (the first member list, bootstrap syncs,
+        the digest index cut at the current ring) finish."""
         for node in self.nodes.values():
             while not node.members_known:
                 await asyncio.sleep(0)
             task = node.handoff._sync_task
             if task is not None:
                 await task
+            assert await asyncio.to_thread(node.store.wait_digests, DIGEST_WAIT_S)
 
     def holders(self, key: bytes) -> set[str]:
         return {n for n, node in self.nodes.items() if (r := node.store.get(key)) is not None and r.value is not None}

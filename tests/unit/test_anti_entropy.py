@@ -1,0 +1,80 @@
+"""Anti-entropy over the maintained digests (app.cluster.repair): a round in
+which nothing differs reads no records on either side, and a round with one
+differing key reads only the records of that key's sub-arc (the Merkle level).
+Real nodes over the in-process peer client; the stores count their reads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from app.cluster.node import Node
+from app.config import DIGEST_SUBARCS
+from app.ring import HASH_SPACE, in_arc, stable_hash
+from app.storage.base import Record
+from tests.unit.in_process import InProcessCluster, members
+
+KEYS = [f"k{i}".encode() for i in range(600)]
+
+
+class ReadCounter:
+    """Counts every record a store's reads touch (iter_range, get)."""
+
+    def __init__(self, node: Node) -> None:
+        self.ranges: list[tuple[int, int]] = []
+        self.records = 0
+        self.gets = 0
+        store = node.store
+        iter_range, get = store.iter_range, store.get
+
+        def counted_range(start: int, end: int) -> Iterator[tuple[bytes, Record]]:
+            self.ranges.append((start, end))
+            for item in iter_range(start, end):
+                self.records += 1
+                yield item
+
+        def counted_get(key: bytes) -> Record | None:
+            self.gets += 1
+            return get(key)
+
+        store.iter_range = counted_range  # type: ignore[method-assign]
+        store.get = counted_get  # type: ignore[method-assign]
+
+
+async def three_nodes_in_sync(cluster: InProcessCluster) -> None:
+    ids = members("a", "b", "c")
+    for node_id in ids:
+        await cluster.add(node_id, ids)
+    await cluster.settle()
+    for key in KEYS:
+        await cluster.nodes["a"].coordinator.put(key, b"v", consistency="all")
+
+
+async def test_a_round_in_which_nothing_differs_reads_no_records(cluster: InProcessCluster) -> None:
+    await three_nodes_in_sync(cluster)
+    here, there = ReadCounter(cluster.nodes["c"]), ReadCounter(cluster.nodes["a"])
+    assert await cluster.nodes["c"].anti_entropy.compare_with("a") == 0
+    assert cluster.nodes["c"].metrics.ae_ranges_compared._value.get() > 0  # the arcs were compared
+    assert (here.ranges, here.gets, there.ranges, there.gets) == ([], 0, [], 0)
+
+
+async def test_one_differing_key_moves_only_its_sub_arc(cluster: InProcessCluster) -> None:
+    await three_nodes_in_sync(cluster)
+    c = cluster.nodes["c"]
+    key = KEYS[7]
+    c.store.apply(key, Record(version=c.clock.now(), value=b"newer"))  # only c has it
+    here, there = ReadCounter(c), ReadCounter(cluster.nodes["a"])
+
+    assert await c.anti_entropy.compare_with("a") == 1  # pushed to a
+    assert cluster.nodes["a"].store.get(key).value == b"newer"
+
+    token = stable_hash(key)
+    arc = next(arc for arc in c.topology.current.ring.ranges() if in_arc(token, *arc))
+    arc_width = (arc[1] - arc[0]) % HASH_SPACE
+    for counter in (here, there):
+        assert counter.ranges, "the differing sub-arc was read"
+        for start, end in counter.ranges:
+            assert in_arc(token, start, end)
+            assert (end - start) % HASH_SPACE <= arc_width // DIGEST_SUBARCS + 1
+    in_sub_arc = sum(in_arc(stable_hash(k), *here.ranges[0]) for k in KEYS)
+    assert here.records == in_sub_arc and there.records == in_sub_arc
+    assert in_sub_arc < len(KEYS) // 50

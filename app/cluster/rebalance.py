@@ -108,6 +108,7 @@ class RangeSync(ClusterWorker):
         known = [s for s in sources if s in urls]
         covered: dict[tuple[int, int], set[str]] = {arc: {s for s in sources if s not in urls} for arc in arcs}
         delay = SYNC_RETRY_S
+        failing: set[str] = set()  # sources whose last attempt failed: others are preferred
         while True:
             todo = [arc for arc in arcs if len(covered[arc]) < need]
             self._release([arc for arc in arcs if len(covered[arc]) >= need])
@@ -121,7 +122,7 @@ class RangeSync(ClusterWorker):
                 )
                 self._release(todo)
                 return
-            plan = self._assign(todo, covered, known)
+            plan = self._assign(todo, covered, known, failing)
             if not plan:
                 self._release(todo)
                 return
@@ -129,18 +130,27 @@ class RangeSync(ClusterWorker):
                 *(self._sync_from(urls[source], assigned) for source, assigned in plan.items())
             )
             progressed = False
-            for source, done in zip(plan, results, strict=True):
+            for source, (done, ok) in zip(plan, results, strict=True):
                 for arc in done:
                     covered[arc].add(source)
                 progressed |= bool(done)
+                if ok:
+                    failing.discard(source)
+                else:
+                    failing.add(source)
             if not progressed:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, SYNC_RETRY_MAX_S)
 
     def _assign(
-        self, todo: list[tuple[int, int]], covered: dict[tuple[int, int], set[str]], sources: list[str]
+        self,
+        todo: list[tuple[int, int]],
+        covered: dict[tuple[int, int], set[str]],
+        sources: list[str],
+        failing: set[str],
     ) -> dict[str, list[tuple[int, int]]]:
-        """One more source per arc, spread evenly: reachable sources first, and
+        """One more source per arc, spread evenly: reachable sources that did
+        not just fail first, and
         among them the ones this node pulls from least right now, then the
         lower latency score of the health tracker (bulk pulls are few and long,
         so their own count says more about a source's load than per-request
@@ -156,16 +166,16 @@ class RangeSync(ClusterWorker):
             candidates = [s for s in ranked if s not in covered[arc]]
             if not candidates:
                 continue
-            up = [s for s in candidates if self.health.is_up(s)] or candidates
+            up = [s for s in candidates if self.health.is_up(s) and s not in failing] or candidates
             best = min(up, key=lambda s: (len(given[s]), ranked.index(s)))
             given[best].append(arc)
         return dict(given)
 
-    async def _sync_from(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    async def _sync_from(self, peer: Peer, arcs: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], bool]:
         """Make this node hold everything the source holds in the arcs: arcs
         empty here are streamed whole; the others are compared by digest and
         only differing ones streamed. Returns the arcs done (all, unless the
-        source failed part-way)."""
+        source failed part-way) and whether it answered throughout."""
         done: list[tuple[int, int]] = []
         self._pulls[peer.node_id] += 1
         try:
@@ -184,9 +194,10 @@ class RangeSync(ClusterWorker):
             await self._stream(peer, to_pull, done)
         except PeerError as exc:  # the probe loop, not a bulk pull, judges whether the source is down
             log.info("sync from %s stopped with %d of %d arcs done, will retry: %s", peer, len(done), len(arcs), exc)
+            return done, False
         finally:
             self._pulls[peer.node_id] -= 1
-        return done
+        return done, True
 
     async def _my_digests(self, arcs: list[tuple[int, int]]) -> list[bytes]:
         out: list[bytes] = []

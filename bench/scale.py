@@ -78,6 +78,28 @@ TARGET_READY_S = 30.0
 TARGET_SETTLE_S = 10.0
 TARGET_P99_RATIO = 1.2
 TARGET_START_S = 5.0
+COLUMNS = [  # every figure; a phase not run leaves nan
+    "start_ready_s",
+    "idle_off_cpu_pct",
+    "rss_mb",
+    "p99_off_ms",
+    "rps_off",
+    "idle_default_cpu_pct",
+    "rss_default_mb",
+    "default_rounds",
+    "fast_rounds",
+    "round_cpu_ms",
+    "mismatched",
+    "p99_ae_ms",
+    "rps_ae",
+    "join_cpu_s",
+    "join_ready_s",
+    "join_pulled",
+    "join_needed",
+    "join_keys_per_s",
+    "join_settle_s",
+    "join_copies_exact",
+]
 
 
 def key_of(i: int) -> bytes:
@@ -222,12 +244,20 @@ def rebalance(url: str) -> dict[str, object]:
 # -- one key count ----------------------------------------------------------------------
 
 
-def measure(count: int, *, cache: Path, run: Path, window: float) -> dict[str, float]:
-    out: dict[str, float] = {"keys": count}
+def measure(count: int, *, cache: Path, run: Path, window: float, phases: set[str]) -> dict[str, float]:
+    out: dict[str, float] = dict.fromkeys(COLUMNS, float("nan")) | {"keys": count}
     source = preload(cache, count)
     data = run / f"data-{count}"
     copy_data(source, data)
+    if "idle" in phases:
+        _idle_phases(out, count, run=run, data=data, window=window)
+    if "join" in phases:
+        _join_phase(out, count, run=run, data=data)
+    shutil.rmtree(data, ignore_errors=True)
+    return out
 
+
+def _idle_phases(out: dict[str, float], count: int, *, run: Path, data: Path, window: float) -> None:
     # 1 + 2a: restart with anti-entropy off; idle CPU, RSS, GET p99 without rounds.
     with cluster_of(run, f"first-{count}", data, ae=AE_OFF, pinned=True) as cluster:
         start_ready(cluster)
@@ -263,7 +293,9 @@ def measure(count: int, *, cache: Path, run: Path, window: float) -> dict[str, f
             f"  {ran} rounds in {fast_window:g}s: {out['round_cpu_ms']:.1f} ms CPU each, {mismatched:g} arcs differed"
         )
 
-    # 5: a fourth, empty node joins (anti-entropy off: only rebalancing moves records).
+
+def _join_phase(out: dict[str, float], count: int, *, run: Path, data: Path) -> None:
+    """5: a fourth, empty node joins (anti-entropy off: only rebalancing moves records)."""
     with cluster_of(run, f"join-{count}", data, ae=AE_OFF, pinned=False) as cluster:
         start_ready(cluster)
         newcomer = cluster.add_node()
@@ -286,8 +318,10 @@ def measure(count: int, *, cache: Path, run: Path, window: float) -> dict[str, f
             time.sleep(0.2)
         settled = time.monotonic()
         out["join_cpu_s"] = cpu_seconds([n.pid for n in cluster.nodes]) - cpu_before
-        pulled = float(status_new.get("records_pulled", 0) or 0)  # type: ignore[arg-type]
-        needed = float(status_new.get("records_needed", 0) or 0)  # type: ignore[arg-type]
+        # A node from before issue 10 (BENCH_APP_DIR, as a reference) reports
+        # only keys_streamed; what it holds then stands for what it needed.
+        pulled = float(status_new.get("records_pulled", status_new.get("keys_streamed", 0)))  # type: ignore[arg-type]
+        needed = float(status_new.get("records_needed", metric(newcomer.url, "kvstore_keys") or 0))  # type: ignore[arg-type]
         out["join_ready_s"] = ready - began
         out["join_pulled"] = pulled
         out["join_needed"] = needed
@@ -299,8 +333,6 @@ def measure(count: int, *, cache: Path, run: Path, window: float) -> dict[str, f
             f"held per node {[int(h) for h in held]} ({'exactly' if sum(held) == N * count else 'NOT'} {N} copies "
             f"{out['join_settle_s']:.1f}s after ready)"
         )
-    shutil.rmtree(data, ignore_errors=True)
-    return out
 
 
 def report(results: list[dict[str, float]], *, markdown: bool, window: float) -> str:
@@ -351,6 +383,9 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=60.0, help="idle CPU window in seconds (default 60)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where preloaded data dirs are kept")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument(
+        "--phases", default="idle,join", help="idle (idle CPU, rounds, p99, restart, RSS) and/or join (default both)"
+    )
     args = parser.parse_args()
     require_wrk()
     counts = args.keys or [100_000, 1_000_000]
@@ -362,7 +397,8 @@ def main() -> None:
         results = []
         for count in counts:
             print(f"== {count:,} keys per node")
-            results.append(measure(count, cache=args.cache_dir, run=run, window=args.window))
+            phases = set(args.phases.split(","))
+            results.append(measure(count, cache=args.cache_dir, run=run, window=args.window, phases=phases))
     print()
     print(report(results, markdown=args.markdown, window=args.window))
 

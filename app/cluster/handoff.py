@@ -15,7 +15,7 @@ from collections import defaultdict
 
 from app.cluster.context import ClusterContext, ClusterWorker
 from app.cluster.rebalance import RangeSync, RebalanceStatus
-from app.cluster.surplus import SurplusDrop
+from app.cluster.surplus import SURPLUS_POLL_S, SurplusDrop
 from app.cluster.topology import Topology
 from app.errors import PeerError
 from app.ring import HashRing
@@ -136,8 +136,11 @@ class Handoff(ClusterWorker):
         """Hand off every surplus record before the deadline (a node that left
         the ring: all of them); True when none is left."""
         self.surplus.stop()
-        while time.monotonic() < deadline:
-            if await self.surplus.drop_once():
-                return True
-            await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:  # an owner that never answers must not hold the exit past the deadline
+                if await asyncio.wait_for(self.surplus.drop_once(), timeout=remaining):
+                    return True
+            except TimeoutError:
+                return False
+            await asyncio.sleep(min(SURPLUS_POLL_S, max(0.0, deadline - time.monotonic())))
         return False

@@ -299,11 +299,14 @@ def _join_phase(out: dict[str, float], count: int, *, run: Path, data: Path) -> 
     with cluster_of(run, f"join-{count}", data, ae=AE_OFF, pinned=False) as cluster:
         start_ready(cluster)
         newcomer = cluster.add_node()
+        # The clock starts with the new node's process: started with the four-member
+        # list (as the harness and an operator start it), it begins pulling as soon
+        # as it knows its ring, before the POST tells the others.
+        cpu_before = cpu_seconds([n.pid for n in cluster.nodes if n.proc is not None])
+        began = time.monotonic()
         newcomer.start()
         wait_ready([newcomer.url], path="/health", procs=[newcomer.proc], timeout=60, logs=[newcomer.log_path])
-        cpu_before = cpu_seconds([n.pid for n in cluster.nodes])
         body = json.dumps({"peers": cluster.direct_peers}).encode()
-        began = time.monotonic()
         status, answer = http_request(cluster.nodes[0].url, "POST", "/admin/membership", body)
         if status != 200:
             raise RuntimeError(f"bench: membership change refused: {status} {answer[:200]!r}")
@@ -352,7 +355,7 @@ def report(results: list[dict[str, float]], *, markdown: bool, window: float) ->
         ),
         row("  rounds measured (1 s interval)", "{:.0f}", "fast_rounds"),
         row("  arcs that differed in them", "{:.0f}", "mismatched"),
-        row(f"join: seconds to ready (target <= {TARGET_READY_S:g})", "{:.1f}", "join_ready_s"),
+        row(f"join: s from the new node's start to ready (target <= {TARGET_READY_S:g})", "{:.1f}", "join_ready_s"),
         row("join: records pulled", "{:,.0f}", "join_pulled"),
         row("join: records needed", "{:,.0f}", "join_needed"),
         [

@@ -132,6 +132,21 @@ class NodeMetrics:
             ["result"],
             registry=r,
         )
+        self.rebalance_pulled = Gauge(
+            "kvstore_rebalance_pulled_records",
+            "Records received by the last (or current) sync of newly replicated arcs.",
+            registry=r,
+        )
+        self.rebalance_needed = Gauge(
+            "kvstore_rebalance_needed_records",
+            "Records this node holds in the arcs its last sync gained (pulled / needed is 1 when each moved once).",
+            registry=r,
+        )
+        self.rebalance_surplus = Gauge(
+            "kvstore_rebalance_surplus_records",
+            "Records held in arcs this node does not replicate, not yet handed off and dropped.",
+            registry=r,
+        )
         self.syncing_ranges = Gauge(
             "kvstore_syncing_ranges", "Arcs this node is still pulling after a membership change.", registry=r
         )
@@ -198,6 +213,13 @@ class NodeMetrics:
         self._observers = {op: self.duration.labels(op) for op in OPS}
         self._counters: dict[tuple[str, int], Callable[[], None]] = {}
         self._forwards: dict[tuple[str, str], Callable[[], None]] = {}
+
+    def track_rebalance(
+        self, *, pulled: Callable[[], float], needed: Callable[[], float], surplus: Callable[[], float]
+    ) -> None:
+        self.rebalance_pulled.set_function(pulled)
+        self.rebalance_needed.set_function(needed)
+        self.rebalance_surplus.set_function(surplus)
 
     def track_keys(self, count: Callable[[], int]) -> None:
         self.keys.set_function(count)

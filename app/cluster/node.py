@@ -1,7 +1,7 @@
 """A node: store, hints, topology, peer health, the coordinator, and the
 background loops that keep replicas converging (peer probes, which also
-measure clock offsets, hint delivery, anti-entropy with foreign-record
-handoff, TTL sweeps). It is also the discovery source's sink.
+measure clock offsets, hint delivery, anti-entropy with a check for surplus
+copies, TTL sweeps). It is also the discovery source's sink.
 
 Opened by the composition root (app.web.app), which hands it the peer client
 and the discovery source; it never imports a web or network library itself.
@@ -164,17 +164,10 @@ class Node:
             "--drain-deadline)",
             max(0.0, deadline - time.monotonic()),
         )
-        self.handoff.foreign_dirty = True
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                await asyncio.wait_for(self.handoff.handoff_foreign(), timeout=remaining)
-            except TimeoutError:
-                break
-            if not self.handoff.foreign_dirty:
-                log.warning("hand-off complete")
-                return
-            await asyncio.sleep(min(PROBE_INTERVAL_S, max(0.0, deadline - time.monotonic())))
-        left = self.handoff.status.foreign_keys
+        if await self.handoff.drain(deadline):
+            log.warning("hand-off complete")
+            return
+        left = self.handoff.status.surplus_keys
         log.error(
             "drain: %s records not handed off within --drain-deadline %.1f s (KVSTORE_DRAIN_DEADLINE; the chart "
             "derives it from terminationGracePeriodSeconds): their other replicas still hold them if they were "
@@ -199,6 +192,7 @@ class Node:
             self.members_known = True
             if self._starts_empty and len(self.topology.current.peers) > 1:
                 self.handoff.bootstrap()
+            self.handoff.on_start()
 
     def set_peer_ready(self, node_id: str, ready: bool) -> None:
         if node_id != self.config.node_id:
@@ -270,7 +264,7 @@ class Node:
 
     async def _repair_round(self) -> None:
         await self.anti_entropy.run_round()
-        await self.handoff.handoff_foreign()
+        await self.handoff.check_surplus()
 
     async def _watch_peers(self) -> None:
         """Trip the breaker on silent peers; ask each peer marked down whether it is back."""

@@ -22,6 +22,7 @@ from app.storage.hints import HintStore
 from app.transport.base import ReadAnswer, WriteAck, ack_for
 
 HELD = WriteAck(applied=True, existed=False)  # a hint taken: what the target holds is not known here
+APPLY_CHUNK = 2000  # records per storage transaction when applying a pulled batch (~10 ms in LMDB)
 FULL_SCAN_ABOVE_ARCS = 64  # past this many arcs one pass over the store beats a range scan per arc
 
 
@@ -89,6 +90,30 @@ class Replica:
         applied = sum(result.applied for result in self.store.apply_many(records))
         await _durable(self.store.wait_durable())
         return applied
+
+    async def write_pulled(self, records: list[tuple[bytes, Record]]) -> tuple[int, int]:
+        """Apply a rebalancing batch (last writer wins) in a worker thread, in
+        transactions of APPLY_CHUNK so a client write never waits behind one
+        long commit. Returns (applied, new keys): a pull's contribution to what
+        this node holds."""
+        if not records:
+            return 0, 0
+        self.clock.observe(max(record.version for _, record in records))  # the highest checks them all
+
+        def apply() -> tuple[int, int]:
+            applied = new = 0
+            for i in range(0, len(records), APPLY_CHUNK):
+                for result in self.store.apply_many(records[i : i + APPLY_CHUNK]):
+                    applied += result.applied
+                    new += result.applied and result.previous is None
+            return applied, new
+
+        counts = await asyncio.to_thread(apply)
+        await _durable(self.store.wait_durable())
+        return counts
+
+    def syncing_arcs(self) -> list[tuple[int, int]]:
+        return list(self.syncing.arcs)
 
     def _indexed_records(self, arcs: list[tuple[int, int]]) -> Iterator[tuple[int, bytes, Record]]:
         """(arc index, key, record) for every stored record inside the arcs."""

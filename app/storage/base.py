@@ -89,6 +89,11 @@ class Store(abc.ABC):
         new owners, and delivered hints. True if something was removed."""
         raise NotImplementedError(f"{type(self).__name__} cannot discard records")
 
+    def discard_many(self, items: list[tuple[bytes, Version]]) -> int:
+        """discard() each (key, exact version); an engine with transactions
+        does them in one. How many were removed."""
+        return sum(self.discard(key, version) for key, version in items)
+
     @abc.abstractmethod
     def live_count(self) -> int:
         """Keys with a live value (an estimate is fine between sweeps)."""

@@ -31,6 +31,7 @@ SYNCING_HEADER = "x-kvstore-syncing"  # the replica is still pulling this range:
 BATCH_PATH = INTERNAL_PREFIX + "/batch"
 DIGESTS_PATH = INTERNAL_PREFIX + "/digests"
 RANGE_PATH = INTERNAL_PREFIX + "/range"
+SYNCING_PATH = INTERNAL_PREFIX + "/syncing"  # the arcs a replica is still pulling after a membership change
 MEMBERSHIP_PATH = INTERNAL_PREFIX + "/membership"
 CLOCK_PATH = INTERNAL_PREFIX + "/clock"  # a node's wall clock, for offset measurement
 WRITES_PATH = INTERNAL_PREFIX + "/writes"  # coalesced single-key writes (app.coalesce)
@@ -126,6 +127,11 @@ class PeerClient(abc.ABC):
     @abc.abstractmethod
     async def records_in_arcs(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
         """Every record the peer holds in the arcs (tombstones included)."""
+
+    @abc.abstractmethod
+    async def syncing_arcs(self, peer: Peer) -> list[tuple[int, int]]:
+        """The arcs the peer is still pulling after a membership change: its
+        digests there are not yet worth comparing (surplus hand-off waits)."""
 
     @abc.abstractmethod
     async def set_membership(self, peer: Peer, members: dict[str, str]) -> None:

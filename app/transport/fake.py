@@ -21,6 +21,7 @@ class ReplicaSide(Protocol):
     async def write_batch(self, records: list[tuple[bytes, Record]]) -> int: ...
     def digests(self, arcs: list[tuple[int, int]]) -> list[bytes]: ...
     def records_in_arcs(self, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]: ...
+    def syncing_arcs(self) -> list[tuple[int, int]]: ...
 
 
 class InProcessPeerClient(PeerClient):
@@ -58,6 +59,9 @@ class InProcessPeerClient(PeerClient):
 
     async def records_in_arcs(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
         return self._target(peer, "range").records_in_arcs(arcs)
+
+    async def syncing_arcs(self, peer: Peer) -> list[tuple[int, int]]:
+        return self._target(peer, "syncing").syncing_arcs()
 
     async def set_membership(self, peer: Peer, members: dict[str, str]) -> None:
         self._target(peer, "membership")

@@ -54,6 +54,7 @@ from app.transport.base import (
     RANGE_PATH,
     READS_PATH,
     SYNCING_HEADER,
+    SYNCING_PATH,
     TOKEN_HEADER,
     WRITES_PATH,
     Peer,
@@ -73,6 +74,7 @@ T = TypeVar("T")
 CONNECTIONS_PER_PEER = 64  # keep-alive pool per peer: enough for a fan-out under load, bounded
 PROBE_TIMEOUT_S = 1.0  # a health probe that takes longer than this counts as down
 AIOHTTP_KEEPALIVE_S = 60  # idle aiohttp connections close after this (old-context ones too, after a rotation)
+DECODE_IN_THREAD_BYTES = 256 * 1024  # range answers above this are decoded in a worker thread
 BULK_TIMEOUT_S = 60.0  # range fetches and batches move many records: allow more than one request's time
 # What says "no answer came": the network, a timeout, or bytes that are no
 # HTTP at all. A malformed body or a local bug is not in this list.
@@ -345,7 +347,19 @@ class HttpPeerClient(PeerClient):
 
     async def records_in_arcs(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
         answer = await self._post(peer, RANGE_PATH, codec.encode_arcs(arcs), "range fetch")
-        return _decoded(lambda: codec.decode_records(answer), peer)
+        if len(answer) < DECODE_IN_THREAD_BYTES:
+            return _decoded(lambda: codec.decode_records(answer), peer)
+        # A rebalancing batch is megabytes: decoding it off the event loop keeps
+        # client requests moving meanwhile (the codec releases no GIL, but the
+        # interpreter switches threads every few ms instead of stalling the loop).
+        try:
+            return await asyncio.to_thread(codec.decode_records, answer)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise _malformed(peer, exc) from exc
+
+    async def syncing_arcs(self, peer: Peer) -> list[tuple[int, int]]:
+        answer = await self._post(peer, SYNCING_PATH, b"", "syncing arcs")
+        return _decoded(lambda: codec.decode_arcs(answer), peer)
 
     async def wall_clock(self, peer: Peer) -> int:
         timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
@@ -398,7 +412,11 @@ def _decoded(parse: Callable[[], T], peer: Peer) -> T:
     try:
         return parse()
     except (KeyError, ValueError, TypeError) as exc:
-        raise PeerError(f"peer {peer} sent a malformed answer: {type(exc).__name__}: {exc}", peer=peer.node_id) from exc
+        raise _malformed(peer, exc) from exc
+
+
+def _malformed(peer: Peer, exc: Exception) -> PeerError:
+    return PeerError(f"peer {peer} sent a malformed answer: {type(exc).__name__}: {exc}", peer=peer.node_id)
 
 
 def _ack_from_headers(headers: Mapping[str, str]) -> WriteAck:

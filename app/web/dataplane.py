@@ -29,6 +29,7 @@ from app.transport.base import (
     MEMBERSHIP_PATH,
     RANGE_PATH,
     READS_PATH,
+    SYNCING_PATH,
     WRITES_PATH,
 )
 from app.web import routes_data
@@ -86,6 +87,7 @@ class DataPlane:
             BATCH_PATH: (peer.batch, INTERNAL),
             DIGESTS_PATH: (peer.digests, INTERNAL),
             RANGE_PATH: (peer.range, INTERNAL),
+            SYNCING_PATH: (peer.syncing, INTERNAL),
             MEMBERSHIP_PATH: (peer.membership, INTERNAL),
         }
         self._peer_kv = peer.kv

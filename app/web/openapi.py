@@ -14,6 +14,7 @@ from app.transport.base import (
     MEMBERSHIP_PATH,
     RANGE_PATH,
     READS_PATH,
+    SYNCING_PATH,
     WRITES_PATH,
 )
 
@@ -216,6 +217,7 @@ RAW_ROUTES_OPENAPI: dict[str, Any] = {
                 "Every record this node holds in the arcs (rebalancing, anti-entropy)",
                 "application/octet-stream",
             ),
+            (SYNCING_PATH, "The arcs this node is still pulling after a membership change", "application/octet-stream"),
             (MEMBERSHIP_PATH, "Take a new member list from another node, without propagating it", "application/json"),
         )
     },

@@ -32,7 +32,10 @@ async def change_membership(change: MembershipChange, request: Request) -> dict[
     return {"epoch": view.epoch, "members": sorted(view.peers), "not_told": sorted(failed)}
 
 
-@router.get("/rebalance", summary="Rebalancing progress after a membership change")
+@router.get(
+    "/rebalance",
+    summary="Rebalancing progress: arcs still syncing, records pulled and needed by the last sync, surplus still held",
+)
 async def rebalance(request: Request) -> dict[str, object]:
     node = node_of(request)
     status = node.handoff.status
@@ -40,6 +43,10 @@ async def rebalance(request: Request) -> dict[str, object]:
         "syncing": status.syncing,
         "pending_ranges": status.pending_ranges,
         "keys_streamed": status.keys_streamed,
+        "records_pulled": status.records_pulled,
+        "records_needed": status.records_needed,
+        "surplus_keys": status.surplus_keys,
+        "surplus_ranges": status.surplus_ranges,
         "foreign_keys": status.foreign_keys,
         "hints_pending": node.replica.hints.pending(),
         "anti_entropy_rounds": node.anti_entropy.rounds,

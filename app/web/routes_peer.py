@@ -141,8 +141,15 @@ class PeerRoutes:
         """Every record this node holds in the arcs."""
         allow(method, scope["path"], ("POST",))
         arcs = _decoded(codec.decode_arcs, await read_body(scope, receive, BULK_MAX_BYTES), "arc list")
-        records = await asyncio.to_thread(node.replica.records_in_arcs, arcs)
-        return Reply(200, codec.encode_records(records), OCTETS)
+        # Read and framed in a worker thread: a rebalancing batch is tens of
+        # thousands of records, too long a stretch for the event loop.
+        body = await asyncio.to_thread(lambda: codec.encode_records(node.replica.records_in_arcs(arcs)))
+        return Reply(200, body, OCTETS)
+
+    async def syncing(self, node: Node, scope: Scope, receive: Receive, method: str) -> Reply:
+        """The arcs this node is still pulling (a peer waits before handing it surplus)."""
+        allow(method, scope["path"], ("POST",))
+        return Reply(200, codec.encode_arcs(node.replica.syncing_arcs()), OCTETS)
 
     async def membership(self, node: Node, scope: Scope, receive: Receive, method: str) -> Reply:
         """Take a new member list from another node, without telling anyone else."""

@@ -186,6 +186,18 @@ def start_ready(cluster: Cluster) -> float:
     return time.monotonic() - started
 
 
+def wait_digests(cluster: Cluster, timeout: float = READY_TIMEOUT_S) -> float:
+    """Seconds until every node's digest index is built (kvstore_digest_index_ready 1). A
+    node builds it in a thread after /ready when its data dir has no saved index; the idle
+    and round figures are measured only after that, so a build never counts as idle CPU."""
+    started = time.monotonic()
+    while not all(metric(n.url, "kvstore_digest_index_ready") == 1 for n in cluster.nodes):
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"digest indexes not built within {timeout:g}s")
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
 def rounds(cluster: Cluster) -> int:
     total = 0
     for node in cluster.nodes:
@@ -261,8 +273,10 @@ def _idle_phases(out: dict[str, float], count: int, *, run: Path, data: Path, wi
     # 1 + 2a: restart with anti-entropy off; idle CPU, RSS, GET p99 without rounds.
     with cluster_of(run, f"first-{count}", data, ae=AE_OFF, pinned=True) as cluster:
         start_ready(cluster)
+        print(f"  first start: digest indexes built {wait_digests(cluster):.1f}s after ready")
     with cluster_of(run, f"off-{count}", data, ae=AE_OFF, pinned=True) as cluster:
         out["start_ready_s"] = start_ready(cluster)
+        wait_digests(cluster)
         cpu, _ = idle(cluster, window)
         out["idle_off_cpu_pct"] = statistics.mean(cpu) / window * 100
         out["rss_mb"] = statistics.mean(memory_kib(n.pid).get("VmRSS", 0) for n in cluster.nodes) / 1024
@@ -272,6 +286,7 @@ def _idle_phases(out: dict[str, float], count: int, *, run: Path, data: Path, wi
     # 2b: idle at the default anti-entropy pace.
     with cluster_of(run, f"default-{count}", data, ae=str(DEFAULT_AE_S), pinned=True) as cluster:
         start_ready(cluster)
+        wait_digests(cluster)
         cpu, ran = idle(cluster, window)
         out["idle_default_cpu_pct"] = statistics.mean(cpu) / window * 100
         out["rss_default_mb"] = statistics.mean(memory_kib(n.pid).get("VmRSS", 0) for n in cluster.nodes) / 1024
@@ -281,6 +296,7 @@ def _idle_phases(out: dict[str, float], count: int, *, run: Path, data: Path, wi
     # 3 + 4: rounds every second: their CPU when nothing differs, and GET p99 while they run.
     with cluster_of(run, f"fast-{count}", data, ae=AE_FAST, pinned=True) as cluster:
         start_ready(cluster)
+        wait_digests(cluster)
         fast_window = min(window, 20.0)
         cpu, ran = idle(cluster, fast_window)
         off_share = out["idle_off_cpu_pct"] / 100 * fast_window * N

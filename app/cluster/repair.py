@@ -32,6 +32,11 @@ from app.transport.base import Peer
 
 ARCS_PER_EXCHANGE = 64  # mismatched sub-arcs fetched per request (a range scan each on both sides)
 MAX_ARCS_PER_ROUND = 1024  # mismatched arcs repaired per round; the rest waits for the next round
+# Digests compared per request: each side's share (index lookups, codec) is
+# well under a millisecond, so a round never holds the event loop (or, from
+# its thread, the GIL) long enough to show in client latency. All 3,072 arcs
+# at once held it ~6 ms per side and doubled GET p99 under rounds every second.
+DIGEST_ARCS_PER_REQUEST = 256
 
 
 class AntiEntropy(ClusterWorker):
@@ -39,14 +44,21 @@ class AntiEntropy(ClusterWorker):
         super().__init__(context)
         self._turn = itertools.count()
         self.rounds = 0
+        self._shared: tuple[object, dict[str, list[tuple[int, int]]]] = (None, {})
 
     def shared_arcs(self, peer_id: str) -> list[tuple[int, int]]:
+        """The arcs both replicate; kept per ring (a few ms of Python to derive)."""
         ring = self.topology.current.ring
-        return [
-            arc
-            for arc, owners in ring.replica_sets(self.replication_factor)
-            if self.node_id in owners and peer_id in owners
-        ]
+        if self._shared[0] is not ring:
+            self._shared = (ring, {})
+        cache = self._shared[1]
+        if peer_id not in cache:
+            cache[peer_id] = [
+                arc
+                for arc, owners in ring.replica_sets(self.replication_factor)
+                if self.node_id in owners and peer_id in owners
+            ]
+        return cache[peer_id]
 
     async def run_round(self) -> int:
         """Compare with the next reachable peer; returns the records repaired."""
@@ -91,13 +103,17 @@ class AntiEntropy(ClusterWorker):
 
     async def _differing(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
         """The arcs whose digests differ here and at the peer (None: the peer failed)."""
-        try:
-            theirs = await self.peer_client.digests(peer, arcs)
-        except PeerError as exc:
-            self.health.call_failed(peer.node_id, exc)
-            return None
-        mine = await asyncio.to_thread(self.replica.digests, arcs)
-        return [arc for arc, a, b in zip(arcs, mine, theirs, strict=True) if a != b]
+        differing: list[tuple[int, int]] = []
+        for i in range(0, len(arcs), DIGEST_ARCS_PER_REQUEST):
+            chunk = arcs[i : i + DIGEST_ARCS_PER_REQUEST]
+            try:
+                theirs = await self.peer_client.digests(peer, chunk)
+            except PeerError as exc:
+                self.health.call_failed(peer.node_id, exc)
+                return None
+            mine = await asyncio.to_thread(self.replica.digests, chunk)
+            differing += [arc for arc, a, b in zip(chunk, mine, theirs, strict=True) if a != b]
+        return differing
 
     async def _exchange(self, peer: Peer, arcs: list[tuple[int, int]]) -> int:
         theirs = await self.peer_client.records_in_arcs(peer, arcs)

@@ -166,26 +166,19 @@ class HttpPeerClient(PeerClient):
         except KeyError:
             pass
         parts = urlsplit(peer.url)
-        pool = None
         hostname = parts.hostname or "127.0.0.1"
-        if parts.scheme == "http":
+        tls = self._tls if parts.scheme == "https" else None
+        pool = None
+        if parts.scheme == "http" or tls is not None:
             pool = PeerPool(
                 self._resolve.get(hostname, hostname),
-                parts.port or 80,
+                parts.port or (443 if tls else 80),
                 host_header=parts.netloc,
                 limit=CONNECTIONS_PER_PEER,
                 timeout_s=self._timeout_s,
-            )
-        elif self._tls is not None:
-            pool = PeerPool(
-                self._resolve.get(hostname, hostname),
-                parts.port or 443,
-                host_header=parts.netloc,
-                limit=CONNECTIONS_PER_PEER,
-                timeout_s=self._timeout_s,
-                ssl_context=self._tls.client_context,
-                server_hostname=hostname,
-                on_connect=self._tls.count_client_handshake,
+                ssl_context=tls.client_context if tls else None,
+                server_hostname=hostname if tls else None,
+                on_connect=tls.count_client_handshake if tls else None,
             )
         self._pools[peer.url] = pool
         return pool

@@ -19,9 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import datetime
 import importlib.util
-import ipaddress
 import os
 import ssl
 import subprocess
@@ -31,17 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
+from tests.harness.certs import Authority
 from tests.k8s.chart import REPO
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 PODMAN_TIMEOUT_S = 60  # one podman call (run, exec, stop, rm); a start is ~0.5 s
 FRONT_START_TIMEOUT_S = 5.0
-CERT_DAYS = 2  # the certificates live for one test session
 CONTAINER_PREFIX = "kvstore-test-"  # + the test process's pid: remove_orphans knows a dead run's containers
 
 
@@ -78,56 +71,12 @@ class Pki:
 def make_pki(directory: Path, *, server_ip: str, name: str = "kvstore-test") -> Pki:
     """A CA and a server certificate for server_ip signed by it (the API server's serving cert)."""
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name}-ca")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(server_ip))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    authority = Authority.create(f"{name}-ca")
+    issued = authority.issue("kube-apiserver", dns=(), ips=(server_ip,))
     pki = Pki(ca_crt=directory / "ca.crt", server_crt=directory / "server.crt", server_key=directory / "server.key")
-    pki.ca_crt.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    pki.server_crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pki.server_key.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    pki.ca_crt.write_bytes(authority.cert_pem)
+    pki.server_crt.write_bytes(issued.cert_pem)
+    pki.server_key.write_bytes(issued.key_pem)
     return pki
 
 

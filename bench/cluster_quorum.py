@@ -17,6 +17,34 @@ from cluster_report import Report
 from loader import preload
 from pyspy import profile_put
 
+OPS = ("get", "put")
+
+
+def wrk_each_op(
+    report: Report,
+    *,
+    args: argparse.Namespace,
+    url: str,
+    luas: dict[str, Path],
+    server_pids: list[int],
+    row_prefix: str,
+    label: str,
+) -> None:
+    """One measured wrk run per op (GET, then PUT) through url, each added to the
+    report as row `<row_prefix>_<op>` and printed as label with {op} filled in."""
+    for op in OPS:
+        report.add(
+            f"{row_prefix}_{op}",
+            run_wrk(
+                label.format(op=op.upper()),
+                url,
+                lua=luas[op],
+                duration_s=args.duration,
+                warmup_s=args.warmup,
+                server_pids=server_pids,
+            ),
+        )
+
 
 def section_quorum(report: Report, *, args: argparse.Namespace, logdir: Path, luas: dict[str, Path]) -> None:
     print("\n[quorum] 3 nodes via node1, N=1 then N=3 (default consistency: quorum)", flush=True)
@@ -28,18 +56,14 @@ def section_quorum(report: Report, *, args: argparse.Namespace, logdir: Path, lu
             url = cluster.node("node1").url
             preload(url)
             tag = f"N={rf}" + (" quorum (R=W=2)" if rf == 3 else " (one owner, R=W=1)")
-            for op in ("get", "put"):
-                label = f"3 nodes {tag} {op.upper()} /kv via node1"
-                report.add(
-                    f"n{rf}_{op}",
-                    run_wrk(
-                        label,
-                        url,
-                        lua=luas[op],
-                        duration_s=args.duration,
-                        warmup_s=args.warmup,
-                        server_pids=cluster.pids(),
-                    ),
-                )
+            wrk_each_op(
+                report,
+                args=args,
+                url=url,
+                luas=luas,
+                server_pids=cluster.pids(),
+                row_prefix=f"n{rf}",
+                label=f"3 nodes {tag} {{op}} /kv via node1",
+            )
             if rf == 3 and args.profile:
                 profile_put(report, args=args, cluster=cluster, lua=luas["put"])

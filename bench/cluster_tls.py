@@ -20,6 +20,7 @@ from pathlib import Path
 
 from _common import run_wrk
 from cluster_nodes import metric, start_cluster
+from cluster_quorum import OPS, wrk_each_op
 from cluster_report import Report
 from loader import preload
 from tests.harness.certs import tls_mode
@@ -37,22 +38,18 @@ def section_tls(report: Report, *, args: argparse.Namespace, logdir: Path, luas:
             url = cluster.node("node1").url
             preload(url, context=context)
             urls = list(cluster.direct_peers.values())
-            for op in ("get", "put"):
-                label = f"N=3 quorum {op.upper()} via node1, {'mutual TLS' if tls else 'plain HTTP'}"
-                report.add(
-                    f"{mode}_{op}",
-                    run_wrk(
-                        label,
-                        url,
-                        lua=luas[op],
-                        duration_s=args.duration,
-                        warmup_s=args.warmup,
-                        server_pids=cluster.pids(),
-                    ),
-                )
+            wrk_each_op(
+                report,
+                args=args,
+                url=url,
+                luas=luas,
+                server_pids=cluster.pids(),
+                row_prefix=mode,
+                label=f"N=3 quorum {{op}} via node1, {'mutual TLS' if tls else 'plain HTTP'}",
+            )
             if tls is None:
                 continue
-            for op in ("get", "put"):
+            for op in OPS:
                 peer_before = sum(metric(u, HANDSHAKES, 'side="client"', context=context) or 0.0 for u in urls)
                 server_before = metric(url, HANDSHAKES, 'side="server"', context=context) or 0.0
                 steady = run_wrk(

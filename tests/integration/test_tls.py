@@ -68,6 +68,16 @@ def ring_errors(url: str, context: ssl.SSLContext) -> dict[str, str]:
     return {m["node_id"]: m["last_error"] or "" for m in members if not m["reachable"]}
 
 
+def wait_ring_shows_tls_refusal(url: str, context: ssl.SSLContext, peer: str, *, what: str) -> None:
+    """Until the node at url shows peer unreachable because its certificate failed verification."""
+
+    def shown() -> str | None:
+        errors = ring_errors(url, context)
+        return None if "certificate verify failed" in errors.get(peer, "") else f"{url}/ring: {errors}"
+
+    wait_for(shown, timeout=15, what=what)
+
+
 def test_mutual_tls_cluster_loses_nothing_under_a_crash(
     make_cluster: MakeCluster, start_load: StartLoad, tmp_path: Path
 ) -> None:
@@ -125,23 +135,14 @@ def test_a_node_from_a_foreign_ca_cannot_join_and_the_ring_says_why(make_cluster
     for i in range(5):
         httpx.put(f"{node1.url}/kv/foreign-{i}", content=b"v", verify=watcher, timeout=5)
 
-    def ring_says_why() -> str | None:
-        errors = ring_errors(node1.url, watcher)
-        reason = errors.get("node3", "")
-        return None if "certificate verify failed" in reason else f"node1's /ring: {errors}"
-
-    wait_for(ring_says_why, timeout=15, what="node1 shows node3 refused over TLS")
+    wait_ring_shows_tls_refusal(node1.url, watcher, "node3", what="node1 shows node3 refused over TLS")
     reason = ring_errors(node1.url, watcher)["node3"]
     assert "refused over TLS" in reason, reason
     assert "node2" not in ring_errors(node1.url, watcher)  # the peers of one CA still see each other
 
     # node3 sees its would-be peers fail the same way, and is refused when it presents its certificate.
     httpx.put(f"{node3.url}/kv/from-node3", content=b"v", verify=watcher, timeout=5)
-    wait_for(
-        lambda: None if "certificate verify failed" in ring_errors(node3.url, watcher).get("node1", "") else "not yet",
-        timeout=15,
-        what="node3 shows node1 refused over TLS",
-    )
+    wait_ring_shows_tls_refusal(node3.url, watcher, "node1", what="node3 shows node1 refused over TLS")
     foreign_client = client_context(root / "node3")
     foreign_client.load_verify_locations(cadata=ours.cert_pem.decode())  # even trusting our CA, it is refused
     refusal = handshake_refused(node1.url, foreign_client)
@@ -178,15 +179,7 @@ def test_a_node_back_with_a_foreign_certificate_is_reported_by_the_prober(
     assert "TLS" not in ring_errors(node1.url, watcher)["node3"]
     write_secret(root / "node3", issued=foreign.issue("node3", ips=("127.0.0.1",)), ca_pem=foreign.cert_pem)
     node3.start().wait_serving()
-    wait_for(
-        lambda: (
-            None
-            if "certificate verify failed" in ring_errors(node1.url, watcher).get("node3", "")
-            else f"node1's /ring: {ring_errors(node1.url, watcher)}"
-        ),
-        timeout=15,
-        what="node1's prober reports node3's foreign certificate",
-    )
+    wait_ring_shows_tls_refusal(node1.url, watcher, "node3", what="node1's prober reports node3's foreign certificate")
 
 
 def test_plaintext_and_certificateless_clients_are_refused_cleanly(make_cluster: MakeCluster, tmp_path: Path) -> None:
@@ -343,15 +336,7 @@ def test_rotation_to_a_new_ca_without_restart(make_cluster: MakeCluster, tmp_pat
     assert handshake_refused(node1.url, new_client) is None  # a certificate of the new CA still is
     for i in range(10):
         httpx.put(f"{node1.url}/kv/after-{i}", content=b"v", verify=watcher, timeout=5)
-    wait_for(
-        lambda: (
-            None
-            if "certificate verify failed" in ring_errors(node1.url, watcher).get("node3", "")
-            else f"node1's /ring: {ring_errors(node1.url, watcher)}"
-        ),
-        timeout=15,
-        what="node1 refuses node3's old certificate and says why",
-    )
+    wait_ring_shows_tls_refusal(node1.url, watcher, "node3", what="node1 refuses node3's old certificate and says why")
     assert "node2" not in ring_errors(node1.url, watcher)
     assert node3.running
 

@@ -50,9 +50,12 @@ lint: $(VENV)/.installed
 # and the Debian packages the tests use (libfaketime for clock skew; prometheus and promtool
 # for the alert rules and the dashboard's queries).
 DEBIAN_PACKAGES := faketime prometheus
+# Node.js and npm install cert-manager's published CRD schemas (install_tools.py, npm ci from a
+# lock); Debian's packages where the machine has no Node.js of its own.
 tools: $(VENV)/.installed
-	$(BIN)/python scripts/install_tools.py
 	scripts/ensure_debian_packages.sh $(DEBIAN_PACKAGES)
+	command -v node >/dev/null && command -v npm >/dev/null || scripts/ensure_debian_packages.sh nodejs npm
+	$(BIN)/python scripts/install_tools.py
 
 # podman, buildah, runc and debootstrap (apt-get, where missing): the image tests build and run the image.
 container-tools:

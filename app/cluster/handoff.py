@@ -45,6 +45,7 @@ class Handoff(ClusterWorker):
         )
         self.bootstrapping = False  # the start-up pull of an empty node: gates readiness
         self._sync_task: asyncio.Task[None] | None = None
+        self._base_ring: HashRing | None = None  # while a sync runs: the last ring whose arcs this node fully held
 
     # -- hinted handoff ---------------------------------------------------------
 
@@ -94,7 +95,16 @@ class Handoff(ClusterWorker):
     # -- rebalancing --------------------------------------------------------------
 
     def on_membership_change(self, old: Topology, new: Topology) -> None:
-        self.start_sync(old.ring, new, urls=old.peers | new.peers)
+        if self.bootstrapping:
+            # Still holds nothing it can vouch for: pull everything it
+            # replicates on the new ring from that ring's other members.
+            self.bootstrap()
+        else:
+            # A sync the change interrupts left arcs unpulled: compare against
+            # the last ring whose arcs this node fully held, not the one it
+            # was still syncing towards (arcs already pulled then cost a digest).
+            base = self._base_ring if self._base_ring is not None else old.ring
+            self.start_sync(base, new, urls=old.peers | new.peers)
         self.surplus.start()
 
     def on_start(self) -> None:
@@ -106,7 +116,9 @@ class Handoff(ClusterWorker):
     def bootstrap(self) -> None:
         """A node starting with an empty store pulls everything it replicates
         from the nodes that held those ranges without it (a join, or a node
-        that lost its disk). A node with data relies on anti-entropy instead."""
+        that lost its disk). A node with data relies on anti-entropy instead.
+        Not ready from here until the pull ends, even before it has counted
+        the arcs it will pull (seen racing: a test read the node in that gap)."""
         view = self.topology.current
         without_self = HashRing([m for m in view.ring.members if m != self.node_id], vnodes=view.ring.vnodes)
         self.bootstrapping = True
@@ -114,7 +126,8 @@ class Handoff(ClusterWorker):
 
     def start_sync(self, old_ring: HashRing, new: Topology, *, urls: dict[str, Peer]) -> None:
         if self._sync_task is not None:
-            self._sync_task.cancel()
+            self._sync_task.cancel()  # superseded: its finally leaves the state to the new one
+        self._base_ring = old_ring
         self._sync_task = asyncio.ensure_future(self._sync(old_ring, new, urls))
 
     async def _sync(self, old_ring: HashRing, new: Topology, urls: dict[str, Peer]) -> None:
@@ -122,9 +135,10 @@ class Handoff(ClusterWorker):
         try:
             await self.pull.sync(old_ring, new, urls, deadline)
         finally:
-            if self.status.last_change_epoch == new.epoch:
+            if self._sync_task is asyncio.current_task():
                 self.pull.release_all()
                 self.bootstrapping = False
+                self._base_ring = None
 
     async def check_surplus(self) -> None:
         """From the anti-entropy loop: a stray write (from a node that had not

@@ -226,8 +226,9 @@ class Node:
             return "waiting for the first member list from the membership source"
         if self.config.node_id not in self.topology.current.ring:
             return "this node is not a member of its own ring"
-        if self.handoff.status.syncing and self.handoff.bootstrapping:
-            return f"pulling {self.handoff.status.pending_ranges} ranges from their previous replicas"
+        if self.handoff.bootstrapping:
+            left = self.handoff.status.pending_ranges
+            return f"pulling {left or 'its'} ranges from their previous replicas"
         return self.offsets.refusal()
 
     async def apply_membership(self, members: dict[str, str], *, propagate: bool) -> tuple[Topology, list[str]]:

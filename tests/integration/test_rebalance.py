@@ -128,7 +128,7 @@ def test_the_digest_check_pulls_writes_the_streaming_source_missed(make_cluster:
     held = read_replicas({newcomer.node_id: newcomer.url}, mine, token=TOKEN)
     wrong = [key for key in mine if held[newcomer.node_id, key].value != b"new"]
     print(f"node1 missed {len(missed)} writes; the new node owns {len(mine)} keys, {len(wrong)} of them stale")
-    assert not wrong, f"the new node holds stale values for {wrong[:5]}"
+    assert not wrong, f"the new node holds stale values for {wrong[:5]}\n{newcomer.log_tail(80)}"
     assert_nothing_lost({"node1": node1.url, "node3": node3.url, newcomer.node_id: newcomer.url}, MISSED_KEYS, ops)
 
 

@@ -82,6 +82,13 @@ class NodeStartingError(KvstoreError):
     """The node is still opening its stores; nothing can be served yet."""
 
 
+class DigestsBuildingError(KvstoreError):
+    """Digests over many arcs were asked for while this node's digest index is
+    still being built (after a crash, at open). Answering would read the whole
+    store once per request; the caller (anti-entropy, a surplus hand-off)
+    skips this node and asks again later. The node is up: a refusal, not an outage."""
+
+
 class StorageError(KvstoreError):
     """The local storage engine failed."""
 

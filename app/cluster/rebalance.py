@@ -45,8 +45,8 @@ FIRST_ARCS_PER_FETCH = 8  # before the first answer says how full arcs are
 MAX_ARCS_PER_FETCH = FULL_SCAN_ABOVE_ARCS
 PREFETCH = 2  # batches fetched ahead of the one being applied: memory stays within ~3 batches
 # Digests are asked for in chunks of this many arcs: at or below the replica's
-# per-arc threshold (Replica.digests), so a source reads only those arcs, never
-# its whole store, even before digests are maintained incrementally.
+# per-arc threshold (Replica.digests), so a source still building its digest
+# index answers them by reading only those arcs instead of refusing.
 DIGEST_ARCS = FULL_SCAN_ABOVE_ARCS
 SYNC_RETRY_S = 0.2  # first retry delay when a source is unreachable; doubles up to SYNC_RETRY_MAX_S
 SYNC_RETRY_MAX_S = 2.0

@@ -16,8 +16,9 @@ from concurrent.futures import Future
 
 from app.clock import HybridClock, wall_ms
 from app.coalesce import Coalescer
+from app.errors import DigestsBuildingError
 from app.ring import ArcSet, stable_hash
-from app.storage.base import DIGEST_BYTES, ApplyResult, Record, Store, fingerprint
+from app.storage.base import ApplyResult, Record, Store
 from app.storage.hints import HintStore
 from app.transport.base import ReadAnswer, WriteAck, ack_for
 
@@ -136,14 +137,17 @@ class Replica:
     def digests(self, arcs: list[tuple[int, int]]) -> list[bytes]:
         """One digest per arc (the same function as Store.digest): from the
         store's maintained index once built (no record read for an arc cut at
-        its boundaries), else computed in one pass when there are many arcs;
-        blocking: callers use a thread."""
-        if len(arcs) <= FULL_SCAN_ABOVE_ARCS or self.store.digests_ready():
-            return [self.store.digest(start, end) for start, end in arcs]
-        sums = [0] * len(arcs)
-        for i, key, record in self._indexed_records(arcs):
-            sums[i] ^= fingerprint(key, record.version.hlc, record.version.node.encode())
-        return [value.to_bytes(DIGEST_BYTES, "big") for value in sums]
+        its boundaries), else by reading each arc. Before the index is built,
+        more than FULL_SCAN_ABOVE_ARCS arcs at once (anti-entropy's requests)
+        are refused with DigestsBuildingError: profiled at 1M keys, peers whose
+        index was ready sent those to a node still building, and each cost a
+        whole-store read (~3 s of CPU) in client latency. Blocking: callers
+        use a thread."""
+        if len(arcs) > FULL_SCAN_ABOVE_ARCS and not self.store.digests_ready():
+            raise DigestsBuildingError(
+                f"this node's digest index is still being built; ask for {len(arcs)} arcs' digests again later"
+            )
+        return [self.store.digest(start, end) for start, end in arcs]
 
     def records_in_arcs(self, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
         """Every record inside the arcs; blocking (callers run it in a thread)."""

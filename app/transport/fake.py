@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from app.clock import wall_ms
-from app.errors import PeerUnavailableError
+from app.errors import DigestsBuildingError, PeerRefusedError, PeerUnavailableError
 from app.storage.base import Record
 from app.transport.base import Peer, PeerClient, ReadAnswer, WriteAck
 
@@ -55,7 +55,10 @@ class InProcessPeerClient(PeerClient):
         return await self._target(peer, "batch").write_batch(records)
 
     async def digests(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[bytes]:
-        return self._target(peer, "digests").digests(arcs)
+        try:
+            return self._target(peer, "digests").digests(arcs)
+        except DigestsBuildingError as exc:  # the HTTP client's translation of the route's 409
+            raise PeerRefusedError(f"peer {peer} answered 409 to a digests: {exc}", peer=peer.node_id) from exc
 
     async def records_in_arcs(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
         return self._target(peer, "range").records_in_arcs(arcs)

@@ -8,6 +8,7 @@ import orjson
 from app.errors import (
     AccessError,
     ClockError,
+    DigestsBuildingError,
     FutureVersionError,
     InvalidRequestError,
     KvstoreError,
@@ -36,6 +37,10 @@ def status_for(exc: KvstoreError) -> int:
         return 401 if isinstance(exc, TokenMissingError) else 403
     if isinstance(exc, StorageFullError):
         return 507  # Insufficient Storage: this node is full; growing its volume and --map-size fixes it
+    if isinstance(exc, DigestsBuildingError):
+        # Not 503: a peer's 503 marks the node down for client traffic, and
+        # it serves clients fine; its peers only have to ask for digests later.
+        return 409
     if isinstance(exc, FutureVersionError):
         return 409  # the sender's version is from too far ahead: its clock, not this request, must change
     if isinstance(exc, (PeerError, ClockError, WriteNotWonError, NodeStartingError)):

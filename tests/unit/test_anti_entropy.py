@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from app.cluster.node import Node
+from app.cluster.replica import FULL_SCAN_ABOVE_ARCS
 from app.config import DIGEST_SUBARCS
 from app.ring import HASH_SPACE, in_arc, stable_hash
 from app.storage.base import Record
@@ -78,3 +79,27 @@ async def test_one_differing_key_moves_only_its_sub_arc(cluster: InProcessCluste
     in_sub_arc = sum(in_arc(stable_hash(k), *here.ranges[0]) for k in KEYS)
     assert here.records == in_sub_arc and there.records == in_sub_arc
     assert in_sub_arc < len(KEYS) // 50
+
+
+async def test_a_peer_still_building_its_index_refuses_a_round_and_stays_up(cluster: InProcessCluster) -> None:
+    """A node whose digest index is not built yet (after a crash, at open)
+    would have to read its whole store to answer a round's many arcs; it
+    refuses instead, reads nothing, and its peers keep it up for clients."""
+    await three_nodes_in_sync(cluster)
+    a, c = cluster.nodes["a"], cluster.nodes["c"]
+    c.store.apply(KEYS[3], Record(version=c.clock.now(), value=b"newer"))  # a round would repair this
+    a.store.digests_ready = lambda: False  # type: ignore[method-assign]
+    there = ReadCounter(a)
+    rounds = c.metrics.ae_rounds._value.get()
+
+    assert await c.anti_entropy.compare_with("a") == 0
+    assert (there.ranges, there.gets) == ([], 0)
+    assert c.metrics.ae_rounds._value.get() == rounds  # skipped, not counted as compared
+    assert c.health.is_up("a")
+    # A few arcs (a rebalancing or surplus chunk) are still answered, by reading only them.
+    arcs = c.anti_entropy.shared_arcs("a")[:FULL_SCAN_ABOVE_ARCS]
+    assert a.replica.digests(arcs) == [c.store.digest(*arc) for arc in arcs]
+
+    del a.store.digests_ready  # built: the next round repairs
+    assert await c.anti_entropy.compare_with("a") == 1
+    assert a.store.get(KEYS[3]).value == b"newer"

@@ -7,6 +7,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from app.clock import Version
+from app.cluster.replica import FULL_SCAN_ABOVE_ARCS
 from app.storage.base import Record
 from app.transport import codec
 from app.web.app import create_app
@@ -207,3 +208,16 @@ def test_a_503_says_when_to_retry_and_a_405_what_is_allowed() -> None:
         assert refused.headers["retry-after"] == "1"
         wrong = client.post("/kv/k")
         assert wrong.status_code == 405 and wrong.headers["allow"] == "GET, HEAD, PUT, DELETE"
+
+
+def test_many_arcs_digests_are_refused_with_a_409_while_the_index_builds(client: TestClient) -> None:
+    """Not a 503: that would mark an up node down for client traffic."""
+    node = client.app.slot.require()
+    arcs = node.topology.current.ring.ranges()[: FULL_SCAN_ABOVE_ARCS + 1]
+    node.store.digests_ready = lambda: False
+    refused = client.post("/internal/v1/digests", content=codec.encode_arcs(arcs))
+    assert refused.status_code == 409 and "still being built" in refused.json()["error"]
+    few = client.post("/internal/v1/digests", content=codec.encode_arcs(arcs[:FULL_SCAN_ABOVE_ARCS]))
+    assert few.status_code == 200 and len(codec.decode_digests(few.content)) == FULL_SCAN_ABOVE_ARCS
+    del node.store.digests_ready
+    assert client.post("/internal/v1/digests", content=codec.encode_arcs(arcs)).status_code == 200

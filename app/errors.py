@@ -82,11 +82,21 @@ class NodeStartingError(KvstoreError):
     """The node is still opening its stores; nothing can be served yet."""
 
 
-class DigestsBuildingError(KvstoreError):
+class NotComparableError(KvstoreError):
+    """This node cannot compare digests with the asking peer right now; the
+    peer tries again later or another way. The node is up: a refusal, not an outage."""
+
+
+class RingDiffersError(NotComparableError):
+    """A peer asked for the digest of the arcs both replicate on a ring this
+    node does not have (a membership change is still spreading)."""
+
+
+class DigestsBuildingError(NotComparableError):
     """Digests over many arcs were asked for while this node's digest index is
     still being built (after a crash, at open). Answering would read the whole
     store once per request; the caller (anti-entropy, a surplus hand-off)
-    skips this node and asks again later. The node is up: a refusal, not an outage."""
+    skips this node and asks again later."""
 
 
 class StorageError(KvstoreError):

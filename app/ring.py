@@ -37,7 +37,7 @@ class HashRing:
     the members were given in.
     """
 
-    __slots__ = ("_hash", "_members", "_owners", "_preference", "_tokens", "_vnodes")
+    __slots__ = ("_fingerprint", "_hash", "_members", "_owners", "_preference", "_tokens", "_vnodes")
 
     def __init__(
         self,
@@ -57,6 +57,10 @@ class HashRing:
         # The distinct-member walk from each point, computed once up to
         # PRECOMPUTED_WALK members: owners(key, n) is then a bisect and a slice.
         self._preference = [self._walk(i, PRECOMPUTED_WALK) for i in range(len(points))]
+        # Names the ring across processes: two nodes whose fingerprints match
+        # cut the circle into the same arcs with the same owners.
+        identity = "\n".join([str(vnodes), *self._members]).encode()
+        self._fingerprint = hashlib.blake2b(identity, digest_size=16).hexdigest()
 
     def _walk(self, start: int, n: int) -> tuple[str, ...]:
         count, wanted = len(self._owners), min(n, len(self._members))
@@ -66,6 +70,11 @@ class HashRing:
             seen.setdefault(self._owners[index % count])
             index += 1
         return tuple(seen)
+
+    @property
+    def fingerprint(self) -> str:
+        """The same on every process that built a ring of these members and vnodes."""
+        return self._fingerprint
 
     @property
     def members(self) -> tuple[str, ...]:

@@ -165,6 +165,15 @@ class Store(abc.ABC):
         """Whether digests are answered from the maintained index (built)."""
         return self._digests is not None and self._digests.ready()
 
+    def digest_generation(self) -> int | None:
+        """A number that changes whenever any digest may have (a write, a
+        re-cut); None when digests are not maintained (nothing may be cached).
+        Read it before computing a digest to cache: a change racing the
+        computation then invalidates it."""
+        if self._digests is None or not self._digests.ready():
+            return None
+        return self._digests.generation
+
     def usage(self) -> StorageUsage | None:
         """How full the engine is; None for an engine with no limit of its own (memory)."""
         return None

@@ -198,6 +198,9 @@ class MaintainedDigests:
         self._built = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_build_s = 0.0  # how long the last build or re-cut took (reported by benchmarks)
+        # Bumped on every change and every swap of the served index: a digest
+        # computed at one generation still holds while it is unchanged.
+        self.generation = 0
 
     @property
     def tracking(self) -> bool:
@@ -208,6 +211,7 @@ class MaintainedDigests:
         """Caller holds lock, after its write committed."""
         if not delta:
             return
+        self.generation += 1
         if self._served is not None:
             self._served.changed(token, delta)
         if self._building is not None:
@@ -218,6 +222,7 @@ class MaintainedDigests:
         align): the first align() then re-cuts it instead of reading everything."""
         with self.lock:
             self._served = index
+            self.generation += 1
         self._built.set()
 
     def saved(self) -> DigestIndex | None:
@@ -284,6 +289,7 @@ class MaintainedDigests:
                 )
                 with self.lock:
                     self._served = self._building = None
+                    self.generation += 1
                 self._built.clear()
             with self._wake:
                 self._done_seq = seq
@@ -317,6 +323,7 @@ class MaintainedDigests:
             building = self._building
             building.merge(fresh)
             self._served, self._building = building, None
+            self.generation += 1
         self._built.set()
         self.last_build_s = time.monotonic() - started
         log.info("%s: digest index over %d intervals built in %.2f s", self._name, len(boundaries), self.last_build_s)

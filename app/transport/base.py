@@ -30,6 +30,7 @@ HINT_HEADER = "x-kvstore-hint-for"  # a write held for another replica (hinted h
 SYNCING_HEADER = "x-kvstore-syncing"  # the replica is still pulling this range: its answer may be stale
 BATCH_PATH = INTERNAL_PREFIX + "/batch"
 DIGESTS_PATH = INTERNAL_PREFIX + "/digests"
+SHARED_DIGEST_PATH = INTERNAL_PREFIX + "/shared-digest"  # one digest over every arc two nodes both replicate
 RANGE_PATH = INTERNAL_PREFIX + "/range"
 SYNCING_PATH = INTERNAL_PREFIX + "/syncing"  # the arcs a replica is still pulling after a membership change
 MEMBERSHIP_PATH = INTERNAL_PREFIX + "/membership"
@@ -123,6 +124,13 @@ class PeerClient(abc.ABC):
     @abc.abstractmethod
     async def digests(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[bytes]:
         """The peer's digest of its records in each arc (anti-entropy)."""
+
+    @abc.abstractmethod
+    async def shared_digest(self, peer: Peer, *, asker: str, ring: str) -> bytes:
+        """The peer's combined digest over every arc it and `asker` both
+        replicate on the ring with this fingerprint (anti-entropy's first,
+        one-value comparison). PeerRefusedError when the peer's ring differs,
+        its index is still building, or it predates the route."""
 
     @abc.abstractmethod
     async def records_in_arcs(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from app.clock import wall_ms
-from app.errors import DigestsBuildingError, PeerRefusedError, PeerUnavailableError
+from app.errors import DigestsBuildingError, NotComparableError, PeerRefusedError, PeerUnavailableError
 from app.storage.base import Record
 from app.transport.base import Peer, PeerClient, ReadAnswer, WriteAck
 
@@ -28,6 +28,8 @@ class InProcessPeerClient(PeerClient):
     def __init__(self, replicas: dict[str, ReplicaSide] | None = None) -> None:
         self.replicas: dict[str, ReplicaSide] = replicas if replicas is not None else {}
         self.membership_handlers: dict[str, Callable[[dict[str, str]], object]] = {}
+        # node_id -> its anti-entropy's answer to a shared-digest call (asker, ring fingerprint)
+        self.shared_digest_handlers: dict[str, Callable[[str, str], Awaitable[bytes]]] = {}
         self.unreachable: set[str] = set()
         self.hung: set[str] = set()  # accept calls and never answer (a blackholed peer): callers must time out or hedge
         self.walls: dict[str, Callable[[], int]] = {}  # a node's wall clock, if not the real one (skew tests)
@@ -59,6 +61,13 @@ class InProcessPeerClient(PeerClient):
             return self._target(peer, "digests").digests(arcs)
         except DigestsBuildingError as exc:  # the HTTP client's translation of the route's 409
             raise PeerRefusedError(f"peer {peer} answered 409 to a digests: {exc}", peer=peer.node_id) from exc
+
+    async def shared_digest(self, peer: Peer, *, asker: str, ring: str) -> bytes:
+        self._target(peer, "shared-digest")
+        try:
+            return await self.shared_digest_handlers[peer.node_id](asker, ring)
+        except NotComparableError as exc:  # the HTTP client's translation of the route's 409
+            raise PeerRefusedError(f"peer {peer} answered 409 to a shared digest: {exc}", peer=peer.node_id) from exc
 
     async def records_in_arcs(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
         return self._target(peer, "range").records_in_arcs(arcs)

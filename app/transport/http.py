@@ -53,6 +53,7 @@ from app.transport.base import (
     NEWER_HEADER,
     RANGE_PATH,
     READS_PATH,
+    SHARED_DIGEST_PATH,
     SYNCING_HEADER,
     SYNCING_PATH,
     TOKEN_HEADER,
@@ -337,6 +338,11 @@ class HttpPeerClient(PeerClient):
     async def digests(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[bytes]:
         answer = await self._post(peer, DIGESTS_PATH, codec.encode_arcs(arcs), "digests")
         return _decoded(lambda: codec.decode_digests(answer), peer)
+
+    async def shared_digest(self, peer: Peer, *, asker: str, ring: str) -> bytes:
+        body = orjson.dumps({"asker": asker, "ring": ring})
+        answer = await self._post(peer, SHARED_DIGEST_PATH, body, "shared digest", "application/json")
+        return _decoded(lambda: bytes.fromhex(orjson.loads(answer)["digest"]), peer)
 
     async def records_in_arcs(self, peer: Peer, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
         answer = await self._post(peer, RANGE_PATH, codec.encode_arcs(arcs), "range fetch")

@@ -29,6 +29,7 @@ from app.transport.base import (
     MEMBERSHIP_PATH,
     RANGE_PATH,
     READS_PATH,
+    SHARED_DIGEST_PATH,
     SYNCING_PATH,
     WRITES_PATH,
 )
@@ -86,6 +87,7 @@ class DataPlane:
             CLOCK_PATH: (peer.clock, INTERNAL),
             BATCH_PATH: (peer.batch, INTERNAL),
             DIGESTS_PATH: (peer.digests, INTERNAL),
+            SHARED_DIGEST_PATH: (peer.shared_digest, INTERNAL),
             RANGE_PATH: (peer.range, INTERNAL),
             SYNCING_PATH: (peer.syncing, INTERNAL),
             MEMBERSHIP_PATH: (peer.membership, INTERNAL),

@@ -8,12 +8,12 @@ import orjson
 from app.errors import (
     AccessError,
     ClockError,
-    DigestsBuildingError,
     FutureVersionError,
     InvalidRequestError,
     KvstoreError,
     MethodNotAllowedError,
     NodeStartingError,
+    NotComparableError,
     PeerError,
     StorageFullError,
     TokenMissingError,
@@ -37,7 +37,7 @@ def status_for(exc: KvstoreError) -> int:
         return 401 if isinstance(exc, TokenMissingError) else 403
     if isinstance(exc, StorageFullError):
         return 507  # Insufficient Storage: this node is full; growing its volume and --map-size fixes it
-    if isinstance(exc, DigestsBuildingError):
+    if isinstance(exc, NotComparableError):
         # Not 503: a peer's 503 marks the node down for client traffic, and
         # it serves clients fine; its peers only have to ask for digests later.
         return 409

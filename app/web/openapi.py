@@ -14,6 +14,7 @@ from app.transport.base import (
     MEMBERSHIP_PATH,
     RANGE_PATH,
     READS_PATH,
+    SHARED_DIGEST_PATH,
     SYNCING_PATH,
     WRITES_PATH,
 )
@@ -212,6 +213,11 @@ RAW_ROUTES_OPENAPI: dict[str, Any] = {
         for path, summary, content in (
             (BATCH_PATH, "Apply many replica records, last writer wins (framed records)", "application/octet-stream"),
             (DIGESTS_PATH, "Digest of this node's records in each arc (anti-entropy)", "application/octet-stream"),
+            (
+                SHARED_DIGEST_PATH,
+                "One digest over every arc this node and the asker both replicate (anti-entropy's first comparison)",
+                "application/json",
+            ),
             (
                 RANGE_PATH,
                 "Every record this node holds in the arcs (rebalancing, anti-entropy)",

@@ -137,6 +137,19 @@ class PeerRoutes:
         arcs = _decoded(codec.decode_arcs, await read_body(scope, receive, BULK_MAX_BYTES), "arc list")
         return Reply(200, codec.encode_digests(await asyncio.to_thread(node.replica.digests, arcs)), OCTETS)
 
+    async def shared_digest(self, node: Node, scope: Scope, receive: Receive, method: str) -> Reply:
+        """One digest over every arc this node and the asker both replicate,
+        on the ring the asker names (409 when this node's ring is another or
+        its digest index is still building)."""
+        allow(method, scope["path"], ("POST",))
+        body = _decoded(orjson.loads, await read_body(scope, receive, BULK_MAX_BYTES), "JSON body")
+        asker = body.get("asker") if isinstance(body, dict) else None
+        ring = body.get("ring") if isinstance(body, dict) else None
+        if not isinstance(asker, str) or not isinstance(ring, str):
+            raise InvalidRequestError('the body must be {"asker": "<node id>", "ring": "<ring fingerprint>"}')
+        digest = await node.anti_entropy.answer_shared_digest(asker, ring)
+        return Reply(200, orjson.dumps({"digest": digest.hex()}), JSON)
+
     async def range(self, node: Node, scope: Scope, receive: Receive, method: str) -> Reply:
         """Every record this node holds in the arcs."""
         allow(method, scope["path"], ("POST",))

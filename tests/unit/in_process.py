@@ -50,6 +50,7 @@ class InProcessCluster:
         self.peer_client.replicas[node_id] = node.replica
         self.peer_client.walls[node_id] = wall
         self.peer_client.membership_handlers[node_id] = lambda m, node=node: node.apply_membership(m, propagate=False)
+        self.peer_client.shared_digest_handlers[node_id] = node.anti_entropy.answer_shared_digest
         return node
 
     async def settle(self) -> None:

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import pytest
+
 from app.cluster.node import Node
 from app.cluster.replica import FULL_SCAN_ABOVE_ARCS
 from app.config import DIGEST_SUBARCS
+from app.errors import RingDiffersError
 from app.ring import HASH_SPACE, in_arc, stable_hash
 from app.storage.base import Record
 from tests.unit.in_process import InProcessCluster, members
@@ -103,3 +106,50 @@ async def test_a_peer_still_building_its_index_refuses_a_round_and_stays_up(clus
     del a.store.digests_ready  # built: the next round repairs
     assert await c.anti_entropy.compare_with("a") == 1
     assert a.store.get(KEYS[3]).value == b"newer"
+
+
+class DigestCounter:
+    """Counts the arc digests a node's replica computes."""
+
+    def __init__(self, node: Node) -> None:
+        self.arcs = 0
+        digests = node.replica.digests
+
+        def counted(arcs: list[tuple[int, int]]) -> list[bytes]:
+            self.arcs += len(arcs)
+            return digests(arcs)
+
+        node.replica.digests = counted  # type: ignore[method-assign]
+
+
+async def test_a_quiet_round_is_one_request_and_an_unchanged_store_computes_nothing(cluster: InProcessCluster) -> None:
+    """The Merkle root first: one combined digest per side, kept until the
+    store changes; arcs are compared one by one only when the roots differ."""
+    await three_nodes_in_sync(cluster)
+    a, c = cluster.nodes["a"], cluster.nodes["c"]
+    assert await c.anti_entropy.compare_with("a") == 0  # computes and caches both sides' roots
+    cluster.peer_client.calls.clear()
+    here, there = DigestCounter(c), DigestCounter(a)
+    assert await c.anti_entropy.compare_with("a") == 0
+    assert cluster.peer_client.calls == [("a", "shared-digest")]
+    assert (here.arcs, there.arcs) == (0, 0)  # nothing changed since: both roots came from the cache
+
+    c.store.apply(KEYS[5], Record(version=c.clock.now(), value=b"newer"))  # a change invalidates c's root
+    assert await c.anti_entropy.compare_with("a") == 1
+    assert a.store.get(KEYS[5]).value == b"newer"
+    assert ("a", "digests") in cluster.peer_client.calls  # roots differed: compared arc by arc
+    assert here.arcs > 0
+
+
+async def test_a_peer_on_another_ring_is_compared_arc_by_arc(cluster: InProcessCluster) -> None:
+    await three_nodes_in_sync(cluster)
+    a, c = cluster.nodes["a"], cluster.nodes["c"]
+    with pytest.raises(RingDiffersError):
+        await a.anti_entropy.answer_shared_digest("c", "another-ring/3")
+    await a.apply_membership(members("a", "b", "c", "d"), propagate=False)  # only a knows d
+    await cluster.settle()
+    c.store.apply(KEYS[9], Record(version=c.clock.now(), value=b"newer"))
+    cluster.peer_client.calls.clear()
+    assert await c.anti_entropy.compare_with("a") == 1
+    assert cluster.peer_client.calls[0] == ("a", "shared-digest") and ("a", "digests") in cluster.peer_client.calls
+    assert a.store.get(KEYS[9]).value == b"newer"

@@ -8,7 +8,7 @@ from starlette.testclient import TestClient
 
 from app.clock import Version
 from app.cluster.replica import FULL_SCAN_ABOVE_ARCS
-from app.storage.base import Record
+from app.storage.base import DIGEST_BYTES, Record
 from app.transport import codec
 from app.web.app import create_app
 from tests.unit.nodes import single_node_config
@@ -221,3 +221,20 @@ def test_many_arcs_digests_are_refused_with_a_409_while_the_index_builds(client:
     assert few.status_code == 200 and len(codec.decode_digests(few.content)) == FULL_SCAN_ABOVE_ARCS
     del node.store.digests_ready
     assert client.post("/internal/v1/digests", content=codec.encode_arcs(arcs)).status_code == 200
+
+
+def test_the_shared_digest_route_answers_on_the_same_ring_and_refuses_otherwise() -> None:
+    config = single_node_config(peers="n1=http://127.0.0.1:9,n2=http://127.0.0.1:1", replication_factor="2")
+    with TestClient(create_app(config)) as client:
+        node = client.app.slot.require()
+        assert node.store.wait_digests(10)
+        ring = node.anti_entropy.ring_name()
+        ok = client.post("/internal/v1/shared-digest", json={"asker": "n2", "ring": ring})
+        assert ok.status_code == 200 and len(bytes.fromhex(ok.json()["digest"])) == DIGEST_BYTES
+        other = client.post("/internal/v1/shared-digest", json={"asker": "n2", "ring": "elsewhere/2"})
+        assert other.status_code == 409 and "ring" in other.json()["error"]
+        stranger = client.post("/internal/v1/shared-digest", json={"asker": "n9", "ring": ring})
+        assert stranger.status_code == 409
+        for bad in (b"[]", b"{", b'{"asker": 1, "ring": "x"}'):
+            answer = client.post("/internal/v1/shared-digest", content=bad)
+            assert answer.status_code == 400 and "error" in answer.json(), bad

@@ -37,7 +37,7 @@ class HashRing:
     the members were given in.
     """
 
-    __slots__ = ("_fingerprint", "_hash", "_members", "_owners", "_preference", "_tokens", "_vnodes")
+    __slots__ = ("_fingerprint", "_hash", "_members", "_owners", "_preference", "_replica_sets", "_tokens", "_vnodes")
 
     def __init__(
         self,
@@ -61,6 +61,7 @@ class HashRing:
         # cut the circle into the same arcs with the same owners.
         identity = "\n".join([str(vnodes), *self._members]).encode()
         self._fingerprint = hashlib.blake2b(identity, digest_size=16).hexdigest()
+        self._replica_sets: dict[int, list[tuple[tuple[int, int], tuple[str, ...]]]] = {}
 
     def _walk(self, start: int, n: int) -> tuple[str, ...]:
         count, wanted = len(self._owners), min(n, len(self._members))
@@ -126,8 +127,12 @@ class HashRing:
         return [((bounds[i - 1] if i else bounds[-1]), bounds[i]) for i in range(len(bounds))]
 
     def replica_sets(self, n: int) -> list[tuple[tuple[int, int], tuple[str, ...]]]:
-        """Every arc with its n replicas."""
-        return [(arc, self.owners_of_token(arc[1], n)) for arc in self.ranges()]
+        """Every arc with its n replicas; computed once per ring and n (~1.2 ms
+        for 3,072 arcs, which every anti-entropy round's surplus check paid on
+        the event loop). The list is shared: callers must not change it."""
+        if n not in self._replica_sets:
+            self._replica_sets[n] = [(arc, self.owners_of_token(arc[1], n)) for arc in self.ranges()]
+        return self._replica_sets[n]
 
     def replica_ranges(self, member: str, n: int) -> list[tuple[int, int]]:
         """The arcs (start, end] for which `member` is one of the n replicas."""

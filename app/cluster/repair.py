@@ -4,7 +4,9 @@ Each round this node picks the next peer (round robin) and compares, for every
 ring arc both of them replicate, a digest of the records they hold: an XOR of
 per-record hashes that each store keeps current on every write
 (app.storage.digests), so a round in which nothing differs reads no records.
-A mismatched arc is narrowed to its DIGEST_SUBARCS sub-arcs (a second level
+First one combined digest over all those arcs (the root: one request, each
+side's value cached until its store changes); only when the roots differ
+are the arcs compared one by one. A mismatched arc is narrowed to its DIGEST_SUBARCS sub-arcs (a second level
 of the same digests, cut the same way by both replicas from the same ring);
 only the sub-arcs that still differ are exchanged: this node pulls the peer's
 records there (last writer wins locally) and pushes back the ones it holds

@@ -6,9 +6,10 @@ per-record hashes that each store keeps current on every write
 (app.storage.digests), so a round in which nothing differs reads no records.
 First one combined digest over all those arcs (the root: one request, each
 side's value cached until its store changes); only when the roots differ
-are the arcs compared one by one. A mismatched arc is narrowed to its DIGEST_SUBARCS sub-arcs (a second level
-of the same digests, cut the same way by both replicas from the same ring);
-only the sub-arcs that still differ are exchanged: this node pulls the peer's
+are the arcs compared one by one. A mismatched arc is narrowed to its
+DIGEST_SUBARCS sub-arcs (a second level of the same digests, cut the same
+way by both replicas from the same ring); only the sub-arcs that still
+differ are exchanged: this node pulls the peer's
 records there (last writer wins locally) and pushes back the ones it holds
 newer. Measured (bench/anti_entropy.py, BENCHMARKS.md): a round in which
 nothing differs costs 15-19 ms of CPU at 1M keys, both sides together, where

@@ -45,12 +45,7 @@ class ReadCounter:
 
 
 async def three_nodes_in_sync(cluster: InProcessCluster) -> None:
-    ids = members("a", "b", "c")
-    for node_id in ids:
-        await cluster.add(node_id, ids)
-    await cluster.settle()
-    for key in KEYS:
-        await cluster.nodes["a"].coordinator.put(key, b"v", consistency="all")
+    await cluster.start_holding(["a", "b", "c"], KEYS)
 
 
 async def test_a_round_in_which_nothing_differs_reads_no_records(cluster: InProcessCluster) -> None:

@@ -241,20 +241,11 @@ async def test_no_record_is_read_at_start_when_every_member_replicates_everythin
     assert node.handoff.status.surplus_keys == 0
 
 
-async def _three_holding(cluster: InProcessCluster, keys: list[bytes]) -> None:
-    three = members("a", "b", "c")
-    for node_id in three:
-        await cluster.add(node_id, three)
-    await cluster.settle()
-    for key in keys:
-        await cluster.nodes["a"].coordinator.put(key, b"v", consistency="all")
-
-
 async def test_an_empty_joining_node_is_not_ready_until_its_pull_ends(cluster: InProcessCluster) -> None:
     """Ready only once it holds what it replicates: in CI a test once read the
     new node in the gap between learning the ring and counting its arcs."""
     keys = [f"k{i}".encode() for i in range(300)]
-    await _three_holding(cluster, keys)
+    await cluster.start_holding(["a", "b", "c"], keys)
     d = await cluster.add("d", members("a", "b", "c", "d"))
     checks = 0
     while not (d.members_known and d.handoff._sync_task is not None and d.handoff._sync_task.done()):
@@ -274,7 +265,7 @@ async def test_a_membership_change_during_the_start_up_pull_restarts_it_on_the_n
     """The interrupted pull's arcs are not released unpulled: the node stays
     not ready and pulls everything it replicates on the new ring."""
     keys = [f"k{i}".encode() for i in range(300)]
-    await _three_holding(cluster, keys)
+    await cluster.start_holding(["a", "b", "c"], keys)
     d = await cluster.add("d", members("a", "b", "c", "d"))
     while not d.members_known:
         await asyncio.sleep(0)

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 CLUSTER_STOP_GRACE_S = 5.0  # how long `kvstore cluster` waits for nodes to exit before SIGKILL
 CLIENT_TIMEOUT_S = 10.0
 PR_SET_PDEATHSIG = 1  # linux prctl: signal the child when its parent dies
+ROTATION_GRACE_S = 1.0  # after a TLS rotation, how long an idle connection may still send its next request
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,19 +223,22 @@ def _tls_protocol(tls: TlsMaterial) -> type[asyncio.Protocol]:
     handshake has verified it against the CA before connection_made runs, so
     it is read once per connection, not per request.
 
-    And it ends the connections accepted before a certificate rotation: idle
-    ones at once, busy ones after their response (uvicorn's own graceful
-    shutdown of a connection), so a certificate or CA that was withdrawn
-    stops being trusted within one request, not at the client's leisure.
+    And it ends the connections accepted before a certificate rotation, so a
+    certificate or CA that was withdrawn stops being trusted within one
+    request, not at the client's leisure: each answers the request it is
+    serving or the next one to arrive, then closes; one that sends nothing
+    within ROTATION_GRACE_S is closed then. Not at once when idle (uvicorn's
+    own shutdown): a connection just accepted is idle until its first request
+    is parsed, so closing it dropped a request already sent (seen in CI, as
+    "Server disconnected without sending a response").
     """
     import weakref
 
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    open_connections: weakref.WeakSet[HttpToolsProtocol] = weakref.WeakSet()
-
     class TlsHttpToolsProtocol(HttpToolsProtocol):
         tls_extension: dict[object, object]  # set in connection_made, before any request
+        retiring = False  # a rotation happened since it was accepted: close after the next response
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's own
             super().connection_made(transport)
@@ -258,9 +262,23 @@ def _tls_protocol(tls: TlsMaterial) -> type[asyncio.Protocol]:
             super().on_message_begin()
             self.scope["extensions"] = {"tls": self.tls_extension}  # the ASGI TLS extension
 
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            if self.retiring and self.cycle is not None:
+                self.cycle.keep_alive = False  # answer this request, then close
+
+        def retire(self) -> None:
+            self.retiring = True
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.keep_alive = False
+            else:
+                self.loop.call_later(ROTATION_GRACE_S, self.shutdown)  # closes it if still idle then
+
+    open_connections: weakref.WeakSet[TlsHttpToolsProtocol] = weakref.WeakSet()
+
     def end_connections_of_old_certificates() -> None:
         for connection in list(open_connections):
-            connection.shutdown()  # idle: closed now; busy: after its response
+            connection.retire()
 
     tls.on_rotate(end_connections_of_old_certificates)
     return TlsHttpToolsProtocol

@@ -53,15 +53,17 @@ class InProcessCluster:
         self.peer_client.shared_digest_handlers[node_id] = node.anti_entropy.answer_shared_digest
         return node
 
-    async def start_holding(self, ids: list[str], keys: list[bytes]) -> None:
+    async def start_holding(
+        self, ids: list[str], keys: list[bytes], *, value: bytes = b"v", consistency: str = "all"
+    ) -> None:
         """Open these nodes as one cluster, settle it, and write every key
-        through the first at consistency all (every replica holds it)."""
+        through the first (at consistency all by default: every replica holds it)."""
         listed = members(*ids)
         for node_id in ids:
             await self.add(node_id, listed)
         await self.settle()
         for key in keys:
-            await self.nodes[ids[0]].coordinator.put(key, b"v", consistency="all")
+            await self.nodes[ids[0]].coordinator.put(key, value, consistency=consistency)
 
     async def settle(self) -> None:
         """Let started background work (the first member list, bootstrap syncs,

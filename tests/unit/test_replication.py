@@ -95,13 +95,8 @@ async def test_anti_entropy_converges_replicas_that_missed_writes(cluster: InPro
 
 
 async def test_join_pulls_ranges_and_old_replicas_hand_off_foreign_records(cluster: InProcessCluster) -> None:
-    three = members("a", "b", "c")
-    for node_id in three:
-        await cluster.add(node_id, three)
-    await cluster.settle()
     keys = [f"k{i}".encode() for i in range(300)]
-    for key in keys:
-        await cluster.nodes["a"].coordinator.put(key, b"v")
+    await cluster.start_holding(["a", "b", "c"], keys, consistency="quorum")
     four = members("a", "b", "c", "d")
     d = await cluster.add("d", four)
     await cluster.settle()
@@ -121,15 +116,10 @@ async def test_join_pulls_ranges_and_old_replicas_hand_off_foreign_records(clust
 
 
 async def test_the_digest_check_pulls_a_write_the_first_source_missed(cluster: InProcessCluster) -> None:
-    three = members("a", "b", "c")
-    for node_id in three:
-        await cluster.add(node_id, three)
-    await cluster.settle()
     four = members("a", "b", "c", "d")
     ring = HashRing(four)
     keys = [f"k{i}".encode() for i in range(400)]
-    for key in keys:
-        await cluster.nodes["a"].coordinator.put(key, b"old")
+    await cluster.start_holding(["a", "b", "c"], keys, value=b"old", consistency="quorum")
     # Every old replica misses some acknowledged write (W=2 of 3), so whichever
     # source d streams from, only the digest check against a second finds it.
     mine = [key for key in keys if "d" in ring.owners(key, 3)]
@@ -149,13 +139,8 @@ async def test_the_digest_check_pulls_a_write_the_first_source_missed(cluster: I
 
 
 async def test_surplus_hand_off_keeps_a_newer_write_that_arrived_meanwhile(cluster: InProcessCluster) -> None:
-    three = members("a", "b", "c")
-    for node_id in three:
-        await cluster.add(node_id, three)
-    await cluster.settle()
     keys = [f"k{i}".encode() for i in range(200)]
-    for key in keys:
-        await cluster.nodes["a"].coordinator.put(key, b"v")
+    await cluster.start_holding(["a", "b", "c"], keys, consistency="quorum")
     four = members("a", "b", "c", "d")
     await cluster.add("d", four)
     await cluster.settle()
@@ -225,13 +210,8 @@ async def test_local_writes_arriving_together_share_one_storage_transaction() ->
 
 
 async def test_no_record_is_read_at_start_when_every_member_replicates_everything(cluster: InProcessCluster) -> None:
-    three = members("a", "b", "c")
-    for node_id in three:
-        await cluster.add(node_id, three)
-    await cluster.settle()
+    await cluster.start_holding(["a", "b", "c"], [f"k{i}".encode() for i in range(50)], consistency="quorum")
     node = cluster.nodes["a"]
-    for i in range(50):
-        await node.coordinator.put(f"k{i}".encode(), b"v")
 
     def no_scan(start: int, end: int):
         raise AssertionError("read records although no arc is surplus at N=3 on 3 nodes")

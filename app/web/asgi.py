@@ -33,6 +33,9 @@ JSON = b"application/json"
 OCTETS = b"application/octet-stream"
 TEXT = b"text/plain; charset=utf-8"
 TOKEN_HEADER_BYTES = TOKEN_HEADER.encode()
+# On every answer to a client: the ring's version (Topology.client_epoch), so a
+# ring-aware client notices a membership change on its next call (GET /ring/tokens).
+EPOCH_HEADER = b"x-kvstore-epoch"
 
 
 class Disconnected(Exception):  # noqa: N818 - an event, not a failure: the client went away
@@ -56,10 +59,12 @@ class Reply:
         self.content_type = content_type
         self.headers = headers
 
-    async def send(self, send: Send, *, head: bool = False) -> None:
+    async def send(self, send: Send, *, head: bool = False, extra: tuple[bytes, bytes] | None = None) -> None:
         headers = [(b"content-type", self.content_type), (b"content-length", str(len(self.body)).encode())]
         if self.headers:
             headers.extend(self.headers)
+        if extra is not None:
+            headers.append(extra)
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if head else self.body})
 

@@ -8,7 +8,8 @@ routes, lifespan) falls through to FastAPI. The raw routes still appear in
 /openapi.json (app.web.openapi).
 
 Here, once for every raw route: the node from the slot, the cluster token on
-internal routes, errors turned into answers (app.web.asgi), request metrics.
+internal routes, errors turned into answers (app.web.asgi), request metrics,
+and on every answer to a client (FastAPI's too) the ring's epoch header.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from app.cluster.node import Node
+from app.cluster.topology import Topology
 from app.errors import KvstoreError, MethodNotAllowedError
 from app.metrics import NodeMetrics
 from app.transport.base import (
@@ -33,11 +35,13 @@ from app.transport.base import (
     SYNCING_PATH,
     WRITES_PATH,
 )
-from app.web import routes_data
+from app.web import routes_batch, routes_data
 from app.web.asgi import (
+    EPOCH_HEADER,
     TEXT,
     ASGIApp,
     Disconnected,
+    Message,
     Receive,
     Reply,
     Scope,
@@ -82,6 +86,8 @@ class DataPlane:
             "/get": (routes_data.json_get, "get"),
             "/put": (routes_data.json_put, "put"),
             "/delete": (routes_data.json_delete, "delete"),
+            routes_batch.GET_PATH: (routes_batch.get_many, "batch_get"),
+            routes_batch.PUT_PATH: (routes_batch.put_many, "batch_put"),
             WRITES_PATH: (peer.writes, INTERNAL),
             READS_PATH: (peer.reads, INTERNAL),
             CLOCK_PATH: (peer.clock, INTERNAL),
@@ -94,6 +100,31 @@ class DataPlane:
         }
         self._peer_kv = peer.kv
         self._observe = metrics.observe
+        self._epoch_view: Topology | None = None
+        self._epoch_header: tuple[bytes, bytes] | None = None
+
+    def _epoch(self) -> tuple[bytes, bytes] | None:
+        """The x-kvstore-epoch header of the current ring (None while the node opens)."""
+        node = self.slot.node
+        if node is None:
+            return None
+        view = node.topology.current
+        if view is not self._epoch_view:
+            self._epoch_view = view
+            self._epoch_header = (EPOCH_HEADER, view.client_epoch.encode())
+        return self._epoch_header
+
+    async def _fallback_with_epoch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        epoch = self._epoch()
+        if epoch is None:
+            return await self.fallback(scope, receive, send)
+
+        async def send_with_epoch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), epoch]}
+            await send(message)
+
+        return await self.fallback(scope, receive, send_with_epoch)
 
     # The ASGI entry point. Kept flat: it runs for every request.
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -104,7 +135,7 @@ class DataPlane:
         head = method == "HEAD"
         if path == "/health":
             reply = OK_HEALTH if method == "GET" or head else reply_for(HEALTH_METHODS)
-            return await reply.send(send, head=head)
+            return await reply.send(send, head=head, extra=self._epoch())
         route = self._exact.get(path)
         if route is not None:
             handler, op = route
@@ -113,7 +144,7 @@ class DataPlane:
         elif path.startswith(KV_PATH):
             handler, op = self._peer_kv, INTERNAL
         else:
-            return await self.fallback(scope, receive, send)
+            return await self._fallback_with_epoch(scope, receive, send)
         started = time.perf_counter()
         try:
             node = self.slot.require()
@@ -132,6 +163,8 @@ class DataPlane:
         except Exception:
             log.exception("unexpected error serving %s %s", method, path)
             reply = json_error(500, "internal error; see the node's log")
-        await reply.send(send, head=head)
-        if op is not INTERNAL:
+        if op is INTERNAL:
+            await reply.send(send, head=head)  # peers follow the ring by membership pushes, not this header
+        else:
+            await reply.send(send, head=head, extra=self._epoch())
             self._observe(op, reply.status, time.perf_counter() - started)

@@ -87,11 +87,16 @@ class Router:
         return [view.urls[node_id] for node_id in view.replicas(key)]
 
     def targets(self, key: bytes | None = None) -> list[str]:
-        """Every node to try for a call, best first: the key's replicas, then the rest."""
+        """Every node to try for a call, best first: the key's replicas, then the
+        rest, and last the nodes that failed lately."""
         now = self.clock()
         first = self._rank(self.replica_urls(key), now) if key is not None else []
         rest = [url for url in self._all_urls() if url not in first]
-        return first + self._rank(rest, now)
+        order = first + self._rank(rest, now)
+        if not self.suspect_until:
+            return order
+        suspect = [url for url in order if self.suspect_until.get(url, 0.0) > now]
+        return [url for url in order if url not in suspect] + suspect
 
     def _all_urls(self) -> list[str]:
         known = list(self.view.urls.values()) if self.view is not None else []

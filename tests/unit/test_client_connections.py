@@ -156,6 +156,5 @@ async def test_when_every_node_fails_the_caller_gets_unavailable_within_its_time
             with pytest.raises(Unavailable, match="scripted 503"):
                 await kv.get("s503", timeout=0.5)
             assert time.monotonic() - started < 1.0
-        with Client(urls, ring_aware=False) as skv:
-            with pytest.raises(Unavailable):
-                await asyncio.to_thread(skv.get, "s503", timeout=0.5)
+        with Client(urls, ring_aware=False) as skv, pytest.raises(Unavailable):
+            await asyncio.to_thread(skv.get, "s503", timeout=0.5)

@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.ring import HASH_NAME, HashRing, stable_hash
-from kvstore_client import BadRequest, Forbidden, KvstoreError, StorageFull, Unauthorized, Unavailable
-from kvstore_client import calls
+from kvstore_client import BadRequest, Forbidden, KvstoreError, StorageFull, Unauthorized, Unavailable, calls
 from kvstore_client.errors import from_answer
 from kvstore_client.ring import RingFormatError, RingView, key_hash
 from kvstore_client.routing import BACKOFF_CAP_S, REFRESH_INTERVAL_S, SUSPECT_S, Router

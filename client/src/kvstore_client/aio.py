@@ -47,6 +47,8 @@ class AsyncClient:
         opts = options(token=token, ca=ca, cert=cert, key=key, max_connections=max_connections)
         self._http = httpx.AsyncClient(verify=opts.verify, headers=opts.headers, limits=opts.limits)
         self._refreshing = False
+        self._max_connections = max_connections
+        self._slots = asyncio.Semaphore(max_connections)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -145,6 +147,16 @@ class AsyncClient:
                     break
                 await asyncio.sleep(router.backoff(tries, deadline))
             url = attempt.url
+            # Wait for a connection here, not in httpx's pool: the wait counts
+            # against the caller's deadline, and is no failure of the node.
+            try:
+                if self._slots.locked():
+                    await asyncio.wait_for(self._slots.acquire(), max(0.0, deadline - time.monotonic()))
+                else:
+                    await self._slots.acquire()  # free: no timer needed
+            except TimeoutError:
+                last = last or Unavailable(f"all {self._max_connections} connections stayed busy until the deadline")
+                break
             router.begin(url)
             try:
                 resp = await self._http.request(
@@ -164,6 +176,7 @@ class AsyncClient:
                 continue
             finally:
                 router.end(url)
+                self._slots.release()
             router.answered(url, resp.headers.get(EPOCH_HEADER))
             if resp.status_code == 503:
                 last = from_answer(503, resp.content, node=url)

@@ -61,6 +61,8 @@ class Client:
         opts = options(token=token, ca=ca, cert=cert, key=key, max_connections=max_connections)
         self._http = httpx.Client(verify=opts.verify, headers=opts.headers, limits=opts.limits)
         self._refresh_lock = threading.Lock()
+        self._max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
         self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> Client:
@@ -204,6 +206,10 @@ class Client:
                     break
                 time.sleep(router.backoff(tries, deadline))
             url = attempt.url
+            # Wait for a connection here, not in httpx's pool (see DEFAULT_MAX_CONNECTIONS).
+            if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                last = last or Unavailable(f"all {self._max_connections} connections stayed busy until the deadline")
+                break
             router.begin(url)
             try:
                 resp = self._http.request(
@@ -223,6 +229,7 @@ class Client:
                 continue
             finally:
                 router.end(url)
+                self._slots.release()
             router.answered(url, resp.headers.get(EPOCH_HEADER))
             if resp.status_code == 503:
                 last = from_answer(503, resp.content, node=url)

@@ -7,9 +7,10 @@ keys by replica (kvstore_client's get_many and put_many).
         -> 200 {"versions": {K: VERSION, ...}}
 
 Bounded (MAX_BATCH_KEYS keys, MAX_BATCH_BODY_BYTES of body) and validated as
-the single-key routes are (app.web.keys), every key before anything is read
-or written; each key then goes through the coordinator as a single-key call
-would (replica calls to one peer still coalesce). A batch is not atomic: if
+the single-key routes are (app.web.keys), and each key's permission checked
+(app.web.access.require_key), every key before anything is read or written:
+one refused key refuses the batch. Each key then goes through the coordinator
+as a single-key call would (replica calls to one peer still coalesce). A batch is not atomic: if
 any key fails, the answer is that key's error (a put may have stored the
 others; a whole-value put is idempotent, so retrying the batch is safe).
 Answered by the data plane (app.web.dataplane), like routes_data.
@@ -25,25 +26,19 @@ from typing import Any, TypeVar
 
 import orjson
 
+from app.access import Permission
 from app.clock import Version
 from app.cluster.node import Node
 from app.config import MAX_BATCH_BODY_BYTES, MAX_BATCH_KEYS
 from app.errors import InvalidRequestError
 from app.storage.base import Record
+from app.web.access import require_key
 from app.web.asgi import Receive, Reply, Scope, allow, read_body
 from app.web.keys import check_value_size, parse_query, ttl_from, validate_key
 
 T = TypeVar("T")
 GET_PATH = "/batch/get"
 PUT_PATH = "/batch/put"
-
-
-def authorize_key(scope: Scope, permission: str, key: bytes) -> None:
-    """The access check of one key of a batch (permission: "read" or "write").
-
-    Access control (issue 20) lands app.web.access.require_key on main; until
-    it is merged here this is the one call site per key that must call
-    `require_key(scope, Permission.READ|WRITE, key)`."""
 
 
 async def get_many(node: Node, scope: Scope, receive: Receive, method: str) -> Reply:
@@ -56,7 +51,7 @@ async def get_many(node: Node, scope: Scope, receive: Receive, method: str) -> R
     keys = [validate_key(key.encode("utf-8")) for key in dict.fromkeys(raw_keys)]
     _check_count(len(keys))
     for key in keys:
-        authorize_key(scope, "read", key)
+        require_key(scope, Permission.READ, key)
     consistency = query.get("consistency", "quorum")
     records: list[Record | None] = await _all(node.coordinator.get(key, consistency=consistency) for key in keys)
     values = {
@@ -86,7 +81,7 @@ async def put_many(node: Node, scope: Scope, receive: Receive, method: str) -> R
         check_value_size(value, limit)
         decoded.append((key_bytes, value))
     for key_bytes, _ in decoded:
-        authorize_key(scope, "write", key_bytes)
+        require_key(scope, Permission.WRITE, key_bytes)
     ttl_s = ttl_from(doc.get("ttl"))
     consistency = query.get("consistency", "quorum")
     versions: list[Version] = await _all(

@@ -4,12 +4,15 @@ nodes, N=3, the client given one seed URL. It finds the others; its reads at
 SIGKILL under a quorum writer-reader loop with no failed operation and
 nothing lost by the history checker; it follows a membership change (a node
 added, one removed) without a restart; the async client carries 500
-concurrent operations; the nodes' refusals arrive as typed errors.
+concurrent operations; the nodes' refusals (401, 403 under --auth-file, 413)
+arrive as typed errors; and `pip install ./client` works on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import random
 import re
 import subprocess
@@ -22,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kvstore_client import AsyncClient, BadRequest, Client, KvstoreError
+from kvstore_client import AsyncClient, BadRequest, Client, Forbidden, KvstoreError, Unauthorized
 from tests.harness.processes import Cluster
 from tests.integration.history import Op, check, observe
 from tests.integration.probes import change_membership, membership_disagreement, wait_for
@@ -38,10 +41,27 @@ REPO = Path(__file__).resolve().parents[2]
 MakeCluster = Callable[..., Cluster]
 
 
+TOKENS = {"app": "client-test-app-token", "reader": "client-test-reader-token"}  # users of the shared cluster
+AUTH = {
+    "users": {
+        "app": {"token_sha256": hashlib.sha256(TOKENS["app"].encode()).hexdigest(), "roles": ["all"]},
+        "reader": {"token_sha256": hashlib.sha256(TOKENS["reader"].encode()).hexdigest(), "roles": ["app-read"]},
+    },
+    "roles": {
+        "all": [{"prefix": "", "permissions": ["read", "write"]}],
+        "app-read": [{"prefix": "app/", "permissions": ["read"]}],
+    },
+}
+
+
 @pytest.fixture(scope="module")
 def five(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Five nodes shared by the tests that do not hurt them."""
-    cluster = Cluster(size=5, log_dir=tmp_path_factory.mktemp("client-five"), args=NODE_ARGS)
+    """Five nodes shared by the tests that do not hurt them, with access control on."""
+    root = tmp_path_factory.mktemp("client-five")
+    auth_file = root / "users.json"
+    auth_file.write_text(json.dumps(AUTH))
+    args = [*NODE_ARGS, "--auth-file", str(auth_file), "--cluster-token", "client-test-cluster-token"]
+    cluster = Cluster(size=5, log_dir=root, args=args)
     try:
         yield cluster.start()
     finally:
@@ -60,7 +80,7 @@ def internal_reads(cluster: Cluster) -> float:
 
 
 def test_one_seed_finds_every_node_and_reads_at_one_need_no_node_to_node_read(five: Cluster) -> None:
-    with Client([five[0].url]) as kv:
+    with Client([five[0].url], token=TOKENS["app"]) as kv:
         kv.put_many({key: f"v-{key}" for key in KEYS})
         assert kv.router.view is not None
         assert kv.router.view.urls == five.direct_peers and kv.router.view.replication_factor == N
@@ -79,7 +99,26 @@ def test_one_seed_finds_every_node_and_reads_at_one_need_no_node_to_node_read(fi
 
 
 def test_the_nodes_refusals_are_typed_errors(five: Cluster) -> None:
-    with Client([five[0].url]) as kv:
+    url = five[0].url
+    with Client([url]) as anonymous:
+        with pytest.raises(Unauthorized) as missing:
+            anonymous.get("app/a")
+        assert missing.value.status == 401 and "credentials" in missing.value.message
+    with Client([url], token="not-a-token") as stranger, pytest.raises(Unauthorized, match="unknown token"):
+        stranger.put("app/a", b"v")
+    with Client([url], token=TOKENS["app"]) as app:
+        app.put_many({"app/a": b"1", "app/b": b"2", "other": b"3"})
+    with Client([url], token=TOKENS["reader"]) as reader:
+        assert reader.get_many(["app/a", "app/b"]) == {"app/a": b"1", "app/b": b"2"}
+        with pytest.raises(Forbidden) as denied:
+            reader.put("app/a", b"mine")
+        assert denied.value.status == 403 and "lacks write" in denied.value.message
+        with pytest.raises(Forbidden, match="'other'"):  # every key of a batch is checked
+            reader.get_many(["app/a", "other"])
+        with pytest.raises(Forbidden):
+            reader.put_many({"app/c": b"x"})
+        assert reader.get("app/a") == b"1"
+    with Client([url], token=TOKENS["app"]) as kv:
         with pytest.raises(BadRequest) as too_big:
             kv.put("big", b"x" * 70_000)
         assert too_big.value.status == 413 and "exceeds the limit" in too_big.value.message
@@ -94,7 +133,9 @@ def test_the_nodes_refusals_are_typed_errors(five: Cluster) -> None:
 
 def test_async_client_under_500_concurrent_operations(five: Cluster) -> None:
     async def main() -> list[bytes | None]:
-        async with AsyncClient([five[1].url], timeout=60) as kv:  # the last of 500 queued calls waits for the others
+        async with AsyncClient(
+            [five[1].url], token=TOKENS["app"], timeout=60
+        ) as kv:  # the last of 500 queued calls waits for the others
 
             async def one(i: int) -> bytes | None:
                 await kv.put(f"async-{i}", f"value-{i}")

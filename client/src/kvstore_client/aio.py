@@ -19,7 +19,7 @@ import httpx
 from kvstore_client import calls
 from kvstore_client.calls import Call, Key, Value
 from kvstore_client.errors import KvstoreError, Unavailable, from_answer
-from kvstore_client.options import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT_S, options, timeout
+from kvstore_client.options import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT_S, is_tls_failure, options, timeout
 from kvstore_client.routing import EPOCH_HEADER, Router
 
 T = TypeVar("T")
@@ -141,7 +141,8 @@ class AsyncClient:
     async def _send(self, call: Call[T], urls: list[str], deadline: float, *, max_tries: int | None = None) -> T:
         router = self.router
         last: KvstoreError | None = None
-        for tries, attempt in enumerate(router.attempts(urls, deadline)):
+        refused_tls: set[str] = set()
+        for tries, attempt in enumerate(router.attempts(urls, deadline, skip=refused_tls)):
             if tries:
                 if not call.idempotent or tries == max_tries:
                     break
@@ -173,6 +174,8 @@ class AsyncClient:
             except httpx.TransportError as exc:
                 router.failed(url)
                 last = Unavailable(f"cannot reach: {type(exc).__name__}: {exc}", node=url)
+                if is_tls_failure(exc):
+                    refused_tls.add(url)
                 continue
             finally:
                 router.end(url)

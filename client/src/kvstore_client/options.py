@@ -68,3 +68,16 @@ def options(
 def timeout(total_s: float, connect_s: float) -> httpx.Timeout:
     """One attempt's httpx timeout: connect bounded apart, the rest by the attempt's share."""
     return httpx.Timeout(total_s, connect=connect_s)
+
+
+def is_tls_failure(exc: BaseException) -> bool:
+    """Whether a transport error was TLS refusing (an unknown CA, a wrong host
+    name, a client certificate missing or refused): no retry will change that."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # httpx -> httpcore -> ssl: a short chain
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -124,17 +124,20 @@ class Router:
             groups.setdefault(url, []).append(key)
         return groups
 
-    def attempts(self, urls: list[str], deadline: float) -> Iterable[Attempt]:
-        """Attempts over `urls` in turn (round and round) until the deadline.
-        Each gets half of what is left (at least MIN_ATTEMPT_S), so a node that
-        hangs leaves time for the next one."""
+    def attempts(self, urls: list[str], deadline: float, *, skip: set[str] | None = None) -> Iterable[Attempt]:
+        """Attempts over `urls` in turn (round and round) until the deadline,
+        leaving out those the caller adds to `skip` meanwhile (a TLS failure
+        will not heal by retrying). Each gets half of what is left (at least
+        MIN_ATTEMPT_S), so a node that hangs leaves time for the next one."""
+        skip = skip if skip is not None else set()
         index = 0
         while True:
             left = deadline - self.clock()
-            if left <= 0:
+            candidates = [url for url in urls if url not in skip]
+            if left <= 0 or not candidates:
                 return
             timeout = min(left, max(left / 2, MIN_ATTEMPT_S))
-            yield Attempt(urls[index % len(urls)], timeout, min(timeout, CONNECT_TIMEOUT_S))
+            yield Attempt(candidates[index % len(candidates)], timeout, min(timeout, CONNECT_TIMEOUT_S))
             index += 1
 
     def backoff(self, retry: int, deadline: float) -> float:

@@ -24,7 +24,7 @@ import httpx
 from kvstore_client import calls
 from kvstore_client.calls import Call, Key, Value
 from kvstore_client.errors import KvstoreError, Unavailable, from_answer
-from kvstore_client.options import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT_S, options, timeout
+from kvstore_client.options import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT_S, is_tls_failure, options, timeout
 from kvstore_client.routing import EPOCH_HEADER, Router
 
 T = TypeVar("T")
@@ -140,26 +140,26 @@ class Client:
 
     @contextmanager
     def stream(
-        self, method: str, path: str, *, params: Mapping[str, Any] | None = None, read_timeout: float
-    ) -> Iterator[httpx.Response]:
-        """A streamed request to the first reachable seed, unrouted and not retried
-        (a backup stream cannot resume elsewhere). Non-2xx raises the typed error."""
-        last: KvstoreError | None = None
-        for url in self.router.targets():
-            try:
-                with self._http.stream(
-                    method, url + path, params=params, timeout=httpx.Timeout(self.timeout, read=read_timeout)
-                ) as resp:
-                    if resp.status_code >= 300:
-                        raise from_answer(resp.status_code, resp.read(), node=url)
-                    yield resp
-                    return
-            except httpx.ConnectError as exc:
-                last = Unavailable(f"cannot reach: {exc}", node=url)
-        raise last or Unavailable("no node to ask")
+        self, path: str, *, params: Mapping[str, str | float] | None = None, read_timeout: float
+    ) -> Iterator[Iterator[bytes]]:
+        """GET a streamed answer from the first node to try (the seeds, without
+        ring awareness), yielding its body's chunks; unrouted and not retried:
+        a stream cannot resume elsewhere. A non-2xx answer raises its typed
+        error, a connection lost before or during the stream Unavailable."""
+        url = self.router.targets()[0]
+        try:
+            with self._http.stream(
+                "GET", url + path, params=params, timeout=httpx.Timeout(self.timeout, read=read_timeout)
+            ) as resp:
+                if resp.status_code >= 300:
+                    raise from_answer(resp.status_code, resp.read(), node=url)
+                yield resp.iter_bytes()
+        except httpx.TransportError as exc:
+            raise Unavailable(f"cannot reach: {type(exc).__name__}: {exc}", node=url) from exc
 
     def post(self, path: str, content: bytes, *, params: Mapping[str, str], timeout: float) -> Any:
-        """POST to one node, JSON answer (restore chunks): the first seed that connects."""
+        """POST bytes to one node and return its JSON answer (a restore chunk):
+        sent once (never retried: the caller knows whether its call may repeat)."""
         call: Call[Any] = Call(
             "POST",
             path,
@@ -200,7 +200,8 @@ class Client:
     def _send(self, call: Call[T], urls: list[str], deadline: float, *, max_tries: int | None = None) -> T:
         router = self.router
         last: KvstoreError | None = None
-        for tries, attempt in enumerate(router.attempts(urls, deadline)):
+        refused_tls: set[str] = set()
+        for tries, attempt in enumerate(router.attempts(urls, deadline, skip=refused_tls)):
             if tries:
                 if not call.idempotent or tries == max_tries:
                     break
@@ -226,6 +227,8 @@ class Client:
             except httpx.TransportError as exc:
                 router.failed(url)
                 last = Unavailable(f"cannot reach: {type(exc).__name__}: {exc}", node=url)
+                if is_tls_failure(exc):
+                    refused_tls.add(url)
                 continue
             finally:
                 router.end(url)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import random
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -236,9 +237,12 @@ def test_the_client_distribution_installs_on_its_own(tmp_path: Path) -> None:
     """`pip install ./client` works: it installs kvstore_client, typed
     (py.typed), requiring httpx alone, and it imports without the server."""
     target = tmp_path / "site"
+    source = shutil.copytree(  # a copy: pip builds in the tree, and this one is the developer's
+        REPO / "client", tmp_path / "client", ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    )
     installed = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(target), str(REPO / "client")],
+         "--target", str(target), str(source)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert installed.returncode == 0, installed.stderr

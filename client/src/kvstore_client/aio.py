@@ -152,7 +152,8 @@ class AsyncClient:
             # against the caller's deadline, and is no failure of the node.
             try:
                 if self._slots.locked():
-                    await asyncio.wait_for(self._slots.acquire(), max(0.0, deadline - time.monotonic()))
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):  # no task, unlike wait_for
+                        await self._slots.acquire()
                 else:
                     await self._slots.acquire()  # free: no timer needed
             except TimeoutError:

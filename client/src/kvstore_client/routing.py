@@ -19,6 +19,7 @@ decision and the retry schedule. Pure and shared by the two clients
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -44,8 +45,9 @@ class Attempt:
 
 
 class Router:
-    """The routing state of one client (not thread-safe by locks: counters are
-    approximate under threads, which only blurs the load balance)."""
+    """The routing state of one client. Safe to share between threads: the
+    in-flight counters change under a lock (a lost update would skew the
+    balance for good); the rest is replaced whole, or only advisory."""
 
     def __init__(
         self,
@@ -63,6 +65,7 @@ class Router:
         self.rng = rng or random.Random()
         self.view: RingView | None = None
         self.outstanding: dict[str, int] = {}
+        self._counting = threading.Lock()
         self.suspect_until: dict[str, float] = {}
         self.refresh_wanted = ring_aware  # the first call fetches the ring
         self.refresh_hint: str | None = None  # a node that answered with another epoch: it knows the new ring
@@ -149,10 +152,12 @@ class Router:
     # -- what answers tell us --------------------------------------------------
 
     def begin(self, url: str) -> None:
-        self.outstanding[url] = self.outstanding.get(url, 0) + 1
+        with self._counting:
+            self.outstanding[url] = self.outstanding.get(url, 0) + 1
 
     def end(self, url: str) -> None:
-        self.outstanding[url] = self.outstanding.get(url, 1) - 1
+        with self._counting:
+            self.outstanding[url] = self.outstanding.get(url, 1) - 1
 
     def answered(self, url: str, epoch: str | None) -> None:
         """A node answered (any status): it is up; its epoch may say the ring moved."""
@@ -188,11 +193,13 @@ class Router:
         self.refresh_wanted = False
         self.refresh_hint = None
         self.refreshes += 1
-        # Nodes no longer in the ring keep no state here.
+        # Nodes no longer in the ring keep no state here (but calls still in flight to one).
         live = set(view.urls.values()) | set(self.seeds)
-        for table in (self.outstanding, self.suspect_until):
-            for url in [url for url in table if url not in live and not table.get(url)]:
-                del table[url]
+        for url in [url for url in self.suspect_until if url not in live]:
+            self.suspect_until.pop(url, None)
+        with self._counting:
+            for url in [url for url, count in self.outstanding.items() if url not in live and count <= 0]:
+                del self.outstanding[url]
 
     def refresh_failed(self) -> None:
         """No node gave a usable ring: keep the old view (or none: route through

@@ -141,6 +141,7 @@ class AsyncClient:
     async def _send(self, call: Call[T], urls: list[str], deadline: float, *, max_tries: int | None = None) -> T:
         router = self.router
         last: KvstoreError | None = None
+        answered: KvstoreError | None = None  # the last 503 a node answered with
         refused_tls: set[str] = set()
         for tries, attempt in enumerate(router.attempts(urls, deadline, skip=refused_tls)):
             if tries:
@@ -183,10 +184,11 @@ class AsyncClient:
                 self._slots.release()
             router.answered(url, resp.headers.get(EPOCH_HEADER))
             if resp.status_code == 503:
-                last = from_answer(503, resp.content, node=url)
+                answered = last = from_answer(503, resp.content, node=url)
                 continue
             return call.answer(resp.status_code, resp.headers, resp.content, node=url)
-        raise last or Unavailable("the operation's timeout ran out before any node was asked")
+        # A node's own reason (a quorum it could not reach) says more than a connection error.
+        raise answered or last or Unavailable("the operation's timeout ran out before any node was asked")
 
     async def _refresh_if_due(self) -> None:
         """Fetch the ring when the router wants it: one task does, the others

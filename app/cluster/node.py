@@ -19,7 +19,7 @@ from app.clock import HybridClock, wall_ms
 from app.cluster.anti_entropy import AntiEntropy
 from app.cluster.clock_offsets import ClockOffsets
 from app.cluster.context import ClusterContext
-from app.cluster.coordinator import Coordinator, required_acks
+from app.cluster.coordinator import Consistency, Coordinator, required_acks
 from app.cluster.handoff import Handoff
 from app.cluster.health import PeerHealth
 from app.cluster.replica import Replica
@@ -84,7 +84,7 @@ class Node:
         self.coordinator = Coordinator(context, clock=self.clock, offsets=self.offsets)
         self.handoff = Handoff(
             context,
-            write_quorum=required_acks("quorum", config.replication_factor),
+            write_quorum=required_acks(Consistency.QUORUM, config.replication_factor),
             sync_deadline_s=config.sync_deadline,
         )
         self.anti_entropy = AntiEntropy(context)
@@ -330,7 +330,7 @@ class Node:
         if len(ring) == 0:
             return 0
         n = min(self.config.replication_factor, len(ring))
-        needed = required_acks("quorum", n)
+        needed = required_acks(Consistency.QUORUM, n)
         up = {node_id for node_id in ring.members if node_id == self.config.node_id or self.health.is_up(node_id)}
         return sum(1 for _, owners in ring.replica_sets(n) if len(up.intersection(owners)) < needed)
 

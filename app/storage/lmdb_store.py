@@ -118,7 +118,7 @@ class LmdbStore(Store):
         writemap: bool = LMDB_WRITEMAP,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
-            raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, got {fsync!r}")
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
         self._path = path
         self._fsync = fsync
         self._grace_ms = int(tombstone_grace_s * 1000)

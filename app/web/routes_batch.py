@@ -28,6 +28,7 @@ import orjson
 
 from app.access import Permission
 from app.clock import Version
+from app.cluster.coordinator import Consistency
 from app.cluster.node import Node
 from app.config import MAX_BATCH_BODY_BYTES, MAX_BATCH_KEYS
 from app.errors import InvalidRequestError
@@ -52,7 +53,7 @@ async def get_many(node: Node, scope: Scope, receive: Receive, method: str) -> R
     _check_count(len(keys))
     for key in keys:
         require_key(scope, Permission.READ, key)
-    consistency = query.get("consistency", "quorum")
+    consistency = query.get("consistency", Consistency.QUORUM)
     records: list[Record | None] = await _all(node.coordinator.get(key, consistency=consistency) for key in keys)
     values = {
         key.decode(): base64.b64encode(record.value).decode("ascii")
@@ -83,7 +84,7 @@ async def put_many(node: Node, scope: Scope, receive: Receive, method: str) -> R
     for key_bytes, _ in decoded:
         require_key(scope, Permission.WRITE, key_bytes)
     ttl_s = ttl_from(doc.get("ttl"))
-    consistency = query.get("consistency", "quorum")
+    consistency = query.get("consistency", Consistency.QUORUM)
     versions: list[Version] = await _all(
         node.coordinator.put(key, value, ttl_s=ttl_s, consistency=consistency) for key, value in decoded
     )

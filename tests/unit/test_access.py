@@ -142,7 +142,7 @@ def test_everyone_is_allowed_everything_when_access_control_is_off() -> None:
     ],
 )
 def test_an_invalid_file_is_refused_saying_what_is_wrong(text: str, words: str) -> None:
-    with pytest.raises(ConfigError, match=None) as caught:
+    with pytest.raises(ConfigError) as caught:
         parse_rules(text)
     assert words in str(caught.value), str(caught.value)
 

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 import kvstore_client
-from app.backup_format import BackupReader
 from app.errors import BackupCommandError, BackupFormatError
+from app.storage.backup_format import BackupReader
 
 BACKUP_READ_TIMEOUT_S = 300.0  # between two chunks of a backup stream: a big batch on a loaded cluster
 RESTORE_TIMEOUT_S = 120.0  # one chunk's write to W replicas of every key in it

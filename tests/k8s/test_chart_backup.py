@@ -58,7 +58,7 @@ def test_backup_manifests_validate_strictly(render: Render, scenario: str) -> No
     assert cronjob(docs)
 
 
-def test_cronjob_runs_kvstore_backup_with_the_nodes_token(render: Render) -> None:
+def test_cronjob_runs_kvstore_backup_with_the_admin_token(render: Render) -> None:
     docs = render(values_files=[BACKUP_VALUES])
     job = cronjob(docs)
     assert job["spec"]["schedule"] == "30 2 * * *"
@@ -67,8 +67,10 @@ def test_cronjob_runs_kvstore_backup_with_the_nodes_token(render: Render) -> Non
     pod = backup_pod(docs)["spec"]
     [container] = pod["containers"]
     env = {item["name"]: item for item in container["env"]}
-    node_env = {item["name"]: item for item in statefulset(docs)["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["KVSTORE_CLUSTER_TOKEN"]["valueFrom"] == node_env["KVSTORE_CLUSTER_TOKEN"]["valueFrom"]
+    # Backups need `admin`: the chart's admin token, sent as the Bearer token (KVSTORE_TOKEN).
+    assert env["KVSTORE_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "kv-kvstore-auth", "key": "admin-token"}}
+    assert one(docs, "Secret", "kv-kvstore-auth")["data"]["admin-token"]
+    assert "KVSTORE_CLUSTER_TOKEN" not in env, "the cluster token is the nodes' own, not a client's"
     assert env["KVSTORE_URL"]["value"] == "http://kv-kvstore.store.svc.cluster.local:8080"
     assert env["BACKUP_KEEP"]["value"] == "3"
     assert env["BACKUP_ARGS"]["value"] == "--compression zstd --pace 0.5"
@@ -126,7 +128,7 @@ def test_backup_pod_is_hardened_like_the_nodes(render: Render) -> None:
 def test_network_policy_admits_the_backup_pods(render: Render) -> None:
     docs = render(values_files=[BACKUP_VALUES])  # allowClientLabel false: only the explicit rule lets them in
     labels = backup_pod(docs)["metadata"]["labels"]
-    [rule] = one(docs, "NetworkPolicy")["spec"]["ingress"]
+    rule = next(r for r in one(docs, "NetworkPolicy")["spec"]["ingress"] if r["ports"][0]["port"] == "http")
     admitted = [
         peer
         for peer in rule["from"]

@@ -120,6 +120,31 @@ def test_extra_users_and_roles_join_the_chart_made_file(render: Render) -> None:
     assert env_of(container)["KVSTORE_AUTH_FILE"]["value"] == "/etc/kvstore/access/access.yaml"
 
 
+@pytest.mark.parametrize("scenario", ["default", "full"])
+def test_the_node_accepts_the_chart_made_users_file_and_the_admin_token_opens_every_key(
+    render: Render, scenario: str
+) -> None:
+    """The file the chart writes, read by the node's own parser (app.access, what
+    --auth-file loads): the admin token authenticates the admin, with read, write and
+    admin over every key; the extra users keep their roles."""
+    from app.access import Permission, parse_rules
+
+    docs = render(values_files=[FULL]) if scenario == "full" else render()
+    secret = "store-auth" if scenario == "full" else AUTH_SECRET
+    token_key, file_key = ("root-token", "access.yaml") if scenario == "full" else ("admin-token", "users.yaml")
+    data = secret_data(docs, secret)
+    rules = parse_rules(data[file_key])
+    admin = rules.user_for_token(data[token_key].encode())
+    assert admin is not None and admin.name == ("root" if scenario == "full" else "admin")
+    for permission in Permission:
+        assert admin.allows(permission, b"") and admin.allows(permission, b"any/key")
+    assert rules.user_for_token(b"not-the-token") is None
+    if scenario == "full":
+        reporting = rules.user_for_certificate(("reporting",))
+        assert reporting is not None and reporting.allows(Permission.READ, b"app/x")
+        assert not reporting.allows(Permission.WRITE, b"app/x") and not reporting.allows(Permission.READ, b"app2/x")
+
+
 @pytest.mark.parametrize(
     "changed",
     [
@@ -138,6 +163,60 @@ def test_users_file_changes_do_not_roll_the_pods(render: Render, changed: list[s
     assert pod_template(base) == pod_template(other)
     cluster = render(set_values=["auth.adminToken=first-admin-token-01234", "clusterToken.value=rotated-token"])
     assert pod_template(base) != pod_template(cluster), "a new cluster token (env, read at start) rolls the pods"
+
+
+def test_helm_test_script_gets_401_without_the_token_and_round_trips_with_it(render: Render, tmp_path: Path) -> None:
+    """The `helm test` pod's script as rendered, under /bin/sh with the real `kvstore` CLI, against
+    a real node running with the chart's users file: it passes with the admin token the Secret
+    reference names, and fails when the node lets a request without a token through."""
+    import subprocess
+    import sys
+
+    from tests.harness.processes import NodeProcess, free_port
+
+    docs = render()
+    [container] = one(docs, "Pod")["spec"]["containers"]
+    env = env_of(container)
+    ref = env["KVSTORE_TOKEN"]["valueFrom"]["secretKeyRef"]
+    data = secret_data(docs, ref["name"])
+    users = tmp_path / "users.yaml"
+    users.write_text(data["users.yaml"])
+
+    def run_script(node_args: list[str]) -> subprocess.CompletedProcess[str]:
+        port = free_port()
+        node = NodeProcess(
+            node_id="n1",
+            host="127.0.0.1",
+            port=port,
+            peers={"n1": f"http://127.0.0.1:{port}"},
+            log_dir=tmp_path,
+            args=["--replication-factor", "1", "--cluster-token", "t0ken", *node_args],
+        )
+        node.start()
+        try:
+            node.wait_ready()
+            return subprocess.run(
+                [*container["command"], *container["args"]],
+                env={
+                    "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                    "KVSTORE_URL": node.url,
+                    "KEY": env["KEY"]["value"],
+                    "KVSTORE_TOKEN": data[ref["key"]],
+                },
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+        finally:
+            node.stop()
+
+    passed = run_script(["--auth-file", str(users)])
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert "without a token: refused (401)" in passed.stdout and "OK" in passed.stdout
+    open_node = run_script([])  # no access control: the script must notice the anonymous read got through
+    assert open_node.returncode != 0, open_node.stdout
+    assert "expected a 401" in open_node.stderr or "succeeded" in open_node.stderr, open_node.stderr
 
 
 # -- off, and a users file of one's own --------------------------------------------------------

@@ -142,7 +142,7 @@ def test_everyone_is_allowed_everything_when_access_control_is_off() -> None:
     ],
 )
 def test_an_invalid_file_is_refused_saying_what_is_wrong(text: str, words: str) -> None:
-    with pytest.raises(ConfigError, match=None) as caught:
+    with pytest.raises(ConfigError) as caught:
         parse_rules(text)
     assert words in str(caught.value), str(caught.value)
 
@@ -205,7 +205,7 @@ def test_denials_are_logged_in_bursts_then_at_a_rate_with_a_count_of_the_rest(
 
 def test_auth_without_a_guard_on_internal_routes_refuses_to_start() -> None:
     base = {"node_id": "n1", "auth_file": "/x/users.yaml"}
-    with pytest.raises(ConfigError, match="/internal/.*would stay open"):
+    with pytest.raises(ConfigError, match=r"/internal/.*would stay open"):
         NodeConfig.from_options(base)
     assert NodeConfig.from_options(base | {"cluster_token": "t"}).auth_file == "/x/users.yaml"
 

@@ -73,7 +73,7 @@ LMDB_SWEEP_BATCH = 512  # records purged per sweep transaction: each holds the w
 LMDB_SCAN_CHUNK = 1024  # records read per iter_range/digest transaction: no read txn outlives a chunk, so pages recycle
 # Sub-arcs per ring arc in the maintained digest index (app.storage.digests):
 # the Merkle level anti-entropy narrows a mismatched arc to. Measured in
-# bench/anti_entropy.py (BENCHMARKS.md, issue 10).
+# bench/anti_entropy.py (BENCHMARKS.md, "maintained digests").
 DIGEST_SUBARCS = 16
 DEFAULT_REPLICATION_FACTOR = 3  # survives one node down with quorum reads and writes (R + W > N)
 DEFAULT_ANTI_ENTROPY_INTERVAL_S = 30.0  # replicas converge within minutes even with no reads; cheap when in sync

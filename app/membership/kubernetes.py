@@ -269,8 +269,13 @@ class _Watcher:
                 try:
                     event = json.loads(line)
                 except ValueError:
-                    continue
+                    event = None
                 if not isinstance(event, dict):
+                    # One garbled line (a proxy's, a truncated chunk) loses no state: the
+                    # next event or relist corrects it. Said once per line, at warning.
+                    log.warning(
+                        "kubernetes: skipped a watch line on %s that is no JSON object: %.200r", self.resource, line
+                    )
                     continue
                 kind, obj = event.get("type"), event.get("object") or {}
                 if kind == "ERROR":

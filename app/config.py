@@ -86,7 +86,7 @@ GC_THRESHOLDS = (
     50_000,
     50,
     100,
-)  # young-generation collections every 50k allocations, not 700: see app/cli.py run_node
+)  # young-generation collections every 50k allocations, not 700: see app/web/server.py serve
 DEFAULT_LOG_LEVEL = "warning"  # a quiet node: what it logs is worth reading (refusals, peers down, reloads)
 DEFAULT_CLUSTER_BASE_PORT = 8080  # `kvstore cluster`: 8080, 8081, 8082, as the README's walkthrough expects
 DEFAULT_CLUSTER_NODES = 3

@@ -5,7 +5,7 @@ those agree, the records come from one of them, where they differ, from each
 of them, keeping the newest version per key (tombstones and expiries
 included). Paced: after each batch the reader rests, so client traffic keeps
 most of the CPU. Called by the backup route (app.web.routes_backup), which
-turns each batch into chunks of app.backup_format.
+turns each batch into chunks of app.storage.backup_format.
 
 Why that is complete: a write acknowledged before the backup started is
 durable on W replicas of its arc, so any R' = N - W + 1 replicas include one

@@ -19,8 +19,8 @@ from typing import IO, Any
 
 import httpx
 
-from app.backup_format import BackupReader
 from app.errors import BackupCommandError, BackupFormatError
+from app.storage.backup_format import BackupReader
 
 CLIENT_CONNECT_TIMEOUT_S = 10.0
 BACKUP_READ_TIMEOUT_S = 300.0  # between two chunks of a backup stream: a big batch on a loaded cluster

@@ -4,4 +4,4 @@ Layers (enforced by import-linter, see pyproject.toml):
 web -> cluster -> {transport, discovery} -> storage -> {ring, clock} -> {errors, config}.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

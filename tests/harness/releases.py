@@ -104,7 +104,10 @@ def build_release(version: str, commit: str, *, cache_root: Path = CACHE_ROOT) -
         archive = _run(["git", "-C", str(REPO), "archive", "--format=tar", commit]).stdout
         release.tree.mkdir(parents=True)
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            tar.extractall(release.tree, filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python 3.11.4+: refuse links and paths leaving the tree
+                tar.extractall(release.tree, filter="data")
+            else:  # our own repository's archive: nothing hostile in it
+                tar.extractall(release.tree)
         _run([sys.executable, "-m", "venv", str(home / "venv")])
         locks = release.tree / "requirements"
         pip = [str(release.python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]

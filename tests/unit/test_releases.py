@@ -24,7 +24,7 @@ def test_the_previous_release_is_the_newest_older_one(tmp_path: Path) -> None:
     assert listed_releases(listing) == [("0.1.0", "aaa"), ("0.2.0", "bbb"), ("0.10.0", "ccc")]
     assert version_key("0.10.0") > version_key("0.9.1")
     assert previous_release(__version__)[0] != __version__
-    with pytest.raises(RuntimeError, match="no release older than 0.0.1"):
+    with pytest.raises(RuntimeError, match=r"no release older than 0\.0\.1"):
         previous_release("0.0.1")
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -25,12 +26,14 @@ from pathlib import Path
 from urllib.parse import quote
 
 import httpx
+import lmdb
 import pytest
 
 from app import __version__
 from app.backup_format import BackupReader
 from app.clock import LOGICAL_BITS, Version
 from app.ring import HashRing
+from app.storage import LmdbStore
 from app.transport.protocol import PROTOCOL
 from tests.harness.processes import Cluster, NodeProcess
 from tests.harness.releases import Release, build_previous_release
@@ -257,3 +260,27 @@ def test_rolling_upgrade_and_rollback_under_load(
     print(f"{verdict.summary()}; whole test {time.monotonic() - started:.1f}s")
     assert verdict.acknowledged >= MIN_ACKNOWLEDGED, verdict.summary()
     assert verdict.lost == 0, verdict.summary()
+
+
+def test_a_node_refuses_a_store_of_a_newer_format_at_start(tmp_path: Path) -> None:
+    """The release before a format change meets a store its successor migrated:
+    it exits at start with one clear line, and the store is left as it was."""
+    data = tmp_path / "node1"
+    store = LmdbStore(path=str(data), node_id="node1", fsync="never", fsync_window_ms=5, tombstone_grace_s=60)
+    store.close()
+    env = lmdb.open(str(data), max_dbs=4)
+    with env.begin(write=True, db=env.open_db(b"meta")) as txn:
+        txn.put(b"format", b"2")
+        txn.put(b"release", b"0.9.0")
+    env.close()
+    before = (data / "data.mdb").read_bytes()
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "node", "--node-id", "node1", "--listen", "127.0.0.1:9", "--data-dir", str(data)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    stderr = done.stderr.decode()
+    assert done.returncode == 1, stderr
+    assert "on-disk format 2, written by kvstore 0.9.0" in stderr and "nothing in it was changed" in stderr, stderr
+    assert (data / "data.mdb").read_bytes() == before

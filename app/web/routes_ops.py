@@ -36,6 +36,7 @@ def readiness(slot: NodeSlot) -> tuple[int, dict[str, str]]:
 @router.get("/ring", summary="This node's view of the ring: members, reachability, key-space shares")
 async def ring(request: Request) -> dict[str, object]:
     node = node_of(request)
+    source = node.membership_source
     view = node.topology.current
     shares = view.ring.shares()
     replica_shares = view.ring.shares(node.config.replication_factor)
@@ -43,7 +44,7 @@ async def ring(request: Request) -> dict[str, object]:
     members = []
     capabilities = node.capabilities
     for node_id, peer in sorted(view.peers.items()):
-        state = node.health.snapshot(node_id)
+        state = node.health.state(node_id)
         protocol = capabilities.peer(node_id)
         is_self = node_id == node.config.node_id
         members.append(
@@ -83,7 +84,7 @@ async def ring(request: Request) -> dict[str, object]:
         "vnodes": view.ring.vnodes,
         "replication_factor": min(node.config.replication_factor, len(view.ring)),
         "clock": {"max_offset_ms": node.offsets.max_offset_ms, "refusal": node.offsets.refusal()},
-        "membership_source": node.source.status() | {"staleness_s": round(node.source.staleness_s(), 3)},
+        "membership_source": source.status() | {"staleness_s": round(source.staleness_s(), 3)},
         "members": members,
     }
 

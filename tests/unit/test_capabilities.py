@@ -112,7 +112,7 @@ def test_a_peer_too_old_too_new_or_unreadable_is_named_and_kept_down(header: str
     reason = caps.incompatibility("n2")
     assert reason is not None and words in reason
     assert caps.peer("n2") is None and caps.incompatible_members() == ["n2"]
-    assert not health.is_up("n2") and words in health.snapshot("n2").last_error
+    assert not health.is_up("n2") and words in health.state("n2").last_error
     health.mark_up("n2")  # a probe answered, a request came: still down
     health.heard_from("n2")
     assert not health.is_up("n2")

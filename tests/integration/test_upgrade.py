@@ -146,6 +146,11 @@ def test_rolling_upgrade_and_rollback_under_load(
 ) -> None:
     old, new = previous.version, __version__
     started = time.monotonic()
+    marks: list[tuple[str, float]] = []
+
+    def mark(phase: str) -> None:
+        marks.append((phase, time.monotonic()))
+
     for node in cluster.nodes:
         run_as(node, previous)
     cluster.start()
@@ -153,6 +158,7 @@ def test_rolling_upgrade_and_rollback_under_load(
     urls = cluster.direct_peers
     load = start_load(urls=list(urls.values()), keys=KEYS, clients=CLIENTS, name="upgrade")
     load.run_for(1.5, min_ops=150)
+    mark(f"three {old} nodes up")
 
     # -- node1 upgraded: a mixed cluster, running the old protocol -------------------
     replace(cluster, "node1", None)
@@ -163,6 +169,7 @@ def test_rolling_upgrade_and_rollback_under_load(
         what="node1 hears the old nodes as the old release",
     )
     load.run_for(1.0, min_ops=100)
+    mark("node1 upgraded")
 
     # Anti-entropy across the boundary: a record only node1 (new) holds reaches node2 and node3 (old).
     key = "anti-entropy-probe"
@@ -183,6 +190,7 @@ def test_rolling_upgrade_and_rollback_under_load(
         timeout=SPREAD_WITHIN_S,
         what="anti-entropy carries node1's record to the old nodes",
     )
+    mark("anti-entropy new to old")
 
     # A crash in the mixed state: old node3 SIGKILLed under load; node1 (new) keeps
     # hints for it and delivers them to it once it is back (new to old).
@@ -198,6 +206,7 @@ def test_rolling_upgrade_and_rollback_under_load(
         what="node1 delivers its hints to the restarted old node3",
     )
     assert metric(node1, "kvstore_hints_delivered_total") > delivered_before
+    mark("crash, hints new to old")
 
     # A join through an old node: node4 (new) admitted by node2 (old), which tells everyone;
     # node4 pulls its arcs from old and new replicas alike.
@@ -213,6 +222,7 @@ def test_rolling_upgrade_and_rollback_under_load(
     wait_for(lambda: rebalancing_left(urls, token=TOKEN), timeout=REBALANCE_WITHIN_S, what="rebalancing done")
     for node in cluster.nodes:  # as an operator would: later restarts name the four members in --peers
         node.peers = dict(urls)
+    mark("join through an old node")
 
     # A backup through a new node of what old nodes hold.
     backup_ops = record_writes(urls["node2"], ((k, f"kept-{k}".encode()) for k in BACKUP_KEYS))
@@ -221,6 +231,7 @@ def test_rolling_upgrade_and_rollback_under_load(
     assert answer.status_code == 200, answer.text[:300]
     in_backup = {k: r.value for chunk in BackupReader(io.BytesIO(answer.content)) for k, r in chunk.decode()}
     assert {k: in_backup.get(k.encode()) for k in BACKUP_KEYS} == {k: f"kept-{k}".encode() for k in BACKUP_KEYS}
+    mark("backup through a new node")
 
     # -- the rest upgraded; one rolled back; upgraded again ---------------------------
     for node_id in ("node2", "node3"):
@@ -230,6 +241,7 @@ def test_rolling_upgrade_and_rollback_under_load(
     wait_for(
         expect_view(node1, versions=everyone_new, cluster_protocol=PROTOCOL), timeout=REJOIN_WITHIN_S, what="all new"
     )
+    mark("node2, node3 upgraded")
 
     replace(cluster, "node2", previous)  # rollback: the old release opens the store the new one wrote
     wait_for(
@@ -238,6 +250,7 @@ def test_rolling_upgrade_and_rollback_under_load(
         what="node1 sees node2 back on the old release, and the cluster back in the old protocol",
     )
     load.run_for(1.5, min_ops=150)
+    mark("node2 rolled back")
 
     replace(cluster, "node2", None)
     for url in urls.values():
@@ -248,6 +261,7 @@ def test_rolling_upgrade_and_rollback_under_load(
         )
     load.run_for(1.0, min_ops=100)
     ops = load.stop()
+    mark("node2 upgraded again")
 
     # -- the verdict ------------------------------------------------------------------
     server_errors = [op.error for op in ops if "HTTP 5" in op.error]
@@ -257,7 +271,12 @@ def test_rolling_upgrade_and_rollback_under_load(
     owners = HashRing(list(urls))
     wait_converged(urls, KEYS, owners=lambda k: owners.owners(k.encode(), N), token=TOKEN, timeout=SETTLE_WITHIN_S)
     verdict = check(ops, observe(urls, KEYS))
-    print(f"{verdict.summary()}; whole test {time.monotonic() - started:.1f}s")
+    mark("converged and judged")
+    steps, last = [], started
+    for phase, at in marks:
+        steps.append(f"{phase} {at - last:.1f}s")
+        last = at
+    print(f"{verdict.summary()}\nphases: {'; '.join(steps)}; whole test {time.monotonic() - started:.1f}s")
     assert verdict.acknowledged >= MIN_ACKNOWLEDGED, verdict.summary()
     assert verdict.lost == 0, verdict.summary()
 

@@ -30,10 +30,10 @@ import lmdb
 import pytest
 
 from app import __version__
-from app.backup_format import BackupReader
 from app.clock import LOGICAL_BITS, Version
 from app.ring import HashRing
 from app.storage import LmdbStore
+from app.storage.backup_format import BackupReader
 from app.transport.protocol import PROTOCOL
 from tests.harness.processes import Cluster, NodeProcess
 from tests.harness.releases import Release, build_previous_release

@@ -9,6 +9,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from app import __version__
+from app.cli import format_ring
 from app.cluster.capabilities import Capabilities
 from app.cluster.health import PeerHealth
 from app.transport.protocol import LEGACY, OWN, PROTOCOL_HEADER, PeerProtocol, parse
@@ -151,3 +152,17 @@ def test_an_internal_request_from_a_peer_too_new_marks_it_unreachable_in_ring_an
         assert not n2["reachable"] and "too new: it runs kvstore 9.0.0" in n2["incompatible"]
         assert ring["cluster"]["waiting_for"] == ["n2"]
         assert "kvstore_peers_incompatible 1.0" in client.get("/metrics").text
+
+
+def test_the_cli_ring_table_shows_versions_of_both_releases(client: TestClient) -> None:
+    table = format_ring(client.get("/ring").json())
+    assert (
+        "VERSION" in table.splitlines()[1]
+        and f" {__version__} " in table
+        and f"cluster protocol {OWN.protocol}" in table
+    )
+    old_ring = client.get("/ring").json()  # as 0.1.0 answers: no versions, no cluster
+    old_ring.pop("cluster")
+    for member in old_ring["members"]:
+        member.pop("version")
+    assert " ? " in format_ring(old_ring) and "cluster protocol" not in format_ring(old_ring)

@@ -5,6 +5,8 @@ down; and the header on the wire of one node's HTTP API."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from starlette.testclient import TestClient
 
@@ -101,7 +103,9 @@ def test_the_header_round_trips_and_unknown_fields_are_ignored() -> None:
         ("garbage", "unreadable"),
     ],
 )
-def test_a_peer_too_old_too_new_or_unreadable_is_named_and_kept_down(header: str, words: str) -> None:
+def test_a_peer_too_old_too_new_or_unreadable_is_named_and_kept_down(
+    header: str, words: str, caplog: pytest.LogCaptureFixture
+) -> None:
     health = PeerHealth()
     caps = Capabilities(
         self_id="n1",
@@ -109,7 +113,9 @@ def test_a_peer_too_old_too_new_or_unreadable_is_named_and_kept_down(header: str
         on_verdict=health.set_incompatible,
     )
     caps.set_members(["n1", "n2"])
-    caps.observe("n2", header)
+    with caplog.at_level(logging.ERROR, logger="app.cluster.capabilities"):
+        caps.observe("n2", header)
+    assert "peer n2 is incompatible, treated as unreachable" in caplog.text and words in caplog.text
     reason = caps.incompatibility("n2")
     assert reason is not None and words in reason
     assert caps.peer("n2") is None and caps.incompatible_members() == ["n2"]

@@ -16,6 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from app import __version__
 from app.config import NODE_OPTIONS
 from tests.k8s.chart import CHART, CHART_CI_VALUES, KUBE_VERSION, NAMESPACE, RELEASE, Render, run_helm, template_args
 
@@ -288,6 +289,8 @@ def test_kubernetes_validate_catches_a_typo() -> None:
         ({"set_values": ["podAntiAffinityPreset=maybe"]}, "/podAntiAffinityPreset"),
         ({"set_values": ["replicas=3"]}, "replicas"),  # a typo of replicaCount: unknown keys are refused
         ({"set_values": ["persistence.sizee=1Gi"]}, "sizee"),
+        ({"set_values": ["updateStrategy.rollingUpdate.partition=-1"]}, "/updateStrategy/rollingUpdate/partition"),
+        ({"set_values": ["updateStrategy.rollingUpdate.partition=two"]}, "/updateStrategy/rollingUpdate/partition"),
         ({"set_values": ["persistence.mountPath=data"]}, "/persistence/mountPath"),
         ({"set_values": ["service.type=ExternalName"]}, "/service/type"),
         ({"set_values": ["metrics.serviceMonitor.interval=often"]}, "/metrics/serviceMonitor/interval"),
@@ -317,6 +320,16 @@ def test_schema_rejects_bad_values(helm: Path, kwargs: dict[str, Any], complaint
 def test_validate_values_refuses_impossible_combinations(helm: Path, set_values: list[str], complaint: str) -> None:
     stderr = helm_fails(helm, set_values=set_values)
     assert complaint in stderr and "Fix:" in stderr, stderr
+
+
+def test_the_rolling_update_partition_makes_a_canary(render: Render) -> None:
+    """By default every pod is updated; a partition keeps the pods below it on the old template."""
+    assert statefulset(render())["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"partition": 0},
+    }
+    canary = statefulset(render(set_values=["updateStrategy.rollingUpdate.partition=2"]))
+    assert canary["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"partition": 2}}
 
 
 def test_replicas_may_be_scaled_down_to_the_replication_factor(render: Render) -> None:
@@ -718,7 +731,7 @@ def test_helm_test_pod_writes_and_reads_through_the_client_service(render: Rende
 
 
 def test_image_defaults_to_app_version(render: Render) -> None:
-    assert node_container(render())["image"] == "kvstore:0.1.0"
+    assert node_container(render())["image"] == f"kvstore:{__version__}"
     assert node_container(render(values_files=[FULL]))["image"] == "registry.example.com/kvstore:1.2.3"
 
 

@@ -10,8 +10,11 @@ routes, lifespan) falls through to FastAPI. The raw routes still appear in
 Here, once for every request: the user (app.web.access; open routes and
 node-to-node routes excepted), then for every raw route the node from the
 slot, the cluster token on internal routes, errors turned into answers
-(app.web.asgi), request metrics; and on every answer to a client (FastAPI's
-too) the ring's epoch header, which ring-aware clients (kvstore_client) follow.
+(app.web.asgi), request metrics; the protocol header
+(app.transport.protocol): read from every internal request into the node's
+capabilities, added to every internal answer and to /health's (which peers'
+probes read); and on every answer to a client (FastAPI's too) the ring's
+epoch header, which ring-aware clients (kvstore_client) follow.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from app.transport.base import (
     SYNCING_PATH,
     WRITES_PATH,
 )
+from app.transport.protocol import OWN, PROTOCOL_HEADER
 from app.web import routes_batch, routes_data
 from app.web.access import USER, Guard, is_open
 from app.web.asgi import (
@@ -63,8 +67,10 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Node, Scope, Receive, str], Awaitable[Reply]]
 FROM_HEADER_BYTES = FROM_HEADER.encode()
+PROTOCOL_HEADER_BYTES = PROTOCOL_HEADER.encode()
+PROTOCOL_LINE = [(PROTOCOL_HEADER_BYTES, OWN.render().encode())]  # on every internal answer and /health's
 INTERNAL = "internal"  # the op of node-to-node routes: token-checked, not counted as client requests
-OK_HEALTH = Reply(200, b"OK", TEXT)
+OK_HEALTH = Reply(200, b"OK", TEXT, headers=PROTOCOL_LINE)
 HEALTH_METHODS = MethodNotAllowedError("/health answers GET (and HEAD) only", allowed=("GET",))
 
 
@@ -107,9 +113,9 @@ class DataPlane:
         self._peer_kv = peer.kv
         self._observe = metrics.observe
         self._epoch_view: Topology | None = None
-        self._epoch_header: tuple[bytes, bytes] | None = None
+        self._epoch_header: list[tuple[bytes, bytes]] | None = None
 
-    def _epoch(self) -> tuple[bytes, bytes] | None:
+    def _epoch(self) -> list[tuple[bytes, bytes]] | None:
         """The x-kvstore-epoch header of the current ring (None while the node opens)."""
         node = self.slot.node
         if node is None:
@@ -117,7 +123,7 @@ class DataPlane:
         view = node.topology.current
         if view is not self._epoch_view:
             self._epoch_view = view
-            self._epoch_header = (EPOCH_HEADER, view.client_epoch.encode())
+            self._epoch_header = [(EPOCH_HEADER, view.client_epoch.encode())]
         return self._epoch_header
 
     async def _fallback_with_epoch(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -127,7 +133,7 @@ class DataPlane:
 
         async def send_with_epoch(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), epoch]}
+                message = {**message, "headers": [*message.get("headers", ()), *epoch]}
             await send(message)
 
         return await self.fallback(scope, receive, send_with_epoch)
@@ -163,7 +169,10 @@ class DataPlane:
                     guard.check_internal(scope)
                 sender = header(scope, FROM_HEADER_BYTES)
                 if sender is not None:
-                    node.health.heard_from(sender.decode("latin-1"))
+                    node_id = sender.decode("latin-1")
+                    protocol = header(scope, PROTOCOL_HEADER_BYTES)
+                    node.capabilities.observe(node_id, None if protocol is None else protocol.decode("latin-1"))
+                    node.health.heard_from(node_id)
             else:
                 scope[USER] = EVERYONE if guard is None else guard.authenticate(scope)
             reply = await handler(node, scope, receive, method)
@@ -177,10 +186,9 @@ class DataPlane:
             log.exception("unexpected error serving %s %s", method, path)
             reply = json_error(500, "internal error; see the node's log")
         if op is INTERNAL:
-            await reply.send(send, head=head)  # peers follow the ring by membership pushes, not this header
-        else:
-            await reply.send(send, head=head, extra=self._epoch())
-            self._observe(op, reply.status, time.perf_counter() - started)
+            return await reply.send(send, head=head, extra=PROTOCOL_LINE)
+        await reply.send(send, head=head, extra=self._epoch())
+        self._observe(op, reply.status, time.perf_counter() - started)
 
     async def _fall_back(self, scope: Scope, receive: Receive, send: Send, *, path: str, head: bool) -> None:
         """Every other route, FastAPI's: authenticated here (admin routes need

@@ -37,6 +37,7 @@ MEMBERSHIP_PATH = INTERNAL_PREFIX + "/membership"
 CLOCK_PATH = INTERNAL_PREFIX + "/clock"  # a node's wall clock, for offset measurement
 WRITES_PATH = INTERNAL_PREFIX + "/writes"  # coalesced single-key writes (app.coalesce)
 READS_PATH = INTERNAL_PREFIX + "/reads"  # coalesced single-key reads
+RING_PATH = "/ring"  # a client route, not an internal one: the console fetches each peer's view
 COALESCE_MAX_CALLS = 64  # calls per coalesced request: one request's worth of work, not a bulk transfer
 COALESCE_MAX_BYTES = 256 * 1024  # body bytes per coalesced request; a bigger single write goes alone
 
@@ -154,6 +155,12 @@ class PeerClient(abc.ABC):
     @abc.abstractmethod
     async def wall_clock(self, peer: Peer) -> int:
         """The peer's wall clock in ms, as it answers (clock offset measurement)."""
+
+    @abc.abstractmethod
+    async def ring_view(self, peer: Peer, *, authorization: str | None) -> dict[str, object]:
+        """The peer's public /ring answer (the console shows how each member
+        sees the others). `authorization` is the console caller's own header,
+        forwarded: /ring is a client route, never opened by the cluster token."""
 
     def forget(self, peer: Peer) -> None:  # noqa: B027 - fakes hold nothing
         """The peer left the membership: drop its pooled connections. A later

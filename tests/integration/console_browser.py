@@ -88,7 +88,8 @@ def chromium() -> Iterator[WebDriver]:
 
 def page(driver: WebDriver) -> dict[str, Any]:
     """The page's hooks, read at one instant."""
-    return driver.execute_script(READ_PAGE)  # type: ignore[no-any-return]  # a JSON-like dict from the script
+    state: dict[str, Any] = driver.execute_script(READ_PAGE)
+    return state
 
 
 def wait_until(driver: WebDriver, check: Callable[[dict[str, Any]], T], *, timeout: float, what: str) -> T:

@@ -6,12 +6,20 @@ and `kvstore cluster --nodes 3`; drives each with wrk (servers pinned to one
 core, wrk to the other, 64 connections) and prints req/s, p50, p99 and the
 ratio to the bare-ASGI figure of the same run, then checks the targets.
 
-    .venv/bin/python bench/http_node.py [--duration 5] [--warmup 1] [--markdown] [--tls]
+    .venv/bin/python bench/http_node.py [--duration 5] [--warmup 1] [--markdown] [--tls] [--console]
 
 With --tls, a single node serving HTTPS (a certificate made by
 tests/harness/certs.py; wrk speaks TLS over its keep-alive connections) is
 measured beside the plain one: GET /kv/{key} and PUT /kv/{key}. Target:
 HTTPS GET >= 0.6 x the plain single-node GET of the same run.
+
+With --console, the single node's GET /kv/{key} and the default three-node
+cluster's GET and PUT are measured again with the web console open on the
+node under load (issue 22): a poller that loads /ui and its files once, then
+every 2 s asks /console/overview and looks a key up on its replicas, as an
+open page with a key typed in does. The cluster GET is measured once more
+after the poller stops, so the with/without difference can be read against
+the run-to-run noise of the same scenario.
 
 Exit status 0 when every target is met, 1 when one is missed.
 """
@@ -20,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import ExitStack
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -87,6 +97,50 @@ end
 """
 
 
+CONSOLE_POLL_S = 2.0  # the page's own interval (app/web/routes_console.py POLL_INTERVAL_MS)
+CONSOLE_FILES = (
+    "/ui",
+    "/ui/console.css",
+    "/ui/console.js",
+    "/ui/api.js",
+    "/ui/format.js",
+    "/ui/lookup.js",
+    "/ui/members.js",
+    "/ui/ring.js",
+    "/ui/favicon.svg",
+    "/console/ring",
+)
+
+
+@contextmanager
+def console_polling(url: str, key: str) -> Iterator[dict[str, int]]:
+    """An open console on url while the block runs: its files once, then
+    every CONSOLE_POLL_S the overview and a key lookup. Yields its counts."""
+    counts = {"polls": 0, "failed": 0}
+    stop = threading.Event()
+
+    def fetch(path: str) -> None:
+        status, _ = http_request(url, "GET", path)
+        counts["failed"] += status != 200
+
+    def run() -> None:
+        for path in CONSOLE_FILES:
+            fetch(path)
+        while not stop.is_set():
+            fetch("/console/overview")
+            fetch(f"/console/key?key={key}")
+            counts["polls"] += 1
+            stop.wait(CONSOLE_POLL_S)
+
+    poller = threading.Thread(target=run, name="console-poller", daemon=True)
+    poller.start()
+    try:
+        yield counts
+    finally:
+        stop.set()
+        poller.join(timeout=10)
+
+
 def node_argv(node_id: str, port: int, peers: dict[str, int], *, scheme: str = "http") -> list[str]:
     """A data-path node: one owner per key (replication factor 1), so a key
     another node owns costs exactly one internal hop."""
@@ -135,6 +189,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of discarded warm-up before each run")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (for BENCHMARKS.md)")
     parser.add_argument("--tls", action="store_true", help="also measure a single node serving HTTPS")
+    parser.add_argument(
+        "--console", action="store_true", help="also measure with the web console open and polling (issue 22)"
+    )
     args = parser.parse_args()
     require_wrk()
     print(f"machine: {machine_summary()}", flush=True)
@@ -181,6 +238,11 @@ def main() -> int:
             put_seed(url, HOT_KEY)
             measure("get", "1 node GET /get?key=K", f"{url}/get?key={HOT_KEY}", fixed, node.pids())
             measure("kv_get", "1 node GET /kv/{key}", f"{url}/kv/{HOT_KEY}", fixed, node.pids())
+            if args.console:
+                with console_polling(url, HOT_KEY) as polled:
+                    label = "1 node GET /kv/{key}, console polling"
+                    measure("console_kv_get", label, f"{url}/kv/{HOT_KEY}", fixed, node.pids())
+                print(f"    console: {polled['polls']} polls, {polled['failed']} failed requests", flush=True)
             measure("put", "1 node PUT /put (seed JSON)", url, seed_put, node.pids())
             measure("kv_put", "1 node PUT /kv/{key} (raw body)", url, rest_put, node.pids())
 
@@ -240,6 +302,30 @@ def main() -> int:
                     f"{tag}_get", f"3-node cluster GET via node1 ({suffix})", urls[0] + "/get?key=s0", spread_get, pids
                 )
                 measure(f"{tag}_put", f"3-node cluster PUT via node1 ({suffix})", urls[0], spread_put, pids)
+                if args.console and not rf:
+                    with console_polling(urls[0], "s0") as polled:
+                        measure(
+                            "console_cluster_get",
+                            f"3-node cluster GET via node1 ({suffix}), console polling",
+                            urls[0] + "/get?key=s0",
+                            spread_get,
+                            pids,
+                        )
+                        measure(
+                            "console_cluster_put",
+                            f"3-node cluster PUT via node1 ({suffix}), console polling",
+                            urls[0],
+                            spread_put,
+                            pids,
+                        )
+                    print(f"    console: {polled['polls']} polls, {polled['failed']} failed requests", flush=True)
+                    measure(
+                        "cluster_default_get_again",
+                        f"3-node cluster GET via node1 ({suffix}), again: noise",
+                        urls[0] + "/get?key=s0",
+                        spread_get,
+                        pids,
+                    )
 
         # the reference again: a drift check, since other work may share the machine
         port = free_port()
@@ -258,7 +344,25 @@ def main() -> int:
             )
 
     print_report(results, markdown=args.markdown, duration=args.duration)
+    if args.console:
+        print_console_effect(results)
     return 0 if check_targets(results) else 1
+
+
+def print_console_effect(results: dict[str, Result]) -> None:
+    """With the console polling / without, in req/s and in server CPU per request."""
+    print("\nconsole open and polling vs not (same scenario, same run):")
+    for without, with_console in (
+        ("kv_get", "console_kv_get"),
+        ("cluster_default_get", "console_cluster_get"),
+        ("cluster_default_get_again", "console_cluster_get"),
+        ("cluster_default_put", "console_cluster_put"),
+    ):
+        a, b = results[without], results[with_console]
+        cpu = a.cpu_us_per_request / b.cpu_us_per_request if b.cpu_us_per_request else 0.0
+        print(f"  {b.label:<62} req/s x{b.rps / a.rps:.3f}  CPU/req x{1 / cpu if cpu else 0:.3f}  (vs {without})")
+    a, b = results["cluster_default_get"], results["cluster_default_get_again"]
+    print(f"  noise: the cluster GET run twice without the console: req/s x{b.rps / a.rps:.3f}")
 
 
 def references(results: dict[str, Result]) -> tuple[float, float]:

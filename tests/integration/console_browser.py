@@ -54,6 +54,9 @@ return {
   reasons: [...document.querySelectorAll('#reasons li')].map(li => li.textContent),
   members: Object.fromEntries([...document.querySelectorAll('#members tr[data-node-id]')]
     .map(row => [row.dataset.nodeId, row.dataset.state])),
+  others: Object.fromEntries([...document.querySelectorAll('#members tr[data-node-id]')]
+    .map(row => [row.dataset.nodeId, row.cells[3].textContent])),
+  kept: sessionStorage.length,
   login: !document.querySelector('#login').hidden,
   console: !document.querySelector('#console').hidden,
   loginError: document.querySelector('#login-error').textContent,
@@ -115,8 +118,13 @@ def mark_page(driver: WebDriver) -> None:
     driver.execute_script("window.kvstoreTestMarker = 'no reload';")
 
 
-def severe_entries(driver: WebDriver) -> list[dict[str, Any]]:
-    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+def severe_entries(driver: WebDriver, *, expected: str | None = None) -> list[dict[str, Any]]:
+    """The console's SEVERE entries since the last read, but those containing `expected`."""
+    return [
+        entry
+        for entry in driver.get_log("browser")
+        if entry["level"] == "SEVERE" and (expected is None or expected not in entry["message"])
+    ]
 
 
 def foreign_resources(driver: WebDriver, origin: str) -> list[str]:

@@ -4,7 +4,8 @@ headless Chromium driven by Selenium (tests/integration/console_browser.py).
 The page follows a crash and a restart without a reload; the key lookup
 shows a key's replicas in preference order, disagreeing after a write one
 of them missed and agreeing once repaired; the page logs no error and
-loads nothing from another origin. Screenshots of the healthy, degraded and
+loads nothing from another origin; under access control only a sign-in
+shows until a right token is given, a wrong one is refused. Screenshots of the healthy, degraded and
 lookup states go to test-results/console/ (KVSTORE_CONSOLE_SHOTS moves
 them); with KVSTORE_CONSOLE_PICTURE set, the degraded one is also copied
 there (`make console-picture` refreshes docs/console.png that way).
@@ -12,12 +13,14 @@ there (`make console-picture` refreshes docs/console.png that way).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -51,9 +54,10 @@ def browser() -> Iterator[WebDriver]:
         yield driver
 
 
-def _call(url: str, *, method: str = "GET", body: dict[str, str] | None = None) -> Any:
+def _call(url: str, *, method: str = "GET", body: dict[str, str] | None = None, token: str | None = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method)
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
         return json.loads(response.read())
 
@@ -172,3 +176,66 @@ def test_key_lookup_shows_replicas_disagreeing_then_agreeing(
         what="all three replicas agreeing once node1 is back",
     )
     _assert_clean(browser, origin)
+
+
+def _sign_in(browser: WebDriver, token: str) -> None:
+    field = browser.find_element(By.ID, "token-input")
+    field.clear()
+    field.send_keys(token, Keys.ENTER)
+
+
+def test_console_under_access_control_asks_for_a_token_once(
+    make_cluster: Callable[..., Cluster], browser: WebDriver, tmp_path: Path
+) -> None:
+    tokens = {"viewer": "console-viewer-token", "writer": "console-writer-token"}
+    users = tmp_path / "users.yaml"
+    users.write_text(
+        "users:\n"
+        + "".join(
+            f'  {name}: {{token_sha256: "{hashlib.sha256(token.encode()).hexdigest()}", roles: [{name}]}}\n'
+            for name, token in tokens.items()
+        )
+        + 'roles:\n  viewer: [{prefix: "app/", permissions: [read]}]\n'
+        + '  writer: [{prefix: "", permissions: [write]}]\n'
+    )
+    cluster = make_cluster(3, args=["--cluster-token", "console-cluster-token", "--auth-file", str(users)])
+    origin = cluster[0].url
+    _call(f"{origin}/put", method="PUT", body={"key": "app/k", "value": "v"}, token=tokens["writer"])
+
+    open_console(browser, origin)
+    state = wait_until(browser, lambda s: s["login"] and s, timeout=SETTLE_S, what="the sign-in")
+    assert not state["console"] and state["members"] == {} and not state["verdict"], "only the sign-in shows"
+
+    _sign_in(browser, "not-a-token")
+    state = wait_until(browser, lambda s: "refused" in s["loginError"] and s, timeout=SETTLE_S, what="a refusal")
+    assert state["login"] and not state["console"] and state["kept"] == 0, "a wrong token is neither used nor kept"
+
+    _sign_in(browser, tokens["viewer"])
+    state = wait_until(browser, _all_up(cluster), timeout=SETTLE_S, what="the console after signing in")
+    assert not state["login"] and state["kept"] == 1
+    # The others' views came through: each node fetched its peers' /ring with the viewer's token.
+    for node_id, seen in state["others"].items():
+        assert all(f"{other}: up" in seen for other in state["members"] if other != node_id), state["others"]
+
+    _look_up(browser, "app/k")
+    wait_until(
+        browser,
+        lambda s: s["agree"] is True and [r["state"] for r in s["replicas"]] == ["live"] * 3,
+        timeout=SETTLE_S,
+        what="the lookup of a key the viewer may read",
+    )
+    _look_up(browser, "other/k")
+    wait_until(
+        browser,
+        lambda s: "not allowed to read this key" in browser.find_element(By.ID, "lookup").text,
+        timeout=SETTLE_S,
+        what="the lookup of a key the viewer may not read refused",
+    )
+
+    browser.refresh()  # the token is kept for the tab: no second sign-in
+    state = wait_until(browser, _all_up(cluster), timeout=SETTLE_S, what="the console after a reload")
+    assert not state["login"]
+    # The 401s of the sign-in and the 403 of the refused lookup are the page's expected answers;
+    # nothing else may be logged.
+    assert [e for e in severe_entries(browser) if " 401 " not in e["message"] and " 403 " not in e["message"]] == []
+    assert foreign_resources(browser, origin) == []

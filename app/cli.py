@@ -4,11 +4,12 @@
     kvstore cluster --nodes 3 --base-port 8080                         three local nodes on 8080-8082
     kvstore put KEY VALUE | get KEY | delete KEY | ring [--url URL]    a client
     kvstore backup --url URL -o FILE | -;  kvstore restore --url URL FILE | -
+    kvstore auth new-token                                             a token and its SHA-256
 
 Every node flag also reads KVSTORE_<FLAG> from the environment (app.config).
-Every client command takes --url, --cacert, --cert and --key (env KVSTORE_URL,
-KVSTORE_CACERT, KVSTORE_CERT, KVSTORE_KEY) through one helper,
-add_client_options() with open_client().
+Every client command takes --url, --token, --cacert, --cert and --key (env
+KVSTORE_URL, KVSTORE_TOKEN, KVSTORE_CACERT, KVSTORE_CERT, KVSTORE_KEY) through
+one helper, add_client_options() with open_client().
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import gc
 import logging
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
     import asyncio
 
     import httpx  # imported for real only by the client commands: a node never loads it
+    import uvicorn
 
     from app.transport.tls import TlsMaterial
 
@@ -90,7 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_options(put)
     ring = sub.add_parser("ring", help="show the ring: members, reachability, shares")
     add_client_options(ring)
-    token_help = "the cluster token (the nodes' --cluster-token) [env KVSTORE_CLUSTER_TOKEN]"
     backup = sub.add_parser("backup", help="stream a backup of the whole cluster into a file or stdout")
     backup.add_argument("target", nargs="?", default=None, help="`-`: write to stdout (same as -o -)")
     backup.add_argument("-o", "--output", default=None, help="the file to write (`-`: stdout)")
@@ -104,15 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
     restore = sub.add_parser("restore", help="write a backup's records into a cluster; newer versions win")
     restore.add_argument("file", help="the backup file (`-`: stdin)")
     for command in (backup, restore):
-        add_client_options(command)
-        command.add_argument("--token", default=os.environ.get("KVSTORE_CLUSTER_TOKEN"), help=token_help)
+        # They took the cluster token before access control; without --auth-file it still opens admin routes.
+        add_client_options(command, token_env=("KVSTORE_TOKEN", "KVSTORE_CLUSTER_TOKEN"))
+    auth = sub.add_parser("auth", help="access control helpers")
+    auth_sub = auth.add_subparsers(dest="auth_command", required=True)
+    auth_sub.add_parser("new-token", help="print a fresh random token and the SHA-256 a users file stores")
     return parser
 
 
-def add_client_options(parser: argparse.ArgumentParser) -> None:
-    """--url and the TLS options every client command takes (each with its env var)."""
+def add_client_options(parser: argparse.ArgumentParser, *, token_env: tuple[str, ...] = ("KVSTORE_TOKEN",)) -> None:
+    """--url, --token and the TLS options every client command takes (each with its env var)."""
     parser.add_argument(
         "--url", default=os.environ.get("KVSTORE_URL", DEFAULT_CLIENT_URL), help="a node's URL [env KVSTORE_URL]"
+    )
+    parser.add_argument(
+        "--token",
+        default=next((os.environ[name] for name in token_env if os.environ.get(name)), None),
+        help="bearer token of a user in the nodes' --auth-file (admin routes without one: the cluster token) "
+        f"[env {' or '.join(token_env)}]",
     )
     parser.add_argument(
         "--cacert",
@@ -144,7 +155,8 @@ def open_client(args: argparse.Namespace, *, timeout: float = CLIENT_TIMEOUT_S) 
         verify = client_context(cafile=args.cacert, certfile=args.cert, keyfile=args.client_key)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"config: cannot load --cacert/--cert/--key: {exc}") from exc
-    return httpx.Client(base_url=args.url.rstrip("/"), timeout=timeout, verify=verify)
+    headers = {"authorization": f"Bearer {args.token}"} if args.token else None
+    return httpx.Client(base_url=args.url.rstrip("/"), timeout=timeout, verify=verify, headers=headers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_node(args)
         if args.command == "cluster":
             return run_cluster(args)
+        if args.command == "auth":
+            return run_auth(args)
         return run_client(args)
     except ConfigError as exc:
         print(f"kvstore: {exc}", file=sys.stderr)
@@ -186,9 +200,11 @@ def run_node(args: argparse.Namespace) -> int:
         from app.transport.tls import TlsMaterial
 
         tls = TlsMaterial(config.tls, on_handshake=metrics.count_tls_handshake, on_reload=metrics.count_tls_reload)
+    app = create_app(config, metrics=metrics, tls=tls)
+    ops_socket = _bind_ops_listener(config)  # before anything starts: a taken port is a config error
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(config, metrics=metrics, tls=tls),
+            app,
             host=config.host,
             port=config.port,
             loop="uvloop",
@@ -210,8 +226,67 @@ def run_node(args: argparse.Namespace) -> int:
     # collecting the young generation less often cut p99 to ~7 ms (BENCHMARKS.md).
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-    server.run()
+    if ops_socket is None:
+        server.run()
+    else:
+        import asyncio
+
+        from app.web.ops import OpsPlane
+
+        ops = _ops_server(OpsPlane(slot=app.slot, metrics=metrics), log_level=config.log_level)
+        with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
+            runner.run(_serve_with_ops(server, ops, ops_socket))
     return 0 if server.started else 1
+
+
+def _ops_server(app: Any, *, log_level: str) -> uvicorn.Server:
+    """A uvicorn server for the ops listener that leaves signals to the node's
+    server (uvicorn's own restores and re-raises them; two would race)."""
+    import uvicorn
+
+    class OpsServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    return OpsServer(
+        uvicorn.Config(
+            app,
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            log_level=log_level,
+            server_header=False,
+            proxy_headers=False,
+        )
+    )
+
+
+def _bind_ops_listener(config: NodeConfig) -> socket.socket | None:
+    """The --ops-listen socket, bound and listening, or None without the flag."""
+    if config.ops_listen is None:
+        return None
+    host, port = config.ops_listen
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as exc:
+        raise ConfigError(f"config: cannot listen on --ops-listen {host}:{port}: {exc.strerror or exc}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _serve_with_ops(server: uvicorn.Server, ops: uvicorn.Server, ops_socket: socket.socket) -> None:
+    """The node's server and the ops listener in one loop. The ops listener
+    starts first, so probes get /health (and /ready's 503) while the node
+    opens; it stops once the node's server has shut down."""
+    import asyncio
+
+    ops_task = asyncio.create_task(ops.serve(sockets=[ops_socket]))
+    try:
+        await server.serve()
+    finally:
+        ops.should_exit = True
+        await ops_task
 
 
 def _tls_protocol(tls: TlsMaterial) -> type[asyncio.Protocol]:
@@ -236,6 +311,8 @@ def _tls_protocol(tls: TlsMaterial) -> type[asyncio.Protocol]:
 
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+    from app.web.access import CERT_NAMES
+
     class TlsHttpToolsProtocol(HttpToolsProtocol):
         tls_extension: dict[object, object]  # set in connection_made, before any request
         retiring = False  # a rotation happened since it was accepted: close after the next response
@@ -245,6 +322,7 @@ def _tls_protocol(tls: TlsMaterial) -> type[asyncio.Protocol]:
             open_connections.add(self)
             ssl_object = transport.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            names = _certificate_names(ssl_object.getpeercert()) if der else ()
             self.tls_extension = {
                 "server_cert": None,
                 "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
@@ -252,6 +330,7 @@ def _tls_protocol(tls: TlsMaterial) -> type[asyncio.Protocol]:
                 "client_cert_error": None,
                 "tls_version": None,
                 "cipher_suite": None,
+                CERT_NAMES: names,  # what --auth-file's cert_cn is matched against (app.web.access)
             }
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -282,6 +361,16 @@ def _tls_protocol(tls: TlsMaterial) -> type[asyncio.Protocol]:
 
     tls.on_rotate(end_connections_of_old_certificates)
     return TlsHttpToolsProtocol
+
+
+def _certificate_names(cert: dict[str, Any] | None) -> tuple[str, ...]:
+    """A verified certificate's subject CN, then its SANs (DNS, URI, email, IP),
+    from ssl's decoded form: the names a users file's cert_cn can match."""
+    if not cert:
+        return ()
+    names = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+    names += [value for _kind, value in cert.get("subjectAltName", ())]
+    return tuple(dict.fromkeys(names))
 
 
 # -- cluster ------------------------------------------------------------------
@@ -407,6 +496,19 @@ def stop_all(procs: Sequence[subprocess.Popen[bytes]], *, grace_s: float = CLUST
             with contextlib.suppress(ProcessLookupError):  # it exited between the wait and the kill
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# -- auth ---------------------------------------------------------------------
+
+
+def run_auth(args: argparse.Namespace) -> int:
+    from app.access import new_token
+
+    token, digest = new_token()
+    print(f"token:        {token}")
+    print(f"token_sha256: {digest}")
+    print("(give the token to its user; put token_sha256 in the --auth-file under that user)", file=sys.stderr)
+    return 0
 
 
 # -- client -------------------------------------------------------------------

@@ -21,7 +21,6 @@ import httpx
 
 from app.backup_format import BackupReader
 from app.errors import BackupFormatError, KvstoreError
-from app.transport.base import TOKEN_HEADER
 
 CLIENT_CONNECT_TIMEOUT_S = 10.0
 BACKUP_READ_TIMEOUT_S = 300.0  # between two chunks of a backup stream: a big batch on a loaded cluster
@@ -34,10 +33,10 @@ class BackupCommandError(KvstoreError):
 
 
 def run(client: httpx.Client, args: argparse.Namespace) -> int:
-    headers = {TOKEN_HEADER: args.token} if args.token else {}
+    """The client carries the --token (app.cli open_client)."""
     if args.command == "backup":
-        return backup(client, args, headers)
-    return restore(client, args, headers)
+        return backup(client, args)
+    return restore(client, args)
 
 
 # -- backup -----------------------------------------------------------------------
@@ -61,7 +60,7 @@ class _StreamReader:
         return data
 
 
-def backup(client: httpx.Client, args: argparse.Namespace, headers: dict[str, str]) -> int:
+def backup(client: httpx.Client, args: argparse.Namespace) -> int:
     output = args.output or args.target
     if output is None:
         raise BackupCommandError("backup: say where to write it: -o FILE, or `-` for stdout")
@@ -78,7 +77,7 @@ def backup(client: httpx.Client, args: argparse.Namespace, headers: dict[str, st
     partial = None if to_stdout else output + ".partial"
     timeout = httpx.Timeout(CLIENT_CONNECT_TIMEOUT_S, read=BACKUP_READ_TIMEOUT_S)
     try:
-        with client.stream("GET", "/admin/backup", params=params, headers=headers, timeout=timeout) as resp:
+        with client.stream("GET", "/admin/backup", params=params, timeout=timeout) as resp:
             if resp.status_code != 200:
                 resp.read()
                 raise BackupCommandError(f"backup: {resp.status_code}: {error_text(resp)}")
@@ -130,7 +129,7 @@ def _open_output(path: str | None) -> Iterator[IO[bytes]]:
 # -- restore ----------------------------------------------------------------------
 
 
-def restore(client: httpx.Client, args: argparse.Namespace, headers: dict[str, str]) -> int:
+def restore(client: httpx.Client, args: argparse.Namespace) -> int:
     started = time.monotonic()
     progress = Progress("restore")
     totals = {"records": 0, "applied": 0, "unchanged": 0, "replica_writes_applied": 0, "chunks": 0}
@@ -145,7 +144,7 @@ def restore(client: httpx.Client, args: argparse.Namespace, headers: dict[str, s
                     "/admin/restore",
                     params={"compression": chunk.compression},
                     content=chunk.frame,
-                    headers=headers | {"content-type": "application/octet-stream"},
+                    headers={"content-type": "application/octet-stream"},
                     timeout=RESTORE_TIMEOUT_S,
                 )
                 if resp.status_code != 200:

@@ -67,6 +67,9 @@ DEFAULT_CLIENT_URL = "http://127.0.0.1:8080"
 # How often the TLS files are checked for a change (cert-manager rewrites the mounted Secret):
 # a rotation reaches new connections within this, plus one peer timeout for pooled ones.
 DEFAULT_TLS_RELOAD_INTERVAL_S = 1.0
+# How often --auth-file is checked for a change (a Secret edit reaches the pod's
+# mounted file within the kubelet's sync; from there it applies within this).
+AUTH_RELOAD_INTERVAL_S = 1.0
 
 STORAGE_ENGINES = ("memory", "lmdb")
 MEMBERSHIP_SOURCES = ("static", "kubernetes")
@@ -120,6 +123,18 @@ NODE_OPTIONS: tuple[Option, ...] = (
         "and versions further ahead are refused",
     ),
     Option("--cluster-token", None, "shared secret required on internal replica routes (unset: open)"),
+    Option(
+        "--auth-file",
+        None,
+        "users, roles and tokens (YAML or JSON) every client request is checked against; "
+        "re-read when it changes (unset: no access control; see Access control)",
+    ),
+    Option(
+        "--ops-listen",
+        None,
+        "HOST:PORT serving only /health, /ready and /metrics in plain HTTP, for probes and Prometheus "
+        "(unset: they are served on --listen only)",
+    ),
     Option("--max-value-bytes", str(DEFAULT_MAX_VALUE_BYTES), "largest accepted value, in bytes"),
     Option("--peer-timeout", str(DEFAULT_PEER_TIMEOUT_S), "seconds to wait for another node"),
     Option("--storage", None, "storage engine: memory or lmdb (default: lmdb with --data-dir, else memory)"),
@@ -175,10 +190,10 @@ def env_default(option: Option, environ: dict[str, str] | None = None) -> str | 
     return env.get(option.env, option.default)
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
+def parse_listen(listen: str, *, flag: str = "--listen") -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"config: --listen must be HOST:PORT, got {listen!r}")
+        raise ConfigError(f"config: {flag} must be HOST:PORT, got {listen!r}")
     return host.strip("[]"), int(port)
 
 
@@ -327,6 +342,8 @@ class NodeConfig:
     kubeconfig: str | None = None
     resolve: dict[str, str] = field(default_factory=dict)
     tls: TlsConfig | None = None
+    auth_file: str | None = None
+    ops_listen: tuple[str, int] | None = None
 
     @property
     def scheme(self) -> str:
@@ -375,6 +392,17 @@ class NodeConfig:
                 raise ConfigError(
                     f"config: --membership kubernetes needs {', '.join(missing)} (or their KVSTORE_* env vars)"
                 )
+        auth_file = values.get("auth_file") or None
+        cluster_token = values.get("cluster_token") or None
+        if auth_file and not cluster_token and not (tls is not None and tls.peer_tls):
+            raise ConfigError(
+                "config: --auth-file guards the client routes, but with neither --cluster-token nor --peer-tls "
+                "the node-to-node routes (/internal/) would stay open to anyone; set one of them"
+            )
+        ops_spec = values.get("ops_listen")
+        ops_listen = parse_listen(ops_spec, flag="--ops-listen") if ops_spec else None
+        if ops_listen is not None and ops_listen[1] == port and ops_listen[0] in (host, "0.0.0.0", "::"):
+            raise ConfigError("config: --ops-listen needs a port of its own, not --listen's")
         return cls(
             node_id=node_id,
             host=host,
@@ -387,7 +415,7 @@ class NodeConfig:
                     "--replication-factor", values.get("replication_factor") or str(DEFAULT_REPLICATION_FACTOR), int
                 )
             ),
-            cluster_token=values.get("cluster_token") or None,
+            cluster_token=cluster_token,
             anti_entropy_interval=float(
                 _positive(
                     "--anti-entropy-interval",
@@ -434,4 +462,6 @@ class NodeConfig:
             kubeconfig=values.get("kubeconfig") or None,
             resolve=parse_resolve(values.get("resolve") or ""),
             tls=tls,
+            auth_file=auth_file,
+            ops_listen=ops_listen,
         )

@@ -7,10 +7,12 @@
     │   ├── ValueTooLargeError value over the configured limit (413)
     │   ├── MethodNotAllowedError  the route exists, the method does not (405)
     │   └── BackupFormatError  a backup stream or chunk that is corrupt, truncated or of another format (400)
-    ├── AccessError            an internal or admin route without the cluster token
-    │   ├── TokenMissingError   no token sent (401)
-    │   ├── TokenWrongError     a wrong token sent (403)
-    │   └── PeerCertificateRequiredError  an internal route without a verified node certificate (403)
+    ├── AccessError            a request without the credentials its route needs
+    │   ├── TokenMissingError   no cluster token sent to an internal or admin route (401)
+    │   ├── TokenWrongError     a wrong cluster token sent (403)
+    │   ├── PeerCertificateRequiredError  an internal route without a verified node certificate (403)
+    │   ├── UnauthenticatedError  no user credentials, or unknown ones, under --auth-file (401)
+    │   └── ForbiddenError      a known user without the permission the key or route needs (403)
     ├── NodeStartingError      the node's stores are not open yet (503)
     ├── StorageError           the local engine failed or refused
     │   ├── NodeIdMismatchError data dir belongs to another node id
@@ -62,7 +64,7 @@ class BackupFormatError(InvalidRequestError):
 
 
 class AccessError(KvstoreError):
-    """An internal or admin route was called without the right cluster token."""
+    """A request came without the credentials its route needs."""
 
 
 class TokenMissingError(AccessError):
@@ -76,6 +78,21 @@ class TokenWrongError(AccessError):
 class PeerCertificateRequiredError(AccessError):
     """Under --peer-tls an internal route was called on a connection that
     presented no verified client certificate (a client, not a node)."""
+
+
+class UnauthenticatedError(AccessError):
+    """Under --auth-file: no bearer token or mapped client certificate, or one
+    no user has. Answered 401 with `WWW-Authenticate: Bearer`. `reason`:
+    no_credentials or unknown_credentials (kvstore_auth_denied_total's label)."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ForbiddenError(AccessError):
+    """Under --auth-file: the user is known, but no role of theirs grants the
+    permission over the key (or the route). Nothing was read or written."""
 
 
 class NodeStartingError(KvstoreError):

@@ -132,6 +132,18 @@ class NodeMetrics:
             ["result"],
             registry=r,
         )
+        self.auth_denied = Counter(
+            "kvstore_auth_denied_total",
+            "Requests refused by access control: reason=no_credentials, unknown_credentials (401) or forbidden (403).",
+            ["reason"],
+            registry=r,
+        )
+        self.auth_reloads = Counter(
+            "kvstore_auth_reloads_total",
+            "Changes of the --auth-file: result=ok put the new rules in force, failed kept the old ones.",
+            ["result"],
+            registry=r,
+        )
         self.rebalance_pulled = Gauge(
             "kvstore_rebalance_pulled_records",
             "Records received by the last (or current) sync of newly replicated arcs.",
@@ -234,6 +246,12 @@ class NodeMetrics:
 
     def count_tls_reload(self, ok: bool) -> None:
         self.tls_reloads.labels("ok" if ok else "failed").inc()
+
+    def count_auth_denied(self, reason: str) -> None:
+        self.auth_denied.labels(reason).inc()
+
+    def count_auth_reload(self, ok: bool) -> None:
+        self.auth_reloads.labels("ok" if ok else "failed").inc()
 
     def observe(self, op: str, status: int, seconds: float) -> None:
         """Record one client request (the hot path: two dict lookups, two increments)."""

@@ -6,12 +6,18 @@ and `kvstore cluster --nodes 3`; drives each with wrk (servers pinned to one
 core, wrk to the other, 64 connections) and prints req/s, p50, p99 and the
 ratio to the bare-ASGI figure of the same run, then checks the targets.
 
-    .venv/bin/python bench/http_node.py [--duration 5] [--warmup 1] [--markdown] [--tls] [--console]
+    .venv/bin/python bench/http_node.py [--duration 5] [--warmup 1] [--markdown] [--tls] [--auth] [--console]
 
 With --tls, a single node serving HTTPS (a certificate made by
 tests/harness/certs.py; wrk speaks TLS over its keep-alive connections) is
 measured beside the plain one: GET /kv/{key} and PUT /kv/{key}. Target:
 HTTPS GET >= 0.6 x the plain single-node GET of the same run.
+
+With --auth, a single node under access control (--auth-file, a user whose
+token grants read and write on every key; each request sends it as a bearer
+token) is measured beside the same node without it, alternating the two
+--auth-pairs times: GET /kv/{key} and PUT /kv/{key}. Target: each >= 0.95 x
+without auth (the median of the pairs' ratios).
 
 With --console, the single node's GET /kv/{key} and the default three-node
 cluster's GET and PUT are measured again with the web console open on the
@@ -27,9 +33,12 @@ Exit status 0 when every target is met, 1 when one is missed.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import http.client
+import statistics
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -67,7 +76,8 @@ SPREAD_KEYS = 1000  # keys preloaded into the cluster, spread over its owners
 PUT_KEYSPACE = 100_000  # PUTs cycle over this many keys: bounded memory, mostly overwrites
 
 # Targets: ratio to the bare-ASGI figure of the same method; HTTPS GET to the plain node's GET.
-TARGETS = {"get": 0.5, "put": 0.4, "hop": 0.1, "https_get": 0.6}
+TARGETS = {"get": 0.5, "put": 0.4, "hop": 0.1, "https_get": 0.6, "auth": 0.95}
+AUTH_TOKEN = "bench-token-0123456789abcdef0123456789abcdef"  # a user's bearer token in the --auth bench
 
 LUA_FIXED = "-- fixed request: the URL's path and query"
 LUA_SEED_PUT = f"""
@@ -209,6 +219,9 @@ def main() -> int:
     parser.add_argument(
         "--console", action="store_true", help="also measure with the web console open and polling (issue 22)"
     )
+    parser.add_argument("--auth", action="store_true", help="also measure a single node under access control")
+    parser.add_argument("--auth-pairs", type=int, default=3, help="--auth: alternated with/without pairs")
+    parser.add_argument("--only-auth", action="store_true", help="measure the --auth pairs alone")
     args = parser.parse_args()
     require_wrk()
     print(f"machine: {machine_summary()}", flush=True)
@@ -225,6 +238,11 @@ def main() -> int:
             flush=True,
         )
         return result
+
+    if args.only_auth:
+        with tempdir("kvstore-bench-") as tmp:
+            ratios = measure_auth(Path(tmp), measure, pairs=args.auth_pairs)
+        return 0 if check_auth(ratios) else 1
 
     with tempdir("kvstore-bench-") as tmp:
         logdir = Path(tmp)
@@ -276,6 +294,8 @@ def main() -> int:
                 assert status == 204, f"seeding over https answered {status}"
                 measure("https_kv_get", "1 node HTTPS GET /kv/{key}", f"{url}/kv/{HOT_KEY}", fixed, node.pids())
                 measure("https_kv_put", "1 node HTTPS PUT /kv/{key} (raw body)", url, rest_put, node.pids())
+
+        auth_ratios = measure_auth(logdir, measure, pairs=args.auth_pairs) if args.auth else None
 
         # 5. one internal hop: GET through n1 of a key n2 owns; both nodes on the server core
         p1, p2 = free_port(), free_port()
@@ -370,7 +390,76 @@ def main() -> int:
             f" (mean of {POLL_COST_SAMPLES}, no other load): {console_cost / CONSOLE_POLL_S:.2%} of one core"
             f" at one poll every {CONSOLE_POLL_S:g} s"
         )
-    return 0 if check_targets(results) else 1
+    ok = check_targets(results)
+    if auth_ratios is not None:
+        ok &= check_auth(auth_ratios)
+    return 0 if ok else 1
+
+
+def measure_auth(logdir: Path, measure: Callable[..., Result], *, pairs: int) -> dict[str, list[float]]:
+    """One node without and one under access control, measured in turn
+    `pairs` times (each pair back to back, so drift hits both alike):
+    {"get": [ratio, ...], "put": [...]}, each ratio auth / without."""
+    digest = hashlib.sha256(AUTH_TOKEN.encode()).hexdigest()
+    users = logdir / "users.yaml"
+    users.write_text(
+        f'users:\n  bench: {{token_sha256: "{digest}", roles: [rw]}}\n'
+        'roles:\n  rw: [{prefix: "", permissions: [read, write]}]\n'
+    )
+    header = f'wrk.headers["Authorization"] = "Bearer {AUTH_TOKEN}"\n'
+    scripts = {
+        False: (write_lua(logdir, "fixed", LUA_FIXED), write_lua(logdir, "rest_put", LUA_REST_PUT)),
+        True: (
+            write_lua(logdir, "auth_fixed", header + LUA_FIXED),
+            write_lua(logdir, "auth_put", header + LUA_REST_PUT),
+        ),
+    }
+    ratios: dict[str, list[float]] = {"get": [], "put": []}
+    for pair in range(pairs):
+        got: dict[tuple[bool, str], float] = {}
+        for auth in (False, True) if pair % 2 == 0 else (True, False):  # alternate who goes first
+            port = free_port()
+            argv = node_argv("n1", port, {"n1": port})
+            if auth:
+                argv += ["--auth-file", str(users), "--cluster-token", "bench-cluster-token"]
+            url = f"http://{HOST}:{port}"
+            tag = "auth" if auth else "plain"
+            with serving(f"single-{tag}-{pair}", argv, health_urls=[url], logdir=logdir) as node:
+                wait_ready([url], servers=[node])
+                conn = http.client.HTTPConnection(HOST, port, timeout=5)
+                conn.request(
+                    "PUT", "/kv/" + HOT_KEY, body=VALUE.encode(), headers={"authorization": f"Bearer {AUTH_TOKEN}"}
+                )
+                status = conn.getresponse().status
+                conn.close()
+                assert status == 204, f"seeding the {tag} node answered {status}"
+                get_lua, put_lua = scripts[auth]
+                label = "under auth (bearer token)" if auth else "without auth"
+                get = measure(
+                    f"{tag}_kv_get_{pair}",
+                    f"1 node GET /kv/{{key}} {label}",
+                    f"{url}/kv/{HOT_KEY}",
+                    get_lua,
+                    node.pids(),
+                )
+                put = measure(f"{tag}_kv_put_{pair}", f"1 node PUT /kv/{{key}} {label}", url, put_lua, node.pids())
+                got[auth, "get"], got[auth, "put"] = get.rps, put.rps
+        for method in ratios:
+            ratios[method].append(got[True, method] / got[False, method])
+    return ratios
+
+
+def check_auth(ratios: dict[str, list[float]]) -> bool:
+    ok = True
+    print("\naccess control (under auth / without, same run, alternated pairs):")
+    for method, values in ratios.items():
+        median = statistics.median(values)
+        met = median >= TARGETS["auth"]
+        ok &= met
+        shown = ", ".join(f"{value:.3f}" for value in values)
+        verdict = "met" if met else "MISSED"
+        print(f"  {method.upper():<4} median {median:.3f}x ({shown})  target >= {TARGETS['auth']}x  {verdict}")
+    return ok
 
 
 def print_console_effect(results: dict[str, Result]) -> None:

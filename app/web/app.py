@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
+from app.access import AuthFile
 from app.cluster.node import Node
 from app.config import NodeConfig
 from app.discovery.base import DiscoverySource
@@ -28,6 +29,7 @@ from app.metrics import NodeMetrics
 from app.storage import check_data_dir
 from app.transport.http import HttpPeerClient
 from app.transport.tls import TlsMaterial
+from app.web import access
 from app.web.dataplane import DataPlane
 from app.web.errors import headers_for, status_for
 from app.web.openapi import merge_raw_routes
@@ -48,6 +50,8 @@ def create_app(config: NodeConfig, *, metrics: NodeMetrics | None = None, tls: T
     source = discovery_source(config)
     slot = NodeSlot()
     metrics = metrics or NodeMetrics()
+    auth_file = None if config.auth_file is None else AuthFile(config.auth_file, on_reload=metrics.count_auth_reload)
+    guard = None if auth_file is None else access.Guard(auth_file, on_denied=metrics.count_auth_denied)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -64,13 +68,15 @@ def create_app(config: NodeConfig, *, metrics: NodeMetrics | None = None, tls: T
             await peer_client.close()
             raise
         slot.node = node
-        watcher = asyncio.create_task(tls.watch()) if tls is not None else None
+        watchers = [asyncio.create_task(tls.watch())] if tls is not None else []
+        if auth_file is not None:
+            watchers.append(asyncio.create_task(access.watch(auth_file)))
         try:
             yield
             await node.drain()
         finally:
             slot.node = None
-            if watcher is not None:
+            for watcher in watchers:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
@@ -98,6 +104,7 @@ def create_app(config: NodeConfig, *, metrics: NodeMetrics | None = None, tls: T
         max_value_bytes=config.max_value_bytes,
         fallback=api,
         require_peer_certificate=tls is not None and tls.requires_peer_certificate,
+        guard=guard,
     )
 
 

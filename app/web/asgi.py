@@ -93,9 +93,13 @@ def header(scope: Scope, name: bytes) -> bytes | None:
 
 def check_token(scope: Scope, token: bytes | None) -> None:
     """Internal and admin routes need the cluster token when one is set."""
+    verify_cluster_token(header(scope, TOKEN_HEADER_BYTES), token)
+
+
+def verify_cluster_token(sent: bytes | None, token: bytes | None) -> None:
+    """TokenMissingError or TokenWrongError unless `sent` is the cluster token (when one is set)."""
     if token is None:
         return
-    sent = header(scope, TOKEN_HEADER_BYTES)
     if sent is None:
         raise TokenMissingError(f"internal and admin routes need the cluster token ({TOKEN_HEADER})")
     if not hmac.compare_digest(sent, token):

@@ -7,8 +7,10 @@ path and answered here, and every other request (ops, admin, docs, unknown
 routes, lifespan) falls through to FastAPI. The raw routes still appear in
 /openapi.json (app.web.openapi).
 
-Here, once for every raw route: the node from the slot, the cluster token on
-internal routes, errors turned into answers (app.web.asgi), request metrics.
+Here, once for every request: the user (app.web.access; open routes and
+node-to-node routes excepted), then for every raw route the node from the
+slot, the cluster token on internal routes, errors turned into answers
+(app.web.asgi), request metrics.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from app.access import EVERYONE
 from app.cluster.node import Node
-from app.errors import KvstoreError, MethodNotAllowedError
+from app.errors import AccessError, ForbiddenError, KvstoreError, MethodNotAllowedError, UnauthenticatedError
 from app.metrics import NodeMetrics
 from app.transport.base import (
     BATCH_PATH,
@@ -34,6 +37,7 @@ from app.transport.base import (
     WRITES_PATH,
 )
 from app.web import routes_data
+from app.web.access import USER, Guard, is_open
 from app.web.asgi import (
     TEXT,
     ASGIApp,
@@ -72,8 +76,10 @@ class DataPlane:
         max_value_bytes: int,
         fallback: ASGIApp,
         require_peer_certificate: bool = False,
+        guard: Guard | None = None,
     ) -> None:
         self.slot = slot
+        self.guard = guard
         self.require_peer_certificate = require_peer_certificate
         self.fallback = fallback
         self.token = cluster_token.encode() if cluster_token else None
@@ -113,21 +119,28 @@ class DataPlane:
         elif path.startswith(KV_PATH):
             handler, op = self._peer_kv, INTERNAL
         else:
-            return await self.fallback(scope, receive, send)
+            return await self._fall_back(scope, receive, send, path=path, head=head)
         started = time.perf_counter()
+        guard = self.guard
         try:
             node = self.slot.require()
             if op is INTERNAL:
                 if self.require_peer_certificate:
                     check_peer_certificate(scope)
                 check_token(scope, self.token)
+                if guard is not None:
+                    guard.check_internal(scope)
                 sender = header(scope, FROM_HEADER_BYTES)
                 if sender is not None:
                     node.health.heard_from(sender.decode("latin-1"))
+            else:
+                scope[USER] = EVERYONE if guard is None else guard.authenticate(scope)
             reply = await handler(node, scope, receive, method)
         except Disconnected:
             return
         except KvstoreError as exc:
+            if guard is not None and isinstance(exc, (UnauthenticatedError, ForbiddenError)):
+                guard.denied(exc, scope)
             reply = reply_for(exc)
         except Exception:
             log.exception("unexpected error serving %s %s", method, path)
@@ -135,3 +148,17 @@ class DataPlane:
         await reply.send(send, head=head)
         if op is not INTERNAL:
             self._observe(op, reply.status, time.perf_counter() - started)
+
+    async def _fall_back(self, scope: Scope, receive: Receive, send: Send, *, path: str, head: bool) -> None:
+        """Every other route, FastAPI's: authenticated here (admin routes need
+        admin) unless open, so a route added there is guarded by default."""
+        guard = self.guard
+        if guard is None or is_open(path):
+            scope[USER] = EVERYONE if guard is None else None
+        else:
+            try:
+                scope[USER] = guard.authorize_route(scope, path)
+            except AccessError as exc:
+                guard.denied(exc, scope)
+                return await reply_for(exc).send(send, head=head)
+        await self.fallback(scope, receive, send)

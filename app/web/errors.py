@@ -17,6 +17,7 @@ from app.errors import (
     PeerError,
     StorageFullError,
     TokenMissingError,
+    UnauthenticatedError,
     ValueTooLargeError,
     WriteNotWonError,
 )
@@ -34,7 +35,7 @@ def status_for(exc: KvstoreError) -> int:
     if isinstance(exc, InvalidRequestError):
         return 400
     if isinstance(exc, AccessError):
-        return 401 if isinstance(exc, TokenMissingError) else 403
+        return 401 if isinstance(exc, (TokenMissingError, UnauthenticatedError)) else 403
     if isinstance(exc, StorageFullError):
         return 507  # Insufficient Storage: this node is full; growing its volume and --map-size fixes it
     if isinstance(exc, NotComparableError):
@@ -49,9 +50,12 @@ def status_for(exc: KvstoreError) -> int:
 
 
 def headers_for(exc: KvstoreError, status: int) -> dict[str, str]:
-    """Headers an error answer carries: Allow on 405, Retry-After on 503."""
+    """Headers an error answer carries: Allow on 405, Retry-After on 503,
+    WWW-Authenticate on a user's 401 (RFC 6750: the scheme to retry with)."""
     if isinstance(exc, MethodNotAllowedError):
         return {"allow": ", ".join(exc.allowed)}
+    if isinstance(exc, UnauthenticatedError):
+        return {"www-authenticate": 'Bearer realm="kvstore"'}
     if status == 503:
         return {"retry-after": str(RETRY_AFTER_S)}
     return {}

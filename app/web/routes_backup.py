@@ -1,4 +1,4 @@
-"""The backup and restore routes, under /admin/ and behind the cluster token
+"""The backup and restore routes, under /admin/ and behind require_admin
 (`kvstore backup` and `kvstore restore` call them; app.cli_backup). Thin:
 GET /admin/backup streams app.backup_format frames built from
 app.cluster.backup's batches, one batch at a time (uvicorn's send waits
@@ -31,12 +31,12 @@ from app.cluster.node import Node
 from app.cluster.restore import RestoreWriter
 from app.errors import BackupFormatError, KvstoreError, ValueTooLargeError
 from app.storage.base import Record
-from app.web.routes_admin import require_token
+from app.web.routes_admin import require_admin
 from app.web.slot import node_of
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_token)])
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
 COMPRESSION_HELP = f"how chunks are compressed: {' or '.join(COMPRESSIONS)}"
 PACE_HELP = "the share of time the backup works (it rests the rest, for client traffic); 1: full speed"

@@ -17,10 +17,12 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from app.access import Permission
 from app.clock import wall_ms
 from app.cluster import overview
 from app.cluster.coordinator import required_acks
 from app.cluster.node import Node
+from app.web.access import require_key
 from app.web.keys import key_from_query, parse_query
 from app.web.routes_ops import ring_view
 from app.web.slot import node_of
@@ -150,6 +152,7 @@ async def console_ring(request: Request) -> Response:
 async def console_key(request: Request) -> Response:
     node = node_of(request)
     key = key_from_query(parse_query(request.scope["query_string"]))
+    require_key(request.scope, Permission.READ, key)  # the access rule of a read of this key
     copies = await overview.replica_copies(node, key)
     now = wall_ms()
     return _json({"key": key.decode(), **overview.agreement(copies), "copies": [copy.as_json(now) for copy in copies]})

@@ -2,16 +2,20 @@
 (they are the hot path): the JSON routes `/get`, `/put`, `/delete` (the
 first API, kept verbatim) and the REST route `/kv/{key}` (raw, binary-safe
 values). Each parses and validates, calls the coordinator, shapes the answer;
-errors are raised as app.errors types and answered by app.web.asgi.
+errors are raised as app.errors types and answered by app.web.asgi. Each
+checks the user's permission on its key (app.web.access.require_key) before
+reading or writing anything.
 """
 
 from __future__ import annotations
 
 import orjson
 
+from app.access import Permission
 from app.clock import Version
 from app.cluster.node import Node
 from app.errors import InvalidRequestError
+from app.web.access import require_key
 from app.web.asgi import OCTETS, Receive, Reply, Scope, allow, json_error, raw_path_after, read_body
 from app.web.keys import check_value_size, key_from_path, key_from_query, parse_query, ttl_from, validate_key
 
@@ -29,6 +33,7 @@ async def json_get(node: Node, scope: Scope, receive: Receive, method: str) -> R
     allow(method, "/get", ("GET",))
     query = parse_query(scope["query_string"])
     key = key_from_query(query)
+    require_key(scope, Permission.READ, key)
     record = await node.coordinator.get(key, consistency=query.get("consistency", "quorum"))
     if record is None or record.value is None:
         return json_error(404, "key not found", key=key.decode())
@@ -58,6 +63,7 @@ async def json_put(node: Node, scope: Scope, receive: Receive, method: str) -> R
     key_bytes = validate_key(key.encode("utf-8"))
     value_bytes = value.encode("utf-8")
     check_value_size(value_bytes, limit)
+    require_key(scope, Permission.WRITE, key_bytes)
     version = await node.coordinator.put(
         key_bytes, value_bytes, ttl_s=ttl_from(doc.get("ttl")), consistency=query.get("consistency", "quorum")
     )
@@ -68,6 +74,7 @@ async def json_delete(node: Node, scope: Scope, receive: Receive, method: str) -
     allow(method, "/delete", ("DELETE",))
     query = parse_query(scope["query_string"])
     key = key_from_query(query)
+    require_key(scope, Permission.WRITE, key)
     existed = await node.coordinator.delete(key, consistency=query.get("consistency", "quorum"))
     if not existed:
         return json_error(404, "key not found", key=key.decode())
@@ -80,6 +87,7 @@ async def rest(node: Node, scope: Scope, receive: Receive, method: str) -> Reply
     query = parse_query(scope["query_string"])
     consistency = query.get("consistency", "quorum")
     coordinator = node.coordinator
+    require_key(scope, Permission.READ if method in ("GET", "HEAD") else Permission.WRITE, key)
     if method == "PUT":
         value = await read_body(scope, receive, node.config.max_value_bytes)
         version = await coordinator.put(key, value, ttl_s=ttl_from(query.get("ttl")), consistency=consistency)

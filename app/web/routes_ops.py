@@ -14,20 +14,26 @@ from app.clock import wall_ms
 from app.cluster.node import Node
 from app.errors import NodeStartingError
 from app.metrics import CONTENT_TYPE_LATEST, NodeMetrics
-from app.web.slot import node_of
+from app.web.slot import NodeSlot, node_of
 
 router = APIRouter(tags=["operations"])
 
 
 @router.get("/ready", summary="Readiness: 200 when the ring is known and the store is open, else 503")
 async def ready(request: Request) -> JSONResponse:
+    status, body = readiness(request.app.state.slot)
+    return JSONResponse(body, status_code=status)
+
+
+def readiness(slot: NodeSlot) -> tuple[int, dict[str, str]]:
+    """/ready's status and body, here and on the ops listener (app.web.ops)."""
     try:
-        reason = node_of(request).not_ready_reason()
+        reason = slot.require().not_ready_reason()
     except NodeStartingError as exc:
         reason = str(exc)
     if reason is not None:
-        return JSONResponse({"error": f"not ready: {reason}"}, status_code=503)
-    return JSONResponse({"status": "ready"})
+        return 503, {"error": f"not ready: {reason}"}
+    return 200, {"status": "ready"}
 
 
 @router.get("/ring", summary="This node's view of the ring: members, reachability, key-space shares")

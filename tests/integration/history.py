@@ -267,8 +267,10 @@ class Load:
         seed: int = 0,
         timeout: float = REQUEST_TIMEOUT_S,
         verify: ssl.SSLContext | bool = True,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.urls = list(urls)
+        self.headers = dict(headers or {})  # a user's `authorization` under --auth-file
         self.verify = verify  # https nodes: the context that verifies them (and presents a client certificate)
         self.keys = list(keys)
         self.clients = clients
@@ -324,7 +326,7 @@ class Load:
 
     async def _client(self, index: int) -> None:
         rng = random.Random(f"{self.seed}/{self.name}/{index}")
-        async with httpx.AsyncClient(timeout=self.timeout, verify=self.verify) as client:
+        async with httpx.AsyncClient(timeout=self.timeout, verify=self.verify, headers=self.headers) as client:
             seq = 0
             while not self._stop.is_set():
                 seq += 1
@@ -380,6 +382,7 @@ def observe(
     consistency: str = "quorum",
     retry_for: float = READ_RETRY_S,
     verify: ssl.SSLContext | bool = True,
+    headers: dict[str, str] | None = None,
 ) -> list[Observation]:
     """Read every key through every node in urls ({node_id: url}) with a normal client GET."""
     keys = list(keys)
@@ -404,7 +407,7 @@ def observe(
 
     async def run() -> list[Observation]:
         gate = asyncio.Semaphore(READ_CONCURRENCY)
-        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, verify=verify) as client:
+        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, verify=verify, headers=headers) as client:
             return list(await asyncio.gather(*(one(client, gate, node, key) for node in urls for key in keys)))
 
     return asyncio.run(run())

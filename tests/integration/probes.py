@@ -33,8 +33,13 @@ def wait_for(check: Callable[[], str | None], *, timeout: float, what: str, inte
         time.sleep(interval)
 
 
-def _headers(token: str | None) -> dict[str, str]:
-    return {"x-kvstore-token": token} if token else {}
+def _headers(token: str | None, bearer: str | None = None) -> dict[str, str]:
+    """The cluster token (internal routes; admin routes without access control)
+    and a user's bearer token (every client route under --auth-file)."""
+    headers = {"x-kvstore-token": token} if token else {}
+    if bearer:
+        headers["authorization"] = f"Bearer {bearer}"
+    return headers
 
 
 @dataclass(frozen=True)
@@ -152,25 +157,29 @@ def wait_converged(
     return time.monotonic() - started
 
 
-def admin_get(url: str, path: str, *, token: str | None = None, verify: ssl.SSLContext | bool = True) -> Any:
-    resp = httpx.get(url + path, headers=_headers(token), timeout=INSPECT_TIMEOUT_S, verify=verify)
+def admin_get(
+    url: str, path: str, *, token: str | None = None, bearer: str | None = None, verify: ssl.SSLContext | bool = True
+) -> Any:
+    resp = httpx.get(url + path, headers=_headers(token, bearer), timeout=INSPECT_TIMEOUT_S, verify=verify)
     resp.raise_for_status()
     return resp.json()
 
 
-def change_membership(url: str, peers: dict[str, str], *, token: str | None = None) -> dict[str, Any]:
+def change_membership(
+    url: str, peers: dict[str, str], *, token: str | None = None, bearer: str | None = None
+) -> dict[str, Any]:
     """POST /admin/membership to one member; it applies the change everywhere."""
-    resp = httpx.post(url + "/admin/membership", json={"peers": peers}, headers=_headers(token), timeout=30.0)
+    resp = httpx.post(url + "/admin/membership", json={"peers": peers}, headers=_headers(token, bearer), timeout=30.0)
     assert resp.status_code == 200, f"membership change refused: {resp.status_code} {resp.text}"
     return resp.json()
 
 
-def rebalancing_left(urls: dict[str, str], *, token: str | None = None) -> str | None:
+def rebalancing_left(urls: dict[str, str], *, token: str | None = None, bearer: str | None = None) -> str | None:
     """None when every node reports syncing false and foreign_keys 0, else what is left."""
     left = []
     for node_id, url in urls.items():
         try:
-            status = admin_get(url, "/admin/rebalance", token=token)
+            status = admin_get(url, "/admin/rebalance", token=token, bearer=bearer)
         except httpx.HTTPError as exc:
             left.append(f"{node_id}: {type(exc).__name__}: {exc}")
             continue
@@ -179,21 +188,28 @@ def rebalancing_left(urls: dict[str, str], *, token: str | None = None) -> str |
     return "; ".join(left) or None
 
 
-def reachability(url: str, *, token: str | None = None, verify: ssl.SSLContext | bool = True) -> dict[str, bool]:
+def reachability(
+    url: str, *, token: str | None = None, bearer: str | None = None, verify: ssl.SSLContext | bool = True
+) -> dict[str, bool]:
     """{member id: reachable} as one node sees it (GET /ring)."""
-    members = admin_get(url, "/ring", token=token, verify=verify)["members"]
+    members = admin_get(url, "/ring", token=token, bearer=bearer, verify=verify)["members"]
     return {m["node_id"]: bool(m.get("reachable")) for m in members}
 
 
 def unreachable_peers(
-    urls: dict[str, str], *, expect: Iterable[str], token: str | None = None, verify: ssl.SSLContext | bool = True
+    urls: dict[str, str],
+    *,
+    expect: Iterable[str],
+    token: str | None = None,
+    bearer: str | None = None,
+    verify: ssl.SSLContext | bool = True,
 ) -> str | None:
     """None when every node in urls sees every id in `expect` as reachable in /ring."""
     expect = set(expect)
     problems = []
     for node_id, url in urls.items():
         try:
-            view = reachability(url, token=token, verify=verify)
+            view = reachability(url, token=token, bearer=bearer, verify=verify)
         except httpx.HTTPError as exc:
             problems.append(f"{node_id}: {type(exc).__name__}")
             continue
@@ -203,13 +219,15 @@ def unreachable_peers(
     return "; ".join(problems) or None
 
 
-def membership_disagreement(urls: dict[str, str], *, members: Iterable[str], token: str | None = None) -> str | None:
+def membership_disagreement(
+    urls: dict[str, str], *, members: Iterable[str], token: str | None = None, bearer: str | None = None
+) -> str | None:
     """None when every node in urls has exactly `members` in its ring."""
     members = set(members)
     problems = []
     for node_id, url in urls.items():
         try:
-            seen = {m["node_id"] for m in admin_get(url, "/ring", token=token)["members"]}
+            seen = {m["node_id"] for m in admin_get(url, "/ring", token=token, bearer=bearer)["members"]}
         except httpx.HTTPError as exc:
             problems.append(f"{node_id}: {type(exc).__name__}")
             continue

@@ -84,6 +84,18 @@ def test_console_follows_a_crash_and_a_restart_without_a_reload(
     wait_until(browser, _all_up(cluster), timeout=SETTLE_S, what="healthy with three members up")
     assert page(browser)["reasons"] == [] or "every member is up" in page(browser)["reasons"][0]
     record_property("screenshot_healthy", str(screenshot(browser, "healthy")))
+    # The theme follows the system's setting, without a reload.
+    background = "return getComputedStyle(document.body).backgroundColor"
+    light = browser.execute_script(background)
+    browser.execute_cdp_cmd(
+        "Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]}
+    )
+    try:
+        dark = browser.execute_script(background)
+        record_property("screenshot_healthy_dark", str(screenshot(browser, "healthy-dark")))
+    finally:
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+    assert light != dark, "the page ignores prefers-color-scheme"
     mark_page(browser)
 
     cluster[2].kill()
@@ -133,6 +145,11 @@ def test_key_lookup_shows_replicas_disagreeing_then_agreeing(
     )
     assert [r["node"] for r in state["replicas"]] == preference, "not in preference order"
     assert {(r["state"], r["version"]) for r in state["replicas"]} == {("live", put["version"])}
+    # Times are relative ("3 s ago"), with the absolute time on hover.
+    times = browser.execute_script(
+        "return [...document.querySelectorAll('#lookup time')].map(t => [t.textContent, t.title, t.dateTime])"
+    )
+    assert len(times) == 3 and all(text.endswith(" ago") and title and iso for text, title, iso in times), times
 
     # A write node3 misses: node1 coordinates it and keeps node3's copy as a
     # hint; node1 then crashes holding it, and node3 comes back with the old copy.

@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from app.cluster.context import ClusterWorker
-from app.cluster.coordinator import required_acks
+from app.cluster.coordinator import Consistency, required_acks
 from app.errors import InvalidRequestError, PeerError, QuorumError
 from app.storage.base import Record
 from app.transport.base import Peer
@@ -77,7 +77,7 @@ class BackupSource(ClusterWorker):
 
     def required(self, owners: Sequence[str]) -> int:
         """Replicas of an arc that must answer: N - W + 1 (W: a quorum of N)."""
-        return len(owners) - required_acks("quorum", len(owners)) + 1
+        return len(owners) - required_acks(Consistency.QUORUM, len(owners)) + 1
 
     def estimated_records(self) -> int:
         """Keys in the cluster, estimated from this node's share (for progress)."""

@@ -208,7 +208,7 @@ class PeerHealth:
     def down_peers(self) -> list[str]:
         return [node_id for node_id, state in self._states.items() if not state.up]
 
-    def snapshot(self, node_id: str) -> PeerState:
+    def state(self, node_id: str) -> PeerState:
         return self._state(node_id)
 
     def forget(self, node_id: str) -> None:

@@ -1,10 +1,10 @@
 """A node: store, hints, topology, peer health, the coordinator, and the
 background loops that keep replicas converging (peer probes, which also
 measure clock offsets, hint delivery, anti-entropy with a check for surplus
-copies, TTL sweeps). It is also the discovery source's sink.
+copies, TTL sweeps). It is also the membership source's sink.
 
 Opened by the composition root (app.web.app), which hands it the peer client
-and the discovery source; it never imports a web or network library itself.
+and the membership source; it never imports a web or network library itself.
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ import time
 from collections.abc import Awaitable, Callable
 
 from app.clock import HybridClock, wall_ms
+from app.cluster.anti_entropy import AntiEntropy
 from app.cluster.clock_offsets import ClockOffsets
 from app.cluster.context import ClusterContext
-from app.cluster.coordinator import Coordinator, required_acks
+from app.cluster.coordinator import Consistency, Coordinator, required_acks
 from app.cluster.handoff import Handoff
 from app.cluster.health import PeerHealth
-from app.cluster.repair import AntiEntropy
 from app.cluster.replica import Replica
 from app.cluster.topology import CurrentTopology, Topology
 from app.config import NodeConfig
-from app.discovery.base import DiscoverySource
 from app.errors import PeerError
+from app.membership.base import MembershipSource
 from app.metrics import NodeMetrics
 from app.storage import HintStore, Store, open_hint_store, open_store
 from app.transport.base import Peer, PeerClient
@@ -55,14 +55,14 @@ class Node:
         store: Store,
         hints: HintStore,
         peer_client: PeerClient,
-        source: DiscoverySource,
+        source: MembershipSource,
         metrics: NodeMetrics,
         wall: Callable[[], int] = wall_ms,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.peer_client = peer_client
-        self.source = source
+        self.membership_source = source
         max_offset_ms = int(config.max_clock_offset * 1000)
         self.clock = HybridClock(config.node_id, wall=wall, max_offset_ms=max_offset_ms)
         # Never stamp below a version this node already holds, whatever its
@@ -84,7 +84,7 @@ class Node:
         self.coordinator = Coordinator(context, clock=self.clock, offsets=self.offsets)
         self.handoff = Handoff(
             context,
-            write_quorum=required_acks("quorum", config.replication_factor),
+            write_quorum=required_acks(Consistency.QUORUM, config.replication_factor),
             sync_deadline_s=config.sync_deadline,
         )
         self.anti_entropy = AntiEntropy(context)
@@ -106,7 +106,7 @@ class Node:
         config: NodeConfig,
         *,
         peer_client: PeerClient,
-        source: DiscoverySource,
+        source: MembershipSource,
         metrics: NodeMetrics | None = None,
         wall: Callable[[], int] = wall_ms,
     ) -> Node:
@@ -153,7 +153,7 @@ class Node:
         deadline = time.monotonic() + self.config.drain_deadline
         try:
             await asyncio.wait_for(
-                self.source.refresh(self), timeout=min(PROBE_INTERVAL_S * 5, self.config.drain_deadline)
+                self.membership_source.refresh(self), timeout=min(PROBE_INTERVAL_S * 5, self.config.drain_deadline)
             )
         except Exception:  # an unreachable API must not block shutdown
             log.warning("could not re-read membership before exiting", exc_info=True)
@@ -184,7 +184,7 @@ class Node:
         await asyncio.to_thread(self.replica.store.close)
         await asyncio.to_thread(self.replica.hints.close)
 
-    # -- the discovery source's sink -------------------------------------------
+    # -- the membership source's sink -------------------------------------------
 
     async def set_members(self, members: dict[str, str]) -> None:
         await self.apply_membership(members, propagate=False)
@@ -208,7 +208,7 @@ class Node:
         delay = PROBE_INTERVAL_S
         while True:
             try:
-                await self.source.run(self)
+                await self.membership_source.run(self)
                 if self.members_known:
                     return  # a one-shot source (static) is done
             except asyncio.CancelledError:
@@ -270,7 +270,7 @@ class Node:
     async def _watch_peers(self) -> None:
         """Trip the breaker on silent peers; ask each peer marked down whether it is back."""
         for node_id in self.health.trip_silent():
-            log.warning("peer %s marked down: %s", node_id, self.health.snapshot(node_id).last_error)
+            log.warning("peer %s marked down: %s", node_id, self.health.state(node_id).last_error)
         view = self.topology.current
         down = [view.peers[node_id] for node_id in self.health.down_peers() if node_id in view.peers]
         results = await asyncio.gather(*(self.peer_client.probe(peer) for peer in down), return_exceptions=True)
@@ -293,13 +293,13 @@ class Node:
         await asyncio.gather(*(self._measure_offset(peer) for peer in up))
         for node_id in view.peers:
             if node_id != self.config.node_id:
-                state = self.health.snapshot(node_id)
+                state = self.health.state(node_id)
                 self.metrics.peer_outstanding.labels(node_id).set(state.outstanding)
                 self.metrics.peer_latency.labels(node_id).set(state.latency_s)
 
     async def _measure_offset(self, peer: Peer) -> bool:
         """Read the peer's wall clock between two of ours (NTP's midpoint rule)."""
-        sent_wall = self.clock.wall_ms()
+        sent_wall = self.clock.reading_ms()
         started = time.monotonic()
         try:
             theirs = await self.peer_client.wall_clock(peer)
@@ -330,7 +330,7 @@ class Node:
         if len(ring) == 0:
             return 0
         n = min(self.config.replication_factor, len(ring))
-        needed = required_acks("quorum", n)
+        needed = required_acks(Consistency.QUORUM, n)
         up = {node_id for node_id in ring.members if node_id == self.config.node_id or self.health.is_up(node_id)}
         return sum(1 for _, owners in ring.replica_sets(n) if len(up.intersection(owners)) < needed)
 

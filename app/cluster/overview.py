@@ -227,7 +227,7 @@ class ReplicaCopy:
             "node_id": self.node_id,
             "state": state,
             "version": None if record is None else record.version.encode(),
-            "version_wall_ms": None if record is None else record.version.wall_ms,
+            "version_wall_ms": None if record is None else record.version.physical_ms,
             "expires_at_ms": None if record is None or not record.expires_at_ms else record.expires_at_ms,
             "value_bytes": None if record is None or record.value is None else len(record.value),
             "syncing": self.syncing,

@@ -118,7 +118,7 @@ class LmdbStore(Store):
         writemap: bool = LMDB_WRITEMAP,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
-            raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, got {fsync!r}")
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
         self._path = path
         self._fsync = fsync
         self._grace_ms = int(tombstone_grace_s * 1000)
@@ -161,11 +161,11 @@ class LmdbStore(Store):
         # commits whose changes it did not record (LMDB serializes writers
         # anyway: this lock costs no parallelism).
         self._write_lock = threading.Lock()
-        self._maintained = self._digests = MaintainedDigests(
+        self._digests: MaintainedDigests = MaintainedDigests(
             lock=self._write_lock, snapshot=self._snapshot, parts=DIGEST_SUBARCS, name="lmdb"
         )
         if saved_digests is not None:
-            self._maintained.restore(saved_digests)
+            self._digests.restore(saved_digests)
         self._flusher = Flusher(policy=fsync, window_ms=fsync_window_ms, sync=self._env_sync, name="lmdb")
 
     @staticmethod
@@ -222,7 +222,7 @@ class LmdbStore(Store):
 
     def _save_digests(self) -> None:
         """At close, under the write lock: keep the digest index for the next open."""
-        index = self._maintained.saved()
+        index = self._digests.saved()
         try:
             with self._env.begin(write=True, db=self._meta) as txn:
                 if index is None:
@@ -250,7 +250,7 @@ class LmdbStore(Store):
     def high_water(self) -> int:
         return self._high_water
 
-    def _full(self, exc: lmdb.Error) -> StorageFullError:
+    def _full_error(self, exc: lmdb.Error) -> StorageFullError:
         """The refusal of a write that found no room: the transaction was
         aborted, so nothing of it is stored and everything before it is."""
         where = "map" if isinstance(exc, lmdb.MapFullError) else "volume"
@@ -351,7 +351,7 @@ class LmdbStore(Store):
         with self._write_lock:
             highest = self._high_water
             changed = False
-            tracking = self._maintained.tracking
+            tracking = self._digests.tracking
             deltas: list[tuple[int, int]] = []  # (key hash, fingerprint change), applied once committed
             try:
                 txn = self._env.begin(write=True)
@@ -385,11 +385,11 @@ class LmdbStore(Store):
                     txn.abort()
                     raise
             except (lmdb.MapFullError, lmdb.DiskError) as exc:
-                raise self._full(exc) from exc
+                raise self._full_error(exc) from exc
             except lmdb.Error as exc:
                 raise StorageError(f"storage: apply failed: {exc}") from exc
             for token, delta in deltas:
-                self._maintained.changed(token, delta)
+                self._digests.changed(token, delta)
         if changed:
             self._high_water = highest
             self._flusher.applied()
@@ -418,9 +418,9 @@ class LmdbStore(Store):
                         gone.append((key, stored))
             except lmdb.Error as exc:
                 raise StorageError(f"storage: discard failed: {exc}") from exc
-            if self._maintained.tracking:  # only once the transaction committed
+            if self._digests.tracking:  # only once the transaction committed
                 for key, stored in gone:
-                    self._maintained.changed(stable_hash(key), record_fingerprint(key, stored))
+                    self._digests.changed(stable_hash(key), record_fingerprint(key, stored))
         if gone:
             self._flusher.applied()
         return len(gone)
@@ -453,7 +453,7 @@ class LmdbStore(Store):
         if limit < 0:
             return 0
         bound = _U64.pack(limit)
-        purged = 0
+        swept = 0  # purged, or (purge False) expired into tombstones
         while True:
             batch = 0
             with self._write_lock:
@@ -481,15 +481,15 @@ class LmdbStore(Store):
                                 dead = Record(version=record.version, value=None, expires_at_ms=record.expires_at_ms)
                                 txn.put(data_key, _encode(dead), db=self._data)
                                 self._index(txn, data_key, dead)
-                            purged += 1
+                            swept += 1
                         batch = len(due)
                 except lmdb.Error as exc:
                     raise StorageError(f"storage: sweep failed: {exc}") from exc
-                if self._maintained.tracking:
+                if self._digests.tracking:
                     for token, delta in deltas:
-                        self._maintained.changed(token, delta)
+                        self._digests.changed(token, delta)
             if batch < LMDB_SWEEP_BATCH:
-                return purged
+                return swept
 
     # -- durability (the policy thread lives in app.storage.flusher) ---------------
 
@@ -509,7 +509,7 @@ class LmdbStore(Store):
         if self._closing:
             return
         self._closing = True
-        self._maintained.close()
+        self._digests.close()
         self._flusher.close()
         # The write lock is held until the environment is closed, so no write
         # can land after the digest index was saved.

@@ -1,5 +1,5 @@
 """The real peer client: single-key reads and writes over a lean keep-alive
-pool per peer (app.transport.wire), coalesced per event-loop iteration
+pool per peer (app.transport.pool), coalesced per event-loop iteration
 (app.coalesce); everything else over one aiohttp session.
 
 Node-to-node calls are the hot path: httpx measured ~4 ms of CPU per request
@@ -67,8 +67,8 @@ from app.transport.base import (
     record_from_headers,
     record_headers,
 )
+from app.transport.pool import PeerPool
 from app.transport.tls import TlsMaterial
-from app.transport.wire import PeerPool
 
 Write = tuple[bytes, Record, "str | None"]  # key, record, hint_for
 T = TypeVar("T")

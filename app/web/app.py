@@ -1,7 +1,7 @@
 """The composition root: create_app(config) returns the ASGI application
 uvicorn serves: the data plane (app.web.dataplane) in front of a FastAPI
 application for the ops, admin and console routes and the docs. The node itself is
-opened in the lifespan, with the HTTP peer client and the discovery source
+opened in the lifespan, with the HTTP peer client and the membership source
 the config names, and put in the slot both halves read.
 """
 
@@ -22,9 +22,9 @@ from app import __version__
 from app.access import AuthFile
 from app.cluster.node import Node
 from app.config import NodeConfig
-from app.discovery.base import DiscoverySource
-from app.discovery.static import StaticDiscovery
 from app.errors import KvstoreError
+from app.membership.base import MembershipSource
+from app.membership.static import StaticMembership
 from app.metrics import NodeMetrics
 from app.storage import check_data_dir
 from app.transport.http import HttpPeerClient
@@ -47,7 +47,7 @@ def create_app(config: NodeConfig, *, metrics: NodeMetrics | None = None, tls: T
     # Settings that cannot work fail here, before the server starts: one ConfigError line
     # from the CLI, not a lifespan traceback (and no peer client left open behind it).
     check_data_dir(config)
-    source = discovery_source(config)
+    source = membership_source(config)
     slot = NodeSlot()
     metrics = metrics or NodeMetrics()
     auth_file = None if config.auth_file is None else AuthFile(config.auth_file, on_reload=metrics.count_auth_reload)
@@ -108,12 +108,12 @@ def create_app(config: NodeConfig, *, metrics: NodeMetrics | None = None, tls: T
     )
 
 
-def discovery_source(config: NodeConfig) -> DiscoverySource:
+def membership_source(config: NodeConfig) -> MembershipSource:
     if config.membership == "kubernetes":
-        from app.discovery.kubernetes import KubernetesDiscovery  # the kubernetes client loads only when used
+        from app.membership.kubernetes import KubernetesMembership  # the kubernetes client loads only when used
 
-        return KubernetesDiscovery.from_config(config)
-    return StaticDiscovery(config.peers)
+        return KubernetesMembership.from_config(config)
+    return StaticMembership(config.peers)
 
 
 def _install_error_handlers(api: FastAPI) -> None:

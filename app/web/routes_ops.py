@@ -43,13 +43,14 @@ async def ring(request: Request) -> dict[str, object]:
 
 def ring_view(node: Node) -> dict[str, object]:
     """/ring's answer; the console (routes_console) reads every node's."""
+    source = node.membership_source
     view = node.topology.current
     shares = view.ring.shares()
     replica_shares = view.ring.shares(node.config.replication_factor)
     now = time.monotonic()
     members = []
     for node_id, peer in sorted(view.peers.items()):
-        state = node.health.snapshot(node_id)
+        state = node.health.state(node_id)
         is_self = node_id == node.config.node_id
         members.append(
             {
@@ -73,7 +74,7 @@ def ring_view(node: Node) -> dict[str, object]:
         "vnodes": view.ring.vnodes,
         "replication_factor": min(node.config.replication_factor, len(view.ring)),
         "clock": {"max_offset_ms": node.offsets.max_offset_ms, "refusal": node.offsets.refusal()},
-        "membership_source": node.source.status() | {"staleness_s": round(node.source.staleness_s(), 3)},
+        "membership_source": source.status() | {"staleness_s": round(source.staleness_s(), 3)},
         "members": members,
         "local": local_view(node),
     }

@@ -368,7 +368,7 @@ def test_role_grants_only_get_list_watch_on_three_resources(render: Render) -> N
         for resource in rule["resources"]
     }
     read = frozenset({"get", "list", "watch"})
-    assert granted == {("apps", "statefulsets", read), ("", "pods", read)}  # what app/discovery/kubernetes.py reads
+    assert granted == {("apps", "statefulsets", read), ("", "pods", read)}  # what app/membership/kubernetes.py reads
     assert all(set(rule) == {"apiGroups", "resources", "verbs"} for rule in role["rules"]), (
         "no resourceNames/nonResourceURLs"
     )

@@ -144,7 +144,7 @@ async def test_a_replica_s_newer_version_from_beyond_the_bound_fails_the_write_w
         node.replica.store.apply(b"k", Record(version=far, value=b"from a clock 30 s fast"))
     with pytest.raises(WriteNotWonError, match=r"from node rogue is \d+ ms ahead .* beyond --max-clock-offset"):
         await nodes["a"].put(b"k", b"v")
-    assert nodes["a"].clock.now().wall_ms < far.wall_ms  # the clock did not jump to follow it
+    assert nodes["a"].clock.now().physical_ms < far.physical_ms  # the clock did not jump to follow it
 
 
 async def test_a_write_that_keeps_losing_fails_after_the_bounded_rounds(cluster: InProcessCluster) -> None:
@@ -213,7 +213,7 @@ async def test_a_read_hedges_past_a_hung_replica_and_the_breaker_marks_it_down(c
     await nodes["a"].put(b"k", b"v")
     transport.hung.add("c")
     for _ in range(12):
-        nodes["a"].health.snapshot("b").latency_s = 10.0  # so that c, the hung one, looks best and is asked first
+        nodes["a"].health.state("b").latency_s = 10.0  # so that c, the hung one, looks best and is asked first
         started = asyncio.get_running_loop().time()
         read = await asyncio.wait_for(nodes["a"].get(b"k"), timeout=1.0)  # the peer timeout would be 2 s
         assert read is not None and read.value == b"v"
@@ -222,5 +222,5 @@ async def test_a_read_hedges_past_a_hung_replica_and_the_breaker_marks_it_down(c
         await nodes["a"].put(b"k", b"v2")  # writes go to every replica: the hung one owes answers
     await asyncio.sleep(0.6)  # past the suspect delay (200 ms), and a peer watch (every 250 ms) has run
     assert not nodes["a"].health.is_up("c")
-    assert "no answer for" in nodes["a"].health.snapshot("c").last_error
+    assert "no answer for" in nodes["a"].health.state("c").last_error
     assert nodes["a"].metrics.hedged_reads._value.get() == 12

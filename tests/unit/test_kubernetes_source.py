@@ -1,4 +1,4 @@
-"""app.discovery.kubernetes without an API server: the member list a
+"""app.membership.kubernetes without an API server: the member list a
 StatefulSet implies, which pods count and when they are ready, and how the
 source applies list/watch events to its sink (no sockets, no threads)."""
 
@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from app.config import NodeConfig
-from app.discovery.kubernetes import (
+from app.errors import ConfigError
+from app.membership.kubernetes import (
     PODS,
     STATEFULSETS,
-    KubernetesDiscovery,
+    KubernetesMembership,
     _Change,
     _Connected,
     _Expired,
@@ -24,7 +25,6 @@ from app.discovery.kubernetes import (
     pod_is_ready,
     pod_matches,
 )
-from app.errors import ConfigError
 
 LABELS = {"app": "kv"}
 
@@ -60,8 +60,8 @@ def pod(name: str, *, ready: bool, labels: dict[str, str] = LABELS, terminating:
 
 
 @pytest.fixture
-def source() -> KubernetesDiscovery:
-    return KubernetesDiscovery(
+def source() -> KubernetesMembership:
+    return KubernetesMembership(
         api_client=None,
         namespace="ns",
         statefulset="kv",
@@ -89,7 +89,7 @@ def test_pods_count_by_selector_and_ordinal_name_and_ready_condition() -> None:
     assert not pod_is_ready({"metadata": {"name": "kv-0"}})
 
 
-async def test_members_follow_replicas_and_only_changes_are_pushed(source: KubernetesDiscovery) -> None:
+async def test_members_follow_replicas_and_only_changes_are_pushed(source: KubernetesMembership) -> None:
     sink = Sink()
     await source._apply(_Snapshot(STATEFULSETS, [sts(5, name="other"), sts(3)], "1"), sink)
     assert [sorted(m) for m in sink.members] == [["kv-0", "kv-1", "kv-2"]]
@@ -101,7 +101,7 @@ async def test_members_follow_replicas_and_only_changes_are_pushed(source: Kuber
     assert source.status()["replicas"] == 4 and source.status()["resource_version"] == "4"
 
 
-async def test_missing_deleted_or_zero_statefulset_keeps_the_last_ring(source: KubernetesDiscovery) -> None:
+async def test_missing_deleted_or_zero_statefulset_keeps_the_last_ring(source: KubernetesMembership) -> None:
     sink = Sink()
     await source._apply(_Snapshot(STATEFULSETS, [], "1"), sink)
     assert sink.members == [] and len(sink.errors) == 1
@@ -113,7 +113,7 @@ async def test_missing_deleted_or_zero_statefulset_keeps_the_last_ring(source: K
     assert source.status()["errors"] == 2
 
 
-async def test_readiness_goes_to_the_sink_for_members_on_change_only(source: KubernetesDiscovery) -> None:
+async def test_readiness_goes_to_the_sink_for_members_on_change_only(source: KubernetesMembership) -> None:
     sink = Sink()
     await source._apply(_Snapshot(STATEFULSETS, [sts(2)], "1"), sink)
     assert sink.ready == []  # pods not listed yet: nothing is known
@@ -131,11 +131,11 @@ async def test_readiness_goes_to_the_sink_for_members_on_change_only(source: Kub
 
 
 async def test_failures_count_and_staleness_grows_until_reconnected(
-    source: KubernetesDiscovery, monkeypatch: pytest.MonkeyPatch
+    source: KubernetesMembership, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sink = Sink()
     now = [1000.0]
-    monkeypatch.setattr("app.discovery.kubernetes.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("app.membership.kubernetes.time.monotonic", lambda: now[0])
     await source._apply(_Connected(STATEFULSETS, True), sink)
     await source._apply(_Connected(PODS, True), sink)
     now[0] += 30
@@ -181,7 +181,7 @@ def test_from_config_reads_the_kubernetes_settings(tmp_path: Path) -> None:
             "kubeconfig": str(kubeconfig),
         }
     )
-    source = KubernetesDiscovery.from_config(config)
+    source = KubernetesMembership.from_config(config)
     assert (source.namespace, source.statefulset, source.headless_service, source.cluster_domain, source.port) == (
         "ns",
         "kv",

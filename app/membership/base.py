@@ -1,4 +1,4 @@
-"""The discovery-source interface and the sink a node offers it.
+"""The membership-source interface and the sink a node offers it.
 
 A source pushes complete member lists (node id -> base URL) and, if it knows,
 each peer's readiness. Members drive the ring (and rebalancing); readiness
@@ -22,7 +22,7 @@ class DiscoverySink(Protocol):
         """The source failed to read or watch; it keeps the last known view."""
 
 
-class DiscoverySource(abc.ABC):
+class MembershipSource(abc.ABC):
     @abc.abstractmethod
     async def run(self, sink: DiscoverySink) -> None:
         """Feed the sink until cancelled. Must not raise on transient errors:

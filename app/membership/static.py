@@ -1,12 +1,12 @@
-"""The static discovery source: the --peers list, given once at start.
+"""The static membership source: the --peers list, given once at start.
 Later changes arrive through POST /admin/membership (app.web.routes_admin)."""
 
 from __future__ import annotations
 
-from app.discovery.base import DiscoverySink, DiscoverySource
+from app.membership.base import DiscoverySink, MembershipSource
 
 
-class StaticDiscovery(DiscoverySource):
+class StaticMembership(MembershipSource):
     def __init__(self, peers: dict[str, str]) -> None:
         self.peers = dict(peers)
 

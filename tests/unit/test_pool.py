@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 import uvloop
 
-from app.transport.wire import PeerPool
+from app.transport.pool import PeerPool
 from tests.unit.scripted_server import ScriptedServer, ok
 
 

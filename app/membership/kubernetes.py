@@ -39,8 +39,8 @@ from kubernetes.config.config_exception import ConfigException
 from kubernetes.watch.watch import iter_resp_lines
 
 from app.config import NodeConfig
-from app.discovery.base import DiscoverySink, DiscoverySource
 from app.errors import ConfigError
+from app.membership.base import DiscoverySink, MembershipSource
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ class _Watcher:
         return resource_version
 
 
-class KubernetesDiscovery(DiscoverySource):
+class KubernetesMembership(MembershipSource):
     """Members follow the StatefulSet's spec.replicas; readiness follows its pods."""
 
     def __init__(
@@ -327,7 +327,7 @@ class KubernetesDiscovery(DiscoverySource):
         self._last_ok: float | None = None
 
     @classmethod
-    def from_config(cls, config: NodeConfig) -> KubernetesDiscovery:
+    def from_config(cls, config: NodeConfig) -> KubernetesMembership:
         if not (config.namespace and config.statefulset and config.headless_service):
             raise ConfigError("config: --membership kubernetes needs --namespace, --statefulset and --headless-service")
         return cls(
@@ -340,7 +340,7 @@ class KubernetesDiscovery(DiscoverySource):
             scheme=config.scheme,
         )
 
-    # -- DiscoverySource ---------------------------------------------------
+    # -- MembershipSource ---------------------------------------------------
 
     async def run(self, sink: DiscoverySink) -> None:
         loop = asyncio.get_running_loop()

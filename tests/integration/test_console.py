@@ -226,6 +226,7 @@ def test_console_under_access_control_asks_for_a_token_once(
     _sign_in(browser, "not-a-token")
     state = wait_until(browser, lambda s: "refused" in s["loginError"] and s, timeout=SETTLE_S, what="a refusal")
     assert state["login"] and not state["console"] and state["kept"] == 0, "a wrong token is neither used nor kept"
+    screenshot(browser, "sign-in-refused")
 
     _sign_in(browser, tokens["viewer"])
     state = wait_until(browser, _all_up(cluster), timeout=SETTLE_S, what="the console after signing in")

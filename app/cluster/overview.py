@@ -24,9 +24,9 @@ from app.storage.base import Record
 
 HEALTHY, DEGRADED, UNAVAILABLE = "healthy", "degraded", "unavailable"
 BELOW_N, BELOW_QUORUM = "below_n", "below_quorum"
-# How long the console waits for a peer's /ring or a replica's copy of a key:
-# the page polls every 2 s, and a stalled peer must not hold a poll longer
-# than half of that (the peer client's probe timeout, for the same reason).
+# How long the key lookup waits for a replica's copy: the page polls every
+# 2 s, and a stalled replica must not hold a poll longer than half of that.
+# (A peer's /ring is waited on for --peer-timeout: no answer marks it down.)
 PEER_WAIT_S = 1.0
 FRACTION_DIGITS = 6  # arc ends as fractions of the circle: a millionth is far below a pixel
 

@@ -389,13 +389,12 @@ class HttpPeerClient(PeerClient):
             return False
 
     async def ring_view(self, peer: Peer, *, authorization: str | None) -> dict[str, object]:
-        timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
+        # The session's timeout, --peer-timeout: the console marks a peer down
+        # when this gets no answer, so it must wait as long as a replica call would.
         headers = {"authorization": authorization} if authorization else {}
         async with (
             self._call(peer, "ring view"),
-            self._session.get(
-                URL(peer.url + RING_PATH, encoded=True), headers=headers, timeout=timeout, ssl=self._ssl()
-            ) as resp,
+            self._session.get(URL(peer.url + RING_PATH, encoded=True), headers=headers, ssl=self._ssl()) as resp,
         ):
             body = await resp.read()
             _expect(resp.status, body, peer, "ring view")

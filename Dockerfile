@@ -24,7 +24,7 @@ COPY requirements/runtime.txt requirements/build.txt ./requirements/
 RUN pip install --no-cache-dir --require-hashes -r requirements/runtime.txt
 
 # The kubernetes client ships a second, asyncio copy of itself (kubernetes/aio, 68 MB of
-# the venv's 191 MB); the node uses only the sync client (app/discovery/kubernetes.py).
+# the venv's 191 MB); the node uses only the sync client (app/membership/kubernetes.py).
 RUN rm -rf /opt/venv/lib/python3*/site-packages/kubernetes/aio \
     && python -c "import kubernetes.client, kubernetes.config, kubernetes.watch"
 
@@ -35,7 +35,7 @@ COPY app ./app
 RUN pip install --no-cache-dir --require-hashes -r requirements/build.txt \
     && pip install --no-cache-dir --no-deps --no-build-isolation . \
     && pip uninstall --yes setuptools wheel packaging pip \
-    && python -c "import app.web.app, app.discovery.kubernetes" \
+    && python -c "import app.web.app, app.membership.kubernetes" \
     && python -m compileall -q /opt/venv
 
 

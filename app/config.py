@@ -73,7 +73,7 @@ LMDB_SWEEP_BATCH = 512  # records purged per sweep transaction: each holds the w
 LMDB_SCAN_CHUNK = 1024  # records read per iter_range/digest transaction: no read txn outlives a chunk, so pages recycle
 # Sub-arcs per ring arc in the maintained digest index (app.storage.digests):
 # the Merkle level anti-entropy narrows a mismatched arc to. Measured in
-# bench/anti_entropy.py (BENCHMARKS.md, issue 10).
+# bench/anti_entropy.py (BENCHMARKS.md, "maintained digests").
 DIGEST_SUBARCS = 16
 DEFAULT_REPLICATION_FACTOR = 3  # survives one node down with quorum reads and writes (R + W > N)
 DEFAULT_ANTI_ENTROPY_INTERVAL_S = 30.0  # replicas converge within minutes even with no reads; cheap when in sync
@@ -86,7 +86,7 @@ GC_THRESHOLDS = (
     50_000,
     50,
     100,
-)  # young-generation collections every 50k allocations, not 700: see app/cli.py run_node
+)  # young-generation collections every 50k allocations, not 700: see app/web/server.py serve
 DEFAULT_LOG_LEVEL = "warning"  # a quiet node: what it logs is worth reading (refusals, peers down, reloads)
 DEFAULT_CLUSTER_BASE_PORT = 8080  # `kvstore cluster`: 8080, 8081, 8082, as the README's walkthrough expects
 DEFAULT_CLUSTER_NODES = 3

@@ -89,6 +89,11 @@ class NodeMetrics:
             registry=r,
         )
         self.read_repairs = Counter("kvstore_read_repairs_total", "Stale replicas updated by read repair.", registry=r)
+        self.read_repair_failures = Counter(
+            "kvstore_read_repair_failures_total",
+            "Read repairs a stale replica did not take (unreachable, or it refused); anti-entropy repairs them later.",
+            registry=r,
+        )
         self.ae_rounds = Counter(
             "kvstore_anti_entropy_rounds_total",
             "Anti-entropy rounds that compared this node's digests with a peer's.",

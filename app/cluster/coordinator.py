@@ -158,8 +158,10 @@ class Coordinator(ClusterWorker):
                 else:
                     await self._remote(peer, self.peer_client.write(peer, key, newest))
                 self.metrics.read_repairs.inc()
-            except (PeerError, FutureVersionError):
-                pass  # anti-entropy gets it later
+            except (PeerError, FutureVersionError) as exc:
+                # Not the client's problem (its read was answered), and anti-entropy repairs it later.
+                self.metrics.read_repair_failures.inc()
+                log.debug("read repair of a key on %s failed: %s", peer.node_id, exc)
 
     # -- writes ---------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """Storage engines behind one interface (base.Store); open_store picks one.
 
 `memory` forgets on exit (tests, quick start); `lmdb` is the durable engine
-(lmdb_store.py). Called by app.cluster.node, off the event loop."""
+(lmdb_store.py). Called by app.cluster.node, off the event loop. Beside the
+engines: the maintained digests (digests.py), the hints (hints.py) and the
+backup file format (backup_format.py), all pure of any network library."""
 
 from __future__ import annotations
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
@@ -31,7 +31,7 @@ from app.transport.http import HttpPeerClient
 from app.transport.tls import TlsMaterial
 from app.web import access
 from app.web.dataplane import DataPlane
-from app.web.errors import headers_for, status_for
+from app.web.errors import error_body, headers_for, status_for
 from app.web.openapi import merge_raw_routes
 from app.web.routes_admin import router as admin_router
 from app.web.routes_backup import router as backup_router
@@ -120,23 +120,28 @@ def _install_error_handlers(api: FastAPI) -> None:
     """Every error a FastAPI route raises answers {"error": ...}, like the data plane."""
 
     @api.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
-        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+        return _error_response(message, exc.status_code, exc.headers)
 
     @api.exception_handler(KvstoreError)
-    async def app_error(request: Request, exc: KvstoreError) -> JSONResponse:
+    async def app_error(request: Request, exc: KvstoreError) -> Response:
         status = status_for(exc)
-        return JSONResponse({"error": str(exc)}, status_code=status, headers=headers_for(exc, status))
+        return _error_response(str(exc), status, headers_for(exc, status))
 
     @api.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return JSONResponse({"error": f"invalid request: {problems}"}, status_code=422)
+        return _error_response(f"invalid request: {problems}", 422)
+
+
+def _error_response(message: str, status: int, headers: Mapping[str, str] | None = None) -> Response:
+    """An error answer with the data plane's body (app.web.errors.error_body)."""
+    return Response(error_body(message), status_code=status, headers=headers, media_type="application/json")
 
 
 def _install_openapi(api: FastAPI) -> None:

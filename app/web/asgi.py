@@ -109,7 +109,7 @@ def verify_cluster_token(sent: bytes | None, token: bytes | None) -> None:
 def check_peer_certificate(scope: Scope) -> None:
     """Under --peer-tls, internal routes need a connection that presented a
     client certificate. The handshake already verified it against the CA (a
-    foreign one fails there); the serving protocol (app.cli) puts it in the
+    foreign one fails there); the serving protocol (app.web.server) puts it in the
     ASGI TLS extension, scope["extensions"]["tls"]["client_cert_chain"]."""
     tls = (scope.get("extensions") or {}).get("tls") or {}
     if not tls.get("client_cert_chain"):

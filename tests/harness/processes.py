@@ -4,7 +4,7 @@ always reap; optionally with a skewed wall clock (libfaketime), and
 optionally over TLS (`TlsMode`: https URLs, each node's certificate flags,
 the client context the readiness polls verify with).
 
-Built on `kvstore cluster`'s code in app/cli.py: the node flags
+Built on `kvstore cluster`'s code in app/local_cluster.py: the node flags
 (`cluster_node_args`), the readiness wait (`wait_until_ready`) and the
 process-group stop (`stop_all`). Used by tests/integration (through its
 conftest's `make_cluster`), tests/k8s/test_discovery.py and bench/ (which adds
@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.cli import cluster_node_args, stop_all, wait_until_ready
+from app.local_cluster import cluster_node_args, stop_all, wait_until_ready
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 20.0  # a node imports FastAPI and builds its ring in a few seconds; a loaded CI box, more

@@ -415,7 +415,7 @@ def test_the_backup_cronjob_container_backs_up_and_prunes_in_the_image(
     """The CronJob's container as the chart renders it (command, env, securityContext,
     the /backups and /tmp volumes), run from the image against a real node: the
     image has what its script uses, and the backup is written under a read-only root."""
-    from app.backup_format import BackupReader
+    from app.storage.backup_format import BackupReader
     from tests.harness.processes import NodeProcess
 
     docs = render(set_values=["backup.enabled=true", "backup.keep=1"], show_tests=False)

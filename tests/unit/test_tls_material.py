@@ -10,7 +10,7 @@ import pytest
 
 from app.config import NodeConfig, parse_tls
 from app.errors import ConfigError
-from app.membership.kubernetes import member_urls
+from app.membership.statefulset import member_urls
 from app.transport.tls import TlsMaterial
 from tests.harness.certs import Authority, node_flags, write_secret
 

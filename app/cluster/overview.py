@@ -126,10 +126,11 @@ class MemberFacts:
     ready: bool | None = None  # None: unknown (no answer from it)
     not_ready_reason: str | None = None
     seen_down_by: tuple[str, ...] = ()  # other members that see it down
+    incompatible: str | None = None  # why its protocol cannot work with this node's (from /ring), if so
 
 
 def verdict(*, members: list[MemberFacts], arcs: ArcHealth, n: int, observer: str) -> tuple[str, list[str]]:
-    """healthy, degraded (a member down or unready, or an arc below N while
+    """healthy, degraded (a member down, unready or incompatible, or an arc below N while
     every arc keeps a quorum) or unavailable (an arc below quorum); and why, in words."""
     reasons: list[str] = []
     n = max(1, n)
@@ -153,6 +154,8 @@ def verdict(*, members: list[MemberFacts], arcs: ArcHealth, n: int, observer: st
             )
         if member.ready is False:
             reasons.append(f"{member.node_id} is not ready: {member.not_ready_reason or 'no reason given'}")
+        if member.incompatible:
+            reasons.append(f"{member.node_id} is incompatible: {member.incompatible}")
     if arcs.below_n:
         reasons.append(
             f"{arcs.below_n:,} of {arcs.total:,} arcs ({arcs.below_n_share:.1%} of the key space) have fewer than "
@@ -275,6 +278,7 @@ def facts_of(
     why_down: str | None,
     own_view: Mapping[str, object] | None,
     others: Mapping[str, Mapping[str, object]],
+    incompatible: object = None,
 ) -> MemberFacts:
     """A member's facts from this node's health and the /ring answers gathered
     (its own, for readiness; the others', for whether they see it down)."""
@@ -296,4 +300,5 @@ def facts_of(
         ready=ready if isinstance(ready, bool) else None,
         not_ready_reason=reason if isinstance(reason, str) else None,
         seen_down_by=tuple(seen_down_by),
+        incompatible=None if not incompatible else str(incompatible),
     )

@@ -69,6 +69,7 @@ def _overview(
             why_down=member["last_error"],
             own_view=own,
             others=answers,
+            incompatible=member.get("incompatible") or None,
         )
         facts.append(member_facts)
         rows.append(_row(member, own, views.get(node_id), answers, member_facts))
@@ -121,7 +122,9 @@ def _row(
         "last_error": member["last_error"],
         "seen_by": seen_by,
         "answer_error": fetch if isinstance(fetch, str) else None,
-        "version": member.get("version") or local.get("version"),
+        # The release as this node last heard it (0.2's /ring), else as the member says itself.
+        "version": member.get("version") or local.get("version") or (own or {}).get("version"),
+        "incompatible": member.get("incompatible") or None,  # why it cannot join this ring's protocol, if so
         "ready": facts.ready,
         "not_ready_reason": facts.not_ready_reason,
         "clock_offset_ms": member["clock_offset_ms"],

@@ -213,3 +213,12 @@ async def test_the_last_anti_entropy_round_is_reported_in_ring(cluster: InProces
     assert reported["rounds"] == 1 and reported["repaired_total"] == 1
     last = reported["last_round"]
     assert (last["peer"], last["repaired"], last["reached"]) == ("b", 1, True)
+
+
+def test_an_incompatible_member_degrades_the_verdict() -> None:
+    ring = HashRing(["a", "b"], vnodes=8)
+    members = [_facts("a", up=True, ready=True), _facts("b", up=True, ready=True, incompatible="speaks protocol 3")]
+    assert overview.verdict(members=members, arcs=overview.arc_health(ring, n=2, up={"a", "b"}), n=2, observer="a") == (
+        "degraded",
+        ["b is incompatible: speaks protocol 3"],
+    )

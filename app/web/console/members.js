@@ -63,7 +63,8 @@ function syncingCell(row) {
 export function memberRow(row) {
   return el("tr", { dataset: { nodeId: row.node_id, state: row.state } },
     memberCell(row),
-    el("td", {}, row.version || "?"),
+    el("td", {}, row.version || "?", row.incompatible ? " " : null,
+      row.incompatible ? badge("incompatible", "down", row.incompatible) : null),
     hereCell(row),
     othersCell(row),
     readyCell(row),

@@ -153,14 +153,14 @@ class PeerClient(abc.ABC):
         certificate from another CA): the prober shows that reason in /ring."""
 
     @abc.abstractmethod
-    async def wall_clock(self, peer: Peer) -> int:
-        """The peer's wall clock in ms, as it answers (clock offset measurement)."""
-
-    @abc.abstractmethod
     async def ring_view(self, peer: Peer, *, authorization: str | None) -> dict[str, object]:
         """The peer's public /ring answer (the console shows how each member
         sees the others). `authorization` is the console caller's own header,
         forwarded: /ring is a client route, never opened by the cluster token."""
+
+    @abc.abstractmethod
+    async def wall_clock(self, peer: Peer) -> int:
+        """The peer's wall clock in ms, as it answers (clock offset measurement)."""
 
     def forget(self, peer: Peer) -> None:  # noqa: B027 - fakes hold nothing
         """The peer left the membership: drop its pooled connections. A later

@@ -5,4 +5,4 @@ cli -> local_cluster -> web -> cluster -> {transport, membership, metrics} -> co
 -> storage -> {ring, clock, access} -> config -> errors.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

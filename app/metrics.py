@@ -60,6 +60,24 @@ class NodeMetrics:
             registry=r,
         )
         self.ring_members = Gauge("kvstore_ring_members", "Members of this node's hash ring.", registry=r)
+        self.build_info = Gauge(
+            "kvstore_build_info",
+            "Always 1: the release this node runs and the node-to-node protocol range it speaks.",
+            ["version", "protocol", "min_protocol"],
+            registry=r,
+        )
+        self.cluster_protocol = Gauge(
+            "kvstore_cluster_protocol",
+            "The protocol every member speaks, as this node has heard: the lowest among them "
+            "(a member not heard from counts as the oldest this node talks to). An upgrade is "
+            "complete when every node shows the new release's.",
+            registry=r,
+        )
+        self.peers_incompatible = Gauge(
+            "kvstore_peers_incompatible",
+            "Members whose protocol this node cannot speak (too old or too new): treated as unreachable.",
+            registry=r,
+        )
         self.quorum_failures = Counter(
             "kvstore_quorum_failures_total",
             "Client operations refused because too few replicas answered.",

@@ -247,13 +247,15 @@ def run_client(args: argparse.Namespace) -> int:
 
 
 def format_ring(ring: dict[str, Any]) -> str:
-    rows = [("NODE", "URL", "REACHABLE", "SHARE", "REPLICA SHARE")]
+    """The ring as a table. A 0.1.0 node's /ring has no versions: they show as "?"."""
+    rows = [("NODE", "URL", "VERSION", "REACHABLE", "SHARE", "REPLICA SHARE")]
     for member in ring["members"]:
         name = member["node_id"] + (" (self)" if member["self"] else "")
         rows.append(
             (
                 name,
                 member["url"],
+                member.get("version") or "?",
                 "yes" if member["reachable"] else "NO",
                 f"{member['share'] * 100:.1f}%",
                 f"{member['replica_share'] * 100:.1f}%",
@@ -267,4 +269,6 @@ def format_ring(ring: dict[str, Any]) -> str:
         f"ring of {ring['node_id']}: {len(rows) - 1} members, {ring['vnodes']} vnodes each, "
         f"replication factor {ring['replication_factor']}"
     )
+    if "cluster" in ring:  # 0.2.0 on: the protocol the whole ring runs (README: Upgrade and rollback)
+        header += f", cluster protocol {ring['cluster']['protocol']}"
     return "\n".join([header, *lines])

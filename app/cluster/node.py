@@ -1,7 +1,8 @@
-"""A node: store, hints, topology, peer health, the coordinator, and the
-background loops that keep replicas converging (peer probes, which also
-measure clock offsets, hint delivery, anti-entropy with a check for surplus
-copies, TTL sweeps). It is also the membership source's sink.
+"""A node: store, hints, topology, peer health, what each peer speaks
+(capabilities), the coordinator, and the background loops that keep
+replicas converging (peer probes, which also measure clock offsets, hint
+delivery, anti-entropy with a check for surplus copies, TTL sweeps). It is
+also the membership source's sink.
 
 Opened by the composition root (app.web.app), which hands it the peer client
 and the membership source; it never imports a web or network library itself.
@@ -17,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from app.clock import HybridClock, wall_ms
 from app.cluster.anti_entropy import AntiEntropy
+from app.cluster.capabilities import Capabilities
 from app.cluster.clock_offsets import ClockOffsets
 from app.cluster.context import ClusterContext
 from app.cluster.coordinator import Consistency, Coordinator, required_acks
@@ -71,6 +73,10 @@ class Node:
         self.offsets = ClockOffsets(max_offset_ms=max_offset_ms)
         self.topology = CurrentTopology(self_id=config.node_id, members=config.peers, vnodes=config.vnodes)
         self.health = PeerHealth(on_flip=self._on_peer_flip)
+        # What each member speaks, from the protocol header of its requests
+        # and answers; a peer too old or too new is kept down (and named).
+        self.capabilities = Capabilities(self_id=config.node_id, on_verdict=self.health.set_incompatible)
+        peer_client.on_protocol(self.capabilities.observe)
         self.replica = Replica(store=store, hints=hints, clock=self.clock)
         context = ClusterContext(
             node_id=config.node_id,
@@ -97,6 +103,10 @@ class Node:
         metrics.ranges_below_quorum.set_function(self._ranges_below_quorum)
         metrics.digest_index_ready.set_function(lambda: float(store.digests_ready()))
         metrics.membership_staleness.set_function(source.staleness_s)
+        own = self.capabilities.own
+        metrics.build_info.labels(own.release, str(own.protocol), str(own.min_protocol)).set(1)
+        metrics.cluster_protocol.set_function(self.capabilities.cluster_protocol)
+        metrics.peers_incompatible.set_function(lambda: len(self.capabilities.incompatible_members()))
         self.topology.on_change(self._on_topology_change)
         self._on_topology_change(self.topology.current, self.topology.current)
 
@@ -335,6 +345,10 @@ class Node:
         return sum(1 for _, owners in ring.replica_sets(n) if len(up.intersection(owners)) < needed)
 
     def _on_peer_flip(self, node_id: str, up: bool) -> None:
+        if not up and self.health.state(node_id).incompatible is None:
+            # Away: its process may come back as another release (a rollback).
+            # Until its next request or answer says which, no feature counts on it.
+            self.capabilities.forget(node_id)
         self.metrics.peer_reachable.labels(node_id).set(1 if up else 0)
         self._count_reachable()
 
@@ -347,6 +361,7 @@ class Node:
         # thread (only the intervals a new boundary cuts are re-read).
         self.replica.store.align_digests(new.ring.ranges())
         self.metrics.ring_members.set(len(new.peers))
+        self.capabilities.set_members(new.peers)
         for node_id in new.peers:
             if node_id != self.config.node_id:
                 self.metrics.peer_reachable.labels(node_id).set(1 if self.health.is_up(node_id) else 0)

@@ -56,10 +56,13 @@ class Reply:
         self.content_type = content_type
         self.headers = headers
 
-    async def send(self, send: Send, *, head: bool = False) -> None:
+    async def send(self, send: Send, *, head: bool = False, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+        """extra: headers added to this answer only (the data plane's protocol header on internal routes)."""
         headers = [(b"content-type", self.content_type), (b"content-length", str(len(self.body)).encode())]
         if self.headers:
             headers.extend(self.headers)
+        if extra:
+            headers.extend(extra)
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if head else self.body})
 

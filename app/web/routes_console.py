@@ -123,7 +123,7 @@ def _row(
         "seen_by": seen_by,
         "answer_error": fetch if isinstance(fetch, str) else None,
         # The release as this node last heard it (0.2's /ring), else as the member says itself.
-        "version": member.get("version") or local.get("version") or (own or {}).get("version"),
+        "version": member.get("version") or (own or {}).get("version"),
         "incompatible": member.get("incompatible") or None,  # why it cannot join this ring's protocol, if so
         "ready": facts.ready,
         "not_ready_reason": facts.not_ready_reason,

@@ -9,7 +9,6 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app import __version__
 from app.clock import wall_ms
 from app.cluster.node import Node
 from app.errors import NodeStartingError
@@ -99,14 +98,14 @@ def ring_view(node: Node) -> dict[str, object]:
 
 def local_view(node: Node) -> dict[str, object]:
     """What this node says of itself (added in 0.2 for the console's member
-    rows; readers of 0.1.0's /ring find it absent): its release, readiness,
-    keys, storage, hints, rebalancing and anti-entropy."""
+    rows; readers of 0.1.0's /ring find it absent): readiness, keys,
+    storage, hints, rebalancing and anti-entropy. (Its release is /ring's
+    top-level `version`.)"""
     usage = node.store.usage()
     status = node.handoff.status
     last = node.anti_entropy.last_round
     reason = node.not_ready_reason()
     return {
-        "version": __version__,
         "wall_ms": wall_ms(),
         "ready": reason is None,
         "not_ready_reason": reason,

@@ -54,6 +54,8 @@ return {
   reasons: [...document.querySelectorAll('#reasons li')].map(li => li.textContent),
   members: Object.fromEntries([...document.querySelectorAll('#members tr[data-node-id]')]
     .map(row => [row.dataset.nodeId, row.dataset.state])),
+  versions: Object.fromEntries([...document.querySelectorAll('#members tr[data-node-id]')]
+    .map(row => [row.dataset.nodeId, row.cells[1].textContent])),
   others: Object.fromEntries([...document.querySelectorAll('#members tr[data-node-id]')]
     .map(row => [row.dataset.nodeId, row.cells[3].textContent])),
   kept: sessionStorage.length,

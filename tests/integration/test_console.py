@@ -28,6 +28,7 @@ from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
+from app import __version__
 from app.config import DEFAULT_VNODES
 from app.ring import HashRing
 from tests.harness.processes import Cluster
@@ -36,7 +37,6 @@ from tests.integration.console_browser import (
     foreign_resources,
     mark_page,
     open_console,
-    page,
     screenshot,
     severe_entries,
     wait_until,
@@ -81,8 +81,9 @@ def test_console_follows_a_crash_and_a_restart_without_a_reload(
     cluster = make_cluster(3)
     origin = cluster[0].url
     open_console(browser, origin)
-    wait_until(browser, _all_up(cluster), timeout=SETTLE_S, what="healthy with three members up")
-    assert page(browser)["reasons"] == [] or "every member is up" in page(browser)["reasons"][0]
+    state = wait_until(browser, _all_up(cluster), timeout=SETTLE_S, what="healthy with three members up")
+    assert state["versions"] == dict.fromkeys(state["members"], __version__)
+    assert state["reasons"] == ["every member is up and ready, and every arc has its 3 replicas reachable"]
     record_property("screenshot_healthy", str(screenshot(browser, "healthy")))
     # The theme follows the system's setting, without a reload.
     background = "return getComputedStyle(document.body).backgroundColor"

@@ -11,6 +11,7 @@ from app.cluster.node import Node
 from app.config import NodeConfig
 from app.membership.static import StaticMembership
 from app.transport.fake import InProcessPeerClient
+from app.web.routes_ops import ring_view
 
 QUIET = {
     "anti_entropy_interval": "3600",
@@ -51,6 +52,7 @@ class InProcessCluster:
         self.peer_client.walls[node_id] = wall
         self.peer_client.membership_handlers[node_id] = lambda m, node=node: node.apply_membership(m, propagate=False)
         self.peer_client.shared_digest_handlers[node_id] = node.anti_entropy.answer_shared_digest
+        self.peer_client.ring_views[node_id] = lambda node=node: ring_view(node)
         return node
 
     async def start_holding(

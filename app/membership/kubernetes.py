@@ -227,41 +227,18 @@ class _Watcher:
 class KubernetesMembership(MembershipSource):
     """Members follow the StatefulSet's spec.replicas; readiness follows its pods."""
 
-    def __init__(
-        self,
-        *,
-        api_client: Any,
-        namespace: str,
-        statefulset: str,
-        headless_service: str,
-        cluster_domain: str,
-        port: int,
-        scheme: str = "http",
-    ) -> None:
+    def __init__(self, *, api_client: Any, tracker: StatefulSetTracker) -> None:
+        """`tracker` names the StatefulSet, its headless Service and how members are reached."""
         self.api_client = api_client
-        self.scheme = scheme
-        self.namespace = namespace
-        self.statefulset = statefulset
-        self.headless_service = headless_service
-        self.cluster_domain = cluster_domain
-        self.port = port
+        self.tracker = tracker
         self._apps = kubernetes.client.AppsV1Api(api_client)
         self._core = kubernetes.client.CoreV1Api(api_client)
-        self.tracker = StatefulSetTracker(
-            namespace=namespace,
-            statefulset=statefulset,
-            headless_service=headless_service,
-            cluster_domain=cluster_domain,
-            port=port,
-            scheme=scheme,
-        )
 
     @classmethod
     def from_config(cls, config: NodeConfig) -> KubernetesMembership:
         if not (config.namespace and config.statefulset and config.headless_service):
             raise ConfigError("config: --membership kubernetes needs --namespace, --statefulset and --headless-service")
-        return cls(
-            api_client=api_client_from(config.kubeconfig),
+        tracker = StatefulSetTracker(
             namespace=config.namespace,
             statefulset=config.statefulset,
             headless_service=config.headless_service,
@@ -269,6 +246,7 @@ class KubernetesMembership(MembershipSource):
             port=config.port,
             scheme=config.scheme,
         )
+        return cls(api_client=api_client_from(config.kubeconfig), tracker=tracker)
 
     # -- MembershipSource ---------------------------------------------------
 
@@ -298,8 +276,8 @@ class KubernetesMembership(MembershipSource):
             _Watcher(
                 resource=STATEFULSETS,
                 call=self._apps.list_namespaced_stateful_set,
-                namespace=self.namespace,
-                selectors={"field_selector": f"metadata.name={self.statefulset}"},
+                namespace=self.tracker.namespace,
+                selectors={"field_selector": f"metadata.name={self.tracker.statefulset}"},
                 emit=emit,
                 stop=stop,
             )
@@ -313,7 +291,7 @@ class KubernetesMembership(MembershipSource):
                         _Watcher(
                             resource=PODS,
                             call=self._core.list_namespaced_pod,
-                            namespace=self.namespace,
+                            namespace=self.tracker.namespace,
                             selectors={
                                 "label_selector": ",".join(f"{k}={v}" for k, v in sorted(self.tracker.selector.items()))
                             },
@@ -346,8 +324,8 @@ class KubernetesMembership(MembershipSource):
 
     def _read_statefulset(self) -> dict[str, Any]:
         response = self._apps.read_namespaced_stateful_set(
-            self.statefulset,
-            self.namespace,
+            self.tracker.statefulset,
+            self.tracker.namespace,
             _preload_content=False,
             _request_timeout=(min(CONNECT_TIMEOUT_S, REFRESH_TIMEOUT_S), REFRESH_TIMEOUT_S),
         )

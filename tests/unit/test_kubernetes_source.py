@@ -193,7 +193,8 @@ def test_from_config_reads_the_kubernetes_settings(tmp_path: Path) -> None:
         }
     )
     source = KubernetesMembership.from_config(config)
-    assert (source.namespace, source.statefulset, source.headless_service, source.cluster_domain, source.port) == (
+    tracker = source.tracker
+    assert (tracker.namespace, tracker.statefulset, tracker.headless_service, tracker.cluster_domain, tracker.port) == (
         "ns",
         "kv",
         "kv-h",

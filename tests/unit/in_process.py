@@ -1,6 +1,7 @@
 """Real nodes in one process, for unit tests: Node.open over the in-process
-peer client (app.transport.fake), no sockets, no sleeps. The one builder
-behind test_coordinator and test_replication."""
+peer client (app.transport.fake), no sockets, no sleeps: time-driven parts
+(peer health's breaker, read hedging) run on a ManualScheduler when a test
+passes one. The one builder behind test_coordinator and test_replication."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from app.cluster.node import Node
 from app.config import NodeConfig
 from app.discovery.static import StaticDiscovery
 from app.transport.fake import InProcessPeerClient
+from tests.unit.manual_time import ManualScheduler
 
 QUIET = {
     "anti_entropy_interval": "3600",
@@ -34,8 +36,17 @@ class InProcessCluster:
         self.peer_client = InProcessPeerClient()
         self.nodes: dict[str, Node] = {}
 
-    async def add(self, node_id: str, members: dict[str, str], *, skew_ms: int = 0, **options: str) -> Node:
-        """Open a node (its wall clock skew_ms off) and make it reachable to the others."""
+    async def add(
+        self,
+        node_id: str,
+        members: dict[str, str],
+        *,
+        skew_ms: int = 0,
+        scheduler: ManualScheduler | None = None,
+        **options: str,
+    ) -> Node:
+        """Open a node (its wall clock skew_ms off; its breaker and hedging on
+        `scheduler`'s time, if given) and make it reachable to the others."""
 
         def wall() -> int:
             return wall_ms() + skew_ms
@@ -45,6 +56,7 @@ class InProcessCluster:
             peer_client=self.peer_client,
             source=StaticDiscovery(members),
             wall=wall,
+            scheduler=scheduler,
         )
         self.nodes[node_id] = node
         self.peer_client.replicas[node_id] = node.replica

@@ -1,5 +1,10 @@
 """The HTTP API of one node, through the ASGI app: the seed's routes, the REST
-routes, operations routes, and every kind of bad input."""
+routes, operations routes, and every kind of bad input.
+
+In-process (no server socket). Two tests give the node a second member at
+127.0.0.1:1, where nothing listens: the node's real peer client tries it and
+the kernel refuses at once, with no server and nothing to wait for; that
+refusal is the unreachable peer they need, so they stay unit tests."""
 
 from __future__ import annotations
 

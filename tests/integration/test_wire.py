@@ -1,4 +1,9 @@
-"""The lean peer-client pool against a real loopback server that we script."""
+"""The lean peer-client pool against a real loopback server that we script.
+
+Integration, not unit: what is tested is how real sockets behave (an idle
+connection the peer closed, an RST arriving before or after the loop hears of
+it, a silent peer), so it needs the kernel's TCP and the loop's timing; the
+short sleeps here let a close or a reset reach the client side."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import pytest
 import uvloop
 
 from app.transport.wire import PeerPool
-from tests.unit.scripted_server import ScriptedServer, ok
+from tests.integration.scripted_server import ScriptedServer, ok
 
 
 async def echo(request: bytes, writer: asyncio.StreamWriter) -> None:

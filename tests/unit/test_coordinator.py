@@ -230,7 +230,9 @@ async def test_a_read_hedges_past_a_hung_replica_and_the_breaker_marks_it_down(c
         clock.advance(health.hedge_delay("c") - TICK_S / 2)
         assert not read.done()  # no hedge before c's hedge delay
         clock.advance(1.5 * TICK_S)  # past the first tick after the deadline: the hedge asks b
-        answer = await asyncio.wait_for(read, timeout=2.0)  # the timeout only bounds a hang: a broken hedge never returns
+        answer = await asyncio.wait_for(
+            read, timeout=2.0
+        )  # the timeout only bounds a hang: a broken hedge never returns
         assert answer is not None and answer.value == b"v"
     for _ in range(4):
         await nodes["a"].put(b"k", b"v2")  # writes go to every replica: the hung one owes answers

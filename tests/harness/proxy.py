@@ -35,6 +35,11 @@ from urllib.parse import urlsplit
 
 CutMode = Literal["blackhole", "reset"]
 CALL_TIMEOUT_S = 10.0  # a proxy operation is local and quick; longer means the loop is stuck
+# What closing a proxy can raise at teardown: a socket that will not close
+# (OSError), a loop already stopped (RuntimeError), a loop stuck past
+# CALL_TIMEOUT_S (TimeoutError). Teardown goes on past them, so one proxy that
+# fails to close leaves no other proxy, nor the loop's thread, running.
+TEARDOWN_ERRORS = (OSError, RuntimeError, TimeoutError)
 HOST = "127.0.0.1"
 
 T = TypeVar("T")
@@ -71,9 +76,9 @@ class ProxyLoop:
             await asyncio.gather(*tasks, return_exceptions=True)
 
         for proxy in self.proxies:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*TEARDOWN_ERRORS):  # the rest still close, and the loop stops
                 proxy.close()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(*TEARDOWN_ERRORS):  # cancel_rest raises nothing itself (return_exceptions)
             self.call(cancel_rest())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(CALL_TIMEOUT_S)
@@ -314,6 +319,6 @@ class ProxyMesh:
 
     def close(self) -> None:
         for proxy in self.proxies.values():
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*TEARDOWN_ERRORS):  # the rest still close, and the loop stops
                 proxy.close()
         self._loop.close()

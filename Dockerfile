@@ -24,7 +24,7 @@ COPY requirements/runtime.txt requirements/build.txt ./requirements/
 RUN pip install --no-cache-dir --require-hashes -r requirements/runtime.txt
 
 # The kubernetes client ships a second, asyncio copy of itself (kubernetes/aio, 68 MB of
-# the venv's 191 MB); the node uses only the sync client (app/discovery/kubernetes.py).
+# the venv's 191 MB); the node uses only the sync client (app/membership/kubernetes.py).
 RUN rm -rf /opt/venv/lib/python3*/site-packages/kubernetes/aio \
     && python -c "import kubernetes.client, kubernetes.config, kubernetes.watch"
 
@@ -35,7 +35,7 @@ COPY app ./app
 RUN pip install --no-cache-dir --require-hashes -r requirements/build.txt \
     && pip install --no-cache-dir --no-deps --no-build-isolation . \
     && pip uninstall --yes setuptools wheel packaging pip \
-    && python -c "import app.web.app, app.discovery.kubernetes" \
+    && python -c "import app.web.app, app.membership.kubernetes" \
     && python -m compileall -q /opt/venv
 
 
@@ -72,9 +72,10 @@ WORKDIR /data
 USER 10001:10001
 EXPOSE 8080
 # Docker/podman only (Kubernetes uses the chart's probes on /health and /ready; podman keeps this
-# only when building with --format docker). It probes the address the node listens on,
-# KVSTORE_LISTEN, or its loopback for a wildcard (0.0.0.0, ::), which answers there too.
+# only when building with --format docker). It probes the ops listener, KVSTORE_OPS_LISTEN, when
+# there is one (plain HTTP, no credentials), else the address the node listens on, KVSTORE_LISTEN;
+# a wildcard (0.0.0.0, ::) is probed at loopback, which answers there too.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; host, _, port = os.environ.get('KVSTORE_LISTEN', '127.0.0.1:8080').rpartition(':'); host = host.strip('[]'); host = {'': '127.0.0.1', '0.0.0.0': '127.0.0.1', '::': '::1'}.get(host, host); host = f'[{host}]' if ':' in host else host; urllib.request.urlopen(f'http://{host}:{port}/health', timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; host, _, port = (os.environ.get('KVSTORE_OPS_LISTEN') or os.environ.get('KVSTORE_LISTEN', '127.0.0.1:8080')).rpartition(':'); host = host.strip('[]'); host = {'': '127.0.0.1', '0.0.0.0': '127.0.0.1', '::': '::1'}.get(host, host); host = f'[{host}]' if ':' in host else host; urllib.request.urlopen(f'http://{host}:{port}/health', timeout=2)"]
 # One process per container: the store lives in this process (one uvicorn worker).
 ENTRYPOINT ["kvstore", "node"]

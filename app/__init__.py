@@ -1,7 +1,8 @@
 """kvstore: a distributed key-value store with consistent hashing.
 
-Layers (enforced by import-linter, see pyproject.toml):
-web -> cluster -> {transport, discovery} -> storage -> {ring, clock} -> {errors, config}.
+Layers, top to bottom (enforced by import-linter, see pyproject.toml):
+cli -> local_cluster -> web -> cluster -> {transport, membership, metrics} -> coalesce
+-> storage -> {ring, clock, access} -> config -> errors.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

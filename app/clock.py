@@ -33,7 +33,8 @@ class Version(NamedTuple):
     node: str
 
     @property
-    def wall_ms(self) -> int:
+    def physical_ms(self) -> int:
+        """The wall-clock milliseconds the version was stamped at (its HLC's physical part)."""
         return self.hlc >> LOGICAL_BITS
 
     def encode(self) -> str:
@@ -52,6 +53,7 @@ ZERO = Version(0, "")
 
 
 def wall_ms() -> int:
+    """This machine's wall clock, in milliseconds since the epoch."""
     return time.time_ns() // 1_000_000
 
 
@@ -79,12 +81,13 @@ class HybridClock:
     def max_offset_ms(self) -> int:
         return self._max_offset_ms
 
-    def wall_ms(self) -> int:
+    def reading_ms(self) -> int:
+        """This clock's wall-clock reading (its injected `wall`, else the machine's)."""
         return self._wall()
 
     def ahead_ms(self, version: Version) -> int:
         """How far the version's wall time is ahead of this node's wall clock."""
-        return version.wall_ms - self._wall()
+        return version.physical_ms - self._wall()
 
     def now(self) -> Version:
         with self._lock:

@@ -7,7 +7,10 @@ except errors.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
 from urllib.parse import urlsplit
 
 from app.errors import ConfigError
@@ -19,7 +22,31 @@ MAX_KEY_BYTES = 1024  # keys are identifiers, not payloads; bounded so they fit 
 DEFAULT_MAX_VALUE_BYTES = 1024 * 1024  # 1 MiB: big enough for documents, small enough to buffer
 DEFAULT_PEER_TIMEOUT_S = 2.0  # a peer slower than this is treated as unavailable (503), not waited on
 DEFAULT_LISTEN = "127.0.0.1:8080"  # the first node of `kvstore cluster` and the README's walkthrough
-DEFAULT_STORAGE_FSYNC = "batch"  # group commit: durable within a few ms at a fraction of per-write fsync
+
+
+class Fsync(StrEnum):
+    """--fsync: when a write is acknowledged (see the README's durability table)."""
+
+    ALWAYS = "always"
+    BATCH = "batch"
+    NEVER = "never"
+
+
+class Engine(StrEnum):
+    """--storage: where records live."""
+
+    MEMORY = "memory"
+    LMDB = "lmdb"
+
+
+class Membership(StrEnum):
+    """--membership: where the ring's members come from."""
+
+    STATIC = "static"
+    KUBERNETES = "kubernetes"
+
+
+DEFAULT_STORAGE_FSYNC = Fsync.BATCH  # group commit: durable within a few ms at a fraction of per-write fsync
 DEFAULT_FSYNC_WINDOW_MS = 10  # batch window: at most this much acknowledged data is exposed to power loss
 DEFAULT_TOMBSTONE_GRACE_S = 86_400.0  # 1 day: longer than any partition we expect anti-entropy to heal
 DEFAULT_SWEEP_INTERVAL_S = 30.0  # TTL / tombstone sweep pace: reclaim space without competing with traffic
@@ -46,7 +73,7 @@ LMDB_SWEEP_BATCH = 512  # records purged per sweep transaction: each holds the w
 LMDB_SCAN_CHUNK = 1024  # records read per iter_range/digest transaction: no read txn outlives a chunk, so pages recycle
 # Sub-arcs per ring arc in the maintained digest index (app.storage.digests):
 # the Merkle level anti-entropy narrows a mismatched arc to. Measured in
-# bench/anti_entropy.py (BENCHMARKS.md, issue 10).
+# bench/anti_entropy.py (BENCHMARKS.md, "maintained digests").
 DIGEST_SUBARCS = 16
 DEFAULT_REPLICATION_FACTOR = 3  # survives one node down with quorum reads and writes (R + W > N)
 DEFAULT_ANTI_ENTROPY_INTERVAL_S = 30.0  # replicas converge within minutes even with no reads; cheap when in sync
@@ -59,7 +86,8 @@ GC_THRESHOLDS = (
     50_000,
     50,
     100,
-)  # young-generation collections every 50k allocations, not 700: see app/cli.py run_node
+)  # young-generation collections every 50k allocations, not 700: see app/web/server.py serve
+DEFAULT_LOG_LEVEL = "warning"  # a quiet node: what it logs is worth reading (refusals, peers down, reloads)
 DEFAULT_CLUSTER_BASE_PORT = 8080  # `kvstore cluster`: 8080, 8081, 8082, as the README's walkthrough expects
 DEFAULT_CLUSTER_NODES = 3
 CLUSTER_READY_WAIT_S = 30.0  # `kvstore cluster` waits this long for every node's /ready before saying it runs
@@ -71,21 +99,57 @@ DEFAULT_TLS_RELOAD_INTERVAL_S = 1.0
 # mounted file within the kubelet's sync; from there it applies within this).
 AUTH_RELOAD_INTERVAL_S = 1.0
 
-STORAGE_ENGINES = ("memory", "lmdb")
-MEMBERSHIP_SOURCES = ("static", "kubernetes")
+STORAGE_ENGINES = tuple(Engine)
+MEMBERSHIP_SOURCES = tuple(Membership)
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"  # Kubernetes' default; clusters may configure another
-FSYNC_POLICIES = ("always", "batch", "never")
+FSYNC_POLICIES = tuple(Fsync)
+
+
+Parser = Callable[[str, str], Any]
+"""What turns an option's raw text into its value: (flag, text) -> value, or
+ConfigError naming the flag."""
+
+
+def text(_flag: str, raw: str) -> str:
+    return raw
+
+
+def lower_text(_flag: str, raw: str) -> str:
+    return raw.lower()
+
+
+def positive_int(flag: str, raw: str) -> int:
+    return int(_positive(flag, raw, int))
+
+
+def positive_float(flag: str, raw: str) -> float:
+    return float(_positive(flag, raw, float))
+
+
+def one_of(kind: type[StrEnum]) -> Parser:
+    def parse(flag: str, raw: str) -> StrEnum:
+        try:
+            return kind(raw)
+        except ValueError:
+            raise ConfigError(f"config: {flag} must be one of {', '.join(kind)}, got {raw!r}") from None
+
+    return parse
 
 
 @dataclass(frozen=True)
 class Option:
-    """One node setting: `--flag`, env var KVSTORE_FLAG, default and help text.
+    """One node setting: `--flag`, env var KVSTORE_FLAG, default, help text,
+    and the parser that turns its text into NodeConfig's value.
     A repeatable flag may be given several times; its env var is comma-separated.
-    A switch may be given alone (`--peer-tls`, meaning true) or with true/false."""
+    A switch may be given alone (`--peer-tls`, meaning true) or with true/false.
+    `direct`: the parsed value is NodeConfig's field of the same name as it is
+    (the others are combined with other settings in NodeConfig.from_options)."""
 
     flag: str
     default: str | None
     help: str
+    parse: Parser = text
+    direct: bool = False
     repeatable: bool = False
     switch: bool = False
 
@@ -97,37 +161,62 @@ class Option:
     def env(self) -> str:
         return ENV_PREFIX + self.dest.upper()
 
+    def value(self, values: dict[str, str | None]) -> Any:
+        """The parsed value from raw option strings (keyed by dest): the text
+        given, else the default; None when neither is set."""
+        raw = values.get(self.dest) or self.default
+        return None if raw is None else self.parse(self.flag, raw)
+
 
 NODE_OPTIONS: tuple[Option, ...] = (
     Option("--node-id", None, "this node's unique id (required); also its name on the ring"),
     Option("--listen", DEFAULT_LISTEN, "HOST:PORT to serve HTTP on"),
     Option("--advertise-url", None, "URL peers use to reach this node (default: http://LISTEN)"),
     Option("--peers", "", "ring members as ID=URL,ID=URL,... (this node is added if missing)"),
-    Option("--vnodes", str(DEFAULT_VNODES), "virtual nodes per member on the hash ring"),
-    Option("--replication-factor", str(DEFAULT_REPLICATION_FACTOR), "copies of each key (capped at the ring size)"),
-    Option("--anti-entropy-interval", str(DEFAULT_ANTI_ENTROPY_INTERVAL_S), "seconds between anti-entropy rounds"),
+    Option("--vnodes", str(DEFAULT_VNODES), "virtual nodes per member on the hash ring", positive_int, True),
+    Option(
+        "--replication-factor",
+        str(DEFAULT_REPLICATION_FACTOR),
+        "copies of each key (capped at the ring size)",
+        positive_int,
+        True,
+    ),
+    Option(
+        "--anti-entropy-interval",
+        str(DEFAULT_ANTI_ENTROPY_INTERVAL_S),
+        "seconds between anti-entropy rounds",
+        positive_float,
+        True,
+    ),
     Option(
         "--sync-deadline",
         str(DEFAULT_SYNC_DEADLINE_S),
         "seconds a joining node waits to pull its ranges before serving anyway",
+        positive_float,
+        True,
     ),
     Option(
         "--drain-deadline",
         str(DEFAULT_DRAIN_DEADLINE_S),
         "seconds a node that left the ring spends handing off its records before it exits",
+        positive_float,
+        True,
     ),
     Option(
         "--max-clock-offset",
         str(DEFAULT_MAX_CLOCK_OFFSET_S),
         "seconds two clocks may differ: a node further off from most peers stops coordinating writes, "
         "and versions further ahead are refused",
+        positive_float,
+        True,
     ),
-    Option("--cluster-token", None, "shared secret required on internal replica routes (unset: open)"),
+    Option("--cluster-token", None, "shared secret required on internal replica routes (unset: open)", direct=True),
     Option(
         "--auth-file",
         None,
         "users, roles and tokens (YAML or JSON) every client request is checked against; "
         "re-read when it changes (unset: no access control; see Access control)",
+        direct=True,
     ),
     Option(
         "--ops-listen",
@@ -135,27 +224,59 @@ NODE_OPTIONS: tuple[Option, ...] = (
         "HOST:PORT serving only /health, /ready and /metrics in plain HTTP, for probes and Prometheus "
         "(unset: they are served on --listen only)",
     ),
-    Option("--max-value-bytes", str(DEFAULT_MAX_VALUE_BYTES), "largest accepted value, in bytes"),
-    Option("--peer-timeout", str(DEFAULT_PEER_TIMEOUT_S), "seconds to wait for another node"),
-    Option("--storage", None, "storage engine: memory or lmdb (default: lmdb with --data-dir, else memory)"),
-    Option("--data-dir", None, "directory for durable data (implies --storage lmdb)"),
+    Option("--max-value-bytes", str(DEFAULT_MAX_VALUE_BYTES), "largest accepted value, in bytes", positive_int, True),
+    Option("--peer-timeout", str(DEFAULT_PEER_TIMEOUT_S), "seconds to wait for another node", positive_float, True),
+    Option(
+        "--storage",
+        None,
+        "storage engine: memory or lmdb (default: lmdb with --data-dir, else memory)",
+        one_of(Engine),
+    ),
+    Option("--data-dir", None, "directory for durable data (implies --storage lmdb)", direct=True),
     Option(
         "--map-size",
         str(DEFAULT_LMDB_MAP_SIZE),
         "lmdb: most bytes the store may hold, e.g. 10Gi; a full store refuses writes with 507 (see Storage limits)",
+        lambda _flag, raw: parse_size(raw),
+        True,
     ),
-    Option("--fsync", DEFAULT_STORAGE_FSYNC, "durability: always, batch or never (see Durability)"),
-    Option("--fsync-window-ms", str(DEFAULT_FSYNC_WINDOW_MS), "batch window for --fsync batch"),
-    Option("--tombstone-grace", str(DEFAULT_TOMBSTONE_GRACE_S), "seconds a delete marker is kept"),
-    Option("--sweep-interval", str(DEFAULT_SWEEP_INTERVAL_S), "seconds between TTL/tombstone sweeps"),
-    Option("--membership", "static", "where members come from: static (--peers) or kubernetes (the StatefulSet)"),
-    Option("--namespace", None, "kubernetes: the StatefulSet's namespace (downward API metadata.namespace)"),
-    Option("--statefulset", None, "kubernetes: the StatefulSet whose pods are the ring"),
-    Option("--headless-service", None, "kubernetes: the headless Service giving pods stable DNS names"),
-    Option("--cluster-domain", DEFAULT_CLUSTER_DOMAIN, "kubernetes: the cluster's DNS domain"),
-    Option("--kubeconfig", None, "kubernetes: kubeconfig file (default: KUBECONFIG, else in-cluster)"),
     Option(
-        "--resolve", None, "NAME=ADDRESS: reach host NAME at ADDRESS, like curl --resolve (repeatable)", repeatable=True
+        "--fsync", DEFAULT_STORAGE_FSYNC, "durability: always, batch or never (see Durability)", one_of(Fsync), True
+    ),
+    Option("--fsync-window-ms", str(DEFAULT_FSYNC_WINDOW_MS), "batch window for --fsync batch", positive_int, True),
+    Option(
+        "--tombstone-grace", str(DEFAULT_TOMBSTONE_GRACE_S), "seconds a delete marker is kept", positive_float, True
+    ),
+    Option(
+        "--sweep-interval",
+        str(DEFAULT_SWEEP_INTERVAL_S),
+        "seconds between TTL/tombstone sweeps",
+        positive_float,
+        True,
+    ),
+    Option(
+        "--membership",
+        Membership.STATIC,
+        "where members come from: static (--peers) or kubernetes (the StatefulSet)",
+        one_of(Membership),
+        True,
+    ),
+    Option(
+        "--namespace",
+        None,
+        "kubernetes: the StatefulSet's namespace (downward API metadata.namespace)",
+        direct=True,
+    ),
+    Option("--statefulset", None, "kubernetes: the StatefulSet whose pods are the ring", direct=True),
+    Option("--headless-service", None, "kubernetes: the headless Service giving pods stable DNS names", direct=True),
+    Option("--cluster-domain", DEFAULT_CLUSTER_DOMAIN, "kubernetes: the cluster's DNS domain", direct=True),
+    Option("--kubeconfig", None, "kubernetes: kubeconfig file (default: KUBECONFIG, else in-cluster)", direct=True),
+    Option(
+        "--resolve",
+        None,
+        "NAME=ADDRESS: reach host NAME at ADDRESS, like curl --resolve (repeatable)",
+        lambda _flag, raw: parse_resolve(raw),
+        repeatable=True,
     ),
     Option("--tls-cert", None, "PEM certificate (cert-manager's tls.crt): serve HTTPS and talk https to peers"),
     Option("--tls-key", None, "PEM private key of --tls-cert (cert-manager's tls.key)"),
@@ -179,9 +300,11 @@ NODE_OPTIONS: tuple[Option, ...] = (
         "--tls-reload-interval",
         str(DEFAULT_TLS_RELOAD_INTERVAL_S),
         "seconds between checks of the TLS files for a rotation",
+        positive_float,
     ),
-    Option("--log-level", "warning", "log level: debug, info, warning or error"),
+    Option("--log-level", DEFAULT_LOG_LEVEL, "log level: debug, info, warning or error", lower_text, True),
 )
+OPTIONS_BY_DEST = {option.dest: option for option in NODE_OPTIONS}
 
 
 def env_default(option: Option, environ: dict[str, str] | None = None) -> str | None:
@@ -271,13 +394,7 @@ def parse_tls(values: dict[str, str | None]) -> TlsConfig | None:
     if peer_tls and not peer_ca:
         raise ConfigError("config: --peer-tls needs --tls-ca (or --peer-tls-ca) to verify the other nodes")
     peer = TlsFiles(cert=values.get("peer_tls_cert") or cert, key=values.get("peer_tls_key") or key, ca=peer_ca)
-    interval = float(
-        _positive(
-            "--tls-reload-interval",
-            values.get("tls_reload_interval") or str(DEFAULT_TLS_RELOAD_INTERVAL_S),
-            float,
-        )
-    )
+    interval = OPTIONS_BY_DEST["tls_reload_interval"].value(values)
     return TlsConfig(
         server=TlsFiles(cert=cert, key=key, ca=ca),
         peer=peer,
@@ -326,15 +443,15 @@ class NodeConfig:
     max_clock_offset: float = DEFAULT_MAX_CLOCK_OFFSET_S
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     peer_timeout: float = DEFAULT_PEER_TIMEOUT_S
-    storage: str = "memory"
+    storage: Engine = Engine.MEMORY
     data_dir: str | None = None
     map_size: int = DEFAULT_LMDB_MAP_SIZE
-    fsync: str = DEFAULT_STORAGE_FSYNC
+    fsync: Fsync = DEFAULT_STORAGE_FSYNC
     fsync_window_ms: int = DEFAULT_FSYNC_WINDOW_MS
     tombstone_grace: float = DEFAULT_TOMBSTONE_GRACE_S
     sweep_interval: float = DEFAULT_SWEEP_INTERVAL_S
-    log_level: str = "warning"
-    membership: str = "static"
+    log_level: str = DEFAULT_LOG_LEVEL
+    membership: Membership = Membership.STATIC
     namespace: str | None = None
     statefulset: str | None = None
     headless_service: str | None = None
@@ -352,7 +469,10 @@ class NodeConfig:
 
     @classmethod
     def from_options(cls, values: dict[str, str | None]) -> NodeConfig:
-        """Validate raw option strings (keyed by Option.dest) into a config."""
+        """Validate raw option strings (keyed by Option.dest) into a config:
+        each direct option through its own parser (NODE_OPTIONS), then the
+        settings that depend on one another."""
+        direct = {option.dest: option.value(values) for option in NODE_OPTIONS if option.direct}
         node_id = (values.get("node_id") or "").strip()
         if not node_id:
             raise ConfigError("config: --node-id (KVSTORE_NODE_ID) is required")
@@ -370,19 +490,11 @@ class NodeConfig:
         if peers.get(node_id, advertise) != advertise and values.get("advertise_url"):
             raise ConfigError(f"config: --peers gives {node_id} a URL other than --advertise-url")
         advertise = peers.setdefault(node_id, advertise)
-        data_dir = values.get("data_dir") or None
-        storage = values.get("storage") or ("lmdb" if data_dir else "memory")
-        if storage not in STORAGE_ENGINES:
-            raise ConfigError(f"config: --storage must be one of {', '.join(STORAGE_ENGINES)}")
-        if storage != "memory" and not data_dir:
+        data_dir = direct["data_dir"]
+        storage = OPTIONS_BY_DEST["storage"].value(values) or (Engine.LMDB if data_dir else Engine.MEMORY)
+        if storage != Engine.MEMORY and not data_dir:
             raise ConfigError(f"config: --storage {storage} needs --data-dir")
-        fsync = values.get("fsync") or DEFAULT_STORAGE_FSYNC
-        if fsync not in FSYNC_POLICIES:
-            raise ConfigError(f"config: --fsync must be one of {', '.join(FSYNC_POLICIES)}")
-        membership = values.get("membership") or "static"
-        if membership not in MEMBERSHIP_SOURCES:
-            raise ConfigError(f"config: --membership must be one of {', '.join(MEMBERSHIP_SOURCES)}")
-        if membership == "kubernetes":
+        if direct["membership"] == Membership.KUBERNETES:
             missing = [
                 f"--{name}"
                 for name in ("namespace", "statefulset", "headless-service")
@@ -392,9 +504,7 @@ class NodeConfig:
                 raise ConfigError(
                     f"config: --membership kubernetes needs {', '.join(missing)} (or their KVSTORE_* env vars)"
                 )
-        auth_file = values.get("auth_file") or None
-        cluster_token = values.get("cluster_token") or None
-        if auth_file and not cluster_token and not (tls is not None and tls.peer_tls):
+        if direct["auth_file"] and not direct["cluster_token"] and not (tls is not None and tls.peer_tls):
             raise ConfigError(
                 "config: --auth-file guards the client routes, but with neither --cluster-token nor --peer-tls "
                 "the node-to-node routes (/internal/) would stay open to anyone; set one of them"
@@ -409,59 +519,9 @@ class NodeConfig:
             port=port,
             advertise_url=advertise,
             peers=peers,
-            vnodes=int(_positive("--vnodes", values.get("vnodes") or str(DEFAULT_VNODES), int)),
-            replication_factor=int(
-                _positive(
-                    "--replication-factor", values.get("replication_factor") or str(DEFAULT_REPLICATION_FACTOR), int
-                )
-            ),
-            cluster_token=cluster_token,
-            anti_entropy_interval=float(
-                _positive(
-                    "--anti-entropy-interval",
-                    values.get("anti_entropy_interval") or str(DEFAULT_ANTI_ENTROPY_INTERVAL_S),
-                    float,
-                )
-            ),
-            sync_deadline=float(
-                _positive("--sync-deadline", values.get("sync_deadline") or str(DEFAULT_SYNC_DEADLINE_S), float)
-            ),
-            drain_deadline=float(
-                _positive("--drain-deadline", values.get("drain_deadline") or str(DEFAULT_DRAIN_DEADLINE_S), float)
-            ),
-            max_clock_offset=float(
-                _positive(
-                    "--max-clock-offset", values.get("max_clock_offset") or str(DEFAULT_MAX_CLOCK_OFFSET_S), float
-                )
-            ),
-            max_value_bytes=int(
-                _positive("--max-value-bytes", values.get("max_value_bytes") or str(DEFAULT_MAX_VALUE_BYTES), int)
-            ),
-            peer_timeout=float(
-                _positive("--peer-timeout", values.get("peer_timeout") or str(DEFAULT_PEER_TIMEOUT_S), float)
-            ),
             storage=storage,
-            data_dir=data_dir,
-            map_size=parse_size(values.get("map_size") or str(DEFAULT_LMDB_MAP_SIZE)),
-            fsync=fsync,
-            fsync_window_ms=int(
-                _positive("--fsync-window-ms", values.get("fsync_window_ms") or str(DEFAULT_FSYNC_WINDOW_MS), int)
-            ),
-            tombstone_grace=float(
-                _positive("--tombstone-grace", values.get("tombstone_grace") or str(DEFAULT_TOMBSTONE_GRACE_S), float)
-            ),
-            sweep_interval=float(
-                _positive("--sweep-interval", values.get("sweep_interval") or str(DEFAULT_SWEEP_INTERVAL_S), float)
-            ),
-            log_level=(values.get("log_level") or "warning").lower(),
-            membership=membership,
-            namespace=values.get("namespace") or None,
-            statefulset=values.get("statefulset") or None,
-            headless_service=values.get("headless_service") or None,
-            cluster_domain=values.get("cluster_domain") or DEFAULT_CLUSTER_DOMAIN,
-            kubeconfig=values.get("kubeconfig") or None,
-            resolve=parse_resolve(values.get("resolve") or ""),
+            resolve=OPTIONS_BY_DEST["resolve"].value(values) or {},
             tls=tls,
-            auth_file=auth_file,
             ops_listen=ops_listen,
+            **direct,
         )

@@ -14,6 +14,9 @@
     │   ├── UnauthenticatedError  no user credentials, or unknown ones, under --auth-file (401)
     │   └── ForbiddenError      a known user without the permission the key or route needs (403)
     ├── NodeStartingError      the node's stores are not open yet (503)
+    ├── NotComparableError     this node cannot compare digests with the asking peer right now (409)
+    │   ├── RingDiffersError    the peer asked about a ring this node does not have
+    │   └── DigestsBuildingError  the digest index is still being built
     ├── StorageError           the local engine failed or refused
     │   ├── NodeIdMismatchError data dir belongs to another node id
     │   └── StorageFullError    the LMDB map or the volume is full: writes refused, reads served (507)
@@ -21,11 +24,13 @@
     │   ├── ClockOffsetError    this node's clock is off from most peers' (503: it will not coordinate)
     │   └── FutureVersionError  a version from further ahead than --max-clock-offset (409)
     ├── WriteNotWonError       replicas kept a newer version; re-stamping did not win in time (503)
+    ├── BackupCommandError     `kvstore backup` or `restore` was refused or failed (the CLI's; exit 1)
     └── PeerError              talking to another node failed (it answered wrongly: 500 or garbage)
         ├── PeerUnavailableError  could not reach it, it timed out, or it said 503 (marks it down)
         │   └── PeerTLSError      the TLS handshake failed: a certificate from another CA, a wrong name
         ├── PeerRefusedError      it answered and refused the call (409, other 4xx)
         └── QuorumError           too few replicas answered
+            └── MembershipChangedError  the ring changed under a backup that was reading it
 
 Only PeerUnavailableError makes a node count a peer as unreachable: a refusal
 or a garbled answer comes from a peer that is up, and a local bug is no outage.
@@ -174,3 +179,12 @@ class QuorumError(PeerError):
         super().__init__(message)
         self.required = required
         self.answered = answered
+
+
+class MembershipChangedError(QuorumError):
+    """The ring changed while a backup was reading it: arcs moved between nodes."""
+
+
+class BackupCommandError(KvstoreError):
+    """`kvstore backup` or `kvstore restore` was refused or failed (the server's
+    answer, a file it cannot open, a terminal where a file belongs)."""

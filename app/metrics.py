@@ -60,6 +60,24 @@ class NodeMetrics:
             registry=r,
         )
         self.ring_members = Gauge("kvstore_ring_members", "Members of this node's hash ring.", registry=r)
+        self.build_info = Gauge(
+            "kvstore_build_info",
+            "Always 1: the release this node runs and the node-to-node protocol range it speaks.",
+            ["version", "protocol", "min_protocol"],
+            registry=r,
+        )
+        self.cluster_protocol = Gauge(
+            "kvstore_cluster_protocol",
+            "The protocol every member speaks, as this node has heard: the lowest among them "
+            "(a member not heard from counts as the oldest this node talks to). An upgrade is "
+            "complete when every node shows the new release's.",
+            registry=r,
+        )
+        self.peers_incompatible = Gauge(
+            "kvstore_peers_incompatible",
+            "Members whose protocol this node cannot speak (too old or too new): treated as unreachable.",
+            registry=r,
+        )
         self.quorum_failures = Counter(
             "kvstore_quorum_failures_total",
             "Client operations refused because too few replicas answered.",
@@ -89,6 +107,11 @@ class NodeMetrics:
             registry=r,
         )
         self.read_repairs = Counter("kvstore_read_repairs_total", "Stale replicas updated by read repair.", registry=r)
+        self.read_repair_failures = Counter(
+            "kvstore_read_repair_failures_total",
+            "Read repairs a stale replica did not take (unreachable, or it refused); anti-entropy repairs them later.",
+            registry=r,
+        )
         self.ae_rounds = Counter(
             "kvstore_anti_entropy_rounds_total",
             "Anti-entropy rounds that compared this node's digests with a peer's.",

@@ -2,7 +2,7 @@
 
 Every ratio in BENCHMARKS.md divides by what this serves in the same run. It
 reads (and drops) a request body, so a PUT costs it the same socket work as
-the node's. The uvicorn settings below mirror app/cli.py:run_node exactly
+the node's. The uvicorn settings below mirror app/web/server.py:serve exactly
 (uvloop, httptools, one worker, lifespan on, no access log, no server header);
 keep the two in step. Also the backend the peer-client bench forwards to.
 
@@ -41,7 +41,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 def uvicorn_config(asgi_app: Any, *, host: str, port: int) -> Any:
-    """The node's uvicorn settings (app/cli.py:run_node), for any benchmark server."""
+    """The node's uvicorn settings (app/web/server.py:serve), for any benchmark server."""
     import uvicorn
 
     return uvicorn.Config(

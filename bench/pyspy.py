@@ -139,7 +139,11 @@ def summarize_profile(raw: Path, top: int = 15) -> str:
     )
 
 
-BOILERPLATE = {"app/__main__.py", "app/cli.py"}  # start-up frames under everything the main thread does
+BOILERPLATE = {
+    "app/__main__.py",
+    "app/cli.py",
+    "app/web/server.py",
+}  # start-up frames under everything the main thread does
 
 
 def _frame_file(name: str) -> str:

@@ -5,7 +5,7 @@ those agree, the records come from one of them, where they differ, from each
 of them, keeping the newest version per key (tombstones and expiries
 included). Paced: after each batch the reader rests, so client traffic keeps
 most of the CPU. Called by the backup route (app.web.routes_backup), which
-turns each batch into chunks of app.backup_format.
+turns each batch into chunks of app.storage.backup_format.
 
 Why that is complete: a write acknowledged before the backup started is
 durable on W replicas of its arc, so any R' = N - W + 1 replicas include one
@@ -22,8 +22,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from app.cluster.context import ClusterWorker
-from app.cluster.coordinator import required_acks
-from app.errors import InvalidRequestError, PeerError, QuorumError
+from app.cluster.coordinator import Consistency, required_acks
+from app.errors import InvalidRequestError, MembershipChangedError, PeerError, QuorumError
 from app.storage.base import Record
 from app.transport.base import Peer
 
@@ -31,17 +31,13 @@ BATCH_RECORDS = 10_000  # records per batch aimed at (from the key estimate): ~2
 MAX_ARCS_PER_BATCH = 64  # the replicas scan each arc's range up to here (Replica: FULL_SCAN_ABOVE_ARCS)
 PREFETCH_BATCHES = 1  # batches read ahead while the previous one is sent: bounded memory, no idle wait
 # The share of time a backup works; it rests the rest, for client traffic.
-# Measured with 3 nodes on one core, 3 x 1M keys (BENCHMARKS.md, issue 11):
+# Measured with 3 nodes on one core, 3 x 1M keys (BENCHMARKS.md, "backup and restore"):
 # at pace 1 the backup took 7-8 s and GET throughput during it fell to 0.38x;
 # at 0.3, 19-22 s and 0.76-0.86x over three runs. `--pace 1` when nothing else runs.
 DEFAULT_PACE = 0.3
 
 Arc = tuple[int, int]
 Batch = list[tuple[bytes, Record]]
-
-
-class MembershipChangedError(QuorumError):
-    """The ring changed while a backup was reading it: arcs moved between nodes."""
 
 
 class BackupSource(ClusterWorker):
@@ -77,7 +73,7 @@ class BackupSource(ClusterWorker):
 
     def required(self, owners: Sequence[str]) -> int:
         """Replicas of an arc that must answer: N - W + 1 (W: a quorum of N)."""
-        return len(owners) - required_acks("quorum", len(owners)) + 1
+        return len(owners) - required_acks(Consistency.QUORUM, len(owners)) + 1
 
     def estimated_records(self) -> int:
         """Keys in the cluster, estimated from this node's share (for progress)."""

@@ -24,6 +24,7 @@ import dataclasses
 import enum
 import logging
 from collections.abc import Awaitable, Iterator
+from enum import StrEnum
 from typing import Any, TypeVar
 
 from app.clock import HybridClock, Version, wall_ms
@@ -46,7 +47,25 @@ from app.transport.base import Peer, ReadAnswer, WriteAck
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-CONSISTENCY_LEVELS = ("one", "quorum", "all")
+
+class Consistency(StrEnum):
+    """How many replicas must answer a data request (`?consistency=`)."""
+
+    ONE = "one"
+    QUORUM = "quorum"
+    ALL = "all"
+
+    @classmethod
+    def parse(cls, raw: str) -> Consistency:
+        """The level a request asked for; InvalidRequestError (400) for any other word."""
+        level = _CONSISTENCY_BY_NAME.get(raw)
+        if level is None:
+            raise InvalidRequestError(f"consistency must be one of {', '.join(cls)}, got {raw!r}")
+        return level
+
+
+_CONSISTENCY_BY_NAME = {level.value: level for level in Consistency}  # a dict, not Enum(): every request parses one
+CONSISTENCY_LEVELS = tuple(Consistency)
 
 
 class Landing(enum.Enum):
@@ -64,13 +83,13 @@ MAX_WRITE_ROUNDS = 3
 
 
 def required_acks(consistency: str, replicas: int) -> int:
-    if consistency == "quorum":
+    """W or R for a level (a Consistency, or its name: InvalidRequestError for another word)."""
+    level = Consistency.parse(consistency)
+    if level is Consistency.QUORUM:
         return replicas // 2 + 1
-    if consistency == "one":
+    if level is Consistency.ONE:
         return 1
-    if consistency == "all":
-        return replicas
-    raise InvalidRequestError(f"consistency must be one of {', '.join(CONSISTENCY_LEVELS)}, got {consistency!r}")
+    return replicas
 
 
 class Coordinator(ClusterWorker):
@@ -94,7 +113,7 @@ class Coordinator(ClusterWorker):
 
     # -- reads ----------------------------------------------------------------
 
-    async def get(self, key: bytes, *, consistency: str = "quorum") -> Record | None:
+    async def get(self, key: bytes, *, consistency: str = Consistency.QUORUM) -> Record | None:
         """The newest live record among the replicas asked, or None if absent."""
         replicas = self.replicas_for(key)
         needed = required_acks(consistency, len(replicas))
@@ -146,13 +165,15 @@ class Coordinator(ClusterWorker):
                 else:
                     await self._remote(peer, self.peer_client.write(peer, key, newest))
                 self.metrics.read_repairs.inc()
-            except (PeerError, FutureVersionError):
-                pass  # anti-entropy gets it later
+            except (PeerError, FutureVersionError) as exc:
+                # Not the client's problem (its read was answered), and anti-entropy repairs it later.
+                self.metrics.read_repair_failures.inc()
+                log.debug("read repair of a key on %s failed: %s", peer.node_id, exc)
 
     # -- writes ---------------------------------------------------------------
 
     async def put(
-        self, key: bytes, value: bytes, *, ttl_s: float | None = None, consistency: str = "quorum"
+        self, key: bytes, value: bytes, *, ttl_s: float | None = None, consistency: str = Consistency.QUORUM
     ) -> Version:
         self._refuse_if_clock_off()
         expires = wall_ms() + int(ttl_s * 1000) if ttl_s else 0
@@ -160,7 +181,7 @@ class Coordinator(ClusterWorker):
         written, _ = await self._write(key, record, consistency)
         return written.version
 
-    async def delete(self, key: bytes, *, consistency: str = "quorum") -> bool:
+    async def delete(self, key: bytes, *, consistency: str = Consistency.QUORUM) -> bool:
         """Write a tombstone; True if any replica that answered held a live value."""
         self._refuse_if_clock_off()
         _, acks = await self._write(key, Record(version=self.clock.now(), value=None), consistency)

@@ -3,7 +3,7 @@ delivered once their replica is back), and after a membership change the two
 halves of rebalancing: pulling the arcs this node newly replicates
 (app.cluster.rebalance: one source per arc, the others checked by digest) and
 handing off, then dropping, the surplus copies of arcs it no longer
-replicates (app.cluster.surplus). Their progress is one RebalanceStatus.
+replicates (app.cluster.surplus_drop). Their progress is one RebalanceStatus.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import time
 from collections import defaultdict
 
 from app.cluster.context import ClusterContext, ClusterWorker
-from app.cluster.rebalance import RangeSync, RebalanceStatus
-from app.cluster.surplus import SURPLUS_POLL_S, SurplusDrop
+from app.cluster.rebalance import Rebalance, RebalanceStatus
+from app.cluster.surplus_drop import SURPLUS_POLL_S, SurplusDrop
 from app.cluster.topology import Topology
 from app.errors import PeerError
 from app.ring import HashRing
@@ -35,7 +35,7 @@ class Handoff(ClusterWorker):
         self.write_quorum = write_quorum
         self.sync_deadline_s = sync_deadline_s
         self.status = RebalanceStatus()
-        self.pull = RangeSync(context, write_quorum=write_quorum, status=self.status)
+        self.pull = Rebalance(context, write_quorum=write_quorum, status=self.status)
         self.surplus = SurplusDrop(context, status=self.status)
         status = self.status
         self.metrics.track_rebalance(

@@ -59,6 +59,7 @@ class PeerState:
     outstanding: int = 0
     latency_s: float = INITIAL_LATENCY_S
     source_ready: bool = True  # the membership source's word (a pod's Ready condition); probes cannot overrule it
+    incompatible: str | None = None  # why its protocol cannot be spoken (app.cluster.capabilities); keeps it down
     last_asked: float = 0.0  # monotonic time a read was last sent (or promised) to it
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))  # answered calls' latencies
     p95_s: float = HEDGE_FLOOR_S
@@ -109,9 +110,18 @@ class PeerHealth:
         if was != now and self._on_flip:
             self._on_flip(node_id, now)
 
+    def set_incompatible(self, node_id: str, reason: str | None) -> None:
+        """A peer too old or too new to talk to (reason), or no longer (None).
+        It is down while incompatible, whatever probes and requests say; once
+        compatible again the next probe or request brings it back."""
+        state = self._state(node_id)
+        state.incompatible = reason
+        if reason is not None:
+            self.mark_down(node_id, f"incompatible: {reason}")
+
     def mark_up(self, node_id: str) -> None:
         state = self._state(node_id)
-        if not state.up:
+        if not state.up and state.incompatible is None:
             state.up, state.since, state.last_error = True, time.monotonic(), ""
             if self._on_flip:
                 self._on_flip(node_id, self.is_up(node_id))
@@ -208,7 +218,7 @@ class PeerHealth:
     def down_peers(self) -> list[str]:
         return [node_id for node_id, state in self._states.items() if not state.up]
 
-    def snapshot(self, node_id: str) -> PeerState:
+    def state(self, node_id: str) -> PeerState:
         return self._state(node_id)
 
     def forget(self, node_id: str) -> None:

@@ -1,10 +1,11 @@
-"""A node: store, hints, topology, peer health, the coordinator, and the
-background loops that keep replicas converging (peer probes, which also
-measure clock offsets, hint delivery, anti-entropy with a check for surplus
-copies, TTL sweeps). It is also the discovery source's sink.
+"""A node: store, hints, topology, peer health, what each peer speaks
+(capabilities), the coordinator, and the background loops that keep
+replicas converging (peer probes, which also measure clock offsets, hint
+delivery, anti-entropy with a check for surplus copies, TTL sweeps). It is
+also the membership source's sink.
 
 Opened by the composition root (app.web.app), which hands it the peer client
-and the discovery source; it never imports a web or network library itself.
+and the membership source; it never imports a web or network library itself.
 """
 
 from __future__ import annotations
@@ -16,18 +17,19 @@ import time
 from collections.abc import Awaitable, Callable
 
 from app.clock import HybridClock, wall_ms
+from app.cluster.anti_entropy import AntiEntropy
+from app.cluster.capabilities import Capabilities
 from app.cluster.clock_offsets import ClockOffsets
 from app.cluster.context import ClusterContext
-from app.cluster.coordinator import Coordinator, required_acks
+from app.cluster.coordinator import Consistency, Coordinator, required_acks
 from app.cluster.handoff import Handoff
 from app.cluster.health import PeerHealth
 from app.cluster.hedging import Scheduler
-from app.cluster.repair import AntiEntropy
 from app.cluster.replica import Replica
 from app.cluster.topology import CurrentTopology, Topology
 from app.config import NodeConfig
-from app.discovery.base import DiscoverySource
 from app.errors import PeerError
+from app.membership.base import MembershipSource
 from app.metrics import NodeMetrics
 from app.storage import HintStore, Store, open_hint_store, open_store
 from app.transport.base import Peer, PeerClient
@@ -56,7 +58,7 @@ class Node:
         store: Store,
         hints: HintStore,
         peer_client: PeerClient,
-        source: DiscoverySource,
+        source: MembershipSource,
         metrics: NodeMetrics,
         wall: Callable[[], int] = wall_ms,
         scheduler: Scheduler | None = None,
@@ -64,7 +66,7 @@ class Node:
         self.config = config
         self.metrics = metrics
         self.peer_client = peer_client
-        self.source = source
+        self.membership_source = source
         max_offset_ms = int(config.max_clock_offset * 1000)
         self.clock = HybridClock(config.node_id, wall=wall, max_offset_ms=max_offset_ms)
         # Never stamp below a version this node already holds, whatever its
@@ -75,6 +77,10 @@ class Node:
         self.health = PeerHealth(
             on_flip=self._on_peer_flip, monotonic=scheduler.time if scheduler is not None else time.monotonic
         )
+        # What each member speaks, from the protocol header of its requests
+        # and answers; a peer too old or too new is kept down (and named).
+        self.capabilities = Capabilities(self_id=config.node_id, on_verdict=self.health.set_incompatible)
+        peer_client.on_protocol(self.capabilities.observe)
         self.replica = Replica(store=store, hints=hints, clock=self.clock)
         context = ClusterContext(
             node_id=config.node_id,
@@ -88,7 +94,7 @@ class Node:
         self.coordinator = Coordinator(context, clock=self.clock, offsets=self.offsets, scheduler=scheduler)
         self.handoff = Handoff(
             context,
-            write_quorum=required_acks("quorum", config.replication_factor),
+            write_quorum=required_acks(Consistency.QUORUM, config.replication_factor),
             sync_deadline_s=config.sync_deadline,
         )
         self.anti_entropy = AntiEntropy(context)
@@ -101,6 +107,10 @@ class Node:
         metrics.ranges_below_quorum.set_function(self._ranges_below_quorum)
         metrics.digest_index_ready.set_function(lambda: float(store.digests_ready()))
         metrics.membership_staleness.set_function(source.staleness_s)
+        own = self.capabilities.own
+        metrics.build_info.labels(own.release, str(own.protocol), str(own.min_protocol)).set(1)
+        metrics.cluster_protocol.set_function(self.capabilities.cluster_protocol)
+        metrics.peers_incompatible.set_function(lambda: len(self.capabilities.incompatible_members()))
         self.topology.on_change(self._on_topology_change)
         self._on_topology_change(self.topology.current, self.topology.current)
 
@@ -110,7 +120,7 @@ class Node:
         config: NodeConfig,
         *,
         peer_client: PeerClient,
-        source: DiscoverySource,
+        source: MembershipSource,
         metrics: NodeMetrics | None = None,
         wall: Callable[[], int] = wall_ms,
         scheduler: Scheduler | None = None,
@@ -161,7 +171,7 @@ class Node:
         deadline = time.monotonic() + self.config.drain_deadline
         try:
             await asyncio.wait_for(
-                self.source.refresh(self), timeout=min(PROBE_INTERVAL_S * 5, self.config.drain_deadline)
+                self.membership_source.refresh(self), timeout=min(PROBE_INTERVAL_S * 5, self.config.drain_deadline)
             )
         except Exception:  # an unreachable API must not block shutdown
             log.warning("could not re-read membership before exiting", exc_info=True)
@@ -192,7 +202,7 @@ class Node:
         await asyncio.to_thread(self.replica.store.close)
         await asyncio.to_thread(self.replica.hints.close)
 
-    # -- the discovery source's sink -------------------------------------------
+    # -- the membership source's sink -------------------------------------------
 
     async def set_members(self, members: dict[str, str]) -> None:
         await self.apply_membership(members, propagate=False)
@@ -216,7 +226,7 @@ class Node:
         delay = PROBE_INTERVAL_S
         while True:
             try:
-                await self.source.run(self)
+                await self.membership_source.run(self)
                 if self.members_known:
                     return  # a one-shot source (static) is done
             except asyncio.CancelledError:
@@ -278,7 +288,7 @@ class Node:
     async def _watch_peers(self) -> None:
         """Trip the breaker on silent peers; ask each peer marked down whether it is back."""
         for node_id in self.health.trip_silent():
-            log.warning("peer %s marked down: %s", node_id, self.health.snapshot(node_id).last_error)
+            log.warning("peer %s marked down: %s", node_id, self.health.state(node_id).last_error)
         view = self.topology.current
         down = [view.peers[node_id] for node_id in self.health.down_peers() if node_id in view.peers]
         results = await asyncio.gather(*(self.peer_client.probe(peer) for peer in down), return_exceptions=True)
@@ -301,13 +311,13 @@ class Node:
         await asyncio.gather(*(self._measure_offset(peer) for peer in up))
         for node_id in view.peers:
             if node_id != self.config.node_id:
-                state = self.health.snapshot(node_id)
+                state = self.health.state(node_id)
                 self.metrics.peer_outstanding.labels(node_id).set(state.outstanding)
                 self.metrics.peer_latency.labels(node_id).set(state.latency_s)
 
     async def _measure_offset(self, peer: Peer) -> bool:
         """Read the peer's wall clock between two of ours (NTP's midpoint rule)."""
-        sent_wall = self.clock.wall_ms()
+        sent_wall = self.clock.reading_ms()
         started = time.monotonic()
         try:
             theirs = await self.peer_client.wall_clock(peer)
@@ -338,11 +348,15 @@ class Node:
         if len(ring) == 0:
             return 0
         n = min(self.config.replication_factor, len(ring))
-        needed = required_acks("quorum", n)
+        needed = required_acks(Consistency.QUORUM, n)
         up = {node_id for node_id in ring.members if node_id == self.config.node_id or self.health.is_up(node_id)}
         return sum(1 for _, owners in ring.replica_sets(n) if len(up.intersection(owners)) < needed)
 
     def _on_peer_flip(self, node_id: str, up: bool) -> None:
+        if not up and self.health.state(node_id).incompatible is None:
+            # Away: its process may come back as another release (a rollback).
+            # Until its next request or answer says which, no feature counts on it.
+            self.capabilities.forget(node_id)
         self.metrics.peer_reachable.labels(node_id).set(1 if up else 0)
         self._count_reachable()
 
@@ -355,6 +369,7 @@ class Node:
         # thread (only the intervals a new boundary cuts are re-read).
         self.replica.store.align_digests(new.ring.ranges())
         self.metrics.ring_members.set(len(new.peers))
+        self.capabilities.set_members(new.peers)
         for node_id in new.peers:
             if node_id != self.config.node_id:
                 self.metrics.peer_reachable.labels(node_id).set(1 if self.health.is_up(node_id) else 0)

@@ -79,7 +79,7 @@ def sources_needed(sources: int, write_quorum: int) -> int:
     return sources
 
 
-class RangeSync(ClusterWorker):
+class Rebalance(ClusterWorker):
     def __init__(self, context: ClusterContext, *, write_quorum: int, status: RebalanceStatus) -> None:
         super().__init__(context)
         self.write_quorum = write_quorum
@@ -163,7 +163,7 @@ class RangeSync(ClusterWorker):
         pass checks it against another by digest."""
 
         def load(source: str) -> tuple[bool, int, float]:
-            return (not self.health.is_up(source), self._pulls[source], self.health.snapshot(source).latency_s)
+            return (not self.health.is_up(source), self._pulls[source], self.health.state(source).latency_s)
 
         ranked = sorted(sources, key=load)
         given: dict[str, list[tuple[int, int]]] = defaultdict(list)

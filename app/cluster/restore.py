@@ -19,7 +19,7 @@ import asyncio
 from dataclasses import dataclass
 
 from app.cluster.context import ClusterWorker
-from app.cluster.coordinator import required_acks
+from app.cluster.coordinator import Consistency, required_acks
 from app.errors import PeerError, QuorumError
 from app.storage.base import Record
 from app.transport.base import Peer
@@ -66,7 +66,7 @@ class RestoreWriter(ClusterWorker):
         ]
         if unexpected:
             raise unexpected[0]
-        needed = required_acks("quorum", len(peers))
+        needed = required_acks(Consistency.QUORUM, len(peers))
         if len(counts) < needed:
             raise QuorumError(
                 f"restore: {len(counts)} of {len(peers)} replicas took a batch of {len(records)} records, "

@@ -1,7 +1,9 @@
 """Storage engines behind one interface (base.Store); open_store picks one.
 
 `memory` forgets on exit (tests, quick start); `lmdb` is the durable engine
-(lmdb_store.py). Called by app.cluster.node, off the event loop."""
+(lmdb_store.py). Called by app.cluster.node, off the event loop. Beside the
+engines: the maintained digests (digests.py), the hints (hints.py) and the
+backup file format (backup_format.py), all pure of any network library."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from app.config import NodeConfig
 from app.errors import ConfigError
 from app.storage.base import ApplyResult, Record, StorageUsage, Store
 from app.storage.hints import HintStore
-from app.storage.lmdb_store import LmdbStore
+from app.storage.lmdb_store import LmdbStore, check_format
 from app.storage.memory import MemoryStore
 
 __all__ = [
@@ -57,10 +59,12 @@ def open_hint_store(config: NodeConfig) -> HintStore:
 
 
 def check_data_dir(config: NodeConfig) -> None:
-    """Refuse to start, in one line, when the data dir cannot be written by this
-    process: the usual cause in Kubernetes is a volume owned by root that the
-    pod's non-root user cannot write (no fsGroup). Called by the composition
-    root before the server starts, so the failure is not a lifespan traceback."""
+    """Refuse to start, in one line, when the data dir cannot be written by
+    this process (the usual cause in Kubernetes is a volume owned by root that
+    the pod's non-root user cannot write: no fsGroup), or holds a store of an
+    on-disk format this build cannot read (a newer release's). Called by the
+    composition root before the server starts, so the failure is not a
+    lifespan traceback."""
     if config.data_dir is None:
         return
     probe = os.path.join(config.data_dir, f".kvstore-write-check-{os.getpid()}")
@@ -74,3 +78,6 @@ def check_data_dir(config: NodeConfig) -> None:
             f"gid {os.getgid()} ({exc.strerror}): give the pod securityContext.fsGroup {os.getgid()} "
             "(chart: podSecurityContext.fsGroup), or make the volume owned by that uid"
         ) from exc
+    if config.storage == "lmdb":  # a store of a format this build cannot read: refused before serving
+        check_format(config.data_dir)
+        check_format(os.path.join(config.data_dir, HINTS_SUBDIR))

@@ -47,7 +47,7 @@ class Record:
     def dead_since_ms(self) -> int:
         """When a dead record stopped being live: its expiry, or (a delete) its
         version's time. The tombstone grace counts from here."""
-        return self.expires_at_ms or self.version.wall_ms
+        return self.expires_at_ms or self.version.physical_ms
 
 
 @dataclass(frozen=True, slots=True)

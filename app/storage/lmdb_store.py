@@ -5,7 +5,8 @@ Keys are stored as 8-byte big-endian ring hash + key, so one ring arc is one
 cursor range. Two index sub-databases (expiry time -> key for live values,
 dead-since time -> key for tombstones) let the sweep visit only what it turns
 or purges, and persist with the data. The meta sub-database keeps the owner,
-the layout, and a high-water ceiling: an hlc at or above every version
+the on-disk format (FORMAT: refused when newer, migrated when older), the
+release that last opened it, and a high-water ceiling: an hlc at or above every version
 applied, written in the same transaction as the record that first passes the
 previous ceiling, so it is as durable as they are. It steps HIGH_WATER_STEP_MS
 ahead of that record, so it is rewritten a few times a second under load,
@@ -28,12 +29,13 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import TextIO, cast
 
 import lmdb
 
+from app import __version__
 from app.clock import LOGICAL_BITS, Version
 from app.config import (
     DEFAULT_LMDB_MAP_SIZE,
@@ -51,7 +53,16 @@ from app.storage.flusher import Flusher
 
 log = logging.getLogger(__name__)
 
-FORMAT = b"1"  # on-disk layout version, bumped (with a migration) if the encoding below changes
+# The on-disk format, kept in meta as ASCII digits (0.1.0 wrote b"1" and
+# refuses any other value). A build reads every format from 1 to FORMAT and
+# migrates an older one up, step by step (MIGRATIONS: format n -> n + 1),
+# saying so in the log; a store of a newer format is refused at open, before
+# anything in it is changed. Bump FORMAT only with a migration, and only
+# after an operator can finalise the upgrade: an older release cannot open a
+# migrated store, so a bump ends the rollback window (README: Upgrade and
+# rollback). 0.2.0 changed nothing on disk.
+FORMAT = 1
+MIGRATIONS: dict[int, Callable[[lmdb.Transaction], None]] = {}
 
 _U64 = struct.Struct(">Q")  # big-endian, so byte order is numeric order in LMDB's memcmp
 # hlc, expires_at_ms, flags, len(node id); then the node id, then the value.
@@ -63,6 +74,7 @@ LOCK_FILE = "kvstore.lock"  # beside LMDB's data.mdb and lock.mdb; holds the own
 
 _META_NODE_ID = b"node_id"
 _META_FORMAT = b"format"
+_META_RELEASE = b"release"  # the release that last opened the store (0.1.0 wrote none, and ignores it)
 _META_HIGH_WATER = b"high_water"  # u64: an hlc at or above every version ever applied
 # The digest index as of a clean close, with the id of the transaction that
 # wrote it: valid only while that is still the last transaction (any later
@@ -103,6 +115,55 @@ def _arc_spans(start: int, end: int) -> list[tuple[bytes, bytes]]:
     return [*spans, (_U64.pack(0), _U64.pack(end))]
 
 
+def format_problem(path: str, layout: bytes | None, written_by: str | None) -> str | None:
+    """Why this build cannot open a store of this format, or None."""
+    by = f"kvstore {written_by}" if written_by else "kvstore 0.1.0 or a release that records none"
+    number = _format_number(layout)
+    if number is None or number < 1:
+        return (
+            f"storage: data dir {path} has no on-disk format this build knows ({layout!r}); it is not a kvstore "
+            "data dir, or a damaged one: nothing in it was changed"
+        )
+    if number > FORMAT:
+        return (
+            f"storage: data dir {path} has on-disk format {number}, written by {by}; this build (kvstore "
+            f"{__version__}) reads formats 1 to {FORMAT}: run {by.removeprefix('kvstore ')} or newer on it "
+            "(a finalised upgrade cannot be rolled back); nothing in it was changed"
+        )
+    return None
+
+
+def _format_number(layout: bytes | None) -> int | None:
+    return int(layout) if layout is not None and layout.isdigit() else None
+
+
+def check_format(path: str) -> None:
+    """Refuse, before a node starts serving, a data dir of a format this build
+    cannot read (the composition root calls it; LmdbStore checks again at open).
+    Reads the meta only, read-only; a dir without a store passes."""
+    if not os.path.exists(os.path.join(path, "data.mdb")):
+        return
+    try:
+        env = lmdb.open(path, readonly=True, lock=False, max_dbs=4)
+    except lmdb.Error as exc:
+        raise StorageError(f"storage: cannot read LMDB in {path}: {exc}") from exc
+    try:
+        with env.begin() as txn:
+            if txn.get(b"meta") is None:
+                return  # not written by kvstore yet: the open creates what it needs
+        meta = env.open_db(b"meta", create=False)
+        with env.begin(db=meta) as txn:
+            owner, layout, release = txn.get(_META_NODE_ID), txn.get(_META_FORMAT), txn.get(_META_RELEASE)
+    except lmdb.Error as exc:
+        raise StorageError(f"storage: cannot read the meta of LMDB in {path}: {exc}") from exc
+    finally:
+        env.close()
+    if owner is not None:
+        problem = format_problem(path, layout, release.decode("utf-8", "replace") if release else None)
+        if problem is not None:
+            raise StorageError(problem)
+
+
 class LmdbStore(Store):
     """One LMDB environment in `path`, owned by `node_id`."""
 
@@ -118,7 +179,7 @@ class LmdbStore(Store):
         writemap: bool = LMDB_WRITEMAP,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
-            raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, got {fsync!r}")
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
         self._path = path
         self._fsync = fsync
         self._grace_ms = int(tombstone_grace_s * 1000)
@@ -161,11 +222,11 @@ class LmdbStore(Store):
         # commits whose changes it did not record (LMDB serializes writers
         # anyway: this lock costs no parallelism).
         self._write_lock = threading.Lock()
-        self._maintained = self._digests = MaintainedDigests(
+        self._digests: MaintainedDigests = MaintainedDigests(
             lock=self._write_lock, snapshot=self._snapshot, parts=DIGEST_SUBARCS, name="lmdb"
         )
         if saved_digests is not None:
-            self._maintained.restore(saved_digests)
+            self._digests.restore(saved_digests)
         self._flusher = Flusher(policy=fsync, window_ms=fsync_window_ms, sync=self._env_sync, name="lmdb")
 
     @staticmethod
@@ -192,24 +253,58 @@ class LmdbStore(Store):
         return lock_file
 
     def _claim(self, node_id: str) -> None:
-        """Record the owning node id in a new directory; refuse someone else's."""
-        with self._env.begin(write=True, db=self._meta) as txn:
+        """Record the owning node id and the format in a new directory; refuse
+        someone else's, or one of a format this build cannot read (before
+        writing anything); migrate an older format; note this release."""
+        with self._env.begin(db=self._meta) as txn:
             owner = txn.get(_META_NODE_ID)
             layout = txn.get(_META_FORMAT)
-            if owner is None:
-                txn.put(_META_NODE_ID, node_id.encode())
-                txn.put(_META_FORMAT, FORMAT)
-        if owner is None:
-            self._env.sync(True)
-        elif owner.decode() != node_id:
+            release = txn.get(_META_RELEASE)
+        if owner is not None and owner.decode() != node_id:
             self._env.close()
             raise NodeIdMismatchError(
                 f"storage: data dir {self._path} belongs to node {owner.decode()!r}, not {node_id!r}; "
                 f"give each node its own --data-dir, or start it as --node-id {owner.decode()}"
             )
-        elif layout != FORMAT:
-            self._env.close()
-            raise StorageError(f"storage: data dir {self._path} has layout {layout!r}; this build reads {FORMAT!r}")
+        written_by = release.decode("utf-8", "replace") if release is not None else None
+        if owner is not None:
+            problem = format_problem(self._path, layout, written_by)
+            if problem is not None:
+                self._env.close()
+                raise StorageError(problem)
+        with self._env.begin(write=True, db=self._meta) as txn:
+            if owner is None:
+                txn.put(_META_NODE_ID, node_id.encode())
+                txn.put(_META_FORMAT, str(FORMAT).encode())
+            else:
+                self._migrate(txn, _format_number(layout) or FORMAT, written_by)
+            if release != __version__.encode():
+                txn.put(_META_RELEASE, __version__.encode())
+        if owner is None:
+            self._env.sync(True)
+        elif written_by != __version__:
+            log.warning(
+                "storage: %s (on-disk format %d) was last opened by kvstore %s; now %s",
+                self._path,
+                FORMAT,
+                written_by or "0.1.0 (which records no release)",
+                __version__,
+            )
+
+    def _migrate(self, txn: lmdb.Transaction, layout: int, written_by: str | None) -> None:
+        """Bring an older format up to FORMAT in the open transaction, one step at a time."""
+        for step in range(layout, FORMAT):
+            log.warning(
+                "storage: migrating %s from on-disk format %d to %d (written by kvstore %s); "
+                "older releases cannot open it afterwards",
+                self._path,
+                step,
+                step + 1,
+                written_by or "0.1.0",
+            )
+            MIGRATIONS[step](txn)
+        if layout != FORMAT:
+            txn.put(_META_FORMAT, str(FORMAT).encode(), db=self._meta)
 
     def _saved_digests(self) -> DigestIndex | None:
         """The digest index saved at the last clean close, if nothing was written since."""
@@ -222,7 +317,7 @@ class LmdbStore(Store):
 
     def _save_digests(self) -> None:
         """At close, under the write lock: keep the digest index for the next open."""
-        index = self._maintained.saved()
+        index = self._digests.saved()
         try:
             with self._env.begin(write=True, db=self._meta) as txn:
                 if index is None:
@@ -250,7 +345,7 @@ class LmdbStore(Store):
     def high_water(self) -> int:
         return self._high_water
 
-    def _full(self, exc: lmdb.Error) -> StorageFullError:
+    def _full_error(self, exc: lmdb.Error) -> StorageFullError:
         """The refusal of a write that found no room: the transaction was
         aborted, so nothing of it is stored and everything before it is."""
         where = "map" if isinstance(exc, lmdb.MapFullError) else "volume"
@@ -351,7 +446,7 @@ class LmdbStore(Store):
         with self._write_lock:
             highest = self._high_water
             changed = False
-            tracking = self._maintained.tracking
+            tracking = self._digests.tracking
             deltas: list[tuple[int, int]] = []  # (key hash, fingerprint change), applied once committed
             try:
                 txn = self._env.begin(write=True)
@@ -385,11 +480,11 @@ class LmdbStore(Store):
                     txn.abort()
                     raise
             except (lmdb.MapFullError, lmdb.DiskError) as exc:
-                raise self._full(exc) from exc
+                raise self._full_error(exc) from exc
             except lmdb.Error as exc:
                 raise StorageError(f"storage: apply failed: {exc}") from exc
             for token, delta in deltas:
-                self._maintained.changed(token, delta)
+                self._digests.changed(token, delta)
         if changed:
             self._high_water = highest
             self._flusher.applied()
@@ -418,9 +513,9 @@ class LmdbStore(Store):
                         gone.append((key, stored))
             except lmdb.Error as exc:
                 raise StorageError(f"storage: discard failed: {exc}") from exc
-            if self._maintained.tracking:  # only once the transaction committed
+            if self._digests.tracking:  # only once the transaction committed
                 for key, stored in gone:
-                    self._maintained.changed(stable_hash(key), record_fingerprint(key, stored))
+                    self._digests.changed(stable_hash(key), record_fingerprint(key, stored))
         if gone:
             self._flusher.applied()
         return len(gone)
@@ -453,7 +548,7 @@ class LmdbStore(Store):
         if limit < 0:
             return 0
         bound = _U64.pack(limit)
-        purged = 0
+        swept = 0  # purged, or (purge False) expired into tombstones
         while True:
             batch = 0
             with self._write_lock:
@@ -481,15 +576,15 @@ class LmdbStore(Store):
                                 dead = Record(version=record.version, value=None, expires_at_ms=record.expires_at_ms)
                                 txn.put(data_key, _encode(dead), db=self._data)
                                 self._index(txn, data_key, dead)
-                            purged += 1
+                            swept += 1
                         batch = len(due)
                 except lmdb.Error as exc:
                     raise StorageError(f"storage: sweep failed: {exc}") from exc
-                if self._maintained.tracking:
+                if self._digests.tracking:
                     for token, delta in deltas:
-                        self._maintained.changed(token, delta)
+                        self._digests.changed(token, delta)
             if batch < LMDB_SWEEP_BATCH:
-                return purged
+                return swept
 
     # -- durability (the policy thread lives in app.storage.flusher) ---------------
 
@@ -509,7 +604,7 @@ class LmdbStore(Store):
         if self._closing:
             return
         self._closing = True
-        self._maintained.close()
+        self._digests.close()
         self._flusher.close()
         # The write lock is held until the environment is closed, so no write
         # can land after the digest index was saved.

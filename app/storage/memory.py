@@ -24,7 +24,7 @@ class MemoryStore(Store):
         # sweep is what takes them out, as in the durable engine.
         self._live = 0
         self._high_water = 0
-        self._maintained = self._digests = MaintainedDigests(
+        self._digests: MaintainedDigests = MaintainedDigests(
             lock=self._lock, snapshot=self._snapshot, parts=DIGEST_SUBARCS, name="memory"
         )
 
@@ -39,9 +39,9 @@ class MemoryStore(Store):
             self._records[key] = record
             self._high_water = max(self._high_water, record.version.hlc)
             self._live += (record.value is not None) - (stored is not None and stored.value is not None)
-            if self._maintained.tracking:
+            if self._digests.tracking:
                 old = 0 if stored is None else record_fingerprint(key, stored)
-                self._maintained.changed(stable_hash(key), old ^ record_fingerprint(key, record))
+                self._digests.changed(stable_hash(key), old ^ record_fingerprint(key, record))
             return ApplyResult(applied=True, previous=stored)
 
     def discard(self, key: bytes, version: Version) -> bool:
@@ -51,8 +51,8 @@ class MemoryStore(Store):
                 return False  # a newer write arrived since the caller read it: keep it
             del self._records[key]
             self._live -= record.value is not None
-            if self._maintained.tracking:
-                self._maintained.changed(stable_hash(key), record_fingerprint(key, record))
+            if self._digests.tracking:
+                self._digests.changed(stable_hash(key), record_fingerprint(key, record))
             return True
 
     def live_count(self) -> int:
@@ -82,15 +82,15 @@ class MemoryStore(Store):
             ]
             for key in doomed:
                 record = self._records.pop(key)
-                if self._maintained.tracking:  # expiry keeps the version, so only a purge changes a digest
-                    self._maintained.changed(stable_hash(key), record_fingerprint(key, record))
+                if self._digests.tracking:  # expiry keeps the version, so only a purge changes a digest
+                    self._digests.changed(stable_hash(key), record_fingerprint(key, record))
             return len(expired) + len(doomed)
 
     def _snapshot(self) -> _MemorySnapshot:
         return _MemorySnapshot(list(self._records.items()))
 
     def close(self) -> None:
-        self._maintained.close()
+        self._digests.close()
         with self._lock:
             self._records.clear()
             self._live = 0

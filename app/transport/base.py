@@ -9,7 +9,7 @@ most one internal hop. Imports storage types only; no network library.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -100,7 +100,8 @@ def record_from_headers(headers: Mapping[str, str], body: bytes) -> Record:
 
 
 class PeerClient(abc.ABC):
-    """Calls the replica routes of other nodes.
+    """Calls the replica routes of other nodes. Every request carries this
+    build's protocol header, and every answer's is reported to protocol_sink.
 
     Failing to get an answer (refused, reset, timed out, or a 503) raises
     app.errors.PeerUnavailableError naming the peer; an answer that refuses
@@ -154,6 +155,14 @@ class PeerClient(abc.ABC):
     @abc.abstractmethod
     async def wall_clock(self, peer: Peer) -> int:
         """The peer's wall clock in ms, as it answers (clock offset measurement)."""
+
+    # Where the client reports the protocol header (app.transport.protocol) of
+    # each answer a peer gives: (node id, header value or None). Set by the node.
+    protocol_sink: Callable[[str, str | None], None] | None = None
+
+    def on_protocol(self, sink: Callable[[str, str | None], None]) -> None:
+        """Report every peer answer's protocol header to sink (app.cluster.capabilities)."""
+        self.protocol_sink = sink
 
     def forget(self, peer: Peer) -> None:  # noqa: B027 - fakes hold nothing
         """The peer left the membership: drop its pooled connections. A later

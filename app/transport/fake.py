@@ -13,6 +13,9 @@ from app.clock import wall_ms
 from app.errors import DigestsBuildingError, NotComparableError, PeerRefusedError, PeerUnavailableError
 from app.storage.base import Record
 from app.transport.base import Peer, PeerClient, ReadAnswer, WriteAck
+from app.transport.protocol import OWN
+
+OWN_HEADER = OWN.render()
 
 
 class ReplicaSide(Protocol):
@@ -34,11 +37,15 @@ class InProcessPeerClient(PeerClient):
         self.hung: set[str] = set()  # accept calls and never answer (a blackholed peer): callers must time out or hedge
         self.walls: dict[str, Callable[[], int]] = {}  # a node's wall clock, if not the real one (skew tests)
         self.calls: list[tuple[str, str]] = []  # (node_id, operation), for assertions
+        # node_id -> the protocol header its answers carry, if not this build's (None: none, as 0.1.0)
+        self.protocols: dict[str, str | None] = {}
 
     def _target(self, peer: Peer, operation: str) -> ReplicaSide:
         self.calls.append((peer.node_id, operation))
         if peer.node_id in self.unreachable or peer.node_id not in self.replicas:
             raise PeerUnavailableError(f"peer {peer} unreachable: injected fault", peer=peer.node_id)
+        if self.protocol_sink is not None:
+            self.protocol_sink(peer.node_id, self.protocols.get(peer.node_id, OWN_HEADER))
         return self.replicas[peer.node_id]
 
     async def read(self, peer: Peer, key: bytes) -> ReadAnswer:

@@ -1,12 +1,14 @@
 """The real peer client: single-key reads and writes over a lean keep-alive
-pool per peer (app.transport.wire), coalesced per event-loop iteration
+pool per peer (app.transport.pool), coalesced per event-loop iteration
 (app.coalesce); everything else over one aiohttp session.
 
 Node-to-node calls are the hot path: httpx measured ~4 ms of CPU per request
 here under concurrency, aiohttp ~120 us, the lean pool ~30 us (BENCHMARKS.md).
 aiohttp stays for bulk transfers and probes, where its generality is worth
-its cost. Foreign errors and unexpected statuses are translated here, into
-the PeerError kinds: only network errors, timeouts and a peer's own 503 make
+its cost. Every request carries the protocol header (app.transport.protocol)
+and every answer's is reported to the node (PeerClient.protocol_sink).
+Foreign errors and unexpected statuses are translated here, into the
+PeerError kinds: only network errors, timeouts and a peer's own 503 make
 it unavailable (app.errors draws the tree); a failed TLS handshake is
 PeerTLSError, a kind of unavailable that says why.
 
@@ -66,8 +68,9 @@ from app.transport.base import (
     record_from_headers,
     record_headers,
 )
+from app.transport.pool import PeerPool
+from app.transport.protocol import OWN, PROTOCOL_HEADER
 from app.transport.tls import TlsMaterial
-from app.transport.wire import PeerPool
 
 Write = tuple[bytes, Record, "str | None"]  # key, record, hint_for
 T = TypeVar("T")
@@ -139,9 +142,15 @@ class HttpPeerClient(PeerClient):
         )
         if tls is not None:
             tls.on_rotate(self.cycle_connections)
-        # Every internal request carries the token (when set) and names its
-        # sender, so the peer learns this node is up from the request itself.
-        self._token_headers = ({TOKEN_HEADER: token} if token else {}) | ({FROM_HEADER: self_id} if self_id else {})
+        # Every internal request carries the token (when set), names its
+        # sender, so the peer learns this node is up from the request itself,
+        # and says what it speaks (app.transport.protocol).
+        self._token_headers = (
+            ({TOKEN_HEADER: token} if token else {})
+            | ({FROM_HEADER: self_id} if self_id else {})
+            | {PROTOCOL_HEADER: OWN.render()}
+        )
+        self._probe_headers = {PROTOCOL_HEADER: OWN.render()}
         self._bulk_timeout = aiohttp.ClientTimeout(total=max(BULK_TIMEOUT_S, timeout_s))
         self._token_line = "".join(f"{name}: {value}\r\n" for name, value in self._token_headers.items()).encode()
         self._timeout_s = timeout_s
@@ -292,9 +301,17 @@ class HttpPeerClient(PeerClient):
         self, peer: Peer, pool: PeerPool, method: bytes, path: str, headers: bytes, body: bytes, what: str
     ) -> tuple[int, dict[str, str], bytes]:
         try:
-            return await pool.request(method, path, headers=headers, body=body)
+            answer = await pool.request(method, path, headers=headers, body=body)
         except _FAILURES as exc:  # a try, not _call(): this is the hot path, and a context manager costs ~2 us
             raise _unreachable(peer, what, exc) from exc
+        self._heard(peer, answer[0], answer[1])
+        return answer
+
+    def _heard(self, peer: Peer, status: int, headers: Mapping[str, str]) -> None:
+        """An answer came: report its protocol header (only a route's own
+        answer, 200 or 404, is sure to be the node's and not a proxy's)."""
+        if self.protocol_sink is not None and status in (200, 404):
+            self.protocol_sink(peer.node_id, headers.get(PROTOCOL_HEADER))
 
     async def _read_aiohttp(self, peer: Peer, key: bytes) -> ReadAnswer:
         async with (
@@ -302,6 +319,7 @@ class HttpPeerClient(PeerClient):
             self._session.get(self._url(peer, key), headers=self._token_headers, ssl=self._ssl()) as resp,
         ):
             body = await resp.read()
+            self._heard(peer, resp.status, resp.headers)
             syncing = resp.headers.get(SYNCING_HEADER) == "1"
             if resp.status == 404:
                 return ReadAnswer(None, authoritative=not syncing)
@@ -316,6 +334,7 @@ class HttpPeerClient(PeerClient):
             self._session.put(self._url(peer, key), data=record.value or b"", headers=headers, ssl=self._ssl()) as resp,
         ):
             _expect(resp.status, await resp.read(), peer, "write")
+            self._heard(peer, resp.status, resp.headers)
             return _decoded(lambda: _ack_from_headers(resp.headers), peer)
 
     async def _post(
@@ -329,6 +348,7 @@ class HttpPeerClient(PeerClient):
         ):
             data = await resp.read()
             _expect(resp.status, data, peer, what)
+            self._heard(peer, resp.status, resp.headers)
             return data
 
     async def write_batch(self, peer: Peer, records: list[tuple[bytes, Record]]) -> int:
@@ -369,6 +389,7 @@ class HttpPeerClient(PeerClient):
         ):
             body = await resp.read()
             _expect(resp.status, body, peer, "clock probe")
+            self._heard(peer, resp.status, resp.headers)
             return _decoded(lambda: int(orjson.loads(body)["wall_ms"]), peer)
 
     async def set_membership(self, peer: Peer, members: dict[str, str]) -> None:
@@ -378,9 +399,10 @@ class HttpPeerClient(PeerClient):
         try:
             timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
             async with self._session.get(
-                URL(peer.url + "/health", encoded=True), timeout=timeout, ssl=self._ssl()
+                URL(peer.url + "/health", encoded=True), headers=self._probe_headers, timeout=timeout, ssl=self._ssl()
             ) as resp:
                 await resp.read()
+                self._heard(peer, resp.status, resp.headers)
                 return resp.status == 200
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             if _tls_failure(exc) is not None:

@@ -2,9 +2,9 @@
 tls.crt / tls.key / ca.crt), the server and client SSLContexts built from
 them, and their rotation without a restart.
 
-Built once by the CLI (app.cli run_node) from app.config's TlsConfig; uvicorn
+Built once by app.web.server from app.config's TlsConfig; uvicorn
 serves with `server_context`, the peer client (app.transport.http and its
-pool, app.transport.wire) connects with `client_context()`. Imports only the
+pool, app.transport.pool) connects with `client_context()`. Imports only the
 standard library and app.config; no network library.
 
 Rotation: `reload()` (every --tls-reload-interval, from `watch()`) hashes the

@@ -1,7 +1,7 @@
 """The composition root: create_app(config) returns the ASGI application
 uvicorn serves: the data plane (app.web.dataplane) in front of a FastAPI
 application for the ops and admin routes and the docs. The node itself is
-opened in the lifespan, with the HTTP peer client and the discovery source
+opened in the lifespan, with the HTTP peer client and the membership source
 the config names, and put in the slot both halves read.
 """
 
@@ -9,29 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
 from app.access import AuthFile
 from app.cluster.node import Node
 from app.config import NodeConfig
-from app.discovery.base import DiscoverySource
-from app.discovery.static import StaticDiscovery
 from app.errors import KvstoreError
+from app.membership.base import MembershipSource
+from app.membership.static import StaticMembership
 from app.metrics import NodeMetrics
 from app.storage import check_data_dir
 from app.transport.http import HttpPeerClient
 from app.transport.tls import TlsMaterial
 from app.web import access
 from app.web.dataplane import DataPlane
-from app.web.errors import headers_for, status_for
+from app.web.errors import error_body, headers_for, status_for
 from app.web.openapi import merge_raw_routes
 from app.web.routes_admin import router as admin_router
 from app.web.routes_backup import router as backup_router
@@ -45,7 +45,7 @@ def create_app(config: NodeConfig, *, metrics: NodeMetrics | None = None, tls: T
     # Settings that cannot work fail here, before the server starts: one ConfigError line
     # from the CLI, not a lifespan traceback (and no peer client left open behind it).
     check_data_dir(config)
-    source = discovery_source(config)
+    source = membership_source(config)
     slot = NodeSlot()
     metrics = metrics or NodeMetrics()
     auth_file = None if config.auth_file is None else AuthFile(config.auth_file, on_reload=metrics.count_auth_reload)
@@ -104,35 +104,40 @@ def create_app(config: NodeConfig, *, metrics: NodeMetrics | None = None, tls: T
     )
 
 
-def discovery_source(config: NodeConfig) -> DiscoverySource:
+def membership_source(config: NodeConfig) -> MembershipSource:
     if config.membership == "kubernetes":
-        from app.discovery.kubernetes import KubernetesDiscovery  # the kubernetes client loads only when used
+        from app.membership.kubernetes import KubernetesMembership  # the kubernetes client loads only when used
 
-        return KubernetesDiscovery.from_config(config)
-    return StaticDiscovery(config.peers)
+        return KubernetesMembership.from_config(config)
+    return StaticMembership(config.peers)
 
 
 def _install_error_handlers(api: FastAPI) -> None:
     """Every error a FastAPI route raises answers {"error": ...}, like the data plane."""
 
     @api.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
-        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+        return _error_response(message, exc.status_code, exc.headers)
 
     @api.exception_handler(KvstoreError)
-    async def app_error(request: Request, exc: KvstoreError) -> JSONResponse:
+    async def app_error(request: Request, exc: KvstoreError) -> Response:
         status = status_for(exc)
-        return JSONResponse({"error": str(exc)}, status_code=status, headers=headers_for(exc, status))
+        return _error_response(str(exc), status, headers_for(exc, status))
 
     @api.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return JSONResponse({"error": f"invalid request: {problems}"}, status_code=422)
+        return _error_response(f"invalid request: {problems}", 422)
+
+
+def _error_response(message: str, status: int, headers: Mapping[str, str] | None = None) -> Response:
+    """An error answer with the data plane's body (app.web.errors.error_body)."""
+    return Response(error_body(message), status_code=status, headers=headers, media_type="application/json")
 
 
 def _install_openapi(api: FastAPI) -> None:

@@ -56,10 +56,13 @@ class Reply:
         self.content_type = content_type
         self.headers = headers
 
-    async def send(self, send: Send, *, head: bool = False) -> None:
+    async def send(self, send: Send, *, head: bool = False, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+        """extra: headers added to this answer only (the data plane's protocol header on internal routes)."""
         headers = [(b"content-type", self.content_type), (b"content-length", str(len(self.body)).encode())]
         if self.headers:
             headers.extend(self.headers)
+        if extra:
+            headers.extend(extra)
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if head else self.body})
 
@@ -109,7 +112,7 @@ def verify_cluster_token(sent: bytes | None, token: bytes | None) -> None:
 def check_peer_certificate(scope: Scope) -> None:
     """Under --peer-tls, internal routes need a connection that presented a
     client certificate. The handshake already verified it against the CA (a
-    foreign one fails there); the serving protocol (app.cli) puts it in the
+    foreign one fails there); the serving protocol (app.web.server) puts it in the
     ASGI TLS extension, scope["extensions"]["tls"]["client_cert_chain"]."""
     tls = (scope.get("extensions") or {}).get("tls") or {}
     if not tls.get("client_cert_chain"):

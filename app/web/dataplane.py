@@ -10,7 +10,10 @@ routes, lifespan) falls through to FastAPI. The raw routes still appear in
 Here, once for every request: the user (app.web.access; open routes and
 node-to-node routes excepted), then for every raw route the node from the
 slot, the cluster token on internal routes, errors turned into answers
-(app.web.asgi), request metrics.
+(app.web.asgi), request metrics; and the protocol header
+(app.transport.protocol): read from every internal request into the node's
+capabilities, added to every internal answer and to /health's (which peers'
+probes read).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from app.transport.base import (
     SYNCING_PATH,
     WRITES_PATH,
 )
+from app.transport.protocol import OWN, PROTOCOL_HEADER
 from app.web import routes_data
 from app.web.access import USER, Guard, is_open
 from app.web.asgi import (
@@ -59,8 +63,10 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Node, Scope, Receive, str], Awaitable[Reply]]
 FROM_HEADER_BYTES = FROM_HEADER.encode()
+PROTOCOL_HEADER_BYTES = PROTOCOL_HEADER.encode()
+PROTOCOL_LINE = [(PROTOCOL_HEADER_BYTES, OWN.render().encode())]  # on every internal answer and /health's
 INTERNAL = "internal"  # the op of node-to-node routes: token-checked, not counted as client requests
-OK_HEALTH = Reply(200, b"OK", TEXT)
+OK_HEALTH = Reply(200, b"OK", TEXT, headers=PROTOCOL_LINE)
 HEALTH_METHODS = MethodNotAllowedError("/health answers GET (and HEAD) only", allowed=("GET",))
 
 
@@ -132,7 +138,10 @@ class DataPlane:
                     guard.check_internal(scope)
                 sender = header(scope, FROM_HEADER_BYTES)
                 if sender is not None:
-                    node.health.heard_from(sender.decode("latin-1"))
+                    node_id = sender.decode("latin-1")
+                    protocol = header(scope, PROTOCOL_HEADER_BYTES)
+                    node.capabilities.observe(node_id, None if protocol is None else protocol.decode("latin-1"))
+                    node.health.heard_from(node_id)
             else:
                 scope[USER] = EVERYONE if guard is None else guard.authenticate(scope)
             reply = await handler(node, scope, receive, method)
@@ -145,9 +154,10 @@ class DataPlane:
         except Exception:
             log.exception("unexpected error serving %s %s", method, path)
             reply = json_error(500, "internal error; see the node's log")
+        if op is INTERNAL:
+            return await reply.send(send, head=head, extra=PROTOCOL_LINE)
         await reply.send(send, head=head)
-        if op is not INTERNAL:
-            self._observe(op, reply.status, time.perf_counter() - started)
+        self._observe(op, reply.status, time.perf_counter() - started)
 
     async def _fall_back(self, scope: Scope, receive: Receive, send: Send, *, path: str, head: bool) -> None:
         """Every other route, FastAPI's: authenticated here (admin routes need

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.cluster.coordinator import Consistency
 from app.transport.base import (
     BATCH_PATH,
     CLOCK_PATH,
@@ -37,7 +38,7 @@ _CONSISTENCY = {
     "name": "consistency",
     "in": "query",
     "required": False,
-    "schema": {"type": "string", "enum": ["one", "quorum", "all"], "default": "quorum"},
+    "schema": {"type": "string", "enum": [str(level) for level in Consistency], "default": str(Consistency.QUORUM)},
 }
 _TTL = {
     "name": "ttl",

@@ -1,6 +1,6 @@
 """The backup and restore routes, under /admin/ and behind require_admin
-(`kvstore backup` and `kvstore restore` call them; app.cli_backup). Thin:
-GET /admin/backup streams app.backup_format frames built from
+(`kvstore backup` and `kvstore restore` call them; app.cli.backup). Thin:
+GET /admin/backup streams app.storage.backup_format frames built from
 app.cluster.backup's batches, one batch at a time (uvicorn's send waits
 while the client is slow: that is the back-pressure); POST /admin/restore
 takes one verified chunk frame and writes it through app.cluster.restore.
@@ -17,7 +17,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from app import __version__
-from app.backup_format import (
+from app.cluster.backup import DEFAULT_PACE, BackupSource
+from app.cluster.context import ClusterContext
+from app.cluster.node import Node
+from app.cluster.restore import RestoreWriter
+from app.errors import BackupFormatError, KvstoreError, ValueTooLargeError
+from app.storage.backup_format import (
     COMPRESSIONS,
     DEFAULT_COMPRESSION,
     MAX_CHUNK_BYTES,
@@ -25,11 +30,6 @@ from app.backup_format import (
     error_frame,
     parse_chunk_frame,
 )
-from app.cluster.backup import DEFAULT_PACE, BackupSource
-from app.cluster.context import ClusterContext
-from app.cluster.node import Node
-from app.cluster.restore import RestoreWriter
-from app.errors import BackupFormatError, KvstoreError, ValueTooLargeError
 from app.storage.base import Record
 from app.web.routes_admin import require_admin
 from app.web.slot import node_of

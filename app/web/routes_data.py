@@ -13,6 +13,7 @@ import orjson
 
 from app.access import Permission
 from app.clock import Version
+from app.cluster.coordinator import Consistency
 from app.cluster.node import Node
 from app.errors import InvalidRequestError
 from app.web.access import require_key
@@ -34,7 +35,7 @@ async def json_get(node: Node, scope: Scope, receive: Receive, method: str) -> R
     query = parse_query(scope["query_string"])
     key = key_from_query(query)
     require_key(scope, Permission.READ, key)
-    record = await node.coordinator.get(key, consistency=query.get("consistency", "quorum"))
+    record = await node.coordinator.get(key, consistency=query.get("consistency", Consistency.QUORUM))
     if record is None or record.value is None:
         return json_error(404, "key not found", key=key.decode())
     try:
@@ -65,7 +66,7 @@ async def json_put(node: Node, scope: Scope, receive: Receive, method: str) -> R
     check_value_size(value_bytes, limit)
     require_key(scope, Permission.WRITE, key_bytes)
     version = await node.coordinator.put(
-        key_bytes, value_bytes, ttl_s=ttl_from(doc.get("ttl")), consistency=query.get("consistency", "quorum")
+        key_bytes, value_bytes, ttl_s=ttl_from(doc.get("ttl")), consistency=query.get("consistency", Consistency.QUORUM)
     )
     return Reply(200, orjson.dumps({"key": key, "status": "stored", "version": version.encode()}))
 
@@ -75,7 +76,7 @@ async def json_delete(node: Node, scope: Scope, receive: Receive, method: str) -
     query = parse_query(scope["query_string"])
     key = key_from_query(query)
     require_key(scope, Permission.WRITE, key)
-    existed = await node.coordinator.delete(key, consistency=query.get("consistency", "quorum"))
+    existed = await node.coordinator.delete(key, consistency=query.get("consistency", Consistency.QUORUM))
     if not existed:
         return json_error(404, "key not found", key=key.decode())
     return Reply(200, orjson.dumps({"key": key.decode(), "status": "deleted"}))
@@ -85,7 +86,7 @@ async def rest(node: Node, scope: Scope, receive: Receive, method: str) -> Reply
     allow(method, "/kv/{key}", ("GET", "HEAD", "PUT", "DELETE"))
     key = key_from_path(raw_path_after(scope, REST_PREFIX_BYTES))
     query = parse_query(scope["query_string"])
-    consistency = query.get("consistency", "quorum")
+    consistency = query.get("consistency", Consistency.QUORUM)
     coordinator = node.coordinator
     require_key(scope, Permission.READ if method in ("GET", "HEAD") else Permission.WRITE, key)
     if method == "PUT":

@@ -36,13 +36,16 @@ def readiness(slot: NodeSlot) -> tuple[int, dict[str, str]]:
 @router.get("/ring", summary="This node's view of the ring: members, reachability, key-space shares")
 async def ring(request: Request) -> dict[str, object]:
     node = node_of(request)
+    source = node.membership_source
     view = node.topology.current
     shares = view.ring.shares()
     replica_shares = view.ring.shares(node.config.replication_factor)
     now = time.monotonic()
     members = []
+    capabilities = node.capabilities
     for node_id, peer in sorted(view.peers.items()):
-        state = node.health.snapshot(node_id)
+        state = node.health.state(node_id)
+        protocol = capabilities.peer(node_id)
         is_self = node_id == node.config.node_id
         members.append(
             {
@@ -55,18 +58,33 @@ async def ring(request: Request) -> dict[str, object]:
                 "outstanding_requests": None if is_self else state.outstanding,
                 "latency_ms": None if is_self else round(state.latency_s * 1000, 3),
                 "clock_offset_ms": None if is_self else _rounded(node.offsets.offset_ms(node_id)),
+                # What it runs and speaks, as last heard (None: not heard from since it was last away).
+                "version": None if protocol is None else protocol.release,
+                "protocol": None if protocol is None else protocol.protocol,
+                "capabilities": None if protocol is None else sorted(protocol.capabilities),
+                "incompatible": capabilities.incompatibility(node_id),
                 "share": round(shares[node_id], 6),
                 "replica_share": round(replica_shares[node_id], 6),
             }
         )
+    own = capabilities.own
     return {
         "node_id": node.config.node_id,
+        "version": own.release,
+        "protocol": {"version": own.protocol, "min": own.min_protocol, "capabilities": sorted(own.capabilities)},
+        # What the whole ring may use: the oldest protocol among the members and the
+        # capabilities every one supports; `waiting_for` names members not heard from yet.
+        "cluster": {
+            "protocol": capabilities.cluster_protocol(),
+            "capabilities": sorted(capabilities.cluster_capabilities()),
+            "waiting_for": capabilities.unknown_members(),
+        },
         "syncing": node.handoff.status.syncing,
         "epoch": view.epoch,
         "vnodes": view.ring.vnodes,
         "replication_factor": min(node.config.replication_factor, len(view.ring)),
         "clock": {"max_offset_ms": node.offsets.max_offset_ms, "refusal": node.offsets.refusal()},
-        "membership_source": node.source.status() | {"staleness_s": round(node.source.staleness_s(), 3)},
+        "membership_source": source.status() | {"staleness_s": round(source.staleness_s(), 3)},
         "members": members,
     }
 

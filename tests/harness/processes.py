@@ -4,7 +4,7 @@ always reap; optionally with a skewed wall clock (libfaketime), and
 optionally over TLS (`TlsMode`: https URLs, each node's certificate flags,
 the client context the readiness polls verify with).
 
-Built on `kvstore cluster`'s code in app/cli.py: the node flags
+Built on `kvstore cluster`'s code in app/local_cluster.py: the node flags
 (`cluster_node_args`), the readiness wait (`wait_until_ready`) and the
 process-group stop (`stop_all`). Used by tests/integration (through its
 conftest's `make_cluster`), tests/k8s/test_discovery.py and bench/ (which adds
@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.cli import cluster_node_args, stop_all, wait_until_ready
+from app.local_cluster import cluster_node_args, stop_all, wait_until_ready
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 20.0  # a node imports FastAPI and builds its ring in a few seconds; a loaded CI box, more
@@ -119,7 +119,10 @@ class NodeProcess:
     `launcher` goes before the interpreter (a bench pins nodes to a core with
     `taskset -c N`, which execs: the pid stays the node's); `cwd` and `env`
     apply at every start (`env` is added to this process's environment: a
-    skewed clock, say).
+    skewed clock, say). `python` runs the node (default: this interpreter);
+    with `cwd` at another release's tree and its venv's interpreter, the node
+    runs that release (tests/harness/releases.py); both may change between
+    starts, as an upgrade does.
     """
 
     def __init__(
@@ -145,6 +148,7 @@ class NodeProcess:
         self.env = dict(env or {})
         self.launcher = list(launcher)
         self.cwd = cwd
+        self.python = sys.executable
         self.log_path = log_dir / f"{node_id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -165,7 +169,7 @@ class NodeProcess:
     def command(self) -> list[str]:
         node_args = cluster_node_args(node_id=self.node_id, listen=f"{self.host}:{self.port}", peers=self.peers)
         tls_args = self.tls.node_args(self.node_id) if self.tls else []
-        return [*self.launcher, sys.executable, "-m", "app", "node", *node_args, *tls_args, *self.args]
+        return [*self.launcher, self.python, "-m", "app", "node", *node_args, *tls_args, *self.args]
 
     def start(self) -> NodeProcess:
         assert self.proc is None or self.proc.poll() is not None, "already running"

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import httpx
 
-from app.backup_format import MAGIC
+from app.storage.backup_format import MAGIC
 from tests.harness.processes import Cluster
 from tests.integration.history import Load, Op, check, observe, record_writes
 

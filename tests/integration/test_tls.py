@@ -21,7 +21,7 @@ import httpx
 import pytest
 from cryptography import x509
 
-from app.cli import ROTATION_GRACE_S
+from app.web.server import ROTATION_GRACE_S
 from tests.harness.certs import Authority, Issued, client_context, node_flags, tls_mode, write_secret
 from tests.harness.processes import Cluster, TlsMode
 from tests.integration.history import Load, check, observe, success_ratio

@@ -23,8 +23,10 @@ HELM_TIMEOUT_S = 60
 Render = Callable[..., list[dict[str, Any]]]
 
 
-def run_helm(helm: Path, args: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=HELM_TIMEOUT_S, check=False)
+def run_helm(helm: Path, args: Sequence[str], *, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(helm), *args], capture_output=True, text=True, timeout=HELM_TIMEOUT_S, check=False, env=env
+    )
 
 
 def template_args(

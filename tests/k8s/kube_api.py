@@ -4,7 +4,9 @@ through plain HTTP like a controller would, with a few scripted faults kmock
 cannot produce by itself (a watch the server ends, 410 Gone mid-stream, the
 API server going away and coming back on the same port).
 
-Used by tests/k8s/test_discovery.py; nothing in app/ imports it.
+Used by tests/k8s/test_discovery.py, test_image.py and, as the cluster `helm`
+looks Secrets up in (declare_kinds: the discovery helm maps kinds through),
+test_chart_auth.py; nothing in app/ imports it.
 """
 
 from __future__ import annotations
@@ -61,6 +63,14 @@ class ScriptedKubernetes(kmock.KubernetesEmulator):
                     }
                 return  # the server ends the stream
             yield event
+
+    async def _serve_version(self, request: Any) -> Any:
+        """kmock names the core group's version "/v1" in its APIResourceList; a real API server
+        says "v1", and client-go's discovery (helm's) finds no core kind otherwise."""
+        payload = await super()._serve_version(request)
+        if isinstance(payload, dict) and payload.get("groupVersion") == "/v1":
+            payload["groupVersion"] = "v1"
+        return payload
 
     async def control_watches(self, *, plural: str, namespace: str, action: str) -> int:
         """Send a control sentinel to every open watch of `plural`; returns how many buses got it."""
@@ -169,6 +179,15 @@ class KubeAPI:
         )
         return path
 
+    def declare_kinds(self, kinds: dict[str, str]) -> None:
+        """Serve discovery for these namespaced resources ("v1/secrets", "apps/v1/statefulsets" ->
+        their Kind), so that a client mapping kinds through discovery (helm) finds them all."""
+        assert self.handler is not None
+        for resource, kind in kinds.items():
+            self.handler.resources[resource] = kmock.ResourceInfo(
+                namespaced=True, kind=kind, singular=kind.lower(), verbs={"get", "list", "create", "patch", "delete"}
+            )
+
     # -- scripted faults ---------------------------------------------------
 
     def end_watches(self, *, plural: str, namespace: str) -> int:
@@ -220,6 +239,10 @@ class KubeAPI:
                 },
             },
         )
+
+    def create_secret(self, doc: dict[str, Any]) -> None:
+        namespace = doc["metadata"]["namespace"]
+        self._request("POST", f"/api/v1/namespaces/{namespace}/secrets", doc)
 
     def scale_statefulset(self, *, namespace: str, name: str, replicas: int) -> None:
         self._request("PATCH", f"{STATEFULSETS.format(ns=namespace)}/{name}", {"spec": {"replicas": replicas}})

@@ -6,12 +6,16 @@ double (kube_api.KubeAPI, plain HTTP) with TLS the way a pod reaches
 kubernetes.default.svc: https on KUBERNETES_SERVICE_HOST/PORT, a CA in the
 mounted ca.crt.
 
+Secret volumes (the users file of access control) are written from the
+Secrets the chart renders into a directory mounted read-only, with the
+volume's items, mode and the pod's fsGroup, as the kubelet projects them.
+
 What a real kubelet does that this does not: pull images, cgroup limits from
-`resources`, probes (the test polls /ready itself and patches the pod's Ready
-condition), the fsGroup chown of the volume (emulated: the data dir is given
-to group fsGroup, setgid, as the kubelet does), DNS (each pod's stable name is
-an --add-host entry), and a network namespace per pod (--network host, each
-pod on its own 127.0.0.x).
+`resources`, probes (the test polls /ready on the ops port itself and patches
+the pod's Ready condition), the fsGroup chown of the volume (emulated: the
+data dir is given to group fsGroup, setgid, as the kubelet does), updates of a
+mounted Secret, DNS (each pod's stable name is an --add-host entry), and a
+network namespace per pod (--network host, each pod on its own 127.0.0.x).
 """
 
 from __future__ import annotations
@@ -167,6 +171,7 @@ class PodTemplate:
     namespace: str
     service: str
     port: int
+    ops_port: int
     labels: dict[str, str]
     replicas: int
     grace_s: int
@@ -177,6 +182,8 @@ class PodTemplate:
     container_security: dict[str, Any]
     mounts: dict[str, str]  # volume name -> mountPath
     automount_token: bool
+    secret_volumes: dict[str, dict[str, Any]]  # volume name -> its `secret` source
+    admin_token: str | None  # the token the chart's helm test pod sends (auth.enabled), else None
     cluster_domain: str = "cluster.local"
 
     @classmethod
@@ -196,11 +203,19 @@ class PodTemplate:
             "0",
         ]
         assert pre_stop[0] == "sleep", pre_stop
+        admin_token = None
+        for doc in docs:  # the helm test pod, when rendered, names the client's token
+            if doc.get("kind") == "Pod":
+                for item in doc["spec"]["containers"][0].get("env") or []:
+                    if item["name"] == "KVSTORE_TOKEN":
+                        ref = item["valueFrom"]["secretKeyRef"]
+                        admin_token = secrets[ref["name"], ref["key"]]
         return cls(
             statefulset=sts["metadata"]["name"],
             namespace=sts["metadata"]["namespace"],
             service=sts["spec"]["serviceName"],
             port=next(p["containerPort"] for p in container["ports"] if p["name"] == "http"),
+            ops_port=next(p["containerPort"] for p in container["ports"] if p["name"] == "ops"),
             labels=dict(sts["spec"]["selector"]["matchLabels"]),
             replicas=sts["spec"]["replicas"],
             grace_s=pod["terminationGracePeriodSeconds"],
@@ -211,6 +226,8 @@ class PodTemplate:
             container_security=dict(container.get("securityContext") or {}),
             mounts={m["name"]: m["mountPath"] for m in container.get("volumeMounts") or []},
             automount_token=bool(pod.get("automountServiceAccountToken", True)),
+            secret_volumes={v["name"]: v["secret"] for v in pod.get("volumes") or [] if "secret" in v},
+            admin_token=admin_token,
             cluster_domain=domain,
         )
 
@@ -268,12 +285,18 @@ class Pod:
     container: str
     host: str
     port: int
-    token: str
+    ops_port: int
+    token: str  # the cluster token
     data_dir: Path
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def ops_url(self) -> str:
+        """The ops listener (/health, /ready, /metrics; plain HTTP): what the chart's probes ask."""
+        return f"http://{self.host}:{self.ops_port}"
 
     def running(self) -> bool:
         proc = podman("inspect", "--format", "{{.State.Running}}", self.container, check=False)
@@ -318,6 +341,23 @@ class Kubelet:
             path.chmod(0o755)
         return path
 
+    def secret_volume(self, name: str, tag: str) -> Path:
+        """A Secret volume as the kubelet projects it: each item (or every key) of the
+        chart-rendered Secret as a file, the volume's defaultMode, group fsGroup."""
+        source = self.template.secret_volumes[name]
+        data = {key: value for (secret, key), value in self.template.secrets.items() if secret == source["secretName"]}
+        assert data, f"volume {name}: Secret {source['secretName']} is not rendered by the chart (an existing one?)"
+        items = source.get("items") or [{"key": key, "path": key} for key in data]
+        path = self.workdir / "volumes" / f"{name}-{tag}"
+        path.mkdir(parents=True, exist_ok=True)
+        gid = self.template.pod_security.get("fsGroup", 0)
+        for item in items:
+            target = path / item["path"]
+            target.write_text(data[item["key"]])
+            os.chown(target, 0, gid)
+            target.chmod(item.get("mode", source.get("defaultMode", 0o644)))
+        return path
+
     def run(
         self,
         ordinal: int,
@@ -332,9 +372,9 @@ class Kubelet:
         host = self.hosts[ordinal]
         container = f"{self.prefix}-{name}{tag}"
         env = t.env_for(name)
-        env["KVSTORE_LISTEN"] = (
-            f"{host}:{t.port}"  # the pod's IP; the chart's 0.0.0.0 would collide under --network host
-        )
+        # The pod's IP; the chart's 0.0.0.0 would collide under --network host.
+        env["KVSTORE_LISTEN"] = f"{host}:{t.port}"
+        env["KVSTORE_OPS_LISTEN"] = f"{host}:{t.ops_port}"
         if self.api_host is not None:
             env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"] = self.api_host, str(self.api_port)
         env.update(extra_env or {})
@@ -359,6 +399,10 @@ class Kubelet:
             "--volume",
             f"{tmp}:{t.mounts['tmp']}",
         ]
+        for volume_name in t.secret_volumes:
+            if volume_name in t.mounts:
+                source = self.secret_volume(volume_name, container)
+                args += ["--volume", f"{source}:{t.mounts[volume_name]}:ro"]
         if (t.automount_token if mount_token is None else mount_token) and self.service_account is not None:
             args += ["--volume", f"{self.service_account}:{SERVICE_ACCOUNT_DIR}:ro"]
         for other, address in self.hosts.items():
@@ -368,7 +412,13 @@ class Kubelet:
         self.containers.append(container)
         podman(*args, self.image)
         return Pod(
-            name=name, container=container, host=host, port=t.port, token=env["KVSTORE_CLUSTER_TOKEN"], data_dir=data
+            name=name,
+            container=container,
+            host=host,
+            port=t.port,
+            ops_port=t.ops_port,
+            token=env["KVSTORE_CLUSTER_TOKEN"],
+            data_dir=data,
         )
 
     def stop_like_kubelet(self, pod: Pod) -> tuple[int, float]:

@@ -16,6 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from app import __version__
 from app.config import NODE_OPTIONS
 from tests.k8s.chart import CHART, CHART_CI_VALUES, KUBE_VERSION, NAMESPACE, RELEASE, Render, run_helm, template_args
 
@@ -28,6 +29,7 @@ CHART_ENV = frozenset(
         "KVSTORE_NODE_ID",
         "KVSTORE_NAMESPACE",
         "KVSTORE_LISTEN",
+        "KVSTORE_OPS_LISTEN",
         "KVSTORE_DATA_DIR",
         "KVSTORE_DRAIN_DEADLINE",
         "KVSTORE_MEMBERSHIP",
@@ -36,6 +38,7 @@ CHART_ENV = frozenset(
         "KVSTORE_CLUSTER_DOMAIN",
         "KVSTORE_REPLICATION_FACTOR",
         "KVSTORE_CLUSTER_TOKEN",
+        "KVSTORE_AUTH_FILE",
         "KVSTORE_FSYNC",
         "KVSTORE_LOG_LEVEL",
         "KVSTORE_MAP_SIZE",
@@ -64,6 +67,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "api_versions": [MONITORING_API],
     },
     "alerts-without-monitoring-api": {"set_values": ["metrics.prometheusRule.enabled=true"]},
+    "auth-off": {"set_values": ["auth.enabled=false"]},
 }
 
 
@@ -235,18 +239,19 @@ def test_every_rendered_manifest_is_valid_kubernetes(render: Render, scenario: s
 def test_one_resource_per_template_named_by_kind(helm: Path) -> None:
     """Judged on what helm renders (each document names its template in a
     `# Source:` line), with every optional resource switched on."""
-    expected = {
-        "StatefulSet": "statefulset.yaml",
-        "Service": "service.yaml",
-        "ServiceAccount": "serviceaccount.yaml",
-        "Role": "role.yaml",
-        "RoleBinding": "rolebinding.yaml",
-        "PodDisruptionBudget": "poddisruptionbudget.yaml",
-        "Secret": "secret.yaml",
-        "ServiceMonitor": "servicemonitor.yaml",
-        "NetworkPolicy": "networkpolicy.yaml",
-        "PrometheusRule": "prometheusrule.yaml",
-        "ConfigMap": "configmap-dashboards.yaml",
+    expected = {  # template -> the kind it renders
+        "statefulset.yaml": "StatefulSet",
+        "service.yaml": "Service",
+        "serviceaccount.yaml": "ServiceAccount",
+        "role.yaml": "Role",
+        "rolebinding.yaml": "RoleBinding",
+        "poddisruptionbudget.yaml": "PodDisruptionBudget",
+        "secret.yaml": "Secret",
+        "secret-auth.yaml": "Secret",  # the users file and the admin token
+        "servicemonitor.yaml": "ServiceMonitor",
+        "networkpolicy.yaml": "NetworkPolicy",
+        "prometheusrule.yaml": "PrometheusRule",
+        "configmap-dashboards.yaml": "ConfigMap",
     }
     proc = run_helm(helm, template_args(**SCENARIOS["full"]))
     assert proc.returncode == 0, proc.stderr
@@ -261,7 +266,7 @@ def test_one_resource_per_template_named_by_kind(helm: Path) -> None:
     for template, kinds in kinds_by_template.items():
         assert len(kinds) == 1, f"{template} renders more than one resource: {kinds}"
     rendered = {template: kinds[0] for template, kinds in kinds_by_template.items()}
-    for kind, template in expected.items():
+    for template, kind in expected.items():
         assert rendered.get(template) == kind, f"{template} should render the {kind}, rendered {rendered.get(template)}"
 
 
@@ -284,6 +289,8 @@ def test_kubernetes_validate_catches_a_typo() -> None:
         ({"set_values": ["podAntiAffinityPreset=maybe"]}, "/podAntiAffinityPreset"),
         ({"set_values": ["replicas=3"]}, "replicas"),  # a typo of replicaCount: unknown keys are refused
         ({"set_values": ["persistence.sizee=1Gi"]}, "sizee"),
+        ({"set_values": ["updateStrategy.rollingUpdate.partition=-1"]}, "/updateStrategy/rollingUpdate/partition"),
+        ({"set_values": ["updateStrategy.rollingUpdate.partition=two"]}, "/updateStrategy/rollingUpdate/partition"),
         ({"set_values": ["persistence.mountPath=data"]}, "/persistence/mountPath"),
         ({"set_values": ["service.type=ExternalName"]}, "/service/type"),
         ({"set_values": ["metrics.serviceMonitor.interval=often"]}, "/metrics/serviceMonitor/interval"),
@@ -300,7 +307,11 @@ def test_schema_rejects_bad_values(helm: Path, kwargs: dict[str, Any], complaint
     ("set_values", "complaint"),
     [
         (["replicaCount=2"], "replicationFactor (3) exceeds replicaCount (2)"),
-        (["auth.token=abc", "auth.existingSecret=mine"], "auth.token and auth.existingSecret are both set"),
+        (
+            ["clusterToken.value=abc", "clusterToken.existingSecret=mine"],
+            "clusterToken.value and clusterToken.existingSecret are both set",
+        ),
+        (["opsPort=8080"], "opsPort and containerPort are both 8080"),
         (["pdb.maxUnavailable=3"], "pdb.maxUnavailable (3)"),
         (["serviceAccount.create=false"], "rbac.create is true but serviceAccount.create is false"),
         (["terminationGracePeriodSeconds=10"], "terminationGracePeriodSeconds (10) leaves no time to drain"),
@@ -309,6 +320,16 @@ def test_schema_rejects_bad_values(helm: Path, kwargs: dict[str, Any], complaint
 def test_validate_values_refuses_impossible_combinations(helm: Path, set_values: list[str], complaint: str) -> None:
     stderr = helm_fails(helm, set_values=set_values)
     assert complaint in stderr and "Fix:" in stderr, stderr
+
+
+def test_the_rolling_update_partition_makes_a_canary(render: Render) -> None:
+    """By default every pod is updated; a partition keeps the pods below it on the old template."""
+    assert statefulset(render())["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"partition": 0},
+    }
+    canary = statefulset(render(set_values=["updateStrategy.rollingUpdate.partition=2"]))
+    assert canary["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"partition": 2}}
 
 
 def test_replicas_may_be_scaled_down_to_the_replication_factor(render: Render) -> None:
@@ -332,24 +353,34 @@ def test_statefulset_is_governed_by_the_headless_service(render: Render, scenari
     assert sts["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     for svc in (headless, client):
         assert svc["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
-        assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"]
+    assert [p["targetPort"] for p in client["spec"]["ports"]] == ["http"], "clients get the data port only"
+    assert [p["targetPort"] for p in headless["spec"]["ports"]] == ["http", "ops"], "ops: for the ServiceMonitor"
     assert client["spec"].get("publishNotReadyAddresses") is not True, "clients must reach ready pods only"
     env = env_of(node_container(docs))
     assert env["KVSTORE_HEADLESS_SERVICE"]["value"] == headless["metadata"]["name"]
     assert env["KVSTORE_STATEFULSET"]["value"] == sts["metadata"]["name"]
 
 
-@pytest.mark.parametrize(("scenario", "port"), [("default", 8080), ("full", 9090)])
-def test_probes_hit_health_and_ready_on_the_container_port(render: Render, scenario: str, port: int) -> None:
+@pytest.mark.parametrize(
+    ("scenario", "port", "ops"), [("default", 8080, 8081), ("full", 9090, 9100), ("auth-off", 8080, 8081)]
+)
+def test_probes_hit_health_and_ready_on_the_ops_port(render: Render, scenario: str, port: int, ops: int) -> None:
+    """The kubelet probes the plain-HTTP ops listener, never the data port: there a token
+    (auth) or a client certificate (tls.clientCertAuth) may be required."""
     docs = render(**SCENARIOS[scenario])
     container = node_container(docs)
-    assert container["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
-    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
-    assert container["startupProbe"]["httpGet"] == {"path": "/health", "port": "http"}
-    assert env_of(container)["KVSTORE_LISTEN"]["value"] == f"0.0.0.0:{port}"
+    assert container["ports"] == [
+        {"name": "http", "containerPort": port, "protocol": "TCP"},
+        {"name": "ops", "containerPort": ops, "protocol": "TCP"},
+    ]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "ops"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "ops"}
+    assert container["startupProbe"]["httpGet"] == {"path": "/health", "port": "ops"}
+    env = env_of(container)
+    assert env["KVSTORE_LISTEN"]["value"] == f"0.0.0.0:{port}"
+    assert env["KVSTORE_OPS_LISTEN"]["value"] == f"0.0.0.0:{ops}"
     headless, _ = services(docs)
-    assert headless["spec"]["ports"][0]["port"] == port
+    assert [(p["name"], p["port"]) for p in headless["spec"]["ports"]] == [("http", port), ("ops", ops)]
 
 
 def test_startup_probe_is_optional(render: Render) -> None:
@@ -368,7 +399,7 @@ def test_role_grants_only_get_list_watch_on_three_resources(render: Render) -> N
         for resource in rule["resources"]
     }
     read = frozenset({"get", "list", "watch"})
-    assert granted == {("apps", "statefulsets", read), ("", "pods", read)}  # what app/discovery/kubernetes.py reads
+    assert granted == {("apps", "statefulsets", read), ("", "pods", read)}  # what app/membership/kubernetes.py reads
     assert all(set(rule) == {"apiGroups", "resources", "verbs"} for rule in role["rules"]), (
         "no resourceNames/nonResourceURLs"
     )
@@ -430,7 +461,7 @@ def test_storage_class_and_size(render: Render, kwargs: dict[str, Any], expected
     )
 
 
-@pytest.mark.parametrize("scenario", ["default", "full", "existing-secret"])
+@pytest.mark.parametrize("scenario", ["default", "full", "existing-secret", "auth-off"])
 def test_chart_sets_exactly_the_documented_env(render: Render, scenario: str) -> None:
     env = env_of(node_container(render(**SCENARIOS[scenario])))
     chart_env = {name for name in env if name.startswith("KVSTORE_")}
@@ -438,6 +469,9 @@ def test_chart_sets_exactly_the_documented_env(render: Render, scenario: str) ->
         chart_env -= {"KVSTORE_SYNC_DEADLINE"}  # the user's own, from extraEnv in full-values.yaml
     if scenario == "existing-secret":
         assert chart_env == CHART_ENV - {"KVSTORE_MAP_SIZE"}, "no volume, no mapSize: the app's default"
+        return
+    if scenario == "auth-off":
+        assert chart_env == CHART_ENV - {"KVSTORE_AUTH_FILE"}
         return
     assert chart_env == CHART_ENV
 
@@ -461,10 +495,9 @@ def test_env_values_come_from_the_right_places(render: Render) -> None:
     assert env["KVSTORE_REPLICATION_FACTOR"]["value"] == "3"
     assert env["KVSTORE_FSYNC"]["value"] == "always"
     assert env["KVSTORE_LOG_LEVEL"]["value"] == "debug"
-    secret = one(docs, "Secret")
-    assert env["KVSTORE_CLUSTER_TOKEN"]["valueFrom"] == {
-        "secretKeyRef": {"name": secret["metadata"]["name"], "key": "cluster-token"}
-    }
+    assert env["KVSTORE_CLUSTER_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "store", "key": "cluster-token"}}
+    assert one(docs, "Secret", "store")["data"]["cluster-token"]
+    assert env["KVSTORE_AUTH_FILE"]["value"] == "/etc/kvstore/access/access.yaml"
     assert all(isinstance(item.get("value", ""), str) for item in env.values()), "env values must be strings"
     defaults = env_of(node_container(render()))
     assert {
@@ -479,19 +512,19 @@ def test_env_values_come_from_the_right_places(render: Render) -> None:
 
 
 def _token(docs: list[Doc], key: str = "token") -> str:
-    return base64.b64decode(one(docs, "Secret")["data"][key]).decode()
+    return base64.b64decode(one(docs, "Secret", f"{RELEASE}-kvstore")["data"][key]).decode()
 
 
 def test_given_token_is_stored_and_stable(render: Render) -> None:
-    first = render(set_values=["auth.token=correct-horse-battery"])
-    second = render(set_values=["auth.token=correct-horse-battery"])
+    first = render(set_values=["clusterToken.value=correct-horse-battery"])
+    second = render(set_values=["clusterToken.value=correct-horse-battery"])
     assert _token(first) == _token(second) == "correct-horse-battery"
     annotations = [
-        statefulset(d)["spec"]["template"]["metadata"]["annotations"]["checksum/secret"] for d in (first, second)
+        statefulset(d)["spec"]["template"]["metadata"]["annotations"]["checksum/cluster-token"] for d in (first, second)
     ]
     assert annotations[0] == annotations[1], "the same values must not roll the pods"
-    other = render(set_values=["auth.token=another-token"])
-    assert statefulset(other)["spec"]["template"]["metadata"]["annotations"]["checksum/secret"] != annotations[0]
+    other = render(set_values=["clusterToken.value=another-token"])
+    assert statefulset(other)["spec"]["template"]["metadata"]["annotations"]["checksum/cluster-token"] != annotations[0]
 
 
 def test_generated_token_is_random_and_long(render: Render) -> None:
@@ -500,18 +533,24 @@ def test_generated_token_is_random_and_long(render: Render) -> None:
     assert all(re.fullmatch(r"[A-Za-z0-9]{32}", t) for t in tokens)
     # The checksum hashes the values, not the drawn token: an upgrade that keeps the token keeps the pods.
     checksums = {
-        statefulset(render())["spec"]["template"]["metadata"]["annotations"]["checksum/secret"] for _ in range(2)
+        statefulset(render())["spec"]["template"]["metadata"]["annotations"]["checksum/cluster-token"] for _ in range(2)
     }
     assert len(checksums) == 1
 
 
-def test_existing_secret_is_referenced_not_created(render: Render) -> None:
+def test_existing_secrets_are_referenced_not_created(render: Render) -> None:
     docs = render(values_files=[EXISTING_SECRET])
-    assert not by_kind(docs, "Secret")
+    assert not by_kind(docs, "Secret"), "both the cluster token and the users file come from the user's Secrets"
     env = env_of(node_container(docs))
     assert env["KVSTORE_CLUSTER_TOKEN"]["valueFrom"] == {
         "secretKeyRef": {"name": "kvstore-token", "key": "shared-token"}
     }
+    assert env["KVSTORE_AUTH_FILE"]["value"] == "/etc/kvstore/auth/users.json"
+    volumes = {v["name"]: v for v in statefulset(docs)["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["auth"]["secret"]["secretName"] == "kvstore-users"
+    assert volumes["auth"]["secret"]["items"] == [{"key": "users.json", "path": "users.json"}]
+    test_env = env_of(one(docs, "Pod")["spec"]["containers"][0])
+    assert test_env["KVSTORE_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "kvstore-users", "key": "ops-token"}}
 
 
 def test_pdb_allows_one_pod_down(render: Render) -> None:
@@ -605,7 +644,7 @@ def test_pod_anti_affinity(render: Render, kwargs: dict[str, Any], kind: str | N
 def test_prometheus_scrape_annotations(render: Render) -> None:
     annotations = statefulset(render())["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == "8080"
+    assert annotations["prometheus.io/port"] == "8081", "the ops port: /metrics without credentials"
     assert annotations["prometheus.io/path"] == "/metrics"
     off = statefulset(render(values_files=[FULL]))["spec"]["template"]["metadata"]["annotations"]
     assert not any(key.startswith("prometheus.io/") for key in off)
@@ -629,7 +668,9 @@ def test_service_monitor_needs_the_flag_and_the_api(render: Render, enabled: boo
         assert not selector.items() <= client["metadata"]["labels"].items(), (
             "each pod scraped once, not via both Services"
         )
-        assert monitors[0]["spec"]["endpoints"][0]["port"] == "http"
+        assert monitors[0]["spec"]["endpoints"][0]["port"] == "ops"
+        assert monitors[0]["spec"]["endpoints"][0]["scheme"] == "http"
+        assert "tlsConfig" not in monitors[0]["spec"]["endpoints"][0]
         assert monitors[0]["spec"]["endpoints"][0]["path"] == "/metrics"
         assert monitors[0]["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
 
@@ -641,8 +682,15 @@ def test_network_policy_admits_only_peers_clients_and_prometheus(render: Render)
     selector = statefulset(docs)["spec"]["selector"]["matchLabels"]
     assert policy["spec"]["podSelector"] == {"matchLabels": selector}
     assert policy["spec"]["policyTypes"] == ["Ingress"]
-    [rule] = policy["spec"]["ingress"]
+    [rule, ops_rule] = policy["spec"]["ingress"]
     assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert ops_rule["ports"] == [{"port": "ops", "protocol": "TCP"}]
+    assert ops_rule["from"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        }
+    ], "only Prometheus reaches the ops port"
     peers = rule["from"]
     assert {"podSelector": {"matchLabels": selector}} in peers
     assert {"podSelector": {"matchLabels": {"store-client": "true"}}} in peers
@@ -653,11 +701,7 @@ def test_network_policy_admits_only_peers_clients_and_prometheus(render: Render)
     assert {
         "podSelector": {"matchExpressions": [{"key": "role", "operator": "In", "values": ["batch", "api"]}]}
     } in peers
-    assert {
-        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},
-        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
-    } in peers
-    assert len(peers) == 5
+    assert len(peers) == 4, "the data port: peers, labelled clients and the two listed; not Prometheus"
     assert not any("ipBlock" in peer for peer in peers)
     test_pod = one(docs, "Pod")
     assert test_pod["metadata"]["labels"]["store-client"] == "true", "the helm test pod must get through"
@@ -680,18 +724,42 @@ def test_helm_test_pod_writes_and_reads_through_the_client_service(render: Rende
     )
     script = container["args"][0]
     assert "kvstore put" in script and "kvstore get" in script
+    assert env_of(container)["KVSTORE_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": f"{RELEASE}-kvstore-auth", "key": "admin-token"}
+    }
+    assert "KVSTORE_TOKEN= kvstore get" in script and "*401*" in script, "it checks that no token means 401"
 
 
 def test_image_defaults_to_app_version(render: Render) -> None:
-    assert node_container(render())["image"] == "kvstore:0.1.0"
+    assert node_container(render())["image"] == f"kvstore:{__version__}"
     assert node_container(render(values_files=[FULL]))["image"] == "registry.example.com/kvstore:1.2.3"
 
 
-def test_notes_print_port_forward_and_curl(helm: Path) -> None:
-    proc = run_helm(helm, ["install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client"])
+def _notes(helm: Path, *sets: str) -> str:
+    args = ["install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client"]
+    proc = run_helm(helm, [*args, *(arg for value in sets for arg in ("--set", value))])
     assert proc.returncode == 0, proc.stderr
-    notes = proc.stdout.split("NOTES:", 1)[1]
+    return proc.stdout.split("NOTES:", 1)[1]
+
+
+def test_notes_print_port_forward_and_curl_with_the_admin_token(helm: Path) -> None:
+    notes = _notes(helm)
     assert f"kubectl --namespace {NAMESPACE} port-forward service/{RELEASE}-kvstore 8080:8080" in notes
-    assert "curl -sS -X PUT http://127.0.0.1:8080/kv/hello --data-binary world" in notes
-    assert "curl -sS http://127.0.0.1:8080/kv/hello" in notes
+    read_token = (
+        f'export KVSTORE_TOKEN="$(kubectl --namespace {NAMESPACE} get secret {RELEASE}-kvstore-auth'
+        " -o jsonpath='{.data.admin-token}' | base64 -d)\""
+    )
+    assert read_token in notes
+    bearer = '-H "Authorization: Bearer $KVSTORE_TOKEN"'
+    assert f"curl -sS {bearer} -X PUT http://127.0.0.1:8080/kv/hello --data-binary world" in notes
+    assert f"curl -sS {bearer} http://127.0.0.1:8080/kv/hello" in notes
+    assert "kvstore ring --url http://127.0.0.1:8080" in notes and "KVSTORE_TOKEN" in notes
     assert f"kubectl --namespace {NAMESPACE} scale statefulset/{RELEASE}-kvstore" in notes
+    assert "ops port 8081" in notes
+
+
+def test_notes_without_auth_warn_and_need_no_token(helm: Path) -> None:
+    notes = _notes(helm, "auth.enabled=false")
+    assert "curl -sS -X PUT http://127.0.0.1:8080/kv/hello --data-binary world" in notes
+    assert "Bearer" not in notes and "KVSTORE_TOKEN" not in notes
+    assert "WARNING: auth.enabled=false: anyone who reaches port 8080 can read, write and delete every key" in notes

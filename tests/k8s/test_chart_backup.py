@@ -6,6 +6,7 @@ real `kvstore` against a real node, writes a backup and prunes old ones."""
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def test_backup_manifests_validate_strictly(render: Render, scenario: str) -> No
     assert cronjob(docs)
 
 
-def test_cronjob_runs_kvstore_backup_with_the_nodes_token(render: Render) -> None:
+def test_cronjob_runs_kvstore_backup_with_the_admin_token(render: Render) -> None:
     docs = render(values_files=[BACKUP_VALUES])
     job = cronjob(docs)
     assert job["spec"]["schedule"] == "30 2 * * *"
@@ -67,8 +68,10 @@ def test_cronjob_runs_kvstore_backup_with_the_nodes_token(render: Render) -> Non
     pod = backup_pod(docs)["spec"]
     [container] = pod["containers"]
     env = {item["name"]: item for item in container["env"]}
-    node_env = {item["name"]: item for item in statefulset(docs)["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["KVSTORE_CLUSTER_TOKEN"]["valueFrom"] == node_env["KVSTORE_CLUSTER_TOKEN"]["valueFrom"]
+    # Backups need `admin`: the chart's admin token, sent as the Bearer token (KVSTORE_TOKEN).
+    assert env["KVSTORE_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "kv-kvstore-auth", "key": "admin-token"}}
+    assert one(docs, "Secret", "kv-kvstore-auth")["data"]["admin-token"]
+    assert "KVSTORE_CLUSTER_TOKEN" not in env, "the cluster token is the nodes' own, not a client's"
     assert env["KVSTORE_URL"]["value"] == "http://kv-kvstore.store.svc.cluster.local:8080"
     assert env["BACKUP_KEEP"]["value"] == "3"
     assert env["BACKUP_ARGS"]["value"] == "--compression zstd --pace 0.5"
@@ -126,7 +129,7 @@ def test_backup_pod_is_hardened_like_the_nodes(render: Render) -> None:
 def test_network_policy_admits_the_backup_pods(render: Render) -> None:
     docs = render(values_files=[BACKUP_VALUES])  # allowClientLabel false: only the explicit rule lets them in
     labels = backup_pod(docs)["metadata"]["labels"]
-    [rule] = one(docs, "NetworkPolicy")["spec"]["ingress"]
+    rule = next(r for r in one(docs, "NetworkPolicy")["spec"]["ingress"] if r["ports"][0]["port"] == "http")
     admitted = [
         peer
         for peer in rule["from"]
@@ -156,11 +159,17 @@ def test_schema_rejects_bad_backup_values(helm: Path, set_values: list[str], com
 
 def test_the_cronjob_script_backs_up_and_prunes(render: Render, tmp_path: Path) -> None:
     """The rendered script itself, under /bin/sh, with the real `kvstore` CLI
-    on PATH, against a real single node: a new verified file, and only the
-    newest `keep` backup files left (other files untouched)."""
+    on PATH, against a real single node running with the chart's users file
+    (--auth-file) and given the chart's admin token as the Secret reference says:
+    a new verified file, and only the newest `keep` backup files left (other
+    files untouched). Without the token the same script fails (401)."""
     docs = render(set_values=["backup.enabled=true", "backup.keep=2"])
     [container] = backup_pod(docs)["spec"]["containers"]
     env = {item["name"]: item.get("value", "") for item in container["env"]}
+    ref = next(item for item in container["env"] if item["name"] == "KVSTORE_TOKEN")["valueFrom"]["secretKeyRef"]
+    auth = {k: base64.b64decode(v).decode() for k, v in one(docs, "Secret", ref["name"])["data"].items()}
+    users = tmp_path / "users.yaml"
+    users.write_text(auth["users.yaml"])
     port = free_port()
     node = NodeProcess(
         node_id="n1",
@@ -168,7 +177,7 @@ def test_the_cronjob_script_backs_up_and_prunes(render: Render, tmp_path: Path) 
         port=port,
         peers={"n1": f"http://127.0.0.1:{port}"},
         log_dir=tmp_path,
-        args=["--replication-factor", "1", "--cluster-token", "t0ken"],
+        args=["--replication-factor", "1", "--cluster-token", "t0ken", "--auth-file", str(users)],
     )
     backups = tmp_path / "backups"
     backups.mkdir()
@@ -178,16 +187,24 @@ def test_the_cronjob_script_backs_up_and_prunes(render: Render, tmp_path: Path) 
     node.start()
     try:
         node.wait_ready()
+        script_env = {
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "KVSTORE_URL": node.url,
+            "BACKUP_DIR": str(backups),
+            "BACKUP_KEEP": env["BACKUP_KEEP"],
+            "BACKUP_ARGS": env["BACKUP_ARGS"],
+        }
+        refused = subprocess.run(
+            [*container["command"], *container["args"]],
+            env=script_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         done = subprocess.run(
             [*container["command"], *container["args"]],
-            env={
-                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                "KVSTORE_URL": node.url,
-                "KVSTORE_CLUSTER_TOKEN": "t0ken",
-                "BACKUP_DIR": str(backups),
-                "BACKUP_KEEP": env["BACKUP_KEEP"],
-                "BACKUP_ARGS": env["BACKUP_ARGS"],
-            },
+            env={**script_env, "KVSTORE_TOKEN": auth[ref["key"]]},
             capture_output=True,
             text=True,
             timeout=60,
@@ -195,6 +212,7 @@ def test_the_cronjob_script_backs_up_and_prunes(render: Render, tmp_path: Path) 
         )
     finally:
         node.stop()
+    assert refused.returncode != 0 and "401" in refused.stderr, refused.stderr
     assert done.returncode == 0, done.stderr
     left = sorted(path.name for path in backups.iterdir())
     assert len(left) == 3 and "notes.txt" in left and "kvstore-20240103T000000Z.kvbak" in left, left

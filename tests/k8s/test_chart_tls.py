@@ -4,9 +4,10 @@ published CRD schemas, compiled by the npm package @kubernetes-models/cert-manag
 that scripts/install_tools.py installs from a lock, and, since those schemas
 let unknown fields through, field by field against the cert-manager.io/v1 API;
 every other document strictly against the Kubernetes schemas), the names the node
-certificate covers, the Secret mounted where the env points, HTTPS probes,
-the ServiceMonitor's tlsConfig, the helm test pod and NOTES using the CA,
-and nothing of it by default.
+certificate covers, the Secret mounted where the env points, probes and the
+ServiceMonitor on the plain ops port (so tls.clientCertAuth is possible), the
+helm test pod and NOTES using the CA (and a client certificate under
+clientCertAuth), and nothing of it by default.
 """
 
 from __future__ import annotations
@@ -44,7 +45,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "self-signed": {"set_values": SELF_SIGNED, "api_versions": [MONITORING_API]},
     "existing-secret": {"set_values": EXISTING},
     "existing-secret+peer-off": {"set_values": [*EXISTING, "tls.peer=false"]},
+    "self-signed+client-cert-auth+auth-off": {
+        "set_values": [*SELF_SIGNED, "tls.clientCertAuth=true", "auth.enabled=false", "backup.enabled=true"],
+        "api_versions": [MONITORING_API],
+    },
 }
+CLIENT_CERT_AUTH = {"cluster-issuer", "self-signed+client-cert-auth+auth-off"}  # tls-cert-manager-values.yaml sets it
 CERT_MANAGER_API = "cert-manager.io/v1"
 GO_DURATION = re.compile(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
 # cert-manager.io/v1 fields (cert-manager's API reference): the ones a Certificate and an Issuer may carry.
@@ -143,6 +149,7 @@ def test_every_manifest_with_tls_is_valid(render: Render, scenario: str) -> None
     expected = {
         "cluster-issuer": ["Certificate"],
         "self-signed": ["Certificate", "Certificate", "Issuer", "Issuer"],
+        "self-signed+client-cert-auth+auth-off": ["Certificate", "Certificate", "Issuer", "Issuer"],
     }.get(scenario, [])
     assert kinds == expected
 
@@ -247,7 +254,9 @@ def test_existing_secret_is_mounted_and_no_certificate_made(render: Render) -> N
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_nodes_read_the_mounted_secret_and_probe_over_https(render: Render, scenario: str) -> None:
+def test_nodes_read_the_mounted_secret_and_are_probed_on_the_plain_ops_port(render: Render, scenario: str) -> None:
+    """The kubelet's probes present no client certificate and no token: they go to the ops
+    listener, plain HTTP, whatever the data port requires."""
     docs = render(**SCENARIOS[scenario])
     container = node_container(docs)
     env = env_of(container)
@@ -259,24 +268,66 @@ def test_nodes_read_the_mounted_secret_and_probe_over_https(render: Render, scen
         "KVSTORE_TLS_CA": "/etc/kvstore/tls/ca.crt",
     }
     assert env["KVSTORE_PEER_TLS"]["value"] == ("false" if scenario.endswith("peer-off") else "true")
+    if scenario in CLIENT_CERT_AUTH:
+        assert env["KVSTORE_CLIENT_CERT_AUTH"]["value"] == "true"
+    else:
+        assert "KVSTORE_CLIENT_CERT_AUTH" not in env
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert container[probe]["httpGet"]["scheme"] == "HTTPS", probe
+        assert container[probe]["httpGet"]["port"] == "ops", probe
+        assert container[probe]["httpGet"].get("scheme", "HTTP") == "HTTP", probe
+    assert env["KVSTORE_OPS_LISTEN"]["value"] == "0.0.0.0:8081"
 
 
-def test_helm_test_pod_and_service_monitor_verify_with_the_ca(render: Render) -> None:
-    docs = render(values_files=[TLS_VALUES], api_versions=[MONITORING_API])
+def test_client_cert_auth_env_is_one_the_app_reads(render: Render) -> None:
+    from app.config import NODE_OPTIONS
+
+    env = env_of(node_container(render(**SCENARIOS["self-signed+client-cert-auth+auth-off"])))
+    assert {"KVSTORE_CLIENT_CERT_AUTH", "KVSTORE_PEER_TLS", "KVSTORE_TLS_CA"} <= {o.env for o in NODE_OPTIONS}
+    assert env["KVSTORE_CLIENT_CERT_AUTH"]["value"] == "true"
+
+
+@pytest.mark.parametrize(("scenario", "client_cert"), [("cluster-issuer", True), ("self-signed", False)])
+def test_helm_test_pod_verifies_with_the_ca_and_presents_a_certificate_under_client_cert_auth(
+    render: Render, scenario: str, client_cert: bool
+) -> None:
+    docs = render(**SCENARIOS[scenario])
     pod = one(docs, "Pod")
     [container] = pod["spec"]["containers"]
     env = env_of(container)
     assert env["KVSTORE_URL"]["value"].startswith(f"https://{FULLNAME}.{NAMESPACE}.svc.cluster.local:")
     assert env["KVSTORE_CACERT"]["value"] == "/etc/kvstore/tls/ca.crt"
+    if client_cert:  # the node certificate carries `client auth`, and the CA that the nodes check signed it
+        assert env["KVSTORE_CERT"]["value"] == "/etc/kvstore/tls/tls.crt"
+        assert env["KVSTORE_KEY"]["value"] == "/etc/kvstore/tls/tls.key"
+    else:
+        assert "KVSTORE_CERT" not in env and "KVSTORE_KEY" not in env
+    assert env["KVSTORE_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": f"{FULLNAME}-auth", "key": "admin-token"}
     assert container["volumeMounts"] == [{"name": "tls", "mountPath": "/etc/kvstore/tls", "readOnly": True}]
     assert pod["spec"]["volumes"][0]["secret"]["secretName"] == f"{FULLNAME}-tls"
+
+
+def test_service_monitor_scrapes_the_plain_ops_port_under_tls(render: Render) -> None:
+    """/metrics on the ops listener is plain HTTP (etcd's --listen-metrics-urls): no CA, no
+    client certificate, no token, even with tls.clientCertAuth on the data port."""
+    docs = render(values_files=[TLS_VALUES], api_versions=[MONITORING_API])
     [endpoint] = one(docs, "ServiceMonitor")["spec"]["endpoints"]
-    assert endpoint["scheme"] == "https"
-    assert endpoint["tlsConfig"]["ca"] == {"secret": {"name": f"{FULLNAME}-tls", "key": "ca.crt"}}
-    server_name = endpoint["tlsConfig"]["serverName"]
-    assert server_name in one(docs, "Certificate")["spec"]["dnsNames"], "the scrape must verify a name the cert has"
+    assert (endpoint["port"], endpoint["scheme"], endpoint["path"]) == ("ops", "http", "/metrics")
+    assert "tlsConfig" not in endpoint
+    headless, _ = services(docs)
+    assert {"name": "ops", "port": 8081, "targetPort": "ops", "protocol": "TCP"} in headless["spec"]["ports"]
+
+
+def test_backup_pod_presents_the_node_certificate_under_client_cert_auth(render: Render) -> None:
+    docs = render(**SCENARIOS["self-signed+client-cert-auth+auth-off"])
+    [job] = by_kind(docs, "CronJob")
+    [container] = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    env = env_of(container)
+    assert (env["KVSTORE_CERT"]["value"], env["KVSTORE_KEY"]["value"]) == (
+        "/etc/kvstore/tls/tls.crt",
+        "/etc/kvstore/tls/tls.key",
+    )
+    # auth off: the backup authenticates to /admin/ with the cluster token, sent as the Bearer token
+    assert env["KVSTORE_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": FULLNAME, "key": "token"}
 
 
 def test_notes_use_the_ca(helm: Path) -> None:
@@ -287,8 +338,19 @@ def test_notes_use_the_ca(helm: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     notes = proc.stdout.split("NOTES:", 1)[1]
     assert f"get secret {FULLNAME}-tls -o jsonpath='{{.data.ca\\.crt}}' | base64 -d > kvstore-ca.crt" in notes
-    assert "curl -sS --cacert kvstore-ca.crt https://localhost:8080/kv/hello" in notes
-    assert "http://127.0.0.1" not in notes
+    bearer = '-H "Authorization: Bearer $KVSTORE_TOKEN"'
+    assert f"curl -sS --cacert kvstore-ca.crt {bearer} https://localhost:8080/kv/hello" in notes
+    assert "http://127.0.0.1" not in notes and "--cert" not in notes
+
+
+def test_notes_with_client_cert_auth_name_the_client_certificate(helm: Path) -> None:
+    sets = [*SELF_SIGNED, "tls.clientCertAuth=true"]
+    proc = run_helm(helm, ["install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client", *_sets(sets)])
+    assert proc.returncode == 0, proc.stderr
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert "curl -sS --cacert kvstore-ca.crt --cert client.crt --key client.key -H" in notes
+    client_cert = "--cacert kvstore-ca.crt --cert client.crt --key client.key"
+    assert f"kvstore ring --url https://localhost:8080 {client_cert}" in notes
 
 
 def _sets(values: list[str]) -> list[str]:
@@ -305,6 +367,7 @@ def _sets(values: list[str]) -> list[str]:
         (["tls.enabled=true", "tls.certManager.enabled=true"], "needs an issuer"),
         ([*EXISTING, "tls.certManager.enabled=true", "tls.certManager.selfSigned=true"], "both set"),
         (["tls.existingSecret=x"], "tls.enabled is false"),
+        (["tls.clientCertAuth=true"], "tls.clientCertAuth needs TLS"),
     ],
 )
 def test_impossible_tls_values_are_refused(helm: Path, set_values: list[str], complaint: str) -> None:
@@ -318,6 +381,7 @@ def test_impossible_tls_values_are_refused(helm: Path, set_values: list[str], co
         ["tls.certManager.duration=90d"],
         ["tls.certManager.renewbefore=1h"],
         ["tls.mountPath=relative"],
+        ["tls.clientCertAuth=yes"],
     ],
 )
 def test_schema_rejects_bad_tls_values(helm: Path, set_values: list[str]) -> None:

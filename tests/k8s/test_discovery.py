@@ -1,4 +1,4 @@
-"""Ring membership from the Kubernetes API (app.discovery.kubernetes) with real
+"""Ring membership from the Kubernetes API (app.membership.kubernetes) with real
 `kvstore node` processes, the real `kubernetes` client, and kmock's stateful
 Kubernetes API emulator as the API server (tests/k8s/kube_api.py).
 

@@ -107,10 +107,12 @@ def healthcheck_command() -> list[str]:
     return json.loads(args[args.index("CMD ") + len("CMD ") :])
 
 
-def run_healthcheck(python: Path, listen: str) -> subprocess.CompletedProcess[str]:
+def run_healthcheck(python: Path, listen: str, *, ops: str | None = None) -> subprocess.CompletedProcess[str]:
     command = healthcheck_command()
     assert command[0] == "python", command
     env = {"PATH": os.environ.get("PATH", ""), "KVSTORE_LISTEN": listen}
+    if ops is not None:
+        env["KVSTORE_OPS_LISTEN"] = ops
     return subprocess.run([str(python), *command[1:]], env=env, capture_output=True, text=True, timeout=30, check=False)
 
 
@@ -266,6 +268,9 @@ def test_installed_entrypoint_serves_health_and_stops_on_sigterm(
             "nothing listens there: the probe must fail"
         )
     assert run_healthcheck(python, f"{host}:{free_port()}").returncode != 0, "a probe of a closed port must fail"
+    # With an ops listener the probe asks it, not the data port (which may demand a client certificate).
+    assert run_healthcheck(python, f"{host}:{port}", ops=f"{host}:{free_port()}").returncode != 0
+    assert run_healthcheck(python, f"{host}:{free_port()}", ops=f"{host}:{port}").returncode == 0
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         code = proc.wait(timeout=STOP_TIMEOUT_S)

@@ -5,6 +5,11 @@ chart's in-cluster configuration (a mounted service-account token and ca.crt,
 KUBERNETES_SERVICE_HOST/PORT), and the Kubernetes API double (kube_api.py) behind
 TLS. Each pod is a container on its own 127.0.0.x with --network host.
 
+The chart's defaults include access control: each pod mounts the users file from
+the Secret the chart renders (KVSTORE_AUTH_FILE), the test's clients send the
+chart's admin token, readiness is asked on the ops listener as the probes do,
+and a request without the token is refused.
+
 Covered: one pod (serves, healthy by its HEALTHCHECK, read-only root, keeps its
 data across a new container, stops within the grace period); three pods forming
 one ring through the API, scaled 3 -> 4 -> 3 with every key kept at three copies
@@ -71,6 +76,18 @@ def image() -> str:
 @pytest.fixture(scope="session")
 def port() -> int:
     return free_port_on([API_HOST, *POD_HOSTS.values()])
+
+
+@pytest.fixture(scope="session")
+def ops_port(port: int) -> int:
+    """The pods' ops listener port (the chart's opsPort), free too and not the data port."""
+    while (found := free_port_on(list(POD_HOSTS.values()))) == port:
+        pass
+    return found
+
+
+def pod_values(port: int, ops_port: int, *more: str) -> list[str]:
+    return [f"containerPort={port}", f"opsPort={ops_port}", *more]
 
 
 @pytest.fixture
@@ -143,8 +160,9 @@ def start_pod(kubelet: Kubelet, *, api: KubeAPI, ordinal: int) -> Pod:
 
 
 def ready_reason(pod: Pod) -> str | None:
+    """What the chart's readiness probe sees: /ready on the ops listener."""
     try:
-        resp = httpx.get(pod.url + "/ready", timeout=2.0)
+        resp = httpx.get(pod.ops_url + "/ready", timeout=2.0)
     except httpx.HTTPError as exc:
         return f"{pod.name}: {type(exc).__name__}"
     return None if resp.status_code == 200 else f"{pod.name}: {resp.status_code} {resp.text[:1000]}"
@@ -165,16 +183,21 @@ def mark_ready(kubelet: Kubelet, *, api: KubeAPI, pod: Pod) -> None:
     api.set_pod_ready(namespace=kubelet.template.namespace, name=pod.name, ready=True)
 
 
-def write_keys(pods: list[Pod], keys: list[str], *, tag: str) -> None:
-    with httpx.Client(timeout=5.0) as client:
+def bearer(token: str | None) -> dict[str, str]:
+    """The chart's admin token as a client sends it (auth.enabled); none with auth off."""
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
+def write_keys(pods: list[Pod], keys: list[str], *, tag: str, token: str | None) -> None:
+    with httpx.Client(timeout=5.0, headers=bearer(token)) as client:
         for i, key in enumerate(keys):
             resp = client.put(f"{pods[i % len(pods)].url}/kv/{key}", content=f"{tag}-{key}".encode())
             assert resp.status_code == 204, f"PUT {key} via {pods[i % len(pods)].name}: {resp.status_code} {resp.text}"
 
 
-def unreadable(pods: list[Pod], expected: dict[str, str]) -> str | None:
+def unreadable(pods: list[Pod], expected: dict[str, str], *, token: str | None) -> str | None:
     problems = []
-    with httpx.Client(timeout=5.0) as client:
+    with httpx.Client(timeout=5.0, headers=bearer(token)) as client:
         for pod in pods:
             for key, value in expected.items():
                 resp = client.get(f"{pod.url}/kv/{key}")
@@ -232,13 +255,16 @@ def test_image_is_lean_and_installs_the_lock(image: str) -> None:
 def test_one_pod_serves_is_healthy_keeps_its_data_and_stops_in_time(
     render: Render,
     port: int,
+    ops_port: int,
     api: tuple[KubeAPI, TlsFront],
     pki: Pki,
     make_kubelet: Callable[..., Kubelet],
 ) -> None:
     kube, _ = api
-    docs = render(set_values=[f"containerPort={port}", "replicaCount=1", "replicationFactor=1"], show_tests=False)
+    docs = render(set_values=pod_values(port, ops_port, "replicaCount=1", "replicationFactor=1"))
     kubelet = make_kubelet(docs, api=api, ca_crt=pki.ca_crt)
+    admin = kubelet.template.admin_token
+    assert admin, "the chart's default turns access control on, with a generated admin token"
     create_statefulset(kube, kubelet.template, 1)
     pod = start_pod(kubelet, api=kube, ordinal=0)
     mark_ready(kubelet, api=kube, pod=pod)
@@ -251,8 +277,12 @@ def test_one_pod_serves_is_healthy_keeps_its_data_and_stops_in_time(
         "the root must be read-only"
     )
 
+    # The users file from the mounted Secret is in force: no token, 401; the admin token, in.
+    anonymous = httpx.put(f"{pod.url}/kv/one-0", content=b"x", timeout=5.0)
+    assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"].startswith("Bearer"), anonymous
+    assert httpx.get(pod.ops_url + "/metrics", timeout=5.0).status_code == 200, "/metrics on ops needs no token"
     keys = [f"one-{i}" for i in range(KEYS)]
-    write_keys([pod], keys, tag="v")
+    write_keys([pod], keys, tag="v", token=admin)
     code, took = kubelet.stop_like_kubelet(pod)
     assert stopped_cleanly(code) and took < kubelet.template.grace_s - kubelet.template.pre_stop_sleep_s, (
         code,
@@ -262,7 +292,7 @@ def test_one_pod_serves_is_healthy_keeps_its_data_and_stops_in_time(
 
     again = kubelet.run(0, volume=pod.data_dir, tag="-again")  # a new container on the same volume
     mark_ready(kubelet, api=kube, pod=again)
-    assert unreadable([again], {k: f"v-{k}" for k in keys}) is None
+    assert unreadable([again], {k: f"v-{k}" for k in keys}, token=admin) is None
 
 
 # -- three pods, scaled 3 -> 4 -> 3 ----------------------------------------------------------
@@ -271,14 +301,16 @@ def test_one_pod_serves_is_healthy_keeps_its_data_and_stops_in_time(
 def test_three_pods_form_a_ring_through_the_api_and_scale_3_4_3_without_loss(
     render: Render,
     port: int,
+    ops_port: int,
     api: tuple[KubeAPI, TlsFront],
     pki: Pki,
     make_kubelet: Callable[..., Kubelet],
 ) -> None:
     kube, _ = api
-    docs = render(set_values=[f"containerPort={port}"], show_tests=False)
+    docs = render(set_values=pod_values(port, ops_port))
     kubelet = make_kubelet(docs, api=api, ca_crt=pki.ca_crt)
     t = kubelet.template
+    admin = t.admin_token
     assert t.replicas == 3 and t.automount_token
     create_statefulset(kube, t, 3)
     pods = [start_pod(kubelet, api=kube, ordinal=ordinal) for ordinal in range(3)]
@@ -291,26 +323,30 @@ def test_three_pods_form_a_ring_through_the_api_and_scale_3_4_3_without_loss(
 
     def same_ring(members: list[Pod], count: int) -> None:
         wait_for(
-            lambda: membership_disagreement(urls(members), members={t.pod_name(i) for i in range(count)}, token=token),
+            lambda: membership_disagreement(
+                urls(members), members={t.pod_name(i) for i in range(count)}, token=token, bearer=admin
+            ),
             timeout=READY_TIMEOUT_S,
             what=f"every pod's ring has the {count} pods",
         )
 
     same_ring(pods, 3)
-    ring = httpx.get(pods[0].url + "/ring", headers={"x-kvstore-token": token}, timeout=5.0).json()
+    ring = httpx.get(pods[0].url + "/ring", headers=bearer(admin), timeout=5.0).json()
     assert {m["url"] for m in ring["members"]} == {f"http://{t.pod_dns(i)}:{port}" for i in range(3)}
     keys = [f"early-{i}" for i in range(KEYS)]
-    write_keys(pods, keys, tag="v")
+    write_keys(pods, keys, tag="v", token=admin)
 
     kube.scale_statefulset(namespace=t.namespace, name=t.statefulset, replicas=4)
     pods.append(start_pod(kubelet, api=kube, ordinal=3))
     mark_ready(kubelet, api=kube, pod=pods[3])
     same_ring(pods, 4)
     wait_for(
-        lambda: rebalancing_left(urls(pods), token=token), timeout=SETTLE_TIMEOUT_S, what="rebalancing after the join"
+        lambda: rebalancing_left(urls(pods), token=token, bearer=admin),
+        timeout=SETTLE_TIMEOUT_S,
+        what="rebalancing after the join",
     )
     late = [f"late-{i}" for i in range(KEYS)]
-    write_keys(pods, late, tag="v")  # some owned by the fourth pod, written through it too
+    write_keys(pods, late, tag="v", token=admin)  # some owned by the fourth pod, written through it too
 
     kube.scale_statefulset(namespace=t.namespace, name=t.statefulset, replicas=3)
     leaving = pods.pop()
@@ -324,7 +360,7 @@ def test_three_pods_form_a_ring_through_the_api_and_scale_3_4_3_without_loss(
 
     same_ring(pods, 3)
     everything = keys + late
-    assert unreadable(pods, {k: f"v-{k}" for k in everything}) is None
+    assert unreadable(pods, {k: f"v-{k}" for k in everything}, token=admin) is None
 
     def copies() -> str | None:
         records = read_replicas(urls(pods), everything, token=token)
@@ -342,11 +378,12 @@ def test_three_pods_form_a_ring_through_the_api_and_scale_3_4_3_without_loss(
 def test_unwritable_data_volume_fails_in_one_line_naming_fsgroup(
     render: Render,
     port: int,
+    ops_port: int,
     api: tuple[KubeAPI, TlsFront],
     pki: Pki,
     make_kubelet: Callable[..., Kubelet],
 ) -> None:
-    docs = render(set_values=[f"containerPort={port}"], show_tests=False)
+    docs = render(set_values=pod_values(port, ops_port))
     kubelet = make_kubelet(docs, api=api, ca_crt=pki.ca_crt)
     root_owned = kubelet.volume("no-fsgroup", fs_group=False)  # a volume the kubelet did not give to fsGroup
     line = one_line_failure(kubelet.run(0, volume=root_owned))
@@ -356,13 +393,12 @@ def test_unwritable_data_volume_fails_in_one_line_naming_fsgroup(
 def test_missing_service_account_token_fails_in_one_line(
     render: Render,
     port: int,
+    ops_port: int,
     api: tuple[KubeAPI, TlsFront],
     pki: Pki,
     make_kubelet: Callable[..., Kubelet],
 ) -> None:
-    docs = render(
-        set_values=[f"containerPort={port}", "serviceAccount.automountServiceAccountToken=false"], show_tests=False
-    )
+    docs = render(set_values=pod_values(port, ops_port, "serviceAccount.automountServiceAccountToken=false"))
     kubelet = make_kubelet(docs, api=api, ca_crt=pki.ca_crt)
     assert not kubelet.template.automount_token  # so run() mounts no token, as the kubelet would not
     line = one_line_failure(kubelet.run(0))
@@ -374,12 +410,13 @@ def test_a_bad_api_server_keeps_the_pod_up_and_unready_with_the_reason(
     fault: str,
     render: Render,
     port: int,
+    ops_port: int,
     api: tuple[KubeAPI, TlsFront],
     tmp_path: Path,
     make_kubelet: Callable[..., Kubelet],
 ) -> None:
     kube, _front = api
-    docs = render(set_values=[f"containerPort={port}", "replicaCount=1", "replicationFactor=1"], show_tests=False)
+    docs = render(set_values=pod_values(port, ops_port, "replicaCount=1", "replicationFactor=1"))
     if fault == "untrusted":  # ca.crt of another CA than the one that signed the API server's certificate
         kubelet = make_kubelet(docs, api=api, ca_crt=make_pki(tmp_path / "other", server_ip=API_HOST).ca_crt)
         expected = ("untrusted", "CERTIFICATE_VERIFY_FAILED", "ca.crt")
@@ -396,7 +433,7 @@ def test_a_bad_api_server_keeps_the_pod_up_and_unready_with_the_reason(
         return None if all(word in why for word in expected) else f"/ready says {why!r}"
 
     wait_for(reason, timeout=UNREADY_TIMEOUT_S, what=f"/ready naming the {fault} API server")
-    assert httpx.get(pod.url + "/health", timeout=2.0).status_code == 200, "alive: the kubelet must not restart it"
+    assert httpx.get(pod.ops_url + "/health", timeout=2.0).status_code == 200, "alive: the kubelet must not restart it"
     log = pod.logs()
     assert "Traceback" not in log and any(all(word in line for word in expected) for line in log.splitlines()), log[
         -3000:
@@ -411,11 +448,13 @@ def test_the_backup_cronjob_container_backs_up_and_prunes_in_the_image(
 ) -> None:
     """The CronJob's container as the chart renders it (command, env, securityContext,
     the /backups and /tmp volumes), run from the image against a real node: the
-    image has what its script uses, and the backup is written under a read-only root."""
-    from app.backup_format import BackupReader
+    image has what its script uses, and the backup is written under a read-only root. The node
+    runs with the chart's users file, the container gets the admin token its Secret reference names."""
+    from app.storage.backup_format import BackupReader
     from tests.harness.processes import NodeProcess
 
     docs = render(set_values=["backup.enabled=true", "backup.keep=1"], show_tests=False)
+    template = PodTemplate.from_docs(docs)
     cronjob = next(doc for doc in docs if doc["kind"] == "CronJob")
     pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     [container] = pod["containers"]
@@ -423,6 +462,9 @@ def test_the_backup_cronjob_container_backs_up_and_prunes_in_the_image(
     assert security["runAsNonRoot"] and security["readOnlyRootFilesystem"]
     assert security["allowPrivilegeEscalation"] is False and security["capabilities"] == {"drop": ["ALL"]}
     host, token = "127.0.0.70", "backup-token"
+    users = tmp_path / "users.yaml"
+    users_source = template.secret_volumes["auth"]
+    users.write_text(template.secrets[users_source["secretName"], users_source["items"][0]["key"]])
     node_port = free_port_on([host])
     node = NodeProcess(
         node_id="n1",
@@ -430,7 +472,7 @@ def test_the_backup_cronjob_container_backs_up_and_prunes_in_the_image(
         port=node_port,
         peers={"n1": f"http://{host}:{node_port}"},
         log_dir=tmp_path,
-        args=["--replication-factor", "1", "--cluster-token", token],
+        args=["--replication-factor", "1", "--cluster-token", token, "--auth-file", str(users)],
     )
     backups, tmp = tmp_path / "backups", tmp_path / "tmp"
     for path in (backups, tmp):
@@ -439,13 +481,15 @@ def test_the_backup_cronjob_container_backs_up_and_prunes_in_the_image(
     backups.chmod(0o2775)
     tmp.chmod(0o1777)
     (backups / "kvstore-20240101T000000Z.kvbak").write_bytes(b"old")
-    env = {item["name"]: item.get("value") for item in container["env"]}
-    env["KVSTORE_URL"], env["KVSTORE_CLUSTER_TOKEN"] = node.url, token  # the Service and the Secret
+    env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
+    ref = next(item for item in container["env"] if item["name"] == "KVSTORE_TOKEN")["valueFrom"]["secretKeyRef"]
+    env["KVSTORE_URL"], env["KVSTORE_TOKEN"] = node.url, template.secrets[ref["name"], ref["key"]]  # Service, Secret
     node.start()
     try:
         node.wait_ready()
         for i in range(20):
-            assert httpx.put(f"{node.url}/kv/b{i}", content=b"v", timeout=5).status_code == 204
+            put = httpx.put(f"{node.url}/kv/b{i}", content=b"v", headers=bearer(env["KVSTORE_TOKEN"]), timeout=5)
+            assert put.status_code == 204
         flags = [
             "--user",
             f"{security['runAsUser']}:{security['runAsGroup']}",

@@ -10,7 +10,7 @@ import asyncio
 from app.clock import wall_ms
 from app.cluster.node import Node
 from app.config import NodeConfig
-from app.discovery.static import StaticDiscovery
+from app.membership.static import StaticMembership
 from app.transport.fake import InProcessPeerClient
 from tests.unit.manual_time import ManualScheduler
 
@@ -54,7 +54,7 @@ class InProcessCluster:
         node = await Node.open(
             node_config(node_id, members, **options),
             peer_client=self.peer_client,
-            source=StaticDiscovery(members),
+            source=StaticMembership(members),
             wall=wall,
             scheduler=scheduler,
         )

@@ -1,4 +1,4 @@
-"""Anti-entropy over the maintained digests (app.cluster.repair): a round in
+"""Anti-entropy over the maintained digests (app.cluster.anti_entropy): a round in
 which nothing differs reads no records on either side, and a round with one
 differing key reads only the records of that key's sub-arc (the Merkle level).
 Real nodes over the in-process peer client; the stores count their reads."""

@@ -100,7 +100,7 @@ async def test_pace_must_be_a_share(cluster: InProcessCluster) -> None:
 async def test_restore_keeps_newer_versions_and_counts_what_it_applied(cluster: InProcessCluster) -> None:
     nodes = await three(cluster)
     writer = RestoreWriter(context_of(nodes["a"]))
-    base = (nodes["a"].clock.wall_ms() - 60_000) << 16  # a backup's versions: older than the clocks
+    base = (nodes["a"].clock.reading_ms() - 60_000) << 16  # a backup's versions: older than the clocks
     records = [(f"r{i}".encode(), Record(Version(base + i, "x"), b"old", expires_at_ms=0)) for i in range(30)]
     await nodes["b"].coordinator.put(b"r3", b"live-and-newer")
     first = await writer.restore(records)
@@ -120,7 +120,7 @@ async def test_restore_needs_w_replicas_and_refuses_versions_from_the_future(clu
     with pytest.raises(QuorumError, match="1 of 3 replicas took a batch"):
         await writer.restore([(b"k", record)])
     cluster.peer_client.unreachable.clear()
-    future = Record(Version((nodes["a"].clock.wall_ms() + 3_600_000) << 16, "x"), b"v")
+    future = Record(Version((nodes["a"].clock.reading_ms() + 3_600_000) << 16, "x"), b"v")
     with pytest.raises(FutureVersionError):
         await writer.restore([(b"k2", record), (b"k3", future)])
     assert nodes["a"].replica.store.get(b"k2") is None, "nothing written when any version is refused"

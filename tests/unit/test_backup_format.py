@@ -1,4 +1,4 @@
-"""The backup format (app.backup_format): records round-trip with their
+"""The backup format (app.storage.backup_format): records round-trip with their
 versions, tombstones and expiries; every corruption is caught and named."""
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.backup_format import (
+from app.clock import Version
+from app.errors import BackupFormatError
+from app.storage.backup_format import (
     CHUNK_RAW_BYTES,
     MAGIC,
     BackupReader,
@@ -20,8 +22,6 @@ from app.backup_format import (
     encode_records,
     parse_chunk_frame,
 )
-from app.clock import Version
-from app.errors import BackupFormatError
 from app.storage.base import Record
 
 records_strategy = st.lists(

@@ -8,7 +8,7 @@ import io
 import pytest
 
 from app.cli import main
-from app.cli_backup import Progress
+from app.cli.backup import Progress
 
 
 class Terminal(io.StringIO):

@@ -34,7 +34,7 @@ def test_stamps_strictly_increase_even_when_the_wall_clock_jumps_back(readings: 
     assert all(a < b for a, b in itertools.pairwise(stamps))
     # Never behind the wall clock it has read so far.
     for reading, stamp in zip(readings, stamps, strict=True):
-        assert stamp.wall_ms >= reading
+        assert stamp.physical_ms >= reading
 
 
 def test_a_backwards_step_ticks_the_logical_counter() -> None:
@@ -42,7 +42,7 @@ def test_a_backwards_step_ticks_the_logical_counter() -> None:
     first, second, third, fourth = (clock.now() for _ in range(4))
     assert first == Version(1000 << LOGICAL_BITS, "n1")
     assert second.hlc == first.hlc + 1 and third.hlc == first.hlc + 2
-    assert second.wall_ms == third.wall_ms == 1000
+    assert second.physical_ms == third.physical_ms == 1000
     assert fourth == Version(1500 << LOGICAL_BITS, "n1")  # wall time takes over again
 
 
@@ -97,7 +97,7 @@ def test_decode_rejects_malformed_versions(text: str) -> None:
 
 
 def test_wall_ms_is_the_physical_part() -> None:
-    assert Version((123 << LOGICAL_BITS) | 9, "n").wall_ms == 123
+    assert Version((123 << LOGICAL_BITS) | 9, "n").physical_ms == 123
 
 
 def test_concurrent_stamps_are_unique() -> None:
@@ -130,7 +130,7 @@ def test_restore_starts_the_clock_above_a_high_water_mark_far_ahead_of_the_wall(
 def test_observe_refuses_a_version_from_beyond_the_max_offset_and_does_not_follow_it() -> None:
     clock = HybridClock("n1", wall=lambda: 10_000, max_offset_ms=500)
     clock.observe(Version(10_500 << LOGICAL_BITS, "near"))  # exactly at the bound: followed
-    assert clock.now().wall_ms == 10_500
+    assert clock.now().physical_ms == 10_500
     far = Version(10_502 << LOGICAL_BITS, "far")
     with pytest.raises(FutureVersionError, match=r"from node far is 502 ms ahead of node n1's clock"):
         clock.observe(far)
@@ -141,4 +141,4 @@ def test_observe_refuses_a_version_from_beyond_the_max_offset_and_does_not_follo
 def test_an_unbounded_clock_follows_any_version() -> None:
     clock = HybridClock("n1", wall=lambda: 0)
     clock.observe(Version(10**9 << LOGICAL_BITS, "far"))
-    assert clock.now().wall_ms == 10**9
+    assert clock.now().physical_ms == 10**9

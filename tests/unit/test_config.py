@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from app.config import DEFAULT_LMDB_MAP_SIZE, NODE_OPTIONS, NodeConfig, env_default, parse_peers, parse_size
@@ -69,3 +71,21 @@ def test_map_size_takes_bytes_or_a_kubernetes_quantity(raw: str, size: int) -> N
 
 def test_map_size_defaults_to_the_lmdb_default() -> None:
     assert NodeConfig.from_options({"node_id": "n"}).map_size == DEFAULT_LMDB_MAP_SIZE
+
+
+def test_each_direct_option_parses_its_default_into_nodeconfigs_default() -> None:
+    """A default is stated once, in its named constant: the flag's default text
+    parses to the dataclass's default, so a config built in code and one built
+    from flags agree."""
+    fields = {f.name: f for f in dataclasses.fields(NodeConfig)}
+    direct = [option for option in NODE_OPTIONS if option.direct]
+    assert len(direct) >= 15
+    for option in direct:
+        assert fields[option.dest].default == option.value({}), option.flag
+    assert NodeConfig.from_options({"node_id": "n"}) == NodeConfig(
+        node_id="n",
+        host="127.0.0.1",
+        port=8080,
+        advertise_url="http://127.0.0.1:8080",
+        peers={"n": "http://127.0.0.1:8080"},
+    )

@@ -149,7 +149,7 @@ async def test_a_replica_s_newer_version_from_beyond_the_bound_fails_the_write_w
         node.replica.store.apply(b"k", Record(version=far, value=b"from a clock 30 s fast"))
     with pytest.raises(WriteNotWonError, match=r"from node rogue is \d+ ms ahead .* beyond --max-clock-offset"):
         await nodes["a"].put(b"k", b"v")
-    assert nodes["a"].clock.now().wall_ms < far.wall_ms  # the clock did not jump to follow it
+    assert nodes["a"].clock.now().physical_ms < far.physical_ms  # the clock did not jump to follow it
 
 
 async def test_a_write_that_keeps_losing_fails_after_the_bounded_rounds(cluster: InProcessCluster) -> None:
@@ -224,15 +224,13 @@ async def test_a_read_hedges_past_a_hung_replica_and_the_breaker_marks_it_down(c
     await nodes["a"].put(b"k", b"v")
     transport.hung.add("c")
     for _ in range(12):
-        health.snapshot("b").latency_s = 10.0  # so that c, the hung one, looks best and is asked first
+        health.state("b").latency_s = 10.0  # so that c, the hung one, looks best and is asked first
         read = asyncio.ensure_future(nodes["a"].get(b"k"))
         await asyncio.sleep(0)  # one loop turn: the read has asked c and waits
         clock.advance(health.hedge_delay("c") - TICK_S / 2)
         assert not read.done()  # no hedge before c's hedge delay
         clock.advance(1.5 * TICK_S)  # past the first tick after the deadline: the hedge asks b
-        answer = await asyncio.wait_for(
-            read, timeout=2.0
-        )  # the timeout only bounds a hang: a broken hedge never returns
+        answer = await asyncio.wait_for(read, timeout=2.0)  # only bounds a hang: a broken hedge never returns
         assert answer is not None and answer.value == b"v"
     for _ in range(4):
         await nodes["a"].put(b"k", b"v2")  # writes go to every replica: the hung one owes answers
@@ -240,5 +238,5 @@ async def test_a_read_hedges_past_a_hung_replica_and_the_breaker_marks_it_down(c
     clock.advance(health.suspect_after("c"))
     assert health.trip_silent() == ["c"]  # what the node's peer watch runs four times a second
     assert not health.is_up("c")
-    assert "no answer for" in health.snapshot("c").last_error
+    assert "no answer for" in health.state("c").last_error
     assert nodes["a"].metrics.hedged_reads._value.get() == 12

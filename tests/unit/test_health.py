@@ -88,7 +88,7 @@ def test_a_peer_silent_past_its_suspect_delay_with_calls_pending_is_marked_down(
     assert health.trip_silent() == [] and health.is_up("b")
     clock.now += SUSPECT_FLOOR_S * 0.2
     assert health.trip_silent() == ["b"]
-    assert not health.is_up("b") and "no answer for" in health.snapshot("b").last_error
+    assert not health.is_up("b") and "no answer for" in health.state("b").last_error
 
 
 def test_an_idle_peer_is_never_silent_and_any_evidence_brings_one_back() -> None:

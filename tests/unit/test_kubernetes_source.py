@@ -1,6 +1,8 @@
-"""app.discovery.kubernetes without an API server: the member list a
-StatefulSet implies, which pods count and when they are ready, and how the
-source applies list/watch events to its sink (no sockets, no threads)."""
+"""Kubernetes membership without an API server: the member list a
+StatefulSet implies, which pods count and when they are ready, how the
+tracker (app.membership.statefulset) folds list/watch reports into what its
+sink hears, through its public API only (no sockets, no threads), and the
+source's client login and settings (app.membership.kubernetes)."""
 
 from __future__ import annotations
 
@@ -10,21 +12,21 @@ from typing import Any
 import pytest
 
 from app.config import NodeConfig
-from app.discovery.kubernetes import (
+from app.errors import ConfigError
+from app.membership.kubernetes import KubernetesMembership, api_client_from
+from app.membership.statefulset import (
     PODS,
     STATEFULSETS,
-    KubernetesDiscovery,
-    _Change,
-    _Connected,
-    _Expired,
-    _Failure,
-    _Snapshot,
-    api_client_from,
+    Change,
+    Connected,
+    Expired,
+    Failure,
+    Snapshot,
+    StatefulSetTracker,
     member_urls,
     pod_is_ready,
     pod_matches,
 )
-from app.errors import ConfigError
 
 LABELS = {"app": "kv"}
 
@@ -59,15 +61,28 @@ def pod(name: str, *, ready: bool, labels: dict[str, str] = LABELS, terminating:
     return {"metadata": meta, "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture
-def source() -> KubernetesDiscovery:
-    return KubernetesDiscovery(
-        api_client=None,
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def tracker(clock: Clock) -> StatefulSetTracker:
+    return StatefulSetTracker(
         namespace="ns",
         statefulset="kv",
         headless_service="kv-h",
         cluster_domain="cluster.local",
         port=8080,
+        monotonic=clock,
     )
 
 
@@ -89,66 +104,62 @@ def test_pods_count_by_selector_and_ordinal_name_and_ready_condition() -> None:
     assert not pod_is_ready({"metadata": {"name": "kv-0"}})
 
 
-async def test_members_follow_replicas_and_only_changes_are_pushed(source: KubernetesDiscovery) -> None:
+async def test_members_follow_replicas_and_only_changes_are_pushed(tracker: StatefulSetTracker) -> None:
     sink = Sink()
-    await source._apply(_Snapshot(STATEFULSETS, [sts(5, name="other"), sts(3)], "1"), sink)
+    await tracker.apply(Snapshot(STATEFULSETS, [sts(5, name="other"), sts(3)], "1"), sink)
     assert [sorted(m) for m in sink.members] == [["kv-0", "kv-1", "kv-2"]]
-    await source._apply(_Change(STATEFULSETS, "MODIFIED", sts(3), "2"), sink)  # a relist or replay: nothing new
-    await source._apply(_Change(STATEFULSETS, "MODIFIED", sts(9, name="other"), "3"), sink)
+    await tracker.apply(Change(STATEFULSETS, "MODIFIED", sts(3), "2"), sink)  # a relist or replay: nothing new
+    await tracker.apply(Change(STATEFULSETS, "MODIFIED", sts(9, name="other"), "3"), sink)
     assert len(sink.members) == 1
-    await source._apply(_Change(STATEFULSETS, "MODIFIED", sts(4), "4"), sink)
+    await tracker.apply(Change(STATEFULSETS, "MODIFIED", sts(4), "4"), sink)
     assert sorted(sink.members[-1]) == ["kv-0", "kv-1", "kv-2", "kv-3"]
-    assert source.status()["replicas"] == 4 and source.status()["resource_version"] == "4"
+    assert tracker.status()["replicas"] == 4 and tracker.status()["resource_version"] == "4"
 
 
-async def test_missing_deleted_or_zero_statefulset_keeps_the_last_ring(source: KubernetesDiscovery) -> None:
+async def test_missing_deleted_or_zero_statefulset_keeps_the_last_ring(tracker: StatefulSetTracker) -> None:
     sink = Sink()
-    await source._apply(_Snapshot(STATEFULSETS, [], "1"), sink)
+    await tracker.apply(Snapshot(STATEFULSETS, [], "1"), sink)
     assert sink.members == [] and len(sink.errors) == 1
-    await source._apply(_Snapshot(STATEFULSETS, [sts(None)], "2"), sink)  # absent replicas means 1
+    await tracker.apply(Snapshot(STATEFULSETS, [sts(None)], "2"), sink)  # absent replicas means 1
     assert sorted(sink.members[-1]) == ["kv-0"]
-    await source._apply(_Change(STATEFULSETS, "DELETED", sts(1), "3"), sink)
-    await source._apply(_Change(STATEFULSETS, "MODIFIED", sts(0), "4"), sink)
+    await tracker.apply(Change(STATEFULSETS, "DELETED", sts(1), "3"), sink)
+    await tracker.apply(Change(STATEFULSETS, "MODIFIED", sts(0), "4"), sink)
     assert len(sink.members) == 1 and len(sink.errors) == 2
-    assert source.status()["errors"] == 2
+    assert tracker.status()["errors"] == 2
 
 
-async def test_readiness_goes_to_the_sink_for_members_on_change_only(source: KubernetesDiscovery) -> None:
+async def test_readiness_goes_to_the_sink_for_members_on_change_only(tracker: StatefulSetTracker) -> None:
     sink = Sink()
-    await source._apply(_Snapshot(STATEFULSETS, [sts(2)], "1"), sink)
+    await tracker.apply(Snapshot(STATEFULSETS, [sts(2)], "1"), sink)
     assert sink.ready == []  # pods not listed yet: nothing is known
-    await source._apply(
-        _Snapshot(PODS, [pod("kv-0", ready=True), pod("kv-5", ready=True), pod("x-1", ready=True)], "1"), sink
+    await tracker.apply(
+        Snapshot(PODS, [pod("kv-0", ready=True), pod("kv-5", ready=True), pod("x-1", ready=True)], "1"), sink
     )
     assert sorted(sink.ready) == [("kv-0", True), ("kv-1", False)]  # kv-1 has no pod yet
-    await source._apply(_Change(PODS, "MODIFIED", pod("kv-0", ready=True), "2"), sink)
+    await tracker.apply(Change(PODS, "MODIFIED", pod("kv-0", ready=True), "2"), sink)
     assert len(sink.ready) == 2
-    await source._apply(_Change(PODS, "ADDED", pod("kv-1", ready=True), "3"), sink)
-    await source._apply(_Change(PODS, "DELETED", pod("kv-0", ready=True), "4"), sink)
+    await tracker.apply(Change(PODS, "ADDED", pod("kv-1", ready=True), "3"), sink)
+    await tracker.apply(Change(PODS, "DELETED", pod("kv-0", ready=True), "4"), sink)
     assert sink.ready[2:] == [("kv-1", True), ("kv-0", False)]
-    await source._apply(_Change(STATEFULSETS, "MODIFIED", sts(3), "5"), sink)
+    await tracker.apply(Change(STATEFULSETS, "MODIFIED", sts(3), "5"), sink)
     assert sink.ready[-1] == ("kv-2", False)  # a new member without a pod
 
 
-async def test_failures_count_and_staleness_grows_until_reconnected(
-    source: KubernetesDiscovery, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_failures_count_and_staleness_grows_until_reconnected(tracker: StatefulSetTracker, clock: Clock) -> None:
     sink = Sink()
-    now = [1000.0]
-    monkeypatch.setattr("app.discovery.kubernetes.time.monotonic", lambda: now[0])
-    await source._apply(_Connected(STATEFULSETS, True), sink)
-    await source._apply(_Connected(PODS, True), sink)
-    now[0] += 30
-    assert source.staleness_s() == 0.0 and source.status()["connected"] is True
-    await source._apply(_Connected(PODS, False), sink)
-    await source._apply(_Failure(PODS, "API unreachable"), sink)
-    now[0] += 12
-    assert source.staleness_s() == pytest.approx(12.0)
-    assert source.status()["connected"] is False and sink.errors == ["pods: API unreachable"]
-    await source._apply(_Expired(STATEFULSETS), sink)
-    assert source.status()["relists"] == 1 and source.status()["errors"] == 1  # 410 is a relist, not a failure
-    await source._apply(_Connected(PODS, True), sink)
-    assert source.staleness_s() == 0.0
+    await tracker.apply(Connected(STATEFULSETS, True), sink)
+    await tracker.apply(Connected(PODS, True), sink)
+    clock.now += 30
+    assert tracker.staleness_s() == 0.0 and tracker.status()["connected"] is True
+    await tracker.apply(Connected(PODS, False), sink)
+    await tracker.apply(Failure(PODS, "API unreachable"), sink)
+    clock.now += 12
+    assert tracker.staleness_s() == pytest.approx(12.0)
+    assert tracker.status()["connected"] is False and sink.errors == ["pods: API unreachable"]
+    await tracker.apply(Expired(STATEFULSETS), sink)
+    assert tracker.status()["relists"] == 1 and tracker.status()["errors"] == 1  # 410 is a relist, not a failure
+    await tracker.apply(Connected(PODS, True), sink)
+    assert tracker.staleness_s() == 0.0
 
 
 def test_credentials_that_cannot_load_are_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -181,7 +192,7 @@ def test_from_config_reads_the_kubernetes_settings(tmp_path: Path) -> None:
             "kubeconfig": str(kubeconfig),
         }
     )
-    source = KubernetesDiscovery.from_config(config)
+    source = KubernetesMembership.from_config(config)
     assert (source.namespace, source.statefulset, source.headless_service, source.cluster_domain, source.port) == (
         "ns",
         "kv",

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from app.config import NodeConfig, parse_tls
-from app.discovery.kubernetes import member_urls
 from app.errors import ConfigError
+from app.membership.statefulset import member_urls
 from app.transport.tls import TlsMaterial
 from tests.harness.certs import Authority, node_flags, write_secret
 

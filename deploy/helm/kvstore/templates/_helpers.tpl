@@ -59,20 +59,20 @@ app.kubernetes.io/part-of: kvstore
 
 {{/* kvstore.secretName: the Secret holding the cluster token (given or chart-made). */}}
 {{- define "kvstore.secretName" -}}
-{{- default (include "kvstore.fullname" .) .Values.auth.existingSecret -}}
+{{- default (include "kvstore.fullname" .) .Values.clusterToken.existingSecret -}}
 {{- end -}}
 
-{{/* kvstore.clusterToken: the token for the chart-made Secret: auth.token if given, else the
+{{/* kvstore.clusterToken: the token for the chart-made Secret: clusterToken.value if given, else the
 token already stored in the release's Secret (lookup, so upgrades keep it), else a new random one.
 Offline (helm template, --dry-run) lookup finds nothing and a new token is drawn. */}}
 {{- define "kvstore.clusterToken" -}}
-{{- if .Values.auth.token -}}
-{{- .Values.auth.token -}}
+{{- if .Values.clusterToken.value -}}
+{{- .Values.clusterToken.value -}}
 {{- else -}}
 {{- $existing := lookup "v1" "Secret" .Release.Namespace (include "kvstore.secretName" .) -}}
 {{- $stored := "" -}}
 {{- if and $existing $existing.data -}}
-{{- $stored = index $existing.data .Values.auth.secretKey | default "" -}}
+{{- $stored = index $existing.data .Values.clusterToken.secretKey | default "" -}}
 {{- end -}}
 {{- if $stored -}}
 {{- $stored | b64dec -}}
@@ -80,6 +80,63 @@ Offline (helm template, --dry-run) lookup finds nothing and a new token is drawn
 {{- randAlphaNum 32 -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+
+{{/* kvstore.authSecretName: the Secret holding the users file and the admin token (auth.existingSecret, or chart-made <fullname>-auth). */}}
+{{- define "kvstore.authSecretName" -}}
+{{- default (printf "%s-auth" (include "kvstore.fullname" .)) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{/* kvstore.authFile: KVSTORE_AUTH_FILE, the users file where the auth Secret is mounted. */}}
+{{- define "kvstore.authFile" -}}
+{{- printf "%s/%s" (trimSuffix "/" .Values.auth.mountPath) .Values.auth.usersFileKey -}}
+{{- end -}}
+
+{{/* kvstore.adminToken: the admin token for the chart-made auth Secret, as kvstore.clusterToken: auth.adminToken
+if given, else the one stored in the release's auth Secret (lookup: upgrades keep it), else a new random one
+(40 alphanumerics, about 238 bits). Included once per render (templates/secret-auth.yaml), so the token and
+the hash in the users file beside it always match. */}}
+{{- define "kvstore.adminToken" -}}
+{{- if .Values.auth.adminToken -}}
+{{- .Values.auth.adminToken -}}
+{{- else -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "kvstore.authSecretName" .) -}}
+{{- $stored := "" -}}
+{{- if and $existing $existing.data -}}
+{{- $stored = index $existing.data .Values.auth.tokenKey | default "" -}}
+{{- end -}}
+{{- if $stored -}}
+{{- $stored | b64dec -}}
+{{- else -}}
+{{- randAlphaNum 40 -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* kvstore.usersFile: the chart-made users file (YAML, the format of `kvstore node --auth-file`) for an admin
+token given as .token: the admin user (token_sha256 = sha256 of the token) with the role `admin` (read, write
+and admin on every key), plus auth.users and auth.roles. Call with (dict "token" $token "Values" .Values). */}}
+{{- define "kvstore.usersFile" -}}
+{{- $users := dict .Values.auth.adminUser (dict "token_sha256" (sha256sum .token) "roles" (list "admin")) -}}
+{{- $roles := dict "admin" (list (dict "prefix" "" "permissions" (list "read" "write" "admin"))) -}}
+{{- $file := dict "users" (merge $users (deepCopy .Values.auth.users)) "roles" (merge $roles (deepCopy .Values.auth.roles)) -}}
+{{- toYaml $file -}}
+{{- end -}}
+
+{{/* kvstore.clientAuthEnv: env for a client of the nodes inside the cluster (the helm test and backup pods):
+KVSTORE_TOKEN, the Bearer token the CLI sends: the admin token with auth.enabled, else the cluster token
+(the /admin/ routes accept it when access control is off). */}}
+{{- define "kvstore.clientAuthEnv" -}}
+- name: KVSTORE_TOKEN
+  valueFrom:
+    secretKeyRef:
+      {{- if .Values.auth.enabled }}
+      name: {{ include "kvstore.authSecretName" . }}
+      key: {{ .Values.auth.tokenKey }}
+      {{- else }}
+      name: {{ include "kvstore.secretName" . }}
+      key: {{ .Values.clusterToken.secretKey }}
+      {{- end }}
 {{- end -}}
 
 {{/* kvstore.image: repository:tag, the tag defaulting to the chart's appVersion. */}}
@@ -130,11 +187,19 @@ Offline (helm template, --dry-run) lookup finds nothing and a new token is drawn
 {{- toYaml $names -}}
 {{- end -}}
 
-{{/* kvstore.tlsClientEnv: env for a client of the nodes inside the cluster (the helm test pod):
-the CA that verifies them. Use inside `if .Values.tls.enabled`, as the next two. */}}
+{{/* kvstore.tlsClientEnv: env for a client of the nodes inside the cluster (the helm test and backup pods):
+the CA that verifies them, and with tls.clientCertAuth the certificate to present. Use inside
+`if .Values.tls.enabled`, as the next two. */}}
 {{- define "kvstore.tlsClientEnv" -}}
 - name: KVSTORE_CACERT
   value: {{ printf "%s/ca.crt" .Values.tls.mountPath | quote }}
+{{- if .Values.tls.clientCertAuth }}
+# tls.clientCertAuth: the nodes require a client certificate; present the node certificate (it carries `client auth`).
+- name: KVSTORE_CERT
+  value: {{ printf "%s/tls.crt" .Values.tls.mountPath | quote }}
+- name: KVSTORE_KEY
+  value: {{ printf "%s/tls.key" .Values.tls.mountPath | quote }}
+{{- end }}
 {{- end -}}
 
 {{/* kvstore.tlsVolumeMount and kvstore.tlsVolume: the TLS Secret, read-only, for a pod's container
@@ -222,8 +287,47 @@ factor at the ring size until the StatefulSet grows again. */}}
 {{- if gt (int .Values.replicationFactor) (int .Values.replicaCount) -}}
 {{- $errors = append $errors (printf "replicationFactor (%d) exceeds replicaCount (%d): every key needs that many distinct pods. Fix: --set replicaCount=%d, or --set replicationFactor=%d. A single-pod dev install wants replicationFactor=1." (int .Values.replicationFactor) (int .Values.replicaCount) (int .Values.replicationFactor) (int .Values.replicaCount)) -}}
 {{- end -}}
-{{- if and .Values.auth.token .Values.auth.existingSecret -}}
-{{- $errors = append $errors "auth.token and auth.existingSecret are both set: the chart would ignore one. Fix: set only one of them." -}}
+{{- if and .Values.clusterToken.value .Values.clusterToken.existingSecret -}}
+{{- $errors = append $errors "clusterToken.value and clusterToken.existingSecret are both set: the chart would ignore one. Fix: set only one of them." -}}
+{{- end -}}
+{{- if hasKey .Values.auth "token" -}}
+{{- $errors = append $errors "auth.token is the cluster token's old name (chart 0.2.0 renamed it). Fix: --set clusterToken.value=<token> instead (with --reuse-values, also --set auth.token=null)." -}}
+{{- end -}}
+{{- if hasKey .Values.auth "secretKey" -}}
+{{- $errors = append $errors "auth.secretKey is the cluster token's old key setting (chart 0.2.0 renamed it). Fix: --set clusterToken.secretKey=<key> instead (with --reuse-values, also --set auth.secretKey=null); a Secret holding the cluster token goes in clusterToken.existingSecret." -}}
+{{- end -}}
+{{- if .Values.auth.enabled -}}
+{{- if .Values.auth.existingSecret -}}
+{{- if or .Values.auth.adminToken .Values.auth.users .Values.auth.roles -}}
+{{- $errors = append $errors "auth.existingSecret is set together with auth.adminToken, auth.users or auth.roles: the chart mounts your users file and would ignore them. Fix: put those users in your Secret's file, or drop auth.existingSecret." -}}
+{{- end -}}
+{{- $given := lookup "v1" "Secret" .Release.Namespace .Values.auth.existingSecret -}}
+{{- if and $given (not (hasKey ($given.data | default dict) .Values.auth.usersFileKey)) -}}
+{{- $errors = append $errors (printf "auth.existingSecret %s has no key %s: it must hold a users file (README: Access control). Since chart 0.2.0 a Secret with the cluster token goes in clusterToken.existingSecret. Fix: --set clusterToken.existingSecret=%s --set auth.existingSecret=<Secret with a users file>, or --set auth.usersFileKey=<its key>." .Values.auth.existingSecret .Values.auth.usersFileKey .Values.auth.existingSecret) -}}
+{{- end -}}
+{{- else -}}
+{{- if hasKey .Values.auth.users .Values.auth.adminUser -}}
+{{- $errors = append $errors (printf "auth.users has a user %s, the name of the chart's admin (auth.adminUser). Fix: rename that user, or --set auth.adminUser=<another name>." .Values.auth.adminUser) -}}
+{{- end -}}
+{{- if hasKey .Values.auth.roles "admin" -}}
+{{- $errors = append $errors "auth.roles defines `admin`, the chart's own role (read, write, admin on every key). Fix: give your role another name." -}}
+{{- end -}}
+{{- range $name, $user := .Values.auth.users -}}
+{{- range $role := $user.roles -}}
+{{- if and (ne $role "admin") (not (hasKey $.Values.auth.roles $role)) -}}
+{{- $errors = append $errors (printf "auth.users.%s has the role %s, which auth.roles does not define. Fix: add auth.roles.%s, or use admin." $name $role $role) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- else if or .Values.auth.existingSecret .Values.auth.adminToken .Values.auth.users .Values.auth.roles -}}
+{{- $errors = append $errors "auth.existingSecret, auth.adminToken, auth.users or auth.roles is set but auth.enabled is false: every client could read and write every key. Fix: --set auth.enabled=true, or drop those values." -}}
+{{- end -}}
+{{- if eq (int .Values.opsPort) (int .Values.containerPort) -}}
+{{- $errors = append $errors (printf "opsPort and containerPort are both %d: the ops listener and the data port need a port each. Fix: --set opsPort=%d." (int .Values.opsPort) (add (int .Values.containerPort) 1)) -}}
+{{- end -}}
+{{- if and .Values.tls.clientCertAuth (not .Values.tls.enabled) -}}
+{{- $errors = append $errors "tls.clientCertAuth needs TLS: client certificates are checked in the TLS handshake. Fix: --set tls.enabled=true (with certificates: tls.certManager.* or tls.existingSecret), or drop tls.clientCertAuth." -}}
 {{- end -}}
 {{- if and .Values.pdb.create (ge (int .Values.pdb.maxUnavailable) (int .Values.replicationFactor)) (gt (int .Values.replicationFactor) 1) -}}
 {{- $errors = append $errors (printf "pdb.maxUnavailable (%d) lets a drain take down every copy of a key (replicationFactor %d). Fix: --set pdb.maxUnavailable=1." (int .Values.pdb.maxUnavailable) (int .Values.replicationFactor)) -}}

@@ -11,9 +11,9 @@ DIGEST_SUBARCS sub-arcs (a second level of the same digests, cut the same
 way by both replicas from the same ring); only the sub-arcs that still
 differ are exchanged: this node pulls the peer's
 records there (last writer wins locally) and pushes back the ones it holds
-newer. Measured (bench/scale.py, BENCHMARKS.md): a round in which nothing
-differs costs ~1 ms of CPU at 1M keys, both sides together (arc by arc it
-was 15-19 ms, and re-reading every record ~6 s). The second level costs one more round
+newer. Measured (bench/scale.py, BENCHMARKS.md, with the costs of the
+designs this one replaced): a round in which nothing differs costs ~1 ms of
+CPU at 1M keys, both sides together. The second level costs one more round
 trip, only when an arc differs, and cuts what one differing key moves from
 its arc's records to its sub-arc's (1/16 of them).
 Waits until the local index is built (at open, in a thread). Paced by

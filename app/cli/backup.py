@@ -19,17 +19,13 @@ from typing import IO, Any
 
 import httpx
 
-from app.backup_format import BackupReader
-from app.errors import BackupFormatError, KvstoreError
+from app.errors import BackupCommandError, BackupFormatError
+from app.storage.backup_format import BackupReader
 
 CLIENT_CONNECT_TIMEOUT_S = 10.0
 BACKUP_READ_TIMEOUT_S = 300.0  # between two chunks of a backup stream: a big batch on a loaded cluster
 RESTORE_TIMEOUT_S = 120.0  # one chunk's write to W replicas of every key in it
 PROGRESS_EVERY_S = 0.5
-
-
-class BackupCommandError(KvstoreError):
-    """The server refused or failed a backup or restore request."""
 
 
 def run(client: httpx.Client, args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""The discovery-source interface and the sink a node offers it.
+"""The membership-source interface and the sink a node offers it.
 
 A source pushes complete member lists (node id -> base URL) and, if it knows,
 each peer's readiness. Members drive the ring (and rebalancing); readiness
@@ -11,7 +11,7 @@ import abc
 from typing import Protocol
 
 
-class DiscoverySink(Protocol):
+class MembershipSink(Protocol):
     async def set_members(self, members: dict[str, str]) -> None:
         """Adopt a complete new member list."""
 
@@ -22,13 +22,13 @@ class DiscoverySink(Protocol):
         """The source failed to read or watch; it keeps the last known view."""
 
 
-class DiscoverySource(abc.ABC):
+class MembershipSource(abc.ABC):
     @abc.abstractmethod
-    async def run(self, sink: DiscoverySink) -> None:
+    async def run(self, sink: MembershipSink) -> None:
         """Feed the sink until cancelled. Must not raise on transient errors:
         keep the last known members and retry with backoff."""
 
-    async def refresh(self, sink: DiscoverySink) -> None:  # noqa: B027 - static sources have nothing to re-read
+    async def refresh(self, sink: MembershipSink) -> None:  # noqa: B027 - static sources have nothing to re-read
         """Re-read the source now (a node about to exit checks whether it left)."""
 
     def status(self) -> dict[str, object]:

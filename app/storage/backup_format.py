@@ -45,7 +45,7 @@ from app.storage.base import Record
 MAGIC = b"KVSTORE-BACKUP\r\n"  # 16 bytes; the CR LF catches a text-mode copy that rewrote line ends
 FORMAT_VERSION = 1
 COMPRESSIONS = ("zstd", "none")
-# Measured (BENCHMARKS.md, issue 11), 1M keys of 100 hex-digit values: 68 MB instead
+# Measured (BENCHMARKS.md, "backup and restore"), 1M keys of 100 hex-digit values: 68 MB instead
 # of 146 MB, for ~10% more time at full pace and none at the default pace. Backups
 # are kept and shipped: the size is worth it.
 DEFAULT_COMPRESSION = "zstd"

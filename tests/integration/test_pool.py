@@ -15,13 +15,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 import uvloop
 
-<<<<<<<< HEAD:tests/integration/test_wire.py
 from app.transport.pool import PeerPool
 from tests.integration.scripted_server import ScriptedServer, ok
-========
-from app.transport.pool import PeerPool
-from tests.unit.scripted_server import ScriptedServer, ok
->>>>>>>> main:tests/unit/test_pool.py
 
 
 async def echo(request: bytes, writer: asyncio.StreamWriter) -> None:

@@ -85,12 +85,17 @@ dashboard-picture: $(VENV)/.installed tools
 	$(BIN)/pip install --quiet 'matplotlib>=3.7'
 	KVSTORE_DASHBOARD_PICTURE=$(CURDIR)/docs/dashboard.png $(BIN)/pytest -q -s tests/integration/test_prometheus.py
 
-# Load benchmarks (not tests): need wrk and taskset; results go in BENCHMARKS.md.
+# Load benchmarks (not tests): need wrk and taskset; results go in BENCHMARKS.md. One runner,
+# `python -m bench NAME [ARGS]` from the repository root (`python -m bench` lists the names);
+# `make bench-NAME` runs one with its defaults (ARGS="..." adds options), `make bench` these four.
 bench: $(VENV)/.installed
-	$(BIN)/python bench/http_node.py
-	$(BIN)/python bench/peer_clients.py --clients aiohttp,raw
-	$(BIN)/python bench/cluster.py
-	$(BIN)/python bench/storage_http.py
+	$(BIN)/python -m bench http_node
+	$(BIN)/python -m bench peer_clients --clients aiohttp,raw
+	$(BIN)/python -m bench cluster
+	$(BIN)/python -m bench storage_http
+
+bench-%: $(VENV)/.installed
+	$(BIN)/python -m bench $* $(ARGS)
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .hypothesis *.egg-info

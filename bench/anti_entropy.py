@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (
+from app.ring import HashRing
+from bench.lib.cluster_nodes import metric
+from bench.lib.common import (
     APP_DIR,
     PYTHON,
     SERVER_CORE,
@@ -46,8 +45,6 @@ from _common import (
     spawned,
     tempdir,
 )
-from app.ring import HashRing
-from cluster_nodes import metric
 from tests.harness.processes import Cluster
 
 NODES = ("node1", "node2", "node3")

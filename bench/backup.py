@@ -11,9 +11,9 @@ transactions), then:
   backup, then while backups run back to back. Target: >= 0.7x.
 
 Every node is pinned to the server core; wrk, the CLI and this script to the
-load core (bench/_common.py). Needs wrk (fails clearly without it).
+load core (bench/lib/common.py). Needs wrk (fails clearly without it).
 
-    .venv/bin/python -u bench/backup.py [--keys 1000000] [--duration 8] [--markdown]
+    .venv/bin/python -u -m bench backup [--keys 1000000] [--duration 8] [--markdown]
 
 Exit status 0 when every target is met, 1 otherwise.
 """
@@ -30,9 +30,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-
-from _common import (
+from bench.lib.common import (
     APP_DIR,
     LOAD_CORE,
     PYTHON,

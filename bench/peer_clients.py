@@ -11,8 +11,8 @@ Clients: httpx.AsyncClient, aiohttp.ClientSession (what app/transport/http.py
 uses), and `raw`, a ~60-line keep-alive HTTP/1.1 client on asyncio.Protocol
 with httptools' response parser (a candidate for the node's hot path).
 
-    .venv/bin/python bench/peer_clients.py [--duration 5] [--clients httpx,aiohttp,raw] [--markdown]
-    .venv/bin/python bench/peer_clients.py serve --client aiohttp --port P --backend http://127.0.0.1:Q
+    .venv/bin/python -m bench peer_clients [--duration 5] [--clients httpx,aiohttp,raw] [--markdown]
+    .venv/bin/python -m bench peer_clients serve --client aiohttp --port P --backend http://127.0.0.1:Q
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bare_asgi import uvicorn_config
+from bench.bare_asgi import uvicorn_config
 
 CLIENTS = ("httpx", "aiohttp", "raw")
 POOL = 64  # keep-alive connections to the backend: one per wrk connection
@@ -207,7 +205,7 @@ def serve(argv: list[str]) -> None:
 def bench(argv: list[str]) -> int:
     from contextlib import ExitStack
 
-    from _common import (
+    from bench.lib.common import (
         BENCH_DIR,
         PYTHON,
         format_table,
@@ -273,7 +271,8 @@ def bench(argv: list[str]) -> int:
                             f"forwarder-{name}",
                             [
                                 PYTHON,
-                                str(Path(__file__).resolve()),
+                                "-m",  # in the server's directory (APP_DIR): a snapshot there needs bench/ too
+                                "bench.peer_clients",
                                 "serve",
                                 "--client",
                                 name,

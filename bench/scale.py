@@ -27,7 +27,7 @@ Idle and p99 phases pin the nodes to the server core and wrk to the load core
 (as the other benches do); the join runs unpinned, on both cores, as a real
 join would. Usage:
 
-    flock /tmp/kvstore-bench.lock .venv/bin/python -u bench/scale.py --keys 100000 --keys 1000000
+    flock /tmp/kvstore-bench.lock .venv/bin/python -u -m bench scale --keys 100000 --keys 1000000
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from _common import (
+from bench.lib.cluster_nodes import metric
+from bench.lib.common import (
     APP_DIR,
     LOAD_CORE,
     REPO,
@@ -56,7 +56,6 @@ from _common import (
     run_wrk,
     write_lua,
 )
-from cluster_nodes import metric
 from tests.harness.processes import Cluster, wait_ready
 
 N = 3
@@ -116,7 +115,6 @@ def key_of(i: int) -> bytes:
 
 def preload(cache: Path, count: int) -> Path:
     """node1..node3's data dirs with `count` identical records; built once per count."""
-    sys.path.insert(0, str(APP_DIR))
     from app.clock import Version
     from app.config import NodeConfig
     from app.storage import Record, open_store

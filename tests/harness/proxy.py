@@ -10,14 +10,14 @@ reaches node j only through P[i, j]: `partition("node3")` cuts node3 off from
 everyone (both directions) while clients, talking to the nodes directly,
 still reach every node.
 
-Cheap by construction, because bench/cluster_slow.py measures a node behind
+Cheap by construction, because bench/lib/cluster_slow.py measures a node behind
 one and must not measure the proxy: protocol callbacks (no stream tasks), one
 timer per connection, on its own event loop (uvloop when installed) in a
 daemon thread of the caller's process, so a bench's proxy runs on the load
 core, not the servers'. The loop's thread does all the work; methods are
 called from the caller's thread, and `close()` (the fixtures call it) stops
 everything. Used by tests/integration (the proxy_mesh fixture) and
-bench/cluster_slow.py. Imports nothing from app.
+bench/lib/cluster_slow.py. Imports nothing from app.
 """
 
 from __future__ import annotations

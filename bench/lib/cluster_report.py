@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from _common import Result, format_table
-from cluster_nodes import SPREAD_KEYS
+from bench.lib.cluster_nodes import SPREAD_KEYS
+from bench.lib.common import Result, format_table
 
 # Targets: N=3 quorum req/s at least half of N=1's; at least etcd's; a slowed
 # node adds at most half again to quorum GET p99.

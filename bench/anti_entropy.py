@@ -31,6 +31,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from app.ring import HashRing
 from bench.lib.cluster_nodes import metric
@@ -159,7 +160,7 @@ class ClusterRun:
     rss_mib: float = 0.0  # the largest node's VmRSS after the window
 
 
-def child(name: str, code: str, logdir: Path, marker: str, timeout_s: float) -> list[dict[str, object]]:
+def child(name: str, code: str, logdir: Path, marker: str, timeout_s: float) -> list[dict[str, Any]]:
     with spawned(name, [PYTHON, "-c", code], logdir=logdir) as proc:
         proc.proc.wait(timeout=timeout_s)
         lines = proc.log_path.read_text().splitlines()

@@ -29,6 +29,7 @@ import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from bench.lib.common import (
     APP_DIR,
@@ -131,7 +132,7 @@ def start(stack: ExitStack, *, logdir: Path, name: str, data_root: Path) -> Clus
     return cluster.start()
 
 
-def cli(*args: str, output: Path | None = None) -> tuple[float, dict[str, object]]:
+def cli(*args: str, output: Path | None = None) -> tuple[float, dict[str, Any]]:
     """Run the kvstore CLI on the load core; (wall seconds, its JSON summary)."""
     started = time.perf_counter()
     done = subprocess.run(
@@ -183,7 +184,7 @@ def main() -> int:
                 [
                     f"backup ({label})",
                     f"{seconds:.1f} s",
-                    f"{int(summary['bytes']) / 1e6:.1f} MB",  # type: ignore[call-overload]
+                    f"{int(summary['bytes']) / 1e6:.1f} MB",
                     f"{args.keys / seconds:,.0f} keys/s",
                     f"<= {BACKUP_TARGET_S:.0f} s",
                     "met" if seconds <= BACKUP_TARGET_S else "MISSED",

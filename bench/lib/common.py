@@ -87,7 +87,7 @@ class Server:
     log_path: Path
     url: str = ""
     extra_pids: list[int] = field(default_factory=list)  # e.g. `kvstore cluster`'s node processes
-    _extra_starts: dict[int, str] = field(default_factory=dict)  # pid -> start time, against pid reuse
+    _extra_starts: dict[int, str | None] = field(default_factory=dict)  # pid -> start time, against pid reuse
 
     def pids(self) -> list[int]:
         return [self.proc.pid, *self.extra_pids]

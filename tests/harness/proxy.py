@@ -140,7 +140,7 @@ class _Connection(asyncio.Protocol):
         if self.closed:  # cut (reset) or closed while connecting
             upstream.close()
             return
-        self.upstream = cast(asyncio.Transport, upstream)
+        self.upstream = upstream
         self._flush()
 
     def data_received(self, data: bytes) -> None:

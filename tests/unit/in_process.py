@@ -6,6 +6,7 @@ passes one. The one builder behind test_coordinator and test_replication."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from app.clock import wall_ms
 from app.cluster.node import Node
@@ -61,7 +62,7 @@ class InProcessCluster:
         self.nodes[node_id] = node
         self.peer_client.replicas[node_id] = node.replica
         self.peer_client.walls[node_id] = wall
-        self.peer_client.membership_handlers[node_id] = lambda m, node=node: node.apply_membership(m, propagate=False)
+        self.peer_client.membership_handlers[node_id] = functools.partial(node.apply_membership, propagate=False)
         self.peer_client.shared_digest_handlers[node_id] = node.anti_entropy.answer_shared_digest
         return node
 

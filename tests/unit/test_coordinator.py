@@ -11,7 +11,7 @@ from app.clock import Version, wall_ms
 from app.cluster.coordinator import Coordinator, required_acks
 from app.cluster.hedging import TICK_S
 from app.errors import ClockOffsetError, InvalidRequestError, QuorumError, WriteNotWonError
-from app.storage.base import Record
+from app.storage.base import ApplyResult, Record
 from app.transport.fake import InProcessPeerClient
 from tests.unit.in_process import InProcessCluster, members
 from tests.unit.manual_time import ManualScheduler
@@ -152,17 +152,19 @@ async def test_a_replica_s_newer_version_from_beyond_the_bound_fails_the_write_w
     assert nodes["a"].clock.now().physical_ms < far.physical_ms  # the clock did not jump to follow it
 
 
-async def test_a_write_that_keeps_losing_fails_after_the_bounded_rounds(cluster: InProcessCluster) -> None:
+async def test_a_write_that_keeps_losing_fails_after_the_bounded_rounds(
+    cluster: InProcessCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
     nodes, _ = await build_cluster(cluster, replication_factor=1)
     key = key_owned_by(nodes["a"], "a")
     store = nodes["a"].replica.store
     original = store.apply
 
-    def always_newer(k: bytes, record: Record):
+    def always_newer(k: bytes, record: Record) -> ApplyResult:
         original(k, Record(version=Version(record.version.hlc + 1, "racer"), value=b"racer"))
         return original(k, record)
 
-    store.apply = always_newer
+    monkeypatch.setattr(store, "apply", always_newer)
     with pytest.raises(WriteNotWonError, match="after 3 rounds"):
         await nodes["a"].put(key, b"mine")
 

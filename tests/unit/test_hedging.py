@@ -24,11 +24,11 @@ async def test_only_overdue_pending_calls_are_hedged_and_a_hedge_may_queue_anoth
 
     def hedge_hung() -> None:
         hedged["hung"] = clock.time()
-        hedger.watch("other-peer", DELAY_S, second, lambda: hedged.setdefault("second", clock.time()))
+        hedger.watch("other-peer", DELAY_S, second, lambda: hedged.update(second=clock.time()))
 
     start = clock.time()
     hedger.watch("peer", DELAY_S, hung, hedge_hung)
-    hedger.watch("peer", DELAY_S, answered, lambda: hedged.setdefault("answered", clock.time()))
+    hedger.watch("peer", DELAY_S, answered, lambda: hedged.update(answered=clock.time()))
     answered.set_result(None)
     clock.advance(DELAY_S - TICK_S / 2)
     assert hedged == {}  # not before the deadline

@@ -49,8 +49,8 @@ lint: $(VENV)/.installed
 
 # The real helm and hadolint binaries, hash-pinned, into .tools/bin (the chart and image tests need them),
 # and the Debian packages the tests use (libfaketime for clock skew; prometheus and promtool
-# for the alert rules and the dashboard's queries).
-DEBIAN_PACKAGES := faketime prometheus
+# for the alert rules and the dashboard's queries; headless Chromium and its driver for the console).
+DEBIAN_PACKAGES := faketime prometheus chromium chromium-driver
 # Node.js and npm install cert-manager's published CRD schemas (install_tools.py, npm ci from a
 # lock); Debian's packages where the machine has no Node.js of its own.
 tools: $(VENV)/.installed
@@ -85,6 +85,13 @@ integration: $(VENV)/.installed tools
 dashboard-picture: $(VENV)/.installed tools
 	$(BIN)/pip install --quiet 'matplotlib>=3.7'
 	KVSTORE_DASHBOARD_PICTURE=$(CURDIR)/docs/dashboard.png $(BIN)/pytest -q -s tests/integration/test_prometheus.py
+
+# The README's console picture: the degraded screenshot tests/integration/test_console.py takes
+# of a real three-node cluster with one node killed (its other screenshots go to test-results/console/).
+.PHONY: console-picture
+console-picture: $(VENV)/.installed tools
+	KVSTORE_CONSOLE_PICTURE=$(CURDIR)/docs/console.png $(BIN)/pytest -q -rA \
+		tests/integration/test_console.py::test_console_follows_a_crash_and_a_restart_without_a_reload
 
 # Load benchmarks (not tests): need wrk and taskset; results go in BENCHMARKS.md. One runner,
 # `python -m bench NAME [ARGS]` from the repository root (`python -m bench` lists the names);

@@ -6,7 +6,7 @@ and `kvstore cluster --nodes 3`; drives each with wrk (servers pinned to one
 core, wrk to the other, 64 connections) and prints req/s, p50, p99 and the
 ratio to the bare-ASGI figure of the same run, then checks the targets.
 
-    .venv/bin/python -m bench http_node [--duration 5] [--warmup 1] [--markdown] [--tls] [--auth]
+    .venv/bin/python -m bench http_node [--duration 5] [--warmup 1] [--markdown] [--tls] [--auth] [--console]
 
 With --tls, a single node serving HTTPS (a certificate made by
 tests/harness/certs.py; wrk speaks TLS over its keep-alive connections) is
@@ -19,6 +19,16 @@ token) is measured beside the same node without it, alternating the two
 --auth-pairs times: GET /kv/{key} and PUT /kv/{key}. Target: each >= 0.95 x
 without auth (the median of the pairs' ratios).
 
+With --console, a three-node cluster (default replication) is measured with
+and without the web console open on node1, the node under load (issue 22),
+alternating the two --console-pairs times: GET and PUT via node1, keys
+spread. The open console is a poller that loads /ui and its files once,
+then every 2 s asks /console/overview and looks a key up on its replicas,
+as a page with a key typed in does. Also the CPU one poll costs the three
+nodes together, on the idle cluster: a figure other work on a shared
+machine barely moves, unlike req/s. Reported, no target (--only-console
+runs this part alone).
+
 Exit status 0 when every target is met, 1 when one is missed.
 """
 
@@ -29,8 +39,9 @@ import hashlib
 import http.client
 import statistics
 import sys
-from collections.abc import Callable
-from contextlib import ExitStack
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from app.config import DEFAULT_VNODES
@@ -40,6 +51,7 @@ from bench.lib.common import (
     BENCH_DIR,
     PYTHON,
     Result,
+    cpu_seconds,
     format_table,
     free_port,
     http_request,
@@ -93,6 +105,66 @@ end
 """
 
 
+CONSOLE_POLL_S = 2.0  # the page's own interval (app/web/routes_console.py POLL_INTERVAL_MS)
+CONSOLE_FILES = (
+    "/ui",
+    "/ui/console.css",
+    "/ui/console.js",
+    "/ui/api.js",
+    "/ui/format.js",
+    "/ui/lookup.js",
+    "/ui/members.js",
+    "/ui/ring.js",
+    "/ui/favicon.svg",
+    "/console/ring",
+)
+
+
+@contextmanager
+def console_polling(url: str, key: str) -> Iterator[dict[str, int]]:
+    """An open console on url while the block runs: its files once, then
+    every CONSOLE_POLL_S the overview and a key lookup. Yields its counts."""
+    counts = {"polls": 0, "failed": 0}
+    stop = threading.Event()
+
+    def fetch(path: str) -> None:
+        status, _ = http_request(url, "GET", path)
+        counts["failed"] += status != 200
+
+    def run() -> None:
+        for path in CONSOLE_FILES:
+            fetch(path)
+        while not stop.is_set():
+            fetch("/console/overview")
+            fetch(f"/console/key?key={key}")
+            counts["polls"] += 1
+            stop.wait(CONSOLE_POLL_S)
+
+    poller = threading.Thread(target=run, name="console-poller", daemon=True)
+    poller.start()
+    try:
+        yield counts
+    finally:
+        stop.set()
+        poller.join(timeout=10)
+
+
+POLL_COST_SAMPLES = 50
+
+
+def poll_cost(url: str, key: str, pids: list[int]) -> float:
+    """Server CPU seconds (every node together) one console poll costs: the
+    mean over POLL_COST_SAMPLES polls on an otherwise idle cluster (the
+    kernel counts CPU in 10 ms ticks, so one poll alone is below its
+    resolution). A figure other work on the machine barely moves, unlike req/s."""
+    before = cpu_seconds(pids)
+    for _ in range(POLL_COST_SAMPLES):
+        for path in ("/console/overview", f"/console/key?key={key}"):
+            status, _ = http_request(url, "GET", path)
+            assert status == 200, f"{path} answered {status}"
+    return (cpu_seconds(pids) - before) / POLL_COST_SAMPLES
+
+
 def node_argv(node_id: str, port: int, peers: dict[str, int], *, scheme: str = "http") -> list[str]:
     """A data-path node: one owner per key (replication factor 1), so a key
     another node owns costs exactly one internal hop."""
@@ -141,6 +213,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of discarded warm-up before each run")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (for BENCHMARKS.md)")
     parser.add_argument("--tls", action="store_true", help="also measure a single node serving HTTPS")
+    parser.add_argument(
+        "--console", action="store_true", help="also measure with the web console open and polling (issue 22)"
+    )
+    parser.add_argument("--console-pairs", type=int, default=3, help="--console: alternated with/without pairs")
+    parser.add_argument("--only-console", action="store_true", help="measure the --console pairs alone")
     parser.add_argument("--auth", action="store_true", help="also measure a single node under access control")
     parser.add_argument("--auth-pairs", type=int, default=3, help="--auth: alternated with/without pairs")
     parser.add_argument("--only-auth", action="store_true", help="measure the --auth pairs alone")
@@ -159,6 +236,11 @@ def main() -> int:
             flush=True,
         )
         return result
+
+    if args.only_console:
+        with tempdir("kvstore-bench-") as tmp:
+            report_console(*measure_console(Path(tmp), measure, pairs=args.console_pairs))
+        return 0
 
     if args.only_auth:
         with tempdir("kvstore-bench-") as tmp:
@@ -274,6 +356,9 @@ def main() -> int:
             )
 
     print_report(results, markdown=args.markdown, duration=args.duration)
+    if args.console:
+        with tempdir("kvstore-bench-") as tmp:
+            report_console(*measure_console(Path(tmp), measure, pairs=args.console_pairs))
     ok = check_targets(results)
     if auth_ratios is not None:
         ok &= check_auth(auth_ratios)
@@ -344,6 +429,65 @@ def check_auth(ratios: dict[str, list[float]]) -> bool:
         verdict = "met" if met else "MISSED"
         print(f"  {method.upper():<4} median {median:.3f}x ({shown})  target >= {TARGETS['auth']}x  {verdict}")
     return ok
+
+
+def measure_console(
+    logdir: Path, measure: Callable[..., Result], *, pairs: int
+) -> tuple[dict[str, list[tuple[float, float]]], float]:
+    """A three-node cluster measured without and with a console polling node1,
+    `pairs` times (each pair back to back, the order alternated, so drift
+    hits both alike): ({"get"|"put": [(req/s ratio, CPU/req ratio), ...]},
+    each with / without), and the CPU seconds one poll costs the cluster."""
+    spread_get = write_lua(logdir, "console_spread_get", LUA_SPREAD_GET)
+    spread_put = write_lua(logdir, "console_spread_put", LUA_SPREAD_PUT)
+    base = free_port_block(3)
+    urls = [f"http://{HOST}:{base + i}" for i in range(3)]
+    argv = [PYTHON, "-m", "app", "cluster", "--nodes", "3", "--base-port", str(base), "--host", HOST]
+    ratios: dict[str, list[tuple[float, float]]] = {"get": [], "put": []}
+    with serving("console-cluster", argv, health_urls=urls, logdir=logdir) as cluster:
+        wait_ready(urls, servers=[cluster])
+        for i in range(SPREAD_KEYS):
+            put_seed(urls[0], f"s{i}")
+        pids = cluster.pids()
+        cost = poll_cost(urls[0], "s0", pids)
+        for pair in range(pairs):
+            got: dict[tuple[bool, str], Result] = {}
+            for console in (False, True) if pair % 2 == 0 else (True, False):
+                label = "console polling" if console else "no console"
+                with ExitStack() as stack:
+                    polled = stack.enter_context(console_polling(urls[0], "s0")) if console else None
+                    for method, lua, url in (
+                        ("get", spread_get, urls[0] + "/get?key=s0"),
+                        ("put", spread_put, urls[0]),
+                    ):
+                        got[console, method] = measure(
+                            f"console_{method}_{console}_{pair}",
+                            f"3-node cluster {method.upper()} via node1, {label}",
+                            url,
+                            lua,
+                            pids,
+                        )
+                if polled is not None:
+                    print(f"    console: {polled['polls']} polls, {polled['failed']} failed requests", flush=True)
+            for method in ratios:
+                without, with_console = got[False, method], got[True, method]
+                cpu = with_console.cpu_us_per_request / without.cpu_us_per_request if without.requests else 0.0
+                ratios[method].append((with_console.rps / without.rps, cpu))
+    return ratios, cost
+
+
+def report_console(ratios: dict[str, list[tuple[float, float]]], cost: float) -> None:
+    print("\nweb console polling node1 / no console (3-node cluster, same run, alternated pairs):")
+    for method, pairs in ratios.items():
+        rps = statistics.median(r for r, _ in pairs)
+        cpu = statistics.median(c for _, c in pairs)
+        shown = ", ".join(f"{r:.3f}/{c:.3f}" for r, c in pairs)
+        print(f"  {method.upper():<4} req/s median x{rps:.3f}, server CPU/req median x{cpu:.3f}  (pairs: {shown})")
+    print(
+        f"  one poll (overview + key lookup) costs the three nodes {cost * 1000:.1f} ms of CPU in all"
+        f" (mean of {POLL_COST_SAMPLES}, idle cluster): {cost / CONSOLE_POLL_S:.2%} of one core"
+        f" at one poll every {CONSOLE_POLL_S:g} s"
+    )
 
 
 def references(results: dict[str, Result]) -> tuple[float, float]:

@@ -11,6 +11,8 @@
 # prometheus: the real Prometheus server and promtool, which check and unit-test
 #           the chart's alert rules (tests/k8s/test_alerts.py) and scrape a
 #           running cluster (tests/integration/test_prometheus.py).
+# chromium, chromium-driver: a real headless browser, driven by Selenium, for
+#           the console's tests (tests/integration/test_console.py).
 # nodejs, npm: only where the machine has no Node.js; `npm ci` installs
 #           cert-manager's CRD schemas for the chart's TLS tests (Makefile tools).
 set -euo pipefail

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from dataclasses import dataclass
 
+from app.clock import wall_ms
 from app.cluster.context import ClusterContext, ClusterWorker
 from app.config import DIGEST_SUBARCS
 from app.errors import DigestsBuildingError, PeerError, PeerUnavailableError, RingDiffersError
@@ -42,11 +44,23 @@ MAX_ARCS_PER_ROUND = 1024  # mismatched arcs repaired per round; the rest waits 
 DIGEST_ARCS_PER_REQUEST = 256
 
 
+@dataclass(frozen=True, slots=True)
+class RoundReport:
+    """The last finished round, for /ring and the console: when, with whom, what it repaired."""
+
+    finished_ms: int  # wall clock
+    peer: str
+    repaired: int  # records pulled here plus records pushed to the peer
+    reached: bool  # False: the peer stopped answering during the round (nothing was compared)
+
+
 class AntiEntropy(ClusterWorker):
     def __init__(self, context: ClusterContext) -> None:
         super().__init__(context)
         self._turn = itertools.count()
         self.rounds = 0
+        self.repaired_total = 0
+        self.last_round: RoundReport | None = None
         self._shared: tuple[object, dict[str, list[tuple[int, int]]]] = (None, {})
 
     def shared_arcs(self, peer_id: str) -> list[tuple[int, int]]:
@@ -72,6 +86,10 @@ class AntiEntropy(ClusterWorker):
         peer_id = peers[next(self._turn) % len(peers)]
         repaired = await self.compare_with(peer_id)
         self.rounds += 1
+        self.repaired_total += repaired
+        self.last_round = RoundReport(
+            finished_ms=wall_ms(), peer=peer_id, repaired=repaired, reached=self.health.is_up(peer_id)
+        )
         return repaired
 
     def ring_name(self) -> str:

@@ -37,6 +37,7 @@ MEMBERSHIP_PATH = INTERNAL_PREFIX + "/membership"
 CLOCK_PATH = INTERNAL_PREFIX + "/clock"  # a node's wall clock, for offset measurement
 WRITES_PATH = INTERNAL_PREFIX + "/writes"  # coalesced single-key writes (app.coalesce)
 READS_PATH = INTERNAL_PREFIX + "/reads"  # coalesced single-key reads
+RING_PATH = "/ring"  # a client route, not an internal one: the console fetches each peer's view
 COALESCE_MAX_CALLS = 64  # calls per coalesced request: one request's worth of work, not a bulk transfer
 COALESCE_MAX_BYTES = 256 * 1024  # body bytes per coalesced request; a bigger single write goes alone
 
@@ -151,6 +152,12 @@ class PeerClient(abc.ABC):
         """A cheap liveness check: True if the peer answers its health route.
         May raise PeerTLSError instead of returning False, to say why not (a
         certificate from another CA): the prober shows that reason in /ring."""
+
+    @abc.abstractmethod
+    async def ring_view(self, peer: Peer, *, authorization: str | None) -> dict[str, object]:
+        """The peer's public /ring answer (the console shows how each member
+        sees the others). `authorization` is the console caller's own header,
+        forwarded: /ring is a client route, never opened by the cluster token."""
 
     @abc.abstractmethod
     async def wall_clock(self, peer: Peer) -> int:

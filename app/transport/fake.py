@@ -35,6 +35,7 @@ class InProcessPeerClient(PeerClient):
         self.shared_digest_handlers: dict[str, Callable[[str, str], Awaitable[bytes]]] = {}
         self.unreachable: set[str] = set()
         self.hung: set[str] = set()  # accept calls and never answer (a blackholed peer): callers must time out or hedge
+        self.ring_views: dict[str, Callable[[], dict[str, object]]] = {}  # node_id -> its /ring answer
         self.walls: dict[str, Callable[[], int]] = {}  # a node's wall clock, if not the real one (skew tests)
         self.calls: list[tuple[str, str]] = []  # (node_id, operation), for assertions
         # node_id -> the protocol header its answers carry, if not this build's (None: none, as 0.1.0)
@@ -97,3 +98,9 @@ class InProcessPeerClient(PeerClient):
         if peer.node_id in self.hung:
             raise PeerUnavailableError(f"peer {peer} unreachable (clock): timed out", peer=peer.node_id)
         return self.walls.get(peer.node_id, wall_ms)()
+
+    async def ring_view(self, peer: Peer, *, authorization: str | None) -> dict[str, object]:
+        self._target(peer, "ring")
+        if peer.node_id in self.hung or peer.node_id not in self.ring_views:
+            raise PeerUnavailableError(f"peer {peer} unreachable (ring view): timed out", peer=peer.node_id)
+        return self.ring_views[peer.node_id]()

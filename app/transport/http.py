@@ -55,6 +55,7 @@ from app.transport.base import (
     NEWER_HEADER,
     RANGE_PATH,
     READS_PATH,
+    RING_PATH,
     SHARED_DIGEST_PATH,
     SYNCING_HEADER,
     SYNCING_PATH,
@@ -408,6 +409,21 @@ class HttpPeerClient(PeerClient):
             if _tls_failure(exc) is not None:
                 raise _unreachable(peer, "probe", exc) from exc  # a PeerTLSError: the prober records why
             return False
+
+    async def ring_view(self, peer: Peer, *, authorization: str | None) -> dict[str, object]:
+        # The session's timeout, --peer-timeout: the console marks a peer down
+        # when this gets no answer, so it must wait as long as a replica call would.
+        headers = {"authorization": authorization} if authorization else {}
+        async with (
+            self._call(peer, "ring view"),
+            self._session.get(URL(peer.url + RING_PATH, encoded=True), headers=headers, ssl=self._ssl()) as resp,
+        ):
+            body = await resp.read()
+            _expect(resp.status, body, peer, "ring view")
+            view = _decoded(lambda: orjson.loads(body), peer)
+            if not isinstance(view, dict):
+                raise _malformed(peer, TypeError(f"/ring answered a JSON {type(view).__name__}, not an object"))
+            return view
 
     def forget(self, peer: Peer) -> None:
         pool = self._pools.pop(peer.url, None)

@@ -1,6 +1,6 @@
 """The composition root: create_app(config) returns the ASGI application
 uvicorn serves: the data plane (app.web.dataplane) in front of a FastAPI
-application for the ops and admin routes and the docs. The node itself is
+application for the ops, admin and console routes and the docs. The node itself is
 opened in the lifespan, with the HTTP peer client and the membership source
 the config names, and put in the slot both halves read.
 """
@@ -35,7 +35,9 @@ from app.web.errors import error_body, headers_for, status_for
 from app.web.openapi import merge_raw_routes
 from app.web.routes_admin import router as admin_router
 from app.web.routes_backup import router as backup_router
+from app.web.routes_console import router as console_router
 from app.web.routes_ops import router as ops_router
+from app.web.routes_ui import router as ui_router
 from app.web.slot import NodeSlot
 
 
@@ -91,6 +93,8 @@ def create_app(config: NodeConfig, *, metrics: NodeMetrics | None = None, tls: T
     api.include_router(ops_router)
     api.include_router(admin_router)
     api.include_router(backup_router)
+    api.include_router(console_router)
+    api.include_router(ui_router)
     _install_error_handlers(api)
     _install_openapi(api)
     return DataPlane(

@@ -9,6 +9,8 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from app.clock import wall_ms
+from app.cluster.node import Node
 from app.errors import NodeStartingError
 from app.metrics import CONTENT_TYPE_LATEST, NodeMetrics
 from app.web.slot import NodeSlot, node_of
@@ -35,7 +37,11 @@ def readiness(slot: NodeSlot) -> tuple[int, dict[str, str]]:
 
 @router.get("/ring", summary="This node's view of the ring: members, reachability, key-space shares")
 async def ring(request: Request) -> dict[str, object]:
-    node = node_of(request)
+    return ring_view(node_of(request))
+
+
+def ring_view(node: Node) -> dict[str, object]:
+    """/ring's answer; the console (routes_console) reads every node's."""
     source = node.membership_source
     view = node.topology.current
     shares = view.ring.shares()
@@ -86,6 +92,48 @@ async def ring(request: Request) -> dict[str, object]:
         "clock": {"max_offset_ms": node.offsets.max_offset_ms, "refusal": node.offsets.refusal()},
         "membership_source": source.status() | {"staleness_s": round(source.staleness_s(), 3)},
         "members": members,
+        "local": local_view(node),
+    }
+
+
+def local_view(node: Node) -> dict[str, object]:
+    """What this node says of itself (added in 0.2 for the console's member
+    rows; readers of 0.1.0's /ring find it absent): readiness, keys,
+    storage, hints, rebalancing and anti-entropy. (Its release is /ring's
+    top-level `version`.)"""
+    usage = node.store.usage()
+    status = node.handoff.status
+    last = node.anti_entropy.last_round
+    reason = node.not_ready_reason()
+    return {
+        "wall_ms": wall_ms(),
+        "ready": reason is None,
+        "not_ready_reason": reason,
+        "live_keys": node.store.live_count(),
+        "storage_used_bytes": None if usage is None else usage.used_bytes,
+        "storage_limit_bytes": None if usage is None else usage.limit_bytes,
+        "hints_pending": node.replica.hints.pending(),
+        "rebalance": {
+            "syncing": status.syncing,
+            "pending_ranges": status.pending_ranges,
+            "records_pulled": status.records_pulled,
+            "records_needed": status.records_needed,
+            "surplus_keys": status.surplus_keys,
+            "surplus_ranges": status.surplus_ranges,
+        },
+        "anti_entropy": {
+            "interval_s": node.config.anti_entropy_interval,
+            "rounds": node.anti_entropy.rounds,
+            "repaired_total": node.anti_entropy.repaired_total,
+            "last_round": None
+            if last is None
+            else {
+                "finished_ms": last.finished_ms,
+                "peer": last.peer,
+                "repaired": last.repaired,
+                "reached": last.reached,
+            },
+        },
     }
 
 

@@ -160,6 +160,7 @@ def key_requests(key: str, value: str) -> list[KeyRequest]:
         KeyRequest("read", "GET", f"/kv/{odd}"),
         KeyRequest("write", "PUT", "/put", content=body),
         KeyRequest("read", "GET", "/get", params={"key": key}),
+        KeyRequest("read", "GET", "/console/key", params={"key": key}),  # the console's lookup: a read's rule
         KeyRequest("write", "DELETE", f"/kv/{odd}"),
         KeyRequest("write", "DELETE", "/delete", params={"key": key}),
     ]
@@ -222,6 +223,11 @@ def test_the_permission_matrix_holds_for_every_user_route_and_key(guarded: Guard
                 ("GET", "/health"): 200,
                 ("GET", "/ready"): 200,
                 ("GET", "/metrics"): 200,
+                ("GET", "/ui"): 200,  # the console's page and files are open; its data is not
+                ("GET", "/ui/console.js"): 200,
+                ("GET", "/favicon.ico"): 200,
+                ("GET", "/console/overview"): 200 if known else 401,
+                ("GET", "/console/ring"): 200 if known else 401,
                 ("GET", "/internal/v1/clock"): 401,  # a user's token never opens node-to-node routes
             }
             for (method, path), status in expect.items():

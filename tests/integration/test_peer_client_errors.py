@@ -86,3 +86,38 @@ async def test_no_answer_at_all_is_unavailable() -> None:
             await client.wall_clock(peer)
     finally:
         await client.close()
+
+
+async def test_a_ring_view_forwards_the_callers_credentials_and_nothing_of_the_node() -> None:
+    """The console asks each peer's public /ring as the user who asked it:
+    their Authorization header, never the cluster token; a refusal or a
+    non-object answer is the peer's error, not an outage."""
+    seen: list[bytes] = []
+    answers = iter([b'{"node_id": "n2", "members": []}', b"[1, 2]"])
+
+    async def handler(request: bytes, writer: asyncio.StreamWriter) -> None:
+        seen.append(request)
+        writer.write(ok(next(answers)))
+
+    async with ScriptedServer(handler) as server:
+        client = HttpPeerClient(timeout_s=2.0, token="cluster-secret", self_id="n1")
+        peer = Peer("n2", f"http://127.0.0.1:{server.port}")
+        try:
+            assert await client.ring_view(peer, authorization="Bearer user-token") == {"node_id": "n2", "members": []}
+            head = seen[0].lower()
+            assert head.startswith(b"get /ring ") and b"authorization: bearer user-token" in head
+            assert b"cluster-secret" not in head and b"x-kvstore-from" not in head
+            with pytest.raises(PeerError, match="malformed answer") as caught:
+                await client.ring_view(peer, authorization=None)
+            assert not isinstance(caught.value, PeerUnavailableError)
+            assert b"authorization" not in seen[1].lower()
+        finally:
+            await client.close()
+
+    async with answering(b"401 Unauthorized", b'{"error": "auth: unknown token"}') as server:
+        client = HttpPeerClient(timeout_s=2.0)
+        try:
+            with pytest.raises(PeerRefusedError, match="unknown token"):
+                await client.ring_view(Peer("n2", f"http://127.0.0.1:{server.port}"), authorization="Bearer x")
+        finally:
+            await client.close()

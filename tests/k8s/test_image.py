@@ -276,6 +276,9 @@ def test_one_pod_serves_is_healthy_keeps_its_data_and_stops_in_time(
     assert podman("exec", pod.container, "touch", "/opt/venv/x", check=False).returncode != 0, (
         "the root must be read-only"
     )
+    # The console's page is package data (pyproject's package-data): the installed image serves it.
+    for path in ("/ui", "/ui/console.js", "/favicon.ico"):
+        assert httpx.get(pod.url + path, timeout=2.0).status_code == 200, path
 
     # The users file from the mounted Secret is in force: no token, 401; the admin token, in.
     anonymous = httpx.put(f"{pod.url}/kv/one-0", content=b"x", timeout=5.0)

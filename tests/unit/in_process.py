@@ -13,6 +13,7 @@ from app.cluster.node import Node
 from app.config import NodeConfig
 from app.membership.static import StaticMembership
 from app.transport.fake import InProcessPeerClient
+from app.web.routes_ops import ring_view
 from tests.unit.manual_time import ManualScheduler
 
 QUIET = {
@@ -64,6 +65,7 @@ class InProcessCluster:
         self.peer_client.walls[node_id] = wall
         self.peer_client.membership_handlers[node_id] = functools.partial(node.apply_membership, propagate=False)
         self.peer_client.shared_digest_handlers[node_id] = node.anti_entropy.answer_shared_digest
+        self.peer_client.ring_views[node_id] = lambda node=node: ring_view(node)
         return node
 
     async def start_holding(

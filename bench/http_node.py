@@ -440,7 +440,7 @@ def measure_console(
     each with / without), and the CPU seconds one poll costs the cluster."""
     spread_get = write_lua(logdir, "console_spread_get", LUA_SPREAD_GET)
     spread_put = write_lua(logdir, "console_spread_put", LUA_SPREAD_PUT)
-    base = free_port_block(3)
+    base = free_port_run(3)
     urls = [f"http://{HOST}:{base + i}" for i in range(3)]
     argv = [PYTHON, "-m", "app", "cluster", "--nodes", "3", "--base-port", str(base), "--host", HOST]
     ratios: dict[str, list[tuple[float, float]]] = {"get": [], "put": []}

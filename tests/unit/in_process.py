@@ -65,7 +65,7 @@ class InProcessCluster:
         self.peer_client.walls[node_id] = wall
         self.peer_client.membership_handlers[node_id] = functools.partial(node.apply_membership, propagate=False)
         self.peer_client.shared_digest_handlers[node_id] = node.anti_entropy.answer_shared_digest
-        self.peer_client.ring_views[node_id] = lambda node=node: ring_view(node)
+        self.peer_client.ring_views[node_id] = functools.partial(ring_view, node)
         return node
 
     async def start_holding(

@@ -32,10 +32,11 @@ RUN rm -rf /opt/venv/lib/python3*/site-packages/kubernetes/aio \
 # dependencies above; then the installers leave the venv and everything is byte-compiled.
 COPY pyproject.toml README.md ./
 COPY app ./app
+COPY client ./client
 RUN pip install --no-cache-dir --require-hashes -r requirements/build.txt \
-    && pip install --no-cache-dir --no-deps --no-build-isolation . \
+    && pip install --no-cache-dir --no-deps --no-build-isolation . ./client \
     && pip uninstall --yes setuptools wheel packaging pip \
-    && python -c "import app.web.app, app.membership.kubernetes" \
+    && python -c "import app.web.app, app.membership.kubernetes, kvstore_client" \
     && python -m compileall -q /opt/venv
 
 

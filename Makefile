@@ -17,10 +17,12 @@ $(BIN)/python:
 
 # Reinstall whenever the lock changes; the stamp records the last install. Every
 # package comes from the lock (pinned, hash-checked); the project itself is
-# installed editable without dependencies, built by the locked setuptools.
-$(VENV)/.installed: pyproject.toml $(LOCK)/test.txt $(LOCK)/build.txt | $(BIN)/python
+# installed editable without dependencies, built by the locked setuptools; so is the
+# client library (client/, its own distribution), so that `make test` covers it.
+$(VENV)/.installed: pyproject.toml client/pyproject.toml $(LOCK)/test.txt $(LOCK)/build.txt | $(BIN)/python
 	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)/build.txt -r $(LOCK)/test.txt
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e ./client
 	touch $@
 
 # Re-resolve the locks from pyproject.toml's ranges (newest matching releases), with hashes.
@@ -38,9 +40,9 @@ lock:
 run: $(VENV)/.installed
 	$(BIN)/kvstore cluster --nodes 3 --base-port 8080
 
-# Import contracts, ruff (style, imports, likely bugs; formatting) everywhere, and mypy (strict on app/;
-# on tests/ and bench/ relaxed: bodies checked, annotations optional; see pyproject.toml).
-LINTED := app scripts tests bench
+# Import contracts, ruff (style, imports, likely bugs; formatting) everywhere, and mypy (strict on app/
+# and client/; on tests/ and bench/ relaxed: bodies checked, annotations optional; see pyproject.toml).
+LINTED := app scripts tests bench client
 lint: $(VENV)/.installed
 	$(BIN)/lint-imports
 	$(BIN)/ruff check $(LINTED)

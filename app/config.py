@@ -20,6 +20,8 @@ ENV_PREFIX = "KVSTORE_"
 DEFAULT_VNODES = 1024  # measured: 3 nodes x 1024 keep the fullest within ~6% of the mean (256: ~10%)
 MAX_KEY_BYTES = 1024  # keys are identifiers, not payloads; bounded so they fit in headers and logs
 DEFAULT_MAX_VALUE_BYTES = 1024 * 1024  # 1 MiB: big enough for documents, small enough to buffer
+MAX_BATCH_KEYS = 256  # keys per /batch/get or /batch/put: a few ms of coordinator work, one answer buffered
+MAX_BATCH_BODY_BYTES = 16 * 1024 * 1024  # a batch body, base64 included: bounded memory per request
 DEFAULT_PEER_TIMEOUT_S = 2.0  # a peer slower than this is treated as unavailable (503), not waited on
 DEFAULT_LISTEN = "127.0.0.1:8080"  # the first node of `kvstore cluster` and the README's walkthrough
 

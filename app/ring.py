@@ -16,6 +16,10 @@ from app.config import DEFAULT_VNODES
 
 HASH_BITS = 64
 HASH_SPACE = 1 << HASH_BITS
+# stable_hash, named for clients that route keys themselves (GET /ring/tokens):
+# BLAKE2b with an 8-byte digest of the key's UTF-8 bytes, read as a big-endian
+# unsigned integer. A key belongs to the first token >= its hash, wrapping to the first.
+HASH_NAME = "blake2b-64-be"
 PRECOMPUTED_WALK = 8  # replication factors above this are walked per lookup (slower, never seen)
 
 
@@ -98,6 +102,11 @@ class HashRing:
 
     def __len__(self) -> int:
         return len(self._members)
+
+    def points(self) -> list[tuple[int, str]]:
+        """Every (token, member) point, in token order: what a client needs to
+        place keys exactly as the nodes do (see HASH_NAME)."""
+        return list(zip(self._tokens, self._owners, strict=True))
 
     def __contains__(self, member: object) -> bool:
         return member in self._members

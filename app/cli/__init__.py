@@ -11,7 +11,8 @@ app.web.server, a local cluster by app.local_cluster.
 Every node flag also reads KVSTORE_<FLAG> from the environment (app.config).
 Every client command takes --url, --token, --cacert, --cert and --key (env
 KVSTORE_URL, KVSTORE_TOKEN, KVSTORE_CACERT, KVSTORE_CERT, KVSTORE_KEY) through
-one helper, add_client_options() with open_client().
+one helper, add_client_options() with open_client(), which makes the client
+library's Client (kvstore_client, in client/): the CLI has no HTTP code of its own.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import ssl
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 from app import local_cluster
 from app.config import (
@@ -36,7 +36,7 @@ from app.config import (
 from app.errors import ConfigError, KvstoreError
 
 if TYPE_CHECKING:
-    import httpx  # imported for real only by the client commands: a node never loads it
+    import kvstore_client  # imported for real only by the client commands: a node never loads it
 
 
 CLIENT_TIMEOUT_S = 10.0
@@ -128,11 +128,14 @@ def add_client_options(parser: argparse.ArgumentParser, *, token_env: tuple[str,
     )
 
 
-def open_client(args: argparse.Namespace, *, timeout: float = CLIENT_TIMEOUT_S) -> httpx.Client:
-    """The HTTP client of a client command, from add_client_options()'s options."""
-    import httpx
+def open_client(args: argparse.Namespace, *, timeout: float = CLIENT_TIMEOUT_S) -> kvstore_client.Client:
+    """The client of a client command (kvstore_client), from add_client_options()'s options.
 
+    Not ring-aware: a command is one or two calls to the node it names, and
+    fetching the ring first would double them; behind a port-forward the
+    members' own URLs may not even be reachable from here."""
     from app.transport.tls import client_context
+    from kvstore_client import Client
 
     if args.client_key and not args.cert:
         raise ConfigError("config: --key needs --cert")
@@ -140,8 +143,7 @@ def open_client(args: argparse.Namespace, *, timeout: float = CLIENT_TIMEOUT_S) 
         verify = client_context(cafile=args.cacert, certfile=args.cert, keyfile=args.client_key)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"config: cannot load --cacert/--cert/--key: {exc}") from exc
-    headers = {"authorization": f"Bearer {args.token}"} if args.token else None
-    return httpx.Client(base_url=args.url.rstrip("/"), timeout=timeout, verify=verify, headers=headers)
+    return Client([args.url], token=args.token or None, ca=verify, timeout=timeout, ring_aware=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -206,44 +208,40 @@ def run_auth(args: argparse.Namespace) -> int:
 
 
 def run_client(args: argparse.Namespace) -> int:
-    import httpx
+    import kvstore_client
 
-    from app.cli.backup import error_text
-
-    base = args.url.rstrip("/")
     try:
-        with open_client(args) as client:
+        with open_client(args) as kv:
             if args.command in ("backup", "restore"):
                 from app.cli import backup as cli_backup
 
-                return cli_backup.run(client, args)
-            path = "/kv/" + quote(args.key, safe="") if args.command != "ring" else "/ring"
+                return cli_backup.run(kv, args)
             if args.command == "get":
-                resp = client.get(path)
-                if resp.status_code == 200:
-                    sys.stdout.buffer.write(resp.content + b"\n")
-                    return 0
+                value = kv.get(args.key)
+                if value is None:
+                    print("kvstore: 404: key not found", file=sys.stderr)
+                    return 1
+                sys.stdout.buffer.write(value + b"\n")
             elif args.command == "put":
-                params = {"ttl": args.ttl} if args.ttl else None
-                resp = client.put(path, content=args.value.encode(), params=params)
-                if resp.status_code == 204:
-                    print(f"OK {resp.headers.get('x-kvstore-version', '')}".rstrip())
-                    return 0
+                version = kv.put(args.key, args.value.encode(), ttl=args.ttl or None)
+                print(f"OK {version}".rstrip())
             elif args.command == "delete":
-                resp = client.delete(path)
-                if resp.status_code == 204:
-                    print("OK")
-                    return 0
+                kv.delete(args.key)
+                print("OK")
             else:
-                resp = client.get(path)
-                if resp.status_code == 200:
-                    print(format_ring(resp.json()))
-                    return 0
-    except httpx.HTTPError as exc:
-        print(f"kvstore: cannot reach {base}: {exc}", file=sys.stderr)
+                print(format_ring(kv.ring()))
+            return 0
+    except kvstore_client.KvstoreError as exc:
+        print(f"kvstore: {error_text(exc)}", file=sys.stderr)
         return 1
-    print(f"kvstore: {resp.status_code}: {error_text(resp)}", file=sys.stderr)
-    return 1
+
+
+def error_text(exc: kvstore_client.KvstoreError) -> str:
+    """What the CLI says about a client error: `STATUS: the node's message` for
+    an answer (as it always has), or where it could not reach."""
+    if exc.status is not None:
+        return f"{exc.status}: {exc.message}"
+    return str(exc)
 
 
 def format_ring(ring: dict[str, Any]) -> str:

@@ -2,7 +2,8 @@
 routes (app.web.routes_backup). app.cli parses the flags and builds the HTTP
 client (run_client, so its connection flags apply here too); this module
 streams a backup into a file or stdout, verifying each chunk as it passes,
-and feeds a backup file's verified chunks to POST /admin/restore. Progress
+and feeds a backup file's verified chunks to POST /admin/restore, both
+through the client library (kvstore_client.Client.stream and .post). Progress
 goes to stderr when it is a terminal; a JSON summary ends every run.
 """
 
@@ -17,18 +18,16 @@ import time
 from collections.abc import Iterator
 from typing import IO, Any
 
-import httpx
-
+import kvstore_client
 from app.errors import BackupCommandError, BackupFormatError
 from app.storage.backup_format import BackupReader
 
-CLIENT_CONNECT_TIMEOUT_S = 10.0
 BACKUP_READ_TIMEOUT_S = 300.0  # between two chunks of a backup stream: a big batch on a loaded cluster
 RESTORE_TIMEOUT_S = 120.0  # one chunk's write to W replicas of every key in it
 PROGRESS_EVERY_S = 0.5
 
 
-def run(client: httpx.Client, args: argparse.Namespace) -> int:
+def run(client: kvstore_client.Client, args: argparse.Namespace) -> int:
     """The client carries the --token (app.cli open_client)."""
     if args.command == "backup":
         return backup(client, args)
@@ -56,7 +55,7 @@ class _StreamReader:
         return data
 
 
-def backup(client: httpx.Client, args: argparse.Namespace) -> int:
+def backup(client: kvstore_client.Client, args: argparse.Namespace) -> int:
     output = args.output or args.target
     if output is None:
         raise BackupCommandError("backup: say where to write it: -o FILE, or `-` for stdout")
@@ -71,30 +70,31 @@ def backup(client: httpx.Client, args: argparse.Namespace) -> int:
     started = time.monotonic()
     progress = Progress("backup")
     partial = None if to_stdout else output + ".partial"
-    timeout = httpx.Timeout(CLIENT_CONNECT_TIMEOUT_S, read=BACKUP_READ_TIMEOUT_S)
     try:
-        with client.stream("GET", "/admin/backup", params=params, timeout=timeout) as resp:
-            if resp.status_code != 200:
-                resp.read()
-                raise BackupCommandError(f"backup: {resp.status_code}: {error_text(resp)}")
-            with _open_output(partial) as out:
-                reader = BackupReader(_StreamReader(resp.iter_bytes()))
-                progress.expected = int(reader.header.get("estimated_records") or 0)
-                out.write(reader.header_frame)
-                for chunk in reader:
-                    out.write(chunk.frame)
-                    progress.update(records=reader.records, bytes_=reader.bytes_read)
-                assert reader.trailer is not None
-                out.write(reader.trailer.frame)
-                out.flush()
-                if partial is not None:
-                    os.fsync(out.fileno())
+        with (
+            client.stream("/admin/backup", params=params, read_timeout=BACKUP_READ_TIMEOUT_S) as body,
+            _open_output(partial) as out,
+        ):
+            reader = BackupReader(_StreamReader(body))
+            progress.expected = int(reader.header.get("estimated_records") or 0)
+            out.write(reader.header_frame)
+            for chunk in reader:
+                out.write(chunk.frame)
+                progress.update(records=reader.records, bytes_=reader.bytes_read)
+            assert reader.trailer is not None
+            out.write(reader.trailer.frame)
+            out.flush()
+            if partial is not None:
+                os.fsync(out.fileno())
         if partial is not None:
             os.replace(partial, output)
+    except kvstore_client.KvstoreError as exc:
+        _discard(partial)
+        if exc.status is None:
+            raise  # could not reach the node: app.cli says so
+        raise BackupCommandError(f"backup: {exc.status}: {exc.message}") from exc
     except BaseException:
-        if partial is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(partial)
+        _discard(partial)
         raise
     finally:
         progress.done()
@@ -113,6 +113,12 @@ def backup(client: httpx.Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _discard(partial: str | None) -> None:
+    if partial is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+
+
 @contextlib.contextmanager
 def _open_output(path: str | None) -> Iterator[IO[bytes]]:
     if path is None:
@@ -125,33 +131,36 @@ def _open_output(path: str | None) -> Iterator[IO[bytes]]:
 # -- restore ----------------------------------------------------------------------
 
 
-def restore(client: httpx.Client, args: argparse.Namespace) -> int:
+def restore(client: kvstore_client.Client, args: argparse.Namespace) -> int:
     started = time.monotonic()
     progress = Progress("restore")
     totals = {"records": 0, "applied": 0, "unchanged": 0, "replica_writes_applied": 0, "chunks": 0}
     error: str | None = None
+    at = 0  # the chunk being restored
     with _open_input(args.file) as source:
         if args.file != "-":
             progress.expected_bytes = os.fstat(source.fileno()).st_size
         try:
             reader = BackupReader(source)
             for chunk in reader:
-                resp = client.post(
+                at = chunk.index
+                answer = client.post(
                     "/admin/restore",
+                    chunk.frame,
                     params={"compression": chunk.compression},
-                    content=chunk.frame,
-                    headers={"content-type": "application/octet-stream"},
                     timeout=RESTORE_TIMEOUT_S,
                 )
-                if resp.status_code != 200:
-                    raise BackupCommandError(f"restore: chunk {chunk.index}: {resp.status_code}: {error_text(resp)}")
-                answer = resp.json()
                 for name in ("records", "applied", "unchanged", "replica_writes_applied"):
                     totals[name] += int(answer[name])
                 totals["chunks"] += 1
                 progress.update(records=totals["records"], bytes_=reader.bytes_read)
-        except (BackupFormatError, BackupCommandError, httpx.HTTPError) as exc:
-            error = str(exc) if not isinstance(exc, httpx.HTTPError) else f"restore: cannot reach {args.url}: {exc}"
+        except (BackupFormatError, BackupCommandError) as exc:
+            error = str(exc)
+        except kvstore_client.KvstoreError as exc:
+            if exc.status is None:
+                error = f"restore: cannot reach {args.url}: {exc.message}"
+            else:
+                error = f"restore: chunk {at}: {exc.status}: {exc.message}"
         finally:
             progress.done()
     summary: dict[str, Any] = {
@@ -186,13 +195,6 @@ def _open_input(path: str) -> Iterator[IO[bytes]]:
 
 
 # -- shared -----------------------------------------------------------------------
-
-
-def error_text(resp: httpx.Response) -> str:
-    try:
-        return str(resp.json().get("error", resp.text))
-    except ValueError:
-        return resp.text
 
 
 class Progress:

@@ -7,8 +7,10 @@ one reference, so a request never sees a half-updated ring. Providers
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 from app.ring import HashRing
 from app.transport.base import Peer
@@ -22,6 +24,18 @@ class Topology:
 
     def peer(self, node_id: str) -> Peer:
         return self.peers[node_id]
+
+    @cached_property
+    def client_epoch(self) -> str:
+        """The ring's version as clients see it (GET /ring/tokens, and the
+        x-kvstore-epoch header of every answer): a digest of the members, their
+        URLs and the vnodes, so every node with the same view says the same
+        value. `epoch` is a per-node counter (a node that joined later counts
+        from 1): clients comparing it across nodes would refresh forever."""
+        identity = "\n".join(
+            [str(self.ring.vnodes), *(f"{node_id}={peer.url}" for node_id, peer in sorted(self.peers.items()))]
+        )
+        return hashlib.blake2b(identity.encode(), digest_size=8).hexdigest()
 
 
 class CurrentTopology:

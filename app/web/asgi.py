@@ -33,6 +33,9 @@ JSON = b"application/json"
 OCTETS = b"application/octet-stream"
 TEXT = b"text/plain; charset=utf-8"
 TOKEN_HEADER_BYTES = TOKEN_HEADER.encode()
+# On every answer to a client: the ring's version (Topology.client_epoch), so a
+# ring-aware client notices a membership change on its next call (GET /ring/tokens).
+EPOCH_HEADER = b"x-kvstore-epoch"
 
 
 class Disconnected(Exception):  # noqa: N818 - an event, not a failure: the client went away

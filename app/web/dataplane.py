@@ -10,10 +10,11 @@ routes, lifespan) falls through to FastAPI. The raw routes still appear in
 Here, once for every request: the user (app.web.access; open routes and
 node-to-node routes excepted), then for every raw route the node from the
 slot, the cluster token on internal routes, errors turned into answers
-(app.web.asgi), request metrics; and the protocol header
+(app.web.asgi), request metrics; the protocol header
 (app.transport.protocol): read from every internal request into the node's
 capabilities, added to every internal answer and to /health's (which peers'
-probes read).
+probes read); and on every answer to a client (FastAPI's too) the ring's
+epoch header, which ring-aware clients (kvstore_client) follow.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Awaitable, Callable
 
 from app.access import EVERYONE
 from app.cluster.node import Node
+from app.cluster.topology import Topology
 from app.errors import AccessError, ForbiddenError, KvstoreError, MethodNotAllowedError, UnauthenticatedError
 from app.metrics import NodeMetrics
 from app.transport.base import (
@@ -40,12 +42,14 @@ from app.transport.base import (
     WRITES_PATH,
 )
 from app.transport.protocol import OWN, PROTOCOL_HEADER
-from app.web import routes_data
+from app.web import routes_batch, routes_data
 from app.web.access import USER, Guard, is_open
 from app.web.asgi import (
+    EPOCH_HEADER,
     TEXT,
     ASGIApp,
     Disconnected,
+    Message,
     Receive,
     Reply,
     Scope,
@@ -94,6 +98,8 @@ class DataPlane:
             "/get": (routes_data.json_get, "get"),
             "/put": (routes_data.json_put, "put"),
             "/delete": (routes_data.json_delete, "delete"),
+            routes_batch.GET_PATH: (routes_batch.get_many, "batch_get"),
+            routes_batch.PUT_PATH: (routes_batch.put_many, "batch_put"),
             WRITES_PATH: (peer.writes, INTERNAL),
             READS_PATH: (peer.reads, INTERNAL),
             CLOCK_PATH: (peer.clock, INTERNAL),
@@ -106,6 +112,31 @@ class DataPlane:
         }
         self._peer_kv = peer.kv
         self._observe = metrics.observe
+        self._epoch_view: Topology | None = None
+        self._epoch_header: list[tuple[bytes, bytes]] | None = None
+
+    def _epoch(self) -> list[tuple[bytes, bytes]] | None:
+        """The x-kvstore-epoch header of the current ring (None while the node opens)."""
+        node = self.slot.node
+        if node is None:
+            return None
+        view = node.topology.current
+        if view is not self._epoch_view:
+            self._epoch_view = view
+            self._epoch_header = [(EPOCH_HEADER, view.client_epoch.encode())]
+        return self._epoch_header
+
+    async def _fallback_with_epoch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        epoch = self._epoch()
+        if epoch is None:
+            return await self.fallback(scope, receive, send)
+
+        async def send_with_epoch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *epoch]}
+            await send(message)
+
+        return await self.fallback(scope, receive, send_with_epoch)
 
     # The ASGI entry point. Kept flat: it runs for every request.
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -116,7 +147,7 @@ class DataPlane:
         head = method == "HEAD"
         if path == "/health":
             reply = OK_HEALTH if method == "GET" or head else reply_for(HEALTH_METHODS)
-            return await reply.send(send, head=head)
+            return await reply.send(send, head=head, extra=self._epoch())
         route = self._exact.get(path)
         if route is not None:
             handler, op = route
@@ -156,7 +187,7 @@ class DataPlane:
             reply = json_error(500, "internal error; see the node's log")
         if op is INTERNAL:
             return await reply.send(send, head=head, extra=PROTOCOL_LINE)
-        await reply.send(send, head=head)
+        await reply.send(send, head=head, extra=self._epoch())
         self._observe(op, reply.status, time.perf_counter() - started)
 
     async def _fall_back(self, scope: Scope, receive: Receive, send: Send, *, path: str, head: bool) -> None:
@@ -170,5 +201,5 @@ class DataPlane:
                 scope[USER] = guard.authorize_route(scope, path)
             except AccessError as exc:
                 guard.denied(exc, scope)
-                return await reply_for(exc).send(send, head=head)
-        await self.fallback(scope, receive, send)
+                return await reply_for(exc).send(send, head=head, extra=self._epoch())
+        await self._fallback_with_epoch(scope, receive, send)

@@ -132,6 +132,37 @@ RAW_ROUTES_OPENAPI: dict[str, Any] = {
             "responses": {"204": {"description": "Deleted (or was absent)"}, **_STD_ERRORS},
         },
     },
+    "/batch/get": {
+        "post": {
+            "tags": ["REST API"],
+            "summary": 'Read up to 256 keys: {"keys": [K, ...]} -> {"values": {K: base64 value}} (absent: left out)',
+            "parameters": [_CONSISTENCY],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+            "responses": {
+                "200": {
+                    "description": "The values found",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "413": _ERROR,
+                **_STD_ERRORS,
+            },
+        },
+    },
+    "/batch/put": {
+        "post": {
+            "tags": ["REST API"],
+            "summary": 'Write up to 256 keys: {"items": {K: base64 value}[, "ttl": S]} -> {"versions": {K: V}}; '
+            "not atomic: on an error some keys may be stored (retrying is safe)",
+            "parameters": [_CONSISTENCY],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+            "responses": {
+                "200": {"description": "Stored", "content": {"application/json": {"schema": {"type": "object"}}}},
+                "413": _ERROR,
+                "507": _ERROR,
+                **_STD_ERRORS,
+            },
+        },
+    },
     KV_PATH + "{key}": {
         "get": {
             "tags": ["internal"],

@@ -1,18 +1,22 @@
-"""Operations routes served by FastAPI: readiness, the ring view, metrics.
-Thin: they read the node from the slot and shape JSON. (/health is the data
-plane's: probes hit it often.)"""
+"""Operations routes served by FastAPI: readiness, the ring view (for people,
+/ring; for ring-aware clients, /ring/tokens), metrics. Thin: they read the
+node from the slot and shape JSON. (/health is the data plane's: probes hit
+it often.)"""
 
 from __future__ import annotations
 
 import time
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from app.clock import wall_ms
 from app.cluster.node import Node
+from app.config import MAX_BATCH_BODY_BYTES, MAX_BATCH_KEYS
 from app.errors import NodeStartingError
 from app.metrics import CONTENT_TYPE_LATEST, NodeMetrics
+from app.ring import HASH_NAME
 from app.web.slot import NodeSlot, node_of
 
 router = APIRouter(tags=["operations"])
@@ -135,6 +139,49 @@ def local_view(node: Node) -> dict[str, object]:
             },
         },
     }
+
+
+# The layout of GET /ring/tokens; bumped on any change a client must know about
+# (kvstore_client checks it and falls back to routing through any node if it is newer).
+RING_TOKENS_FORMAT = 1
+
+
+@router.get(
+    "/ring/tokens",
+    summary="The ring for ring-aware clients: members, tokens with owners, replication factor, epoch, hash",
+)
+async def ring_tokens(request: Request) -> Response:
+    """Everything a client needs to send a key straight to its replicas.
+    `tokens[i]` is owned by `members[owners[i]]`; a key hashed with `hash`
+    belongs to the first token >= its hash (wrapping), and its replicas are
+    the first `replication_factor` distinct owners walking on from there.
+    `epoch` changes with the membership; every answer carries it in the
+    x-kvstore-epoch header, so a client knows when to fetch this again."""
+    node = node_of(request)
+    view = node.topology.current
+    ids = sorted(view.peers)
+    index = {node_id: i for i, node_id in enumerate(ids)}
+    points = view.ring.points()
+    body = {
+        "format": RING_TOKENS_FORMAT,
+        "epoch": view.client_epoch,
+        "hash": HASH_NAME,
+        "replication_factor": min(node.config.replication_factor, len(view.ring)),
+        "vnodes": view.ring.vnodes,
+        "members": [
+            {
+                "node_id": node_id,
+                "url": view.peers[node_id].url,
+                "reachable": node_id == node.config.node_id or node.health.is_up(node_id),
+            }
+            for node_id in ids
+        ],
+        "batch": {"max_keys": MAX_BATCH_KEYS, "max_body_bytes": MAX_BATCH_BODY_BYTES},
+        "tokens": [token for token, _ in points],
+        "owners": [index[owner] for _, owner in points],
+    }
+    # orjson: 5,000 64-bit tokens are ~100 kB; the stdlib encoder FastAPI uses takes ~10x longer.
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 def _rounded(value: float | None) -> float | None:

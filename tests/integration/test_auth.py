@@ -9,6 +9,7 @@ schedule with the history checker as the judge.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -148,6 +149,10 @@ class KeyRequest:
     params: dict[str, str] | None = None
 
 
+def b64(value: str) -> str:
+    return base64.b64encode(value.encode()).decode("ascii")
+
+
 def key_requests(key: str, value: str) -> list[KeyRequest]:
     """Every route that touches `key`, with the permission it needs."""
     encoded = quote(key, safe="")
@@ -161,6 +166,8 @@ def key_requests(key: str, value: str) -> list[KeyRequest]:
         KeyRequest("write", "PUT", "/put", content=body),
         KeyRequest("read", "GET", "/get", params={"key": key}),
         KeyRequest("read", "GET", "/console/key", params={"key": key}),  # the console's lookup: a read's rule
+        KeyRequest("read", "POST", "/batch/get", content=json.dumps({"keys": [key]}).encode()),
+        KeyRequest("write", "POST", "/batch/put", content=json.dumps({"items": {key: b64(value)}}).encode()),
         KeyRequest("write", "DELETE", f"/kv/{odd}"),
         KeyRequest("write", "DELETE", "/delete", params={"key": key}),
     ]
@@ -208,6 +215,15 @@ def test_the_permission_matrix_holds_for_every_user_route_and_key(guarded: Guard
                         refused_writes += 1
                         assert current(key) == before, f"{what} was refused but changed the key"
         assert refused_writes > 100  # the matrix refused writes, and every one of them changed nothing
+
+        # A batch with one key the user may not touch is refused whole: the allowed keys are not written either.
+        before = {key: current(key) for key in ("app/x", "app2/x")}
+        mixed = {"items": {"app/x": b64("alice-batch"), "app2/x": b64("alice-batch")}}
+        refused = http.post(urls[1] + "/batch/put", json=mixed, headers=bearer("alice"))
+        assert refused.status_code == 403 and "app2/x" in refused.json()["error"], refused.text
+        assert {key: current(key) for key in before} == before
+        reads = http.post(urls[2] + "/batch/get", json={"keys": ["app/x", "app2/x"]}, headers=bearer("alice"))
+        assert reads.status_code == 403 and "app2/x" in reads.json()["error"], reads.text
 
         for caller in CALLERS:
             headers = headers_of(caller)

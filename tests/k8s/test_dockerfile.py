@@ -146,7 +146,9 @@ def build_context(dest: Path) -> Path:
 def test_dockerignore_sends_only_what_the_build_copies(tmp_path: Path) -> None:
     context = build_context(tmp_path / "ctx")
     top = {p.name for p in context.iterdir()}
-    assert top == {"pyproject.toml", "README.md", "app", "requirements"}
+    assert top == {"pyproject.toml", "README.md", "app", "client", "requirements"}
+    assert (context / "client" / "src" / "kvstore_client" / "py.typed").exists()
+    assert not list(context.rglob("*.egg-info")) and not (context / "client" / "build").exists()
     assert {p.name for p in (context / "requirements").iterdir()} == {"runtime.txt", "build.txt"}
     assert not list(context.rglob("__pycache__"))
     assert not dockerignore_admits(".venv/bin/python") and not dockerignore_admits("tests/unit/test_ring.py")
@@ -174,8 +176,9 @@ def pip_install(target: Path, *args: str, cwd: Path) -> None:
 @pytest.fixture(scope="module")
 def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The Dockerfile's builder stage, replayed: a fresh venv, the locked dependencies with
-    their hashes, then the project itself (`pip install --no-deps --no-build-isolation .`,
-    built by the locked setuptools) from the build context."""
+    their hashes, then the project itself and the client library its CLI uses
+    (`pip install --no-deps --no-build-isolation . ./client`, built by the locked
+    setuptools) from the build context."""
     root = tmp_path_factory.mktemp("image")
     context = build_context(root / "src")
     env_dir = root / "venv"
@@ -183,7 +186,7 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     python = env_dir / "bin" / "python"
     pip_install(python, "--require-hashes", "-r", str(context / "requirements" / "runtime.txt"), cwd=root)
     pip_install(python, "--require-hashes", "-r", str(context / "requirements" / "build.txt"), cwd=root)
-    pip_install(python, "--no-deps", "--no-build-isolation", str(context), cwd=root)
+    pip_install(python, "--no-deps", "--no-build-isolation", str(context), str(context / "client"), cwd=root)
     return env_dir
 
 
@@ -256,6 +259,17 @@ def test_installed_entrypoint_serves_health_and_stops_on_sigterm(
     wait_ready([f"http://{host}:{port}"], procs=[proc], path="/health", timeout=START_TIMEOUT_S, logs=[log])
     status, body = get(f"http://{host}:{port}/health")
     assert (status, body.strip()) == (200, "OK"), log.read_text()
+
+    # The image's CLI client commands (the helm test pod's, the backup CronJob's) run on the
+    # installed client library.
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [str(image_venv / "bin" / "kvstore"), *args, "--url", f"http://{host}:{port}"]
+        return subprocess.run(command, cwd=log.parent, capture_output=True, text=True, timeout=30, check=False)
+
+    put = cli("put", "image-key", "image-value")
+    assert put.returncode == 0 and put.stdout.startswith("OK "), put.stderr
+    got = cli("get", "image-key")
+    assert (got.returncode, got.stdout.strip()) == (0, "image-value"), got.stderr
 
     # The HEALTHCHECK probes the address the node listens on (defect: it always probed 127.0.0.1),
     # and the loopback for a wildcard: a node on 0.0.0.0 answers on 127.0.0.1 too.

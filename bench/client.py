@@ -113,7 +113,7 @@ def cpu_per_request(cluster: Cluster, args: argparse.Namespace) -> list[list[str
     keys = [KEYS[i % len(KEYS)] for i in range(CPU_REQUESTS)]
     rows: list[list[str]] = []
 
-    def measure(name: str, run: Callable[[], None]) -> float:
+    def measure(name: str, run: Callable[[], object]) -> float:
         run()  # warm: connections, the ring
         cpu, wall = time.process_time(), time.monotonic()
         run()

@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (
+from app.ring import HashRing
+from bench.lib.cluster_nodes import metric
+from bench.lib.common import (
     APP_DIR,
     PYTHON,
     SERVER_CORE,
@@ -46,8 +46,6 @@ from _common import (
     spawned,
     tempdir,
 )
-from app.ring import HashRing
-from cluster_nodes import metric
 from tests.harness.processes import Cluster
 
 NODES = ("node1", "node2", "node3")
@@ -162,7 +160,7 @@ class ClusterRun:
     rss_mib: float = 0.0  # the largest node's VmRSS after the window
 
 
-def child(name: str, code: str, logdir: Path, marker: str, timeout_s: float) -> list[dict[str, object]]:
+def child(name: str, code: str, logdir: Path, marker: str, timeout_s: float) -> list[dict[str, Any]]:
     with spawned(name, [PYTHON, "-c", code], logdir=logdir) as proc:
         proc.proc.wait(timeout=timeout_s)
         lines = proc.log_path.read_text().splitlines()

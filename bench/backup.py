@@ -11,9 +11,9 @@ transactions), then:
   backup, then while backups run back to back. Target: >= 0.7x.
 
 Every node is pinned to the server core; wrk, the CLI and this script to the
-load core (bench/_common.py). Needs wrk (fails clearly without it).
+load core (bench/lib/common.py). Needs wrk (fails clearly without it).
 
-    .venv/bin/python -u bench/backup.py [--keys 1000000] [--duration 8] [--markdown]
+    .venv/bin/python -u -m bench backup [--keys 1000000] [--duration 8] [--markdown]
 
 Exit status 0 when every target is met, 1 otherwise.
 """
@@ -29,10 +29,9 @@ import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-
-from _common import (
+from bench.lib.common import (
     APP_DIR,
     LOAD_CORE,
     PYTHON,
@@ -133,7 +132,7 @@ def start(stack: ExitStack, *, logdir: Path, name: str, data_root: Path) -> Clus
     return cluster.start()
 
 
-def cli(*args: str, output: Path | None = None) -> tuple[float, dict[str, object]]:
+def cli(*args: str, output: Path | None = None) -> tuple[float, dict[str, Any]]:
     """Run the kvstore CLI on the load core; (wall seconds, its JSON summary)."""
     started = time.perf_counter()
     done = subprocess.run(
@@ -185,7 +184,7 @@ def main() -> int:
                 [
                     f"backup ({label})",
                     f"{seconds:.1f} s",
-                    f"{int(summary['bytes']) / 1e6:.1f} MB",  # type: ignore[call-overload]
+                    f"{int(summary['bytes']) / 1e6:.1f} MB",
                     f"{args.keys / seconds:,.0f} keys/s",
                     f"<= {BACKUP_TARGET_S:.0f} s",
                     "met" if seconds <= BACKUP_TARGET_S else "MISSED",

@@ -6,7 +6,7 @@ the node's. The uvicorn settings below mirror app/web/server.py:serve exactly
 (uvloop, httptools, one worker, lifespan on, no access log, no server header);
 keep the two in step. Also the backend the peer-client bench forwards to.
 
-    python bench/bare_asgi.py --port 9000
+    .venv/bin/python -m bench bare_asgi --port 9000
 """
 
 from __future__ import annotations

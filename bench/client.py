@@ -13,7 +13,7 @@ The nodes run on the server core, this process on the load core (as the
 other benches: BENCH_SERVER_CORE, BENCH_LOAD_CORE). Results are ratios
 within one run; the absolute numbers depend on the machine and its load.
 
-    .venv/bin/python bench/client.py [--duration 5] [--concurrency 32] [--markdown]
+    .venv/bin/python -m bench client [--duration 5] [--concurrency 32] [--markdown]
 """
 
 from __future__ import annotations
@@ -22,17 +22,14 @@ import argparse
 import asyncio
 import os
 import statistics
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import httpx
 
-from _common import APP_DIR, LOAD_CORE, SERVER_CORE, format_table, tempdir
+from bench.lib.common import APP_DIR, LOAD_CORE, SERVER_CORE, format_table, tempdir
 from kvstore_client import AsyncClient, Client
 from tests.harness.processes import Cluster
 
@@ -116,7 +113,7 @@ def cpu_per_request(cluster: Cluster, args: argparse.Namespace) -> list[list[str
     keys = [KEYS[i % len(KEYS)] for i in range(CPU_REQUESTS)]
     rows: list[list[str]] = []
 
-    def measure(name: str, run: Callable[[], None]) -> float:
+    def measure(name: str, run: Callable[[], object]) -> float:
         run()  # warm: connections, the ring
         cpu, wall = time.process_time(), time.monotonic()
         run()

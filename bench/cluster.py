@@ -24,7 +24,7 @@ setup writes from loader.py, the tables and targets from cluster_report.py,
 (one thread, 64 connections) and this script (its loader and proxy) to the
 load core. Each wrk run is a 1 s warm-up, discarded, then the measured run.
 
-    .venv/bin/python bench/cluster.py [--only quorum,converge,slow,etcd,tls] [--tls] [--duration 5] [--markdown]
+    .venv/bin/python -m bench cluster [--only quorum,converge,slow,etcd,tls] [--tls] [--duration 5] [--markdown]
                                       [--fsync always]   # the quorum nodes sync every write, like etcd
                                       [--profile PREFIX]   # py-spy node1 during an extra N=3 PUT run
 
@@ -39,19 +39,14 @@ import os
 import sys
 from pathlib import Path
 
-sys.path[:0] = [
-    str(Path(__file__).resolve().parent),
-    str(Path(__file__).resolve().parents[1]),
-]  # bench/, then tests.harness
-
-from _common import APP_DIR, LOAD_CORE, machine_summary, require_wrk, tempdir, write_lua
-from cluster_converge import CONVERGE_WRITES, PACES, section_converge
-from cluster_etcd import section_etcd
-from cluster_nodes import LUA_GET, LUA_PUT
-from cluster_quorum import section_quorum
-from cluster_report import Report, check_targets, print_report
-from cluster_slow import section_slow
-from cluster_tls import section_tls
+from bench.lib.cluster_converge import CONVERGE_WRITES, PACES, section_converge
+from bench.lib.cluster_etcd import section_etcd
+from bench.lib.cluster_nodes import LUA_GET, LUA_PUT
+from bench.lib.cluster_quorum import section_quorum
+from bench.lib.cluster_report import Report, check_targets, print_report
+from bench.lib.cluster_slow import section_slow
+from bench.lib.cluster_tls import section_tls
+from bench.lib.common import APP_DIR, LOAD_CORE, machine_summary, require_wrk, tempdir, write_lua
 
 SECTIONS = ("quorum", "converge", "slow", "etcd", "tls")
 DEFAULT_SECTIONS = ("quorum", "converge", "slow", "etcd")

@@ -6,7 +6,7 @@ and `kvstore cluster --nodes 3`; drives each with wrk (servers pinned to one
 core, wrk to the other, 64 connections) and prints req/s, p50, p99 and the
 ratio to the bare-ASGI figure of the same run, then checks the targets.
 
-    .venv/bin/python bench/http_node.py [--duration 5] [--warmup 1] [--markdown] [--tls] [--auth] [--console]
+    .venv/bin/python -m bench http_node [--duration 5] [--warmup 1] [--markdown] [--tls] [--auth] [--console]
 
 With --tls, a single node serving HTTPS (a certificate made by
 tests/harness/certs.py; wrk speaks TLS over its keep-alive connections) is
@@ -44,9 +44,9 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (
+from app.config import DEFAULT_VNODES
+from app.ring import HashRing
+from bench.lib.common import (
     APP_DIR,
     BENCH_DIR,
     PYTHON,
@@ -54,7 +54,6 @@ from _common import (
     cpu_seconds,
     format_table,
     free_port,
-    free_port_block,
     http_request,
     lua_rest_put,
     machine_summary,
@@ -65,11 +64,7 @@ from _common import (
     wait_ready,
     write_lua,
 )
-
-sys.path.insert(0, str(APP_DIR))  # the same `app` the servers run, for ring ownership
-
-from app.config import DEFAULT_VNODES
-from app.ring import HashRing
+from tests.harness.processes import free_port_run
 
 HOST = "127.0.0.1"
 VALUE = "v" * 100  # a 100-byte value: small, like most key-value traffic
@@ -328,7 +323,7 @@ def main() -> int:
         ring = HashRing(["node1", "node2", "node3"], vnodes=DEFAULT_VNODES)
         remote = sum(ring.owner(f"s{i}".encode()) != "node1" for i in range(SPREAD_KEYS)) / SPREAD_KEYS
         for rf, suffix in (("1", f"rf=1, {remote:.0%} fwd"), (None, "default rf")):
-            base = free_port_block(3)
+            base = free_port_run(3)
             urls = [f"http://{HOST}:{base + i}" for i in range(3)]
             argv = [PYTHON, "-m", "app", "cluster", "--nodes", "3", "--base-port", str(base), "--host", HOST]
             with serving(
@@ -445,7 +440,7 @@ def measure_console(
     each with / without), and the CPU seconds one poll costs the cluster."""
     spread_get = write_lua(logdir, "console_spread_get", LUA_SPREAD_GET)
     spread_put = write_lua(logdir, "console_spread_put", LUA_SPREAD_PUT)
-    base = free_port_block(3)
+    base = free_port_run(3)
     urls = [f"http://{HOST}:{base + i}" for i in range(3)]
     argv = [PYTHON, "-m", "app", "cluster", "--nodes", "3", "--base-port", str(base), "--host", HOST]
     ratios: dict[str, list[tuple[float, float]]] = {"get": [], "put": []}

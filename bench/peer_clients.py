@@ -11,8 +11,8 @@ Clients: httpx.AsyncClient, aiohttp.ClientSession (what app/transport/http.py
 uses), and `raw`, a ~60-line keep-alive HTTP/1.1 client on asyncio.Protocol
 with httptools' response parser (a candidate for the node's hot path).
 
-    .venv/bin/python bench/peer_clients.py [--duration 5] [--clients httpx,aiohttp,raw] [--markdown]
-    .venv/bin/python bench/peer_clients.py serve --client aiohttp --port P --backend http://127.0.0.1:Q
+    .venv/bin/python -m bench peer_clients [--duration 5] [--clients httpx,aiohttp,raw] [--markdown]
+    .venv/bin/python -m bench peer_clients serve --client aiohttp --port P --backend http://127.0.0.1:Q
 """
 
 from __future__ import annotations
@@ -21,12 +21,10 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bare_asgi import uvicorn_config
+from bench.bare_asgi import uvicorn_config
 
 CLIENTS = ("httpx", "aiohttp", "raw")
 POOL = 64  # keep-alive connections to the backend: one per wrk connection
@@ -51,7 +49,7 @@ class _Connection(asyncio.Protocol):
         self.reusable = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # a stream connection's transport is one
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -207,7 +205,7 @@ def serve(argv: list[str]) -> None:
 def bench(argv: list[str]) -> int:
     from contextlib import ExitStack
 
-    from _common import (
+    from bench.lib.common import (
         BENCH_DIR,
         PYTHON,
         format_table,
@@ -273,7 +271,8 @@ def bench(argv: list[str]) -> int:
                             f"forwarder-{name}",
                             [
                                 PYTHON,
-                                str(Path(__file__).resolve()),
+                                "-m",  # in the server's directory (APP_DIR): a snapshot there needs bench/ too
+                                "bench.peer_clients",
                                 "serve",
                                 "--client",
                                 name,

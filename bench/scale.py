@@ -27,7 +27,7 @@ Idle and p99 phases pin the nodes to the server core and wrk to the load core
 (as the other benches do); the join runs unpinned, on both cores, as a real
 join would. Usage:
 
-    flock /tmp/kvstore-bench.lock .venv/bin/python -u bench/scale.py --keys 100000 --keys 1000000
+    flock /tmp/kvstore-bench.lock .venv/bin/python -u -m bench scale --keys 100000 --keys 1000000
 """
 
 from __future__ import annotations
@@ -36,13 +36,14 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
-from _common import (
+from bench.lib.cluster_nodes import metric
+from bench.lib.common import (
     APP_DIR,
     LOAD_CORE,
     REPO,
@@ -56,7 +57,6 @@ from _common import (
     run_wrk,
     write_lua,
 )
-from cluster_nodes import metric
 from tests.harness.processes import Cluster, wait_ready
 
 N = 3
@@ -116,9 +116,8 @@ def key_of(i: int) -> bytes:
 
 def preload(cache: Path, count: int) -> Path:
     """node1..node3's data dirs with `count` identical records; built once per count."""
-    sys.path.insert(0, str(APP_DIR))
     from app.clock import Version
-    from app.config import NodeConfig
+    from app.config import Engine, Fsync, NodeConfig
     from app.storage import Record, open_store
 
     root = cache / f"keys-{count}"
@@ -138,9 +137,9 @@ def preload(cache: Path, count: int) -> Path:
             port=0,
             advertise_url="http://127.0.0.1:0",
             peers={},
-            storage="lmdb",
+            storage=Engine.LMDB,
             data_dir=str(root / node_id),
-            fsync="never",
+            fsync=Fsync.NEVER,
         )
         store = open_store(config)
         try:
@@ -253,7 +252,7 @@ def copy_data(src: Path, dst: Path) -> None:
         shutil.copytree(src / f"node{i + 1}", dst / f"node{i + 1}")
 
 
-def rebalance(url: str) -> dict[str, object]:
+def rebalance(url: str) -> dict[str, Any]:
     status, body = http_request(url, "GET", "/admin/rebalance")
     return json.loads(body) if status == 200 else {}
 
@@ -339,6 +338,7 @@ def _join_phase(out: dict[str, float], count: int, *, run: Path, data: Path) -> 
         cpu_before = cpu_seconds([n.pid for n in cluster.nodes if n.proc is not None])
         began = time.monotonic()
         newcomer.start()
+        assert newcomer.proc is not None  # start() started it
         wait_ready([newcomer.url], path="/health", procs=[newcomer.proc], timeout=60, logs=[newcomer.log_path])
         body = json.dumps({"peers": cluster.direct_peers}).encode()
         status, answer = http_request(cluster.nodes[0].url, "POST", "/admin/membership", body)
@@ -357,8 +357,8 @@ def _join_phase(out: dict[str, float], count: int, *, run: Path, data: Path) -> 
         out["join_cpu_s"] = cpu_seconds([n.pid for n in cluster.nodes]) - cpu_before
         # A node from before issue 10 (BENCH_APP_DIR, as a reference) reports
         # only keys_streamed; what it holds then stands for what it needed.
-        pulled = float(status_new.get("records_pulled", status_new.get("keys_streamed", 0)))  # type: ignore[arg-type]
-        needed = float(status_new.get("records_needed", metric(newcomer.url, "kvstore_keys") or 0))  # type: ignore[arg-type]
+        pulled = float(status_new.get("records_pulled", status_new.get("keys_streamed", 0)))
+        needed = float(status_new.get("records_needed", metric(newcomer.url, "kvstore_keys") or 0))
         out["join_ready_s"] = ready - began
         out["join_pulled"] = pulled
         out["join_needed"] = needed

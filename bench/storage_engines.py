@@ -9,7 +9,7 @@ bytes, values 100 bytes. Then: group-commit throughput under --fsync always
 with 1/8/64 concurrent writers on one asyncio loop (as the coordinator drives
 it), and, at 1,000,000 keys, load time, file size, RSS and time to reopen.
 
-    .venv/bin/python bench/storage_engines.py [--keys 20000] [--big-keys 1000000] [--markdown]
+    .venv/bin/python -m bench storage_engines [--keys 20000] [--big-keys 1000000] [--markdown]
 
 --big-keys 0 skips the 1M-key part (the longest: ~30-60 s).
 """
@@ -30,16 +30,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR.parent))
-sys.path.insert(0, str(BENCH_DIR))
-
-from _common import format_table
 from app.clock import LOGICAL_BITS, Version
 from app.config import LMDB_WRITEMAP
 from app.ring import HASH_SPACE
 from app.storage.base import ApplyResult, Record
 from app.storage.lmdb_store import LmdbStore, _data_key, _decode, _encode
+from bench.lib.common import REPO, format_table
 
 VALUE = b"v" * 100  # 100-byte values, as in every bench
 ARC = (0, HASH_SPACE // 16)  # one slice of the ring: ~1/16 of the keys
@@ -260,7 +256,6 @@ def sqlite_full_concurrent(path: str, writers: int) -> float:
 
 _CHILD_LOAD = """
 import json, sys, time
-sys.path.insert(0, {repo!r})
 from bench.storage_engines import key_of, record_at, rss
 from app.storage.lmdb_store import LmdbStore
 store = LmdbStore(path={path!r}, node_id="n1", fsync="batch", fsync_window_ms=10, tombstone_grace_s=86400)
@@ -276,7 +271,6 @@ print(json.dumps({{"load_s": loaded, **resident}}))
 _CHILD_OPEN = """
 import json, sys, time
 start = time.perf_counter()
-sys.path.insert(0, {repo!r})
 from bench.storage_engines import key_of, rss
 from app.config import NodeConfig
 from app.storage import open_store
@@ -309,16 +303,18 @@ def rss() -> dict[str, int]:
 
 
 def run_child(code: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600)
+    # From the repository root: `python -c` puts the working directory first on sys.path, so `bench` imports.
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600, cwd=REPO
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def big(directory: str, n: int) -> dict:
-    repo = str(BENCH_DIR.parent)
     path = os.path.join(directory, "big")
-    load = run_child(_CHILD_LOAD.format(repo=repo, path=path, n=n))
+    load = run_child(_CHILD_LOAD.format(path=path, n=n))
     on_disk = os.stat(os.path.join(path, "data.mdb"))
-    opened = run_child(_CHILD_OPEN.format(repo=repo, path=path, n=n))
+    opened = run_child(_CHILD_OPEN.format(path=path, n=n))
     return {"load": load, "open": opened, "file_bytes": on_disk.st_size, "disk_bytes": on_disk.st_blocks * 512}
 
 

@@ -27,7 +27,7 @@ Part 2, 1,000,000 keys (16-byte keys, 100-byte values):
 Raw data size is 1M x (16 + 100) bytes. The RSS target is checked on the
 durable engine's VmRSS (the memory engine's is printed for information).
 
-    .venv/bin/python bench/storage_http.py [--duration 5] [--warmup 1] [--big-keys 1000000] [--markdown]
+    .venv/bin/python -m bench storage_http [--duration 5] [--warmup 1] [--big-keys 1000000] [--markdown]
 
 Exit status 0 when every storage target is met, 1 when one is missed.
 """
@@ -46,9 +46,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (
+from bench.lib.common import (
     APP_DIR,
     CONNECTIONS,
     PYTHON,

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from app.clock import HybridClock, Version, wall_ms
 from app.cluster.clock_offsets import ClockOffsets
 from app.cluster.context import ClusterContext, ClusterWorker
-from app.cluster.hedging import Hedger
+from app.cluster.hedging import Hedger, Scheduler
 from app.cluster.topology import Topology
 from app.errors import (
     ClockOffsetError,
@@ -93,11 +93,18 @@ def required_acks(consistency: str, replicas: int) -> int:
 
 
 class Coordinator(ClusterWorker):
-    def __init__(self, context: ClusterContext, *, clock: HybridClock, offsets: ClockOffsets) -> None:
+    def __init__(
+        self,
+        context: ClusterContext,
+        *,
+        clock: HybridClock,
+        offsets: ClockOffsets,
+        scheduler: Scheduler | None = None,
+    ) -> None:
         super().__init__(context)
         self.clock = clock
         self.offsets = offsets
-        self.hedger = Hedger()
+        self.hedger = Hedger(scheduler=scheduler)
         self._background: set[asyncio.Future[Any]] = set()
 
     def replicas_for(self, key: bytes) -> list[Peer]:

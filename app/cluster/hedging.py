@@ -7,6 +7,8 @@ queued with its deadline, per peer (a peer's delay changes slowly, so its
 queue stays in deadline order), and one timer ticking every TICK_S while
 anything waits hands the overdue ones their hedge: a read is hedged at most
 a tick late. Used by the coordinator's read rounds; no I/O of its own.
+Its clock and timer are the running event loop's unless a Scheduler is
+given (unit tests pass a manual one and advance it).
 """
 
 from __future__ import annotations
@@ -14,19 +16,34 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 TICK_S = 0.002  # the hedge fires within this of its deadline: a fifth of the 10 ms floor
 
 
+class Scheduler(Protocol):
+    """A monotonic clock in seconds and a timer on it: what the hedger needs
+    of an event loop (asyncio's loops are Schedulers)."""
+
+    def time(self) -> float: ...
+
+    def call_later(self, delay: float, callback: Callable[[], None], /) -> object: ...
+
+
 class Hedger:
-    def __init__(self) -> None:
+    def __init__(self, *, scheduler: Scheduler | None = None) -> None:
+        """scheduler: None uses the running event loop's (looked up per call,
+        so a Hedger may be built before the loop runs)."""
         self._waiting: dict[str, deque[tuple[float, asyncio.Future[Any], Callable[[], None]]]] = {}
         self._ticking = False
+        self._scheduler = scheduler
+
+    def _loop(self) -> Scheduler:
+        return self._scheduler if self._scheduler is not None else asyncio.get_running_loop()
 
     def watch(self, peer_id: str, delay_s: float, call: asyncio.Future[Any], hedge: Callable[[], None]) -> None:
         """Run hedge() if `call` is still pending delay_s from now."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop()
         queue = self._waiting.get(peer_id)
         if queue is None:
             queue = self._waiting[peer_id] = deque()
@@ -36,7 +53,7 @@ class Hedger:
             loop.call_later(TICK_S, self._tick)
 
     def _tick(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop()
         now = loop.time()
         overdue: list[Callable[[], None]] = []
         for queue in self._waiting.values():

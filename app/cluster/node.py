@@ -24,6 +24,7 @@ from app.cluster.context import ClusterContext
 from app.cluster.coordinator import Consistency, Coordinator, required_acks
 from app.cluster.handoff import Handoff
 from app.cluster.health import PeerHealth
+from app.cluster.hedging import Scheduler
 from app.cluster.replica import Replica
 from app.cluster.topology import CurrentTopology, Topology
 from app.config import NodeConfig
@@ -60,6 +61,7 @@ class Node:
         source: MembershipSource,
         metrics: NodeMetrics,
         wall: Callable[[], int] = wall_ms,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -72,7 +74,9 @@ class Node:
         self.clock.restore(max(store.high_water(), hints.high_water()))
         self.offsets = ClockOffsets(max_offset_ms=max_offset_ms)
         self.topology = CurrentTopology(self_id=config.node_id, members=config.peers, vnodes=config.vnodes)
-        self.health = PeerHealth(on_flip=self._on_peer_flip)
+        self.health = PeerHealth(
+            on_flip=self._on_peer_flip, monotonic=scheduler.time if scheduler is not None else time.monotonic
+        )
         # What each member speaks, from the protocol header of its requests
         # and answers; a peer too old or too new is kept down (and named).
         self.capabilities = Capabilities(self_id=config.node_id, on_verdict=self.health.set_incompatible)
@@ -87,7 +91,7 @@ class Node:
             metrics=metrics,
             replication_factor=config.replication_factor,
         )
-        self.coordinator = Coordinator(context, clock=self.clock, offsets=self.offsets)
+        self.coordinator = Coordinator(context, clock=self.clock, offsets=self.offsets, scheduler=scheduler)
         self.handoff = Handoff(
             context,
             write_quorum=required_acks(Consistency.QUORUM, config.replication_factor),
@@ -119,11 +123,14 @@ class Node:
         source: MembershipSource,
         metrics: NodeMetrics | None = None,
         wall: Callable[[], int] = wall_ms,
+        scheduler: Scheduler | None = None,
     ) -> Node:
         """Open the stores (off the event loop: a big LMDB may take a moment),
         build the node and start its loops. A node that starts empty pulls its
         ranges once it knows its ring (see set_members). `wall` is the wall
-        clock its versions are stamped from (tests skew it)."""
+        clock its versions are stamped from (tests skew it); `scheduler` the
+        monotonic clock and timer of peer health's breaker and of read hedging
+        (None: time.monotonic and the running loop; unit tests advance a manual one)."""
         store = await asyncio.to_thread(open_store, config)
         try:
             hints = await asyncio.to_thread(open_hint_store, config)
@@ -138,6 +145,7 @@ class Node:
             source=source,
             metrics=metrics or NodeMetrics(),
             wall=wall,
+            scheduler=scheduler,
         )
         node._tasks = [
             asyncio.create_task(node._run_source()),

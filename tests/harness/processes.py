@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from app.local_cluster import cluster_node_args, stop_all, wait_until_ready
 
@@ -90,7 +91,7 @@ def log_tail(path: Path, lines: int = 40) -> str:
 def wait_ready(
     urls: Sequence[str],
     *,
-    procs: Sequence[subprocess.Popen[bytes]] = (),
+    procs: Sequence[subprocess.Popen[Any]] = (),  # text or bytes: only polled
     timeout: float = READY_TIMEOUT_S,
     path: str = "/ready",
     logs: Sequence[Path] = (),

@@ -10,14 +10,14 @@ reaches node j only through P[i, j]: `partition("node3")` cuts node3 off from
 everyone (both directions) while clients, talking to the nodes directly,
 still reach every node.
 
-Cheap by construction, because bench/cluster_slow.py measures a node behind
+Cheap by construction, because bench/lib/cluster_slow.py measures a node behind
 one and must not measure the proxy: protocol callbacks (no stream tasks), one
 timer per connection, on its own event loop (uvloop when installed) in a
 daemon thread of the caller's process, so a bench's proxy runs on the load
 core, not the servers'. The loop's thread does all the work; methods are
 called from the caller's thread, and `close()` (the fixtures call it) stops
 everything. Used by tests/integration (the proxy_mesh fixture) and
-bench/cluster_slow.py. Imports nothing from app.
+bench/lib/cluster_slow.py. Imports nothing from app.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ from urllib.parse import urlsplit
 
 CutMode = Literal["blackhole", "reset"]
 CALL_TIMEOUT_S = 10.0  # a proxy operation is local and quick; longer means the loop is stuck
+# What closing a proxy can raise at teardown: a socket that will not close
+# (OSError), a loop already stopped (RuntimeError), a loop stuck past
+# CALL_TIMEOUT_S (TimeoutError). Teardown goes on past them, so one proxy that
+# fails to close leaves no other proxy, nor the loop's thread, running.
+TEARDOWN_ERRORS = (OSError, RuntimeError, TimeoutError)
 HOST = "127.0.0.1"
 
 T = TypeVar("T")
@@ -71,9 +76,9 @@ class ProxyLoop:
             await asyncio.gather(*tasks, return_exceptions=True)
 
         for proxy in self.proxies:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*TEARDOWN_ERRORS):  # the rest still close, and the loop stops
                 proxy.close()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(*TEARDOWN_ERRORS):  # cancel_rest raises nothing itself (return_exceptions)
             self.call(cancel_rest())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(CALL_TIMEOUT_S)
@@ -135,7 +140,7 @@ class _Connection(asyncio.Protocol):
         if self.closed:  # cut (reset) or closed while connecting
             upstream.close()
             return
-        self.upstream = cast(asyncio.Transport, upstream)
+        self.upstream = upstream
         self._flush()
 
     def data_received(self, data: bytes) -> None:
@@ -314,6 +319,6 @@ class ProxyMesh:
 
     def close(self) -> None:
         for proxy in self.proxies.values():
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*TEARDOWN_ERRORS):  # the rest still close, and the loop stops
                 proxy.close()
         self._loop.close()

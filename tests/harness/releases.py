@@ -84,7 +84,7 @@ def _run(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[bytes
     if done.returncode != 0:
         output = (done.stdout + done.stderr).decode(errors="replace")[-3000:]
         raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}):\n{output}")
-    return done  # type: ignore[no-any-return]  # subprocess.run with bytes output
+    return done
 
 
 def build_release(version: str, commit: str, *, cache_root: Path = CACHE_ROOT) -> Release:

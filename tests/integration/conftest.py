@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,7 +62,7 @@ def start_load() -> Iterator[Callable[..., Load]]:
     at teardown is stopped."""
     loads: list[Load] = []
 
-    def start(**kwargs: object) -> Load:
+    def start(**kwargs: Any) -> Load:
         load = Load(**kwargs)
         loads.append(load)
         return load.start()

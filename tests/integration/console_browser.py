@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -97,7 +97,9 @@ def page(driver: WebDriver) -> dict[str, Any]:
     return state
 
 
-def wait_until(driver: WebDriver, check: Callable[[dict[str, Any]], T], *, timeout: float, what: str) -> T:
+def wait_until(
+    driver: WebDriver, check: Callable[[dict[str, Any]], T | Literal[False] | None], *, timeout: float, what: str
+) -> T:
     """Poll the page's hooks until check(page) is truthy; fail after timeout with the last state seen."""
     deadline = time.monotonic() + timeout
     while True:

@@ -10,10 +10,9 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,28 +20,12 @@ import httpx
 import pytest
 import yaml
 
+from tests.harness.processes import free_port
+
 SCRAPE_INTERVAL = "1s"  # a short test sees several scrapes; rates over 10 s windows have data
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 QUERY_TIMEOUT_S = 10.0
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on now (the kernel's pick)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(check: Callable[[], str | None], *, timeout: float, what: str, interval: float = 0.25) -> float:
-    """Poll check() until it returns None; fail with its last complaint after
-    `timeout` seconds. Returns the seconds it took."""
-    started = time.monotonic()
-    while (complaint := check()) is not None:
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what} not seen within {timeout}s: {complaint}")
-        time.sleep(interval)
-    return time.monotonic() - started
 
 
 def prometheus_binary() -> str:

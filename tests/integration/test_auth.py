@@ -217,11 +217,11 @@ def test_the_permission_matrix_holds_for_every_user_route_and_key(guarded: Guard
         assert refused_writes > 100  # the matrix refused writes, and every one of them changed nothing
 
         # A batch with one key the user may not touch is refused whole: the allowed keys are not written either.
-        before = {key: current(key) for key in ("app/x", "app2/x")}
+        before_batch = {key: current(key) for key in ("app/x", "app2/x")}
         mixed = {"items": {"app/x": b64("alice-batch"), "app2/x": b64("alice-batch")}}
         refused = http.post(urls[1] + "/batch/put", json=mixed, headers=bearer("alice"))
         assert refused.status_code == 403 and "app2/x" in refused.json()["error"], refused.text
-        assert {key: current(key) for key in before} == before
+        assert {key: current(key) for key in before_batch} == before_batch
         reads = http.post(urls[2] + "/batch/get", json={"keys": ["app/x", "app2/x"]}, headers=bearer("alice"))
         assert reads.status_code == 403 and "app2/x" in reads.json()["error"], reads.text
 

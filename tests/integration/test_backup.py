@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -40,14 +41,14 @@ def kvstore(*args: str, token: str | None = None, stdin: bytes | None = None) ->
     )
 
 
-def backup(url: str, path: Path, *extra: str) -> dict[str, object]:
+def backup(url: str, path: Path, *extra: str) -> dict[str, Any]:
     done = kvstore("backup", "--url", url, "-o", str(path), *extra)
     assert done.returncode == 0, done.stderr.decode()
-    summary: dict[str, object] = json.loads(done.stdout)
+    summary: dict[str, Any] = json.loads(done.stdout)
     return summary
 
 
-def restore(url: str, path: Path) -> tuple[int, dict[str, object], str]:
+def restore(url: str, path: Path) -> tuple[int, dict[str, Any], str]:
     done = kvstore("restore", "--url", url, str(path))
     summary = json.loads(done.stdout)
     return done.returncode, summary, done.stderr.decode()

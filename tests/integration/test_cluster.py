@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -77,9 +78,18 @@ def test_write_through_one_node_read_and_delete_through_the_others(make_cluster:
             assert client.delete(f"{cluster[2].url}/kv/{key}").status_code == 204
         for node in cluster.nodes:
             assert all(client.get(f"{node.url}/kv/{key}").status_code == 404 for key in keys)
-        # Every node holds only the keys it owns, and the keys are spread over all three.
-        forwarded = [client.get(f"{node.url}/metrics").text for node in cluster.nodes]
-        assert all("kvstore_forwarded_requests_total{" in text for text in forwarded)
+        # The keys are spread by owner: each node is the first owner of some of them, and the
+        # node they were written through sent every write to both other replicas (N=3 on three nodes).
+        ring = HashRing(cluster[0].peers)
+        assert {ring.owner(key.encode()) for key in keys} == {node.node_id for node in cluster.nodes}
+        metrics = client.get(f"{cluster[0].url}/metrics").text
+        sent = {
+            peer: float(count)
+            for peer, count in re.findall(
+                r'kvstore_forwarded_requests_total\{op="write",peer="([^"]+)"\} (\S+)', metrics
+            )
+        }
+        assert sent == {node.node_id: len(keys) for node in cluster.nodes[1:]}, sent
 
 
 def test_internal_routes_are_never_forwarded(make_cluster: Callable[..., Cluster]) -> None:

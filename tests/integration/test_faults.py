@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import pytest
 
@@ -263,6 +264,6 @@ def test_leave_rereplicates_and_resurrects_nothing(make_cluster: MakeCluster, st
     assert_nothing_lost(cluster, ops, among=remaining)
 
 
-def _ids(members: list[object]) -> set[str]:
+def _ids(members: list[Any]) -> set[str]:
     """Member ids from a membership reply (ids, or objects with node_id)."""
     return {m if isinstance(m, str) else m["node_id"] for m in members}

@@ -29,7 +29,7 @@ import pytest
 
 from app.ring import HashRing
 from tests.harness.processes import Cluster
-from tests.harness.proxy import ProxyMesh
+from tests.harness.proxy import CutMode, ProxyMesh
 from tests.integration.history import Load, Op, check, observe, stale_reads
 from tests.integration.probes import wait_converged
 
@@ -92,10 +92,10 @@ class Matrix:
         self.writers.urls = targets
         self.readers.urls = targets
 
-    def cut(self, src: str, dst: str, mode: str) -> None:
+    def cut(self, src: str, dst: str, mode: CutMode) -> None:
         self.mesh.proxies[src, dst].cut(mode)
 
-    def isolate(self, node_id: str, mode: str) -> None:
+    def isolate(self, node_id: str, mode: CutMode) -> None:
         self.mesh.partition(node_id, mode=mode)
 
     def run(self, seconds: float) -> None:

@@ -1,7 +1,7 @@
 """The harness's TCP proxy (tests/harness/proxy.py) against a loopback echo
 server: it forwards, its delay holds only the bytes sent towards the target,
 and its cuts drop (blackhole) or refuse (reset) until healed. The fault tests
-rely on the cuts, bench/cluster_slow.py on the delay."""
+rely on the cuts, bench/lib/cluster_slow.py on the delay."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from cryptography import x509
 
 from app.web.server import ROTATION_GRACE_S
 from tests.harness.certs import Authority, Issued, client_context, node_flags, tls_mode, write_secret
-from tests.harness.processes import Cluster, TlsMode
+from tests.harness.processes import Cluster, NodeProcess, TlsMode
 from tests.integration.history import Load, check, observe, success_ratio
 from tests.integration.probes import admin_get, unreachable_peers, wait_converged, wait_for
 from tests.integration.test_faults import KEYS, MIN_ACKNOWLEDGED, NODE_ARGS, REJOIN_WITHIN_S, TOKEN, N, owners_in
@@ -304,15 +304,13 @@ def test_rotation_to_a_new_ca_without_restart(make_cluster: MakeCluster, tmp_pat
     )
     print(f"new certificate served {time.monotonic() - swapped:.2f}s after the swap (checked in {took:.2f}s)")
     for node in cluster.nodes:
-        wait_for(
-            lambda node=node: (
-                None  # type: ignore[misc]
-                if metric(node.url, 'kvstore_tls_reloads_total{result="ok"}', watcher) >= 1
-                else f"{node.node_id} has not reloaded"
-            ),
-            timeout=ROTATION_BOUND_S + ROTATION_SLACK_S,
-            what="every node reloads its files",
-        )
+
+        def reloaded(node: NodeProcess = node) -> str | None:
+            if metric(node.url, 'kvstore_tls_reloads_total{result="ok"}', watcher) >= 1:
+                return None
+            return f"{node.node_id} has not reloaded"
+
+        wait_for(reloaded, timeout=ROTATION_BOUND_S + ROTATION_SLACK_S, what="every node reloads its files")
     # The cluster keeps working across the change, old and new certificates mixed.
     for i in range(20):
         url = cluster.nodes[i % 3].url

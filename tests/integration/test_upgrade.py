@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -108,20 +109,20 @@ def replace(cluster: Cluster, node_id: str, release: Release | None) -> None:
     )
 
 
-def ring(url: str) -> dict[str, object]:
-    return admin_get(url, "/ring", token=TOKEN)  # type: ignore[no-any-return]
+def ring(url: str) -> dict[str, Any]:  # the /ring JSON
+    return admin_get(url, "/ring", token=TOKEN)
 
 
 def versions_seen(url: str) -> dict[str, str | None]:
     """{member: the version this (current) node has heard it runs}."""
-    return {m["node_id"]: m["version"] for m in ring(url)["members"]}  # type: ignore[attr-defined]
+    return {m["node_id"]: m["version"] for m in ring(url)["members"]}
 
 
 def expect_view(url: str, *, versions: dict[str, str], cluster_protocol: int) -> Callable[[], str | None]:
     def check_view() -> str | None:
         view = ring(url)
         seen = versions_seen(url)
-        shown = view["cluster"]["protocol"]  # type: ignore[index]
+        shown = view["cluster"]["protocol"]
         if seen != versions or shown != cluster_protocol:
             return f"versions {seen}, cluster protocol {shown}; want {versions}, {cluster_protocol}"
         return None

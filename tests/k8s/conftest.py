@@ -7,7 +7,7 @@ every chart test.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from tests.k8s.chart import TOOLS_BIN, Render, run_helm, template_args
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     """No test under tests/k8s may skip (a missing tool or package would hide a whole
     area from CI): a skip is reported as a failure with its reason."""
     outcome = yield
@@ -30,7 +30,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, Any, None]:
     """The same for a whole module skipped at import (pytest.importorskip at module level)."""
     outcome = yield
     report = outcome.get_result()

@@ -130,10 +130,11 @@ class KubeAPI:
 
     def start_server(self) -> None:
         """Serve the emulator over HTTP (again, on the same port if it ran before)."""
-        assert self.handler is not None and self._server is None
+        handler = self.handler
+        assert handler is not None and self._server is None
 
         async def serve() -> kmock.Server:
-            server = kmock.Server(self.handler, host=self.host, port=self.port, server_cls=_QuickStopServer)
+            server = kmock.Server(handler, host=self.host, port=self.port, server_cls=_QuickStopServer)
             await server.__aenter__()
             return server
 

@@ -144,7 +144,9 @@ class TlsFront:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
         if self._thread.is_alive():
-            with contextlib.suppress(Exception):
+            # stop() raises nothing itself (return_exceptions): a loop stuck past the timeout, or one
+            # already stopped, must not keep the thread below from being asked to stop and joined.
+            with contextlib.suppress(TimeoutError, RuntimeError):
                 asyncio.run_coroutine_threadsafe(stop(), self._loop).result(FRONT_START_TIMEOUT_S)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(FRONT_START_TIMEOUT_S)

@@ -182,13 +182,14 @@ def test_the_published_crd_schemas_catch_mistakes(render: Render) -> None:
 
 def test_cert_manager_field_check_catches_mistakes() -> None:
     """Guard on the guard: the hand-written cert-manager check refuses a typo and a bad enum."""
-    good = {
+    good: dict[str, Any] = {
         "apiVersion": CERT_MANAGER_API,
         "kind": "Certificate",
         "metadata": {"name": "c", "namespace": NAMESPACE},
         "spec": {"secretName": "s", "issuerRef": {"name": "i", "kind": "Issuer", "group": "cert-manager.io"}},
     }
     validate_cert_manager(good)
+    broken: dict[str, Any]
     for broken in (
         {"dnsName": ["x"]},
         {"issuerRef": {"name": "i", "kind": "Cluster", "group": "cert-manager.io"}},

@@ -1,10 +1,12 @@
 """Real nodes in one process, for unit tests: Node.open over the in-process
-peer client (app.transport.fake), no sockets, no sleeps. The one builder
-behind test_coordinator and test_replication."""
+peer client (app.transport.fake), no sockets, no sleeps: time-driven parts
+(peer health's breaker, read hedging) run on a ManualScheduler when a test
+passes one. The one builder behind test_coordinator and test_replication."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from app.clock import wall_ms
 from app.cluster.node import Node
@@ -12,6 +14,7 @@ from app.config import NodeConfig
 from app.membership.static import StaticMembership
 from app.transport.fake import InProcessPeerClient
 from app.web.routes_ops import ring_view
+from tests.unit.manual_time import ManualScheduler
 
 QUIET = {
     "anti_entropy_interval": "3600",
@@ -35,8 +38,17 @@ class InProcessCluster:
         self.peer_client = InProcessPeerClient()
         self.nodes: dict[str, Node] = {}
 
-    async def add(self, node_id: str, members: dict[str, str], *, skew_ms: int = 0, **options: str) -> Node:
-        """Open a node (its wall clock skew_ms off) and make it reachable to the others."""
+    async def add(
+        self,
+        node_id: str,
+        members: dict[str, str],
+        *,
+        skew_ms: int = 0,
+        scheduler: ManualScheduler | None = None,
+        **options: str,
+    ) -> Node:
+        """Open a node (its wall clock skew_ms off; its breaker and hedging on
+        `scheduler`'s time, if given) and make it reachable to the others."""
 
         def wall() -> int:
             return wall_ms() + skew_ms
@@ -46,13 +58,14 @@ class InProcessCluster:
             peer_client=self.peer_client,
             source=StaticMembership(members),
             wall=wall,
+            scheduler=scheduler,
         )
         self.nodes[node_id] = node
         self.peer_client.replicas[node_id] = node.replica
         self.peer_client.walls[node_id] = wall
-        self.peer_client.membership_handlers[node_id] = lambda m, node=node: node.apply_membership(m, propagate=False)
+        self.peer_client.membership_handlers[node_id] = functools.partial(node.apply_membership, propagate=False)
         self.peer_client.shared_digest_handlers[node_id] = node.anti_entropy.answer_shared_digest
-        self.peer_client.ring_views[node_id] = lambda node=node: ring_view(node)
+        self.peer_client.ring_views[node_id] = functools.partial(ring_view, node)
         return node
 
     async def start_holding(

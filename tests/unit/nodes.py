@@ -8,5 +8,5 @@ from app.config import NodeConfig
 
 
 def single_node_config(**overrides: str) -> NodeConfig:
-    values = {"node_id": "n1", "listen": "127.0.0.1:9", **overrides}
+    values: dict[str, str | None] = {"node_id": "n1", "listen": "127.0.0.1:9", **overrides}
     return NodeConfig.from_options(values)

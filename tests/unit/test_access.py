@@ -204,7 +204,7 @@ def test_denials_are_logged_in_bursts_then_at_a_rate_with_a_count_of_the_rest(
 
 
 def test_auth_without_a_guard_on_internal_routes_refuses_to_start() -> None:
-    base = {"node_id": "n1", "auth_file": "/x/users.yaml"}
+    base: dict[str, str | None] = {"node_id": "n1", "auth_file": "/x/users.yaml"}
     with pytest.raises(ConfigError, match=r"/internal/.*would stay open"):
         NodeConfig.from_options(base)
     assert NodeConfig.from_options(base | {"cluster_token": "t"}).auth_file == "/x/users.yaml"

@@ -40,8 +40,8 @@ class ReadCounter:
             self.gets += 1
             return get(key)
 
-        store.iter_range = counted_range  # type: ignore[method-assign]
-        store.get = counted_get  # type: ignore[method-assign]
+        store.iter_range = counted_range
+        store.get = counted_get
 
 
 async def three_nodes_in_sync(cluster: InProcessCluster) -> None:
@@ -86,7 +86,7 @@ async def test_a_peer_still_building_its_index_refuses_a_round_and_stays_up(clus
     await three_nodes_in_sync(cluster)
     a, c = cluster.nodes["a"], cluster.nodes["c"]
     c.store.apply(KEYS[3], Record(version=c.clock.now(), value=b"newer"))  # a round would repair this
-    a.store.digests_ready = lambda: False  # type: ignore[method-assign]
+    a.store.digests_ready = lambda: False
     there = ReadCounter(a)
     rounds = c.metrics.ae_rounds._value.get()
 
@@ -114,7 +114,7 @@ class DigestCounter:
             self.arcs += len(arcs)
             return digests(arcs)
 
-        node.replica.digests = counted  # type: ignore[method-assign]
+        node.replica.digests = counted
 
 
 async def test_a_quiet_round_is_one_request_and_an_unchanged_store_computes_nothing(cluster: InProcessCluster) -> None:

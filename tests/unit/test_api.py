@@ -1,5 +1,10 @@
 """The HTTP API of one node, through the ASGI app: the seed's routes, the REST
-routes, operations routes, and every kind of bad input."""
+routes, operations routes, and every kind of bad input.
+
+In-process (no server socket). Two tests give the node a second member at
+127.0.0.1:1, where nothing listens: the node's real peer client tries it and
+the kernel refuses at once, with no server and nothing to wait for; that
+refusal is the unreachable peer they need, so they stay unit tests."""
 
 from __future__ import annotations
 
@@ -7,11 +12,20 @@ import pytest
 from starlette.testclient import TestClient
 
 from app.clock import Version
+from app.cluster.node import Node
 from app.cluster.replica import FULL_SCAN_ABOVE_ARCS
 from app.storage.base import DIGEST_BYTES, Record
 from app.transport import codec
 from app.web.app import create_app
+from app.web.dataplane import DataPlane
 from tests.unit.nodes import single_node_config
+
+
+def node_of(client: TestClient) -> Node:
+    """The node behind a TestClient's app."""
+    plane = client.app
+    assert isinstance(plane, DataPlane)
+    return plane.slot.require()
 
 
 def test_seed_put_get_delete_roundtrip(client: TestClient) -> None:
@@ -195,7 +209,7 @@ def test_coalesced_replica_calls_apply_each_write_and_answer_each_read(client: T
     assert list(held.content) == [codec.ACK_APPLIED, codec.ACK_APPLIED]
     assert client.get("/kv/for-n7").status_code == 404
     assert client.get("/kv/c2").content == b"two"
-    node = client.app.slot.require()
+    node = node_of(client)
     assert node.replica.hints.for_target("n7", 10) == [(b"for-n7", Record(new, b"held", 0))]
 
 
@@ -212,7 +226,7 @@ def test_a_503_says_when_to_retry_and_a_405_what_is_allowed() -> None:
 
 def test_many_arcs_digests_are_refused_with_a_409_while_the_index_builds(client: TestClient) -> None:
     """Not a 503: that would mark an up node down for client traffic."""
-    node = client.app.slot.require()
+    node = node_of(client)
     arcs = node.topology.current.ring.ranges()[: FULL_SCAN_ABOVE_ARCS + 1]
     node.store.digests_ready = lambda: False
     refused = client.post("/internal/v1/digests", content=codec.encode_arcs(arcs))
@@ -226,7 +240,7 @@ def test_many_arcs_digests_are_refused_with_a_409_while_the_index_builds(client:
 def test_the_shared_digest_route_answers_on_the_same_ring_and_refuses_otherwise() -> None:
     config = single_node_config(peers="n1=http://127.0.0.1:9,n2=http://127.0.0.1:1", replication_factor="2")
     with TestClient(create_app(config)) as client:
-        node = client.app.slot.require()
+        node = node_of(client)
         assert node.store.wait_digests(10)
         ring = node.anti_entropy.ring_name()
         ok = client.post("/internal/v1/shared-digest", json={"asker": "n2", "ring": ring})

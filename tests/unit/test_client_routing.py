@@ -153,7 +153,7 @@ def test_backoff_is_jittered_capped_and_never_past_the_deadline() -> None:
 
 def test_attempts_cycle_the_nodes_and_leave_time_for_the_next() -> None:
     r, clock = router()
-    attempts = r.attempts(["a", "b", "c"], clock.now + 4.0)
+    attempts = iter(r.attempts(["a", "b", "c"], clock.now + 4.0))
     first = next(attempts)
     assert (first.url, first.timeout_s, first.connect_s) == ("a", 2.0, 1.0)
     clock.now += 2.0

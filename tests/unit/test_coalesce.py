@@ -13,17 +13,20 @@ from app.transport import codec
 
 
 class Recorder:
-    """A send function that records each batch and answers item * 10."""
+    """A send function that records each batch and answers item * 10; with
+    `gate`, each batch waits for the gate to open (`sent` is set once one is in flight)."""
 
-    def __init__(self, *, fail_with: BaseException | None = None, delay_s: float = 0.0) -> None:
+    def __init__(self, *, fail_with: BaseException | None = None, gate: asyncio.Event | None = None) -> None:
         self.batches: list[list[int]] = []
         self.fail_with = fail_with
-        self.delay_s = delay_s
+        self.gate = gate
+        self.sent = asyncio.Event()
 
     async def __call__(self, items: list[int]) -> list[int]:
         self.batches.append(list(items))
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+        self.sent.set()
+        if self.gate is not None:
+            await self.gate.wait()
         if self.fail_with is not None:
             raise self.fail_with
         return [item * 10 for item in items]
@@ -96,14 +99,17 @@ async def test_a_caller_cancelled_before_the_flush_is_left_out() -> None:
 
 
 async def test_a_caller_cancelled_while_its_batch_is_in_flight_does_not_disturb_the_others() -> None:
-    send = Recorder(delay_s=0.05)
+    gate = asyncio.Event()
+    send = Recorder(gate=gate)
     c = coalescer(send)
     first = asyncio.ensure_future(c.submit(1))
     second = asyncio.ensure_future(c.submit(2))
-    await asyncio.sleep(0.01)
+    await send.sent.wait()  # the batch is in flight
     first.cancel()
+    gate.set()
     assert await second == 20
     assert first.cancelled()
+    assert send.batches == [[1, 2]]  # both travelled together: the cancel came while it was in flight
 
 
 def test_write_frames_round_trip_with_hints_and_tombstones() -> None:

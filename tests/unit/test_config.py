@@ -43,7 +43,7 @@ def test_self_url_comes_from_the_peer_list_when_named_there() -> None:
         ({"node_id": "n", "map_size": "1Ki"}, "at least"),
     ],
 )
-def test_bad_settings_are_refused_with_a_clear_message(values: dict[str, str], words: str) -> None:
+def test_bad_settings_are_refused_with_a_clear_message(values: dict[str, str | None], words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         NodeConfig.from_options(values)
 

@@ -12,6 +12,7 @@ import itertools
 import re
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
@@ -133,7 +134,7 @@ def test_owner_runs_tile_the_circle_with_each_arcs_owner() -> None:
         assert ring.owners_of_token(middle, 1)[0] == ring.members[index]
 
 
-def _facts(node_id: str, **kwargs: object) -> overview.MemberFacts:
+def _facts(node_id: str, **kwargs: Any) -> overview.MemberFacts:
     return overview.MemberFacts(node_id=node_id, **kwargs)
 
 
@@ -196,7 +197,8 @@ async def test_peer_views_mark_a_silent_peer_down(cluster: InProcessCluster) -> 
     a = cluster.nodes["a"]
     views = await overview.peer_views(a, authorization=None)
     assert set(views) == {"b", "c"} and all(isinstance(view, dict) for view in views.values())
-    assert views["b"]["node_id"] == "b"
+    b_view = views["b"]
+    assert isinstance(b_view, dict) and b_view["node_id"] == "b"
     cluster.peer_client.unreachable.add("c")
     views = await overview.peer_views(a, authorization=None)
     assert isinstance(views["c"], str) and not a.health.is_up("c")
@@ -209,7 +211,9 @@ async def test_the_last_anti_entropy_round_is_reported_in_ring(cluster: InProces
     a, b = cluster.nodes["a"], cluster.nodes["b"]
     b.store.apply(b"k", Record(version=b.clock.now(), value=b"newer"))
     assert await a.anti_entropy.run_round() == 1
-    reported = ring_view(a)["local"]["anti_entropy"]
+    local = ring_view(a)["local"]
+    assert isinstance(local, dict)
+    reported = local["anti_entropy"]
     assert reported["rounds"] == 1 and reported["repaired_total"] == 1
     last = reported["last_round"]
     assert (last["peer"], last["repaired"], last["reached"]) == ("b", 1, True)

@@ -9,10 +9,12 @@ import pytest
 
 from app.clock import Version, wall_ms
 from app.cluster.coordinator import Coordinator, required_acks
+from app.cluster.hedging import TICK_S
 from app.errors import ClockOffsetError, InvalidRequestError, QuorumError, WriteNotWonError
-from app.storage.base import Record
+from app.storage.base import ApplyResult, Record
 from app.transport.fake import InProcessPeerClient
 from tests.unit.in_process import InProcessCluster, members
+from tests.unit.manual_time import ManualScheduler
 
 NODES = members("a", "b", "c")
 
@@ -23,13 +25,16 @@ async def build_cluster(
     replication_factor: int,
     skew_ms: dict[str, int] | None = None,
     max_offset_ms: int = 500,
+    scheduler: ManualScheduler | None = None,
 ) -> tuple[dict[str, Coordinator], InProcessPeerClient]:
-    """Three nodes (skew_ms moves a node's wall clock); their coordinators, and the peer client to break."""
+    """Three nodes (skew_ms moves a node's wall clock; `scheduler` drives their
+    breakers and hedging); their coordinators, and the peer client to break."""
     for node_id in NODES:
         await cluster.add(
             node_id,
             NODES,
             skew_ms=(skew_ms or {}).get(node_id, 0),
+            scheduler=scheduler,
             vnodes="32",
             replication_factor=str(replication_factor),
             max_clock_offset=str(max_offset_ms / 1000),
@@ -147,17 +152,19 @@ async def test_a_replica_s_newer_version_from_beyond_the_bound_fails_the_write_w
     assert nodes["a"].clock.now().physical_ms < far.physical_ms  # the clock did not jump to follow it
 
 
-async def test_a_write_that_keeps_losing_fails_after_the_bounded_rounds(cluster: InProcessCluster) -> None:
+async def test_a_write_that_keeps_losing_fails_after_the_bounded_rounds(
+    cluster: InProcessCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
     nodes, _ = await build_cluster(cluster, replication_factor=1)
     key = key_owned_by(nodes["a"], "a")
     store = nodes["a"].replica.store
     original = store.apply
 
-    def always_newer(k: bytes, record: Record):
+    def always_newer(k: bytes, record: Record) -> ApplyResult:
         original(k, Record(version=Version(record.version.hlc + 1, "racer"), value=b"racer"))
         return original(k, record)
 
-    store.apply = always_newer
+    monkeypatch.setattr(store, "apply", always_newer)
     with pytest.raises(WriteNotWonError, match="after 3 rounds"):
         await nodes["a"].put(key, b"mine")
 
@@ -190,37 +197,48 @@ async def test_reads_advance_the_coordinators_clock(cluster: InProcessCluster) -
 # -- expiry is a version -------------------------------------------------------
 
 
-async def test_an_expired_value_hides_an_older_live_one_on_a_replica_that_missed_it(cluster: InProcessCluster) -> None:
+async def test_an_expired_value_hides_an_older_live_one_on_a_replica_that_missed_it(
+    cluster: InProcessCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
     nodes, transport = await build_cluster(cluster, replication_factor=3)
+    now = [wall_ms()]  # the coordinators' wall clock for expiry, moved by hand below
+    monkeypatch.setattr("app.cluster.coordinator.wall_ms", lambda: now[0])
     await nodes["a"].put(b"k", b"old")
     transport.unreachable.add("c")
     await nodes["a"].put(b"k", b"short-lived", ttl_s=0.001)
     transport.unreachable.clear()
-    await asyncio.sleep(0.01)
+    now[0] += 10  # past its expiry
     assert nodes["c"].replica.store.get(b"k").value == b"old"
     for reader in nodes.values():
         assert await reader.get(b"k", consistency="all") is None
-    await asyncio.sleep(0)  # read repair ran: c now holds the dead version too
+    await asyncio.sleep(0)  # one loop turn: the read repair the reads started has run; c now holds the dead version too
     dead = nodes["c"].replica.store.get(b"k")
-    assert dead is not None and dead.value == b"short-lived" and not dead.live(wall_ms())
+    assert dead is not None and dead.value == b"short-lived" and not dead.live(now[0])
 
 
 # -- gray failures: a replica that accepts and never answers ---------------------
 
 
 async def test_a_read_hedges_past_a_hung_replica_and_the_breaker_marks_it_down(cluster: InProcessCluster) -> None:
-    nodes, transport = await build_cluster(cluster, replication_factor=3)
+    clock = ManualScheduler()  # the nodes' breakers and hedging run on it: time moves only below
+    nodes, transport = await build_cluster(cluster, replication_factor=3, scheduler=clock)
+    health = nodes["a"].health
     await nodes["a"].put(b"k", b"v")
     transport.hung.add("c")
     for _ in range(12):
-        nodes["a"].health.state("b").latency_s = 10.0  # so that c, the hung one, looks best and is asked first
-        started = asyncio.get_running_loop().time()
-        read = await asyncio.wait_for(nodes["a"].get(b"k"), timeout=1.0)  # the peer timeout would be 2 s
-        assert read is not None and read.value == b"v"
-        assert asyncio.get_running_loop().time() - started < 0.1
+        health.state("b").latency_s = 10.0  # so that c, the hung one, looks best and is asked first
+        read = asyncio.ensure_future(nodes["a"].get(b"k"))
+        await asyncio.sleep(0)  # one loop turn: the read has asked c and waits
+        clock.advance(health.hedge_delay("c") - TICK_S / 2)
+        assert not read.done()  # no hedge before c's hedge delay
+        clock.advance(1.5 * TICK_S)  # past the first tick after the deadline: the hedge asks b
+        answer = await asyncio.wait_for(read, timeout=2.0)  # only bounds a hang: a broken hedge never returns
+        assert answer is not None and answer.value == b"v"
     for _ in range(4):
         await nodes["a"].put(b"k", b"v2")  # writes go to every replica: the hung one owes answers
-    await asyncio.sleep(0.6)  # past the suspect delay (200 ms), and a peer watch (every 250 ms) has run
-    assert not nodes["a"].health.is_up("c")
-    assert "no answer for" in nodes["a"].health.state("c").last_error
+    assert health.trip_silent() == [] and health.is_up("c")  # silent for ~0.13 s: under its suspect delay
+    clock.advance(health.suspect_after("c"))
+    assert health.trip_silent() == ["c"]  # what the node's peer watch runs four times a second
+    assert not health.is_up("c")
+    assert "no answer for" in health.state("c").last_error
     assert nodes["a"].metrics.hedged_reads._value.get() == 12

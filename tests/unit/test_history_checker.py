@@ -3,14 +3,14 @@ histories: no sockets, no clocks."""
 
 from __future__ import annotations
 
-from tests.integration.history import Observation, Op, allowed_states, check, stale_reads, success_ratio
+from tests.integration.history import Observation, Op, Outcome, allowed_states, check, stale_reads, success_ratio
 
 
-def put(key: str, value: str, sent: float, acked: float | None, outcome: str = "ok", client: int = 0) -> Op:
+def put(key: str, value: str, sent: float, acked: float | None, outcome: Outcome = "ok", client: int = 0) -> Op:
     return Op(client, "put", key, value.encode(), sent, acked if outcome == "ok" else None, outcome)
 
 
-def delete(key: str, sent: float, acked: float | None, outcome: str = "ok", client: int = 0) -> Op:
+def delete(key: str, sent: float, acked: float | None, outcome: Outcome = "ok", client: int = 0) -> Op:
     return Op(client, "delete", key, None, sent, acked if outcome == "ok" else None, outcome)
 
 

@@ -186,6 +186,7 @@ def test_memory_digests_stay_equal_to_a_full_recomputation(history: list[tuple])
 @given(st.lists(steps, max_size=40))
 def test_lmdb_digests_stay_equal_to_a_full_recomputation(history: list[tuple]) -> None:
     with tempfile.TemporaryDirectory() as path:
+        current: Store
 
         def opened() -> Store:
             return LmdbStore(path=path, node_id="x", fsync="never", fsync_window_ms=5, tombstone_grace_s=GRACE_S)

@@ -15,8 +15,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from _common import APP_DIR, LOAD_CORE, SERVER_CORE, run_wrk
-from cluster_report import Report
+from bench.lib.cluster_report import Report
+from bench.lib.common import APP_DIR, LOAD_CORE, SERVER_CORE, run_wrk
 from tests.harness.processes import Cluster
 
 PROFILE_MIN_S = 5.0  # at least this many seconds of samples, even under a short --duration

@@ -11,11 +11,11 @@ import argparse
 from contextlib import ExitStack
 from pathlib import Path
 
-from _common import run_wrk
-from cluster_nodes import start_cluster
-from cluster_report import Report
-from loader import preload
-from pyspy import profile_put
+from bench.lib.cluster_nodes import start_cluster
+from bench.lib.cluster_report import Report
+from bench.lib.common import run_wrk
+from bench.lib.loader import preload
+from bench.lib.pyspy import profile_put
 
 OPS = ("get", "put")
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from typing import Any
 
-from _common import Result, format_table
-from cluster_nodes import SPREAD_KEYS
+from bench.lib.cluster_nodes import SPREAD_KEYS
+from bench.lib.common import Result, format_table
 
 # Targets: N=3 quorum req/s at least half of N=1's; at least etcd's; a slowed
 # node adds at most half again to quorum GET p99.
@@ -19,7 +20,7 @@ TARGETS = {"quorum_vs_n1": 0.5, "vs_etcd": 1.0, "slow_p99": 1.5, "tls_vs_plain":
 @dataclass
 class Report:
     rows: dict[str, Result] = field(default_factory=dict)
-    converge: list[dict[str, object]] = field(default_factory=list)
+    converge: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     failed_sections: list[str] = field(default_factory=list)
     profile: str = ""

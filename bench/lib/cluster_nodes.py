@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from _common import APP_DIR, SERVER_CORE, http_request, lua_rest_put
+from bench.lib.common import APP_DIR, SERVER_CORE, http_request, lua_rest_put
 from tests.harness.processes import Cluster, TlsMode
 
 NODES = 3

@@ -13,10 +13,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from _common import run_wrk, write_lua
-from cluster_nodes import PUT_KEYSPACE, SPREAD_KEYS, VALUE
-from cluster_report import Report
-from etcd import ETCD_HINT, b64, etcd_cluster, etcd_key, etcd_lua, etcd_post
+from bench.lib.cluster_nodes import PUT_KEYSPACE, SPREAD_KEYS, VALUE
+from bench.lib.cluster_report import Report
+from bench.lib.common import run_wrk, write_lua
+from bench.lib.etcd import ETCD_HINT, b64, etcd_cluster, etcd_key, etcd_lua, etcd_post
 
 
 def section_etcd(report: Report, *, args: argparse.Namespace, logdir: Path) -> None:

@@ -15,10 +15,10 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from _common import http_request
-from cluster_nodes import SPREAD_KEYS, metric, start_cluster
-from cluster_report import Report
-from loader import preload, put_all
+from bench.lib.cluster_nodes import SPREAD_KEYS, metric, start_cluster
+from bench.lib.cluster_report import Report
+from bench.lib.common import http_request
+from bench.lib.loader import preload, put_all
 
 CONVERGE_WRITES = 100_000  # writes the restarted node missed: enough that hints alone take a while
 CONVERGE_TIMEOUT_S = 240.0  # per pace; a run that has not converged by then is reported as such

@@ -17,10 +17,10 @@ import os
 from contextlib import ExitStack
 from pathlib import Path
 
-from _common import run_wrk
-from cluster_nodes import reads_sent, start_cluster
-from cluster_report import Report
-from loader import preload
+from bench.lib.cluster_nodes import reads_sent, start_cluster
+from bench.lib.cluster_report import Report
+from bench.lib.common import run_wrk
+from bench.lib.loader import preload
 from tests.harness.proxy import Proxy, ProxyLoop
 
 SLOW_DELAY_S = 0.020  # 20 ms added towards node3: the delay the slow-replica target (p99 <= 1.5x) is stated for

@@ -1,6 +1,8 @@
 """How the HTTP peer client classifies a peer's answers: only no answer at
 all, a timeout, or the peer's own 503 make it unavailable (and so marked
-down); a refusal or a garbled answer comes from a peer that is up."""
+down); a refusal or a garbled answer comes from a peer that is up.
+Integration, not unit: the real client over real loopback sockets, against
+a scripted server (scripted_server.py) giving answers no node would give."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from app.errors import PeerError, PeerRefusedError, PeerUnavailableError
 from app.storage.base import Record
 from app.transport.base import Peer
 from app.transport.http import HttpPeerClient
-from tests.unit.scripted_server import ScriptedServer, ok
+from tests.integration.scripted_server import ScriptedServer, ok
 
 RECORD = Record(Version(1 << 16, "n1"), b"v")
 

@@ -1,7 +1,7 @@
 """A 3-member etcd on loopback for the cluster benchmark's reference section
 (cluster_etcd.py): Debian's etcd-server, each member with its own data dir,
 pinned to the server core like our nodes and stopped like them
-(_common.serving); and the wrk Lua that drives its JSON gateway with keys
+(common.serving); and the wrk Lua that drives its JSON gateway with keys
 and values of our shape.
 """
 
@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from _common import Server, free_port_block, http_request, serving
-from cluster_nodes import VALUE
+from bench.lib.cluster_nodes import VALUE
+from bench.lib.common import Server, http_request, serving
+from tests.harness.processes import free_port_run
 
 HOST = "127.0.0.1"
 MEMBERS = 3
@@ -58,7 +59,7 @@ def etcd_post(url: str, path: str, body: str) -> tuple[int, bytes]:
 
 @contextmanager
 def etcd_cluster(logdir: Path) -> Iterator[tuple[list[str], list[Server]]]:
-    base = free_port_block(2 * MEMBERS)  # client ports, then peer ports
+    base = free_port_run(2 * MEMBERS)  # client ports, then peer ports
     client = [f"http://{HOST}:{base + i}" for i in range(MEMBERS)]
     peer = [f"http://{HOST}:{base + MEMBERS + i}" for i in range(MEMBERS)]
     initial = ",".join(f"m{i + 1}={peer[i]}" for i in range(MEMBERS))

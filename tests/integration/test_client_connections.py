@@ -3,7 +3,8 @@ answers no node would give on cue): a connection whose answer came too late
 is never reused, so the next call gets its own answer (riak-python-client
 #425, "ask for key X, get value of Y"); each status is its typed error with
 the server's message; connection errors and 503 fail over to the next node;
-anything else does not. Both clients, sync and asyncio."""
+anything else does not. Both clients, sync and asyncio.
+Integration, not unit: real sockets, and a server that answers late on purpose."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from kvstore_client import (
     Unauthorized,
     Unavailable,
 )
-from tests.unit.scripted_server import ScriptedServer
+from tests.integration.scripted_server import ScriptedServer
 
 LATE_S = 0.6  # the slow key's answer comes this late...
 TIMEOUT_S = 0.3  # ...after the client gave up on it

@@ -28,18 +28,19 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-sys.path.insert(1, str(REPO))  # tests.harness; after bench/ itself, which the scripts put first
-
 from tests.harness.processes import free_port as free_port
-from tests.harness.processes import free_port_run, stop_group
+from tests.harness.processes import stop_group
 from tests.harness.processes import wait_ready as _wait_ready
+
+BENCH_DIR = Path(__file__).resolve().parents[1]
+REPO = BENCH_DIR.parent
 
 PYTHON = sys.executable  # the venv's interpreter: servers run with the same one
 # The tree whose `app` package the servers run: the working tree by default, or
-# a snapshot (e.g. `git archive HEAD app | tar -x -C /tmp/snap`) to measure a
-# fixed commit while others edit app/.
+# a snapshot (e.g. `git archive HEAD app bench | tar -x -C /tmp/snap`; bench/
+# for the peer_clients forwarder, which runs as `-m bench.peer_clients`) to
+# measure a fixed commit while others edit app/. The bench process itself
+# imports the working tree's `app` (tests.harness does, first).
 APP_DIR = Path(os.environ.get("BENCH_APP_DIR", REPO)).resolve()
 
 SERVER_CORE = os.environ.get("BENCH_SERVER_CORE", "0")  # every server process shares this core
@@ -76,11 +77,6 @@ def require_wrk() -> str:
     return path
 
 
-def free_port_block(count: int, host: str = "127.0.0.1") -> int:
-    """A base port such that base .. base+count-1 are all free right now."""
-    return free_port_run(count, host)
-
-
 # -- server processes ----------------------------------------------------------
 
 
@@ -91,7 +87,7 @@ class Server:
     log_path: Path
     url: str = ""
     extra_pids: list[int] = field(default_factory=list)  # e.g. `kvstore cluster`'s node processes
-    _extra_starts: dict[int, str] = field(default_factory=dict)  # pid -> start time, against pid reuse
+    _extra_starts: dict[int, str | None] = field(default_factory=dict)  # pid -> start time, against pid reuse
 
     def pids(self) -> list[int]:
         return [self.proc.pid, *self.extra_pids]

@@ -18,11 +18,11 @@ import argparse
 from contextlib import ExitStack
 from pathlib import Path
 
-from _common import run_wrk
-from cluster_nodes import metric, start_cluster
-from cluster_quorum import OPS, wrk_each_op
-from cluster_report import Report
-from loader import preload
+from bench.lib.cluster_nodes import metric, start_cluster
+from bench.lib.cluster_quorum import OPS, wrk_each_op
+from bench.lib.cluster_report import Report
+from bench.lib.common import run_wrk
+from bench.lib.loader import preload
 from tests.harness.certs import tls_mode
 
 HANDSHAKES = "kvstore_tls_handshakes_total"

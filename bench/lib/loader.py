@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
-from cluster_nodes import SPREAD_KEYS, VALUE
+from bench.lib.cluster_nodes import SPREAD_KEYS, VALUE
 
 LOADER_CONNECTIONS = 64  # as many as wrk uses: the nodes see the same concurrency
 WRITE_ATTEMPTS = 5  # per write, each on a fresh connection: rides out a node's restart or a refused write

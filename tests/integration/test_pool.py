@@ -1,17 +1,23 @@
-"""The lean peer-client pool against a real loopback server that we script."""
+"""The lean peer-client pool against a real loopback server that we script.
+
+Integration, not unit: what is tested is how real sockets behave (an idle
+connection the peer closed, an RST arriving before or after the loop hears of
+it, a silent peer), so it needs the kernel's TCP and the loop's timing; the
+short sleeps here let a close or a reset reach the client side."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 import uvloop
 
 from app.transport.pool import PeerPool
-from tests.unit.scripted_server import ScriptedServer, ok
+from tests.integration.scripted_server import ScriptedServer, ok
 
 
 async def echo(request: bytes, writer: asyncio.StreamWriter) -> None:
@@ -164,7 +170,7 @@ def reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-def on_uvloop(test: Callable[[], Awaitable[None]]) -> None:
+def on_uvloop(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """The nodes run uvloop, whose closed transports raise where asyncio's only log."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(test())
@@ -223,11 +229,13 @@ def test_resets_under_load_fail_only_as_oserrors() -> None:
 
 def test_a_reset_before_any_byte_of_the_answer_is_retried_once_on_a_fresh_connection() -> None:
     async def main() -> None:
+        answered_once: set[asyncio.StreamWriter] = set()
+
         async def once_per_connection(request: bytes, writer: asyncio.StreamWriter) -> None:
-            if getattr(writer, "answered_once", False):
+            if writer in answered_once:
                 reset(writer)  # the request arrived; no byte of an answer left
                 return
-            writer.answered_once = True
+            answered_once.add(writer)
             writer.write(ok(b"fine"))
 
         async with ScriptedServer(once_per_connection) as server:
@@ -283,7 +291,7 @@ def test_a_fresh_connection_the_peer_closed_before_the_first_write_fails_as_an_o
             pool = pool_for(server)
             connect = pool._connect
 
-            async def connect_then_lose_it() -> object:
+            async def connect_then_lose_it() -> Any:  # the pool's private connection type
                 conn = await connect()
                 assert conn.transport is not None
                 conn.transport.abort()

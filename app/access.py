@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from app.errors import ConfigError
+from app.watched_files import WatchedFiles
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ def _one_line(exc: BaseException) -> str:
 class AuthFile:
     """The users file and its current rules, re-read when its bytes change.
 
-    The same discipline as the TLS files (app.transport.tls): a file that
+    The same discipline as the TLS files (app.watched_files): a file that
     does not load is refused, logged once per content and reported to
     `on_reload(False)`; the last good rules stay in force. At start a bad
     file is a ConfigError: the node does not serve with rules it cannot read.
@@ -245,31 +246,24 @@ class AuthFile:
     def __init__(self, path: str, *, on_reload: Callable[[bool], None] | None = None) -> None:
         self.path = path
         self._on_reload = on_reload or (lambda ok: None)
-        self._fingerprint = self._read_fingerprint()
-        self._failed: bytes | None = None
+        self._files = WatchedFiles([path])
         self.rules = load_rules(path)
 
     def reload(self) -> bool:
         """Swap in the file's rules if its bytes changed and they validate;
         True when a swap happened."""
-        fingerprint = self._read_fingerprint()
-        if fingerprint == self._fingerprint:
+        fingerprint = self._files.changed()
+        if fingerprint is None:
             return False
         try:
             rules = load_rules(self.path)
         except ConfigError as exc:
-            if fingerprint != self._failed:
-                self._failed = fingerprint
+            if self._files.refused(fingerprint):
                 log.warning("%s; keeping the previous rules", exc)
                 self._on_reload(False)
             return False
-        self.rules, self._fingerprint, self._failed = rules, fingerprint, None
+        self.rules = rules
+        self._files.accepted(fingerprint)
         log.warning("auth: reloaded %s: %d users", self.path, rules.user_count)
         self._on_reload(True)
         return True
-
-    def _read_fingerprint(self) -> bytes:
-        try:
-            return hashlib.sha256(Path(self.path).read_bytes()).digest()
-        except OSError:
-            return b"missing"

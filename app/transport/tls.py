@@ -23,14 +23,13 @@ The client side: new connections use the newest context, and listeners
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import ssl
 from collections.abc import Callable
-from pathlib import Path
 
 from app.config import TlsConfig
 from app.errors import ConfigError
+from app.watched_files import WatchedFiles
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +51,7 @@ class TlsMaterial:
         self._on_handshake = on_handshake
         self._on_reload = on_reload
         self._listeners: list[Callable[[], None]] = []
-        self._fingerprint = self._read_fingerprint()
-        self._failed: bytes | None = None
+        self._files = WatchedFiles(self._paths())
         try:
             self._server, self._client = self._build()
         except (OSError, ssl.SSLError, ValueError) as exc:
@@ -92,20 +90,19 @@ class TlsMaterial:
     def reload(self) -> bool:
         """Swap in contexts built from the files if they changed and load;
         True when a swap happened."""
-        fingerprint = self._read_fingerprint()
-        if fingerprint == self._fingerprint:
+        fingerprint = self._files.changed()
+        if fingerprint is None:
             return False
         try:
             server, client = self._build()
         except (OSError, ssl.SSLError, ValueError) as exc:
-            if fingerprint != self._failed:  # once per content: a half-written file is retried when it changes
-                self._failed = fingerprint
+            if self._files.refused(fingerprint):  # once per content: a half-written file is retried when it changes
                 log.warning("TLS files changed but do not load; keeping the previous certificate: %s", _describe(exc))
                 self._on_reload(False)
             return False
         server.sni_callback = self._on_client_hello
         self._server, self._client = server, client
-        self._fingerprint, self._failed = fingerprint, None
+        self._files.accepted(fingerprint)
         self.generation += 1
         self._on_reload(True)
         log.warning(
@@ -126,21 +123,7 @@ class TlsMaterial:
 
     def _paths(self) -> list[str]:
         server, peer = self.config.server, self.config.peer
-        paths = [server.cert, server.key, peer.cert, peer.key]
-        paths += [ca for ca in (server.ca, peer.ca) if ca]
-        return list(dict.fromkeys(paths))
-
-    def _read_fingerprint(self) -> bytes:
-        """A hash of every file's bytes (read through symlinks, so cert-manager's
-        ..data swap shows as the change it is); a missing file hashes as absent."""
-        digest = hashlib.sha256()
-        for path in self._paths():
-            try:
-                digest.update(Path(path).read_bytes())
-            except OSError:
-                digest.update(b"\0missing\0")
-            digest.update(b"\0" + path.encode() + b"\0")
-        return digest.digest()
+        return [server.cert, server.key, peer.cert, peer.key, *(ca for ca in (server.ca, peer.ca) if ca)]
 
     def _build(self) -> tuple[ssl.SSLContext, ssl.SSLContext]:
         config = self.config

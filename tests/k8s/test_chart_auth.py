@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.harness.processes import NodeProcess, free_port
 from tests.k8s.chart import NAMESPACE, RELEASE, run_helm, template_args
 from tests.k8s.kube_api import KubeAPI, kube_api
 from tests.k8s.test_chart import (
@@ -53,6 +54,19 @@ CHART_KINDS = {
 
 def secret_data(docs: list[Doc], name: str) -> dict[str, str]:
     return {k: base64.b64decode(v).decode() for k, v in one(docs, "Secret", name)["data"].items()}
+
+
+def script_node(tmp_path: Path, *args: str) -> NodeProcess:
+    """A one-node kvstore (not started) for the chart's pod scripts to run against."""
+    port = free_port()
+    return NodeProcess(
+        node_id="n1",
+        host="127.0.0.1",
+        port=port,
+        peers={"n1": f"http://127.0.0.1:{port}"},
+        log_dir=tmp_path,
+        args=["--replication-factor", "1", "--cluster-token", "t0ken", *args],
+    )
 
 
 def users_file(docs: list[Doc], name: str = AUTH_SECRET, key: str = "users.yaml") -> Doc:
@@ -172,8 +186,6 @@ def test_helm_test_script_gets_401_without_the_token_and_round_trips_with_it(ren
     import subprocess
     import sys
 
-    from tests.harness.processes import NodeProcess, free_port
-
     docs = render()
     [container] = one(docs, "Pod")["spec"]["containers"]
     env = env_of(container)
@@ -183,15 +195,7 @@ def test_helm_test_script_gets_401_without_the_token_and_round_trips_with_it(ren
     users.write_text(data["users.yaml"])
 
     def run_script(node_args: list[str]) -> subprocess.CompletedProcess[str]:
-        port = free_port()
-        node = NodeProcess(
-            node_id="n1",
-            host="127.0.0.1",
-            port=port,
-            peers={"n1": f"http://127.0.0.1:{port}"},
-            log_dir=tmp_path,
-            args=["--replication-factor", "1", "--cluster-token", "t0ken", *node_args],
-        )
+        node = script_node(tmp_path, *node_args)
         node.start()
         try:
             node.wait_ready()

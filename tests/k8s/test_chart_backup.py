@@ -6,7 +6,6 @@ real `kvstore` against a real node, writes a backup and prunes old ones."""
 
 from __future__ import annotations
 
-import base64
 import os
 import subprocess
 import sys
@@ -16,9 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.harness.processes import NodeProcess, free_port
 from tests.k8s.chart import CHART_CI_VALUES, Render
 from tests.k8s.test_chart import by_kind, helm_fails, one, statefulset, validate_doc
+from tests.k8s.test_chart_auth import script_node, secret_data
 from tests.k8s.test_chart_tls import TLS_VALUES, validate
 
 BACKUP_VALUES = CHART_CI_VALUES / "backup-values.yaml"
@@ -167,18 +166,10 @@ def test_the_cronjob_script_backs_up_and_prunes(render: Render, tmp_path: Path) 
     [container] = backup_pod(docs)["spec"]["containers"]
     env = {item["name"]: item.get("value", "") for item in container["env"]}
     ref = next(item for item in container["env"] if item["name"] == "KVSTORE_TOKEN")["valueFrom"]["secretKeyRef"]
-    auth = {k: base64.b64decode(v).decode() for k, v in one(docs, "Secret", ref["name"])["data"].items()}
+    auth = secret_data(docs, ref["name"])
     users = tmp_path / "users.yaml"
     users.write_text(auth["users.yaml"])
-    port = free_port()
-    node = NodeProcess(
-        node_id="n1",
-        host="127.0.0.1",
-        port=port,
-        peers={"n1": f"http://127.0.0.1:{port}"},
-        log_dir=tmp_path,
-        args=["--replication-factor", "1", "--cluster-token", "t0ken", "--auth-file", str(users)],
-    )
+    node = script_node(tmp_path, "--auth-file", str(users))
     backups = tmp_path / "backups"
     backups.mkdir()
     for stamp in ("20240101T000000Z", "20240102T000000Z", "20240103T000000Z"):

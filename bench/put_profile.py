@@ -11,38 +11,56 @@ connections) PUTs 100-byte values to `/kv/k<i>`, i at random over them,
 all through node1 (default consistency: quorum, W=2).
 
 Each setup runs wrk three times: a --warmup run (discarded); a measured run
-with nothing attached (CPU per request per node, the reference); a run
-with py-spy sampling every node (one `py-spy record --threads` per node,
-each on the load core, --rate per second; blocking, so that a stack is never
-torn while the node runs on: --nonblocking to compare). The second run's
-CPU per thread (/proc/PID/task/*/stat, user and sys) divided by wrk's
-completed requests, split by that thread's samples' stages, gives the table:
-rows the stages, columns the nodes. py-spy sees no kernel: time in a
-syscall is charged to the Python frame that made it (sys is a row of its
-own beside the stages); idle threads are not sampled (no --idle). The stage
-rules are in bench/lib/put_stages.py's docstring; the samples no rule
-claims are the "unclassified" row, and their leaf functions are printed.
+with nothing attached (CPU per request per node: the "without py-spy" row);
+and the profiled run, with one `py-spy record --threads --nonblocking --gil`
+per node and `perf record -C <server core> -g` (bench/lib/perf_cpu.py), all
+on the load core. That run's CPU per thread (/proc/PID/task/*/stat, user and
+sys) divided by wrk's completed requests, split by the stages of that
+thread's samples (rules: bench/lib/put_stages.py's docstring), is the main
+table: rows the stages, columns the nodes. The samples no rule claims are
+the "unclassified" row, and their leaf functions are printed. How py-spy is
+run, and why (measured on this 2-core machine):
+- --nonblocking: the default blocking mode stops every node ~250 times a
+  second; it halved req/s and raised CPU per request by half.
+- --gil: without it py-spy counts every thread in state R, and with three
+  nodes on one core most of those are waiting for the core, not on it
+  (12-19 samples per on-CPU sample). With it, only the GIL holder is
+  sampled; CPU a thread spends without the GIL (libuv's epoll and socket
+  reads, any C call that releases it) is spread over that thread's sampled
+  stages. The "active samples / on-CPU" row says how far each node is from
+  1: above 1, a node holding the GIL was sampled while preempted, which
+  happens most right after it wakes another node (a loopback send), so the
+  send sites (PeerPool._send, RequestResponseCycle.send) are over-counted;
+  `--sched-batch` (the nodes under SCHED_BATCH while sampled: no wakeup
+  preemption) shows by how much, but changes the schedule it measures.
+py-spy sees no kernel: a syscall's time is charged to the Python frame that
+made it. The second table, from perf, splits the same CPU by native place
+(the syscall a kernel sample is under, the library of a user sample); the
+last line says how busy the server core was with other processes.
 
 Then the same for one node at N=1 (LMDB at the same --fsync, then the memory
 engine) as reference columns, so the gap between them is seen by stage
 (--no-single skips them).
 
     .venv/bin/python -m bench put_profile [--markdown] [--fsync batch|always] [--duration 10]
-                                          [--rate 250] [--keep-raw DIR] [--no-single]
+                                          [--rate 250] [--keep-raw DIR] [--no-single] [--no-perf]
 
-Needs py-spy (BENCH_PYSPY, PATH, or the venv's: `.venv/bin/pip install py-spy`).
+Needs py-spy (BENCH_PYSPY, PATH, or the venv's: `.venv/bin/pip install py-spy`)
+and, for the second table, perf with kernel symbols (run as root).
 Reported, no target.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -70,6 +88,7 @@ from bench.lib.put_stages import (
     STAGES,
     TICK,
     UNCLASSIFIED,
+    CpuSnapshot,
     NodeProfile,
     add_into,
     add_native,
@@ -108,6 +127,7 @@ class Setup:
     profiled: Result
     nodes: list[NodeProfile] = field(default_factory=list)
     plain_us: list[float] = field(default_factory=list)  # per node: CPU/request of the plain run
+    core: str = ""  # how perf saw the server core: our nodes, other processes, idle
 
     def total(self) -> NodeProfile:
         total = NodeProfile(label=self.label, requests=self.profiled.requests)
@@ -167,6 +187,8 @@ def measure(
                 spy, pid, raws[pid], rate=args.rate, nonblocking=not args.blocking, gil=not args.no_gil
             )
             spies.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        if args.sched_batch:
+            set_policy(pids, os.SCHED_BATCH)
         time.sleep(PYSPY_ATTACH_S)
         before = {pid: cpu_snapshot(pid) for pid in pids}
         recorder = perf_cpu.start(perf, perf_data) if perf else None
@@ -181,6 +203,8 @@ def measure(
             if proc.returncode not in (0, -signal.SIGINT):
                 print(f"  py-spy exited {proc.returncode}: {err.decode(errors='replace')[-300:]}", flush=True)
     finally:
+        if args.sched_batch:
+            set_policy(pids, os.SCHED_OTHER)
         for proc in spies:
             if proc.poll() is None:
                 proc.kill()
@@ -188,6 +212,8 @@ def measure(
     print(f"  {label}, under py-spy: {profiled.rps:,.0f} req/s", flush=True)
     setup = Setup(label=label, plain=plain, profiled=profiled)
     native = perf_cpu.samples_by_thread(perf, perf_data) if perf else {}
+    if native:
+        setup.core = core_share(native, [after[pid] for pid in pids])
     for name, pid, role in nodes:
         raw = raws[pid]
         if not raw.exists():
@@ -207,6 +233,27 @@ def measure(
             add_native(setup.nodes[-1], native, after[pid].threads, rate_hz=perf_cpu.PERF_RATE_HZ)
     setup.plain_us = plain_us
     return setup
+
+
+def core_share(native: dict[int, Counter[str]], nodes: Sequence[CpuSnapshot]) -> str:
+    """The server core during the profiled run, from perf's samples: our
+    nodes, anything else (other users of a shared machine), idle."""
+    ours = {tid for snapshot in nodes for tid in snapshot.threads}
+    counts = {tid: sum(c.values()) for tid, c in native.items()}
+    total = max(sum(counts.values()), 1)
+    mine = sum(n for tid, n in counts.items() if tid in ours)
+    idle = counts.get(0, 0)
+    other = total - mine - idle
+    return f"server core: {mine / total:.0%} our nodes, {other / total:.0%} other processes, {idle / total:.0%} idle"
+
+
+def set_policy(pids: Sequence[int], policy: int) -> None:
+    """Every thread of every node to the scheduling policy (SCHED_BATCH: a
+    wakeup does not preempt the running thread)."""
+    for pid in pids:
+        for tid in cpu_snapshot(pid).threads:
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setscheduler(tid, policy, os.sched_param(0))
 
 
 def preload(url: str, keys: int) -> None:
@@ -290,6 +337,7 @@ def throughput(setups: Sequence[Setup]) -> str:
     return "; ".join(
         f"{s.label}: {s.plain.rps:,.0f} req/s plain, {s.profiled.rps:,.0f} under py-spy, "
         f"p50 {s.plain.p50_ms:.2f} ms, p99 {s.plain.p99_ms:.2f} ms, errors {s.plain.errors + s.profiled.errors}"
+        + (f" ({s.core})" if s.core else "")
         for s in setups
     )
 
@@ -333,6 +381,7 @@ def main() -> int:
     parser.add_argument(
         "--no-gil", action="store_true", help="sample every running thread, not only the GIL holder (see the docstring)"
     )
+    parser.add_argument("--sched-batch", action="store_true", help="the nodes under SCHED_BATCH while sampled")
     parser.add_argument("--no-perf", action="store_true", help="skip the perf table (native and kernel CPU)")
     parser.add_argument("--no-single", action="store_true", help="skip the N=1 LMDB and memory reference columns")
     parser.add_argument("--keep-raw", metavar="DIR", help="keep py-spy's raw stacks in DIR")

@@ -406,12 +406,14 @@ def profile_node(
     threads: Iterable[ThreadCpu],
     rest: ThreadCpu,
     requests: int,
+    sampled_threads: Iterable[ThreadCpu],
     rate_hz: float,
 ) -> NodeProfile:
-    """Each thread's CPU per request split by its own samples' stage shares."""
+    """Each thread's CPU per request (threads, rest, requests: the run without
+    profilers) split by its own samples' stage shares (taken in the profiled
+    run, whose per-thread CPU is sampled_threads)."""
     profile = NodeProfile(label=label, requests=max(requests, 1))
     per_request = 1e6 / profile.requests
-    cpu_sampled = 0.0
     for thread in [*threads, rest]:
         us = thread.total_s * per_request
         profile.user_us += thread.user_s * per_request
@@ -422,21 +424,27 @@ def profile_node(
         if seen is None or seen.total == 0:
             profile.stages[UNSAMPLED] += us
             continue
-        profile.samples += seen.total
-        cpu_sampled += thread.total_s
         for stage, count in seen.by_stage.items():
             profile.stages[stage] += us * count / seen.total
             for leaf, n in seen.by_leaf[stage].items():
                 profile.leaves[stage][leaf] += us * n / seen.total
+    profile.samples = sum(seen.total for seen in samples.values())
+    cpu_sampled = sum(t.total_s for t in sampled_threads if t.tid in samples)
     if cpu_sampled > 0:
         profile.active_per_cpu = profile.samples / (cpu_sampled * rate_hz)
     return profile
 
 
 def add_native(
-    profile: NodeProfile, by_thread: dict[int, Counter[str]], tids: Iterable[int], *, rate_hz: float
+    profile: NodeProfile,
+    by_thread: dict[int, Counter[str]],
+    tids: Iterable[int],
+    *,
+    cpu_s: float,
+    rate_hz: float,
 ) -> None:
-    """perf's categories for this node's threads, each scaled to the node's measured CPU per request."""
+    """perf's categories for this node's threads, each scaled to the node's
+    measured CPU per request; cpu_s: the node's CPU seconds while perf ran."""
     counts: Counter[str] = Counter()
     for tid in tids:
         counts.update(by_thread.get(tid, Counter()))
@@ -446,5 +454,4 @@ def add_native(
         return
     for category, n in counts.items():
         profile.native[category] = profile.total_us * n / total
-    cpu_s = profile.total_us * profile.requests / 1e6
     profile.perf_per_cpu = total / (cpu_s * rate_hz) if cpu_s else 0.0

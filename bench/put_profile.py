@@ -20,7 +20,7 @@ split by the stages of that thread's samples in the profiled run (rules:
 bench/lib/put_stages.py's docstring), is the main table: rows the stages,
 columns the nodes. The profilers share the load core with wrk, which then
 sends less: in a trial the profiled run served 11-19% fewer req/s and cost
-14-24% more CPU per request (fewer requests per coalesced batch and per
+14-24% more CPU per request (likely fewer requests per coalesced batch and per
 fsync window), so its CPU is shown as a check row but not used as the scale. The samples no rule claims are
 the "unclassified" row, and their leaf functions are printed. How py-spy is
 run, and why (measured on this 2-core machine):

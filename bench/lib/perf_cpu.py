@@ -135,7 +135,7 @@ def samples_by_thread(perf: str, data: Path) -> dict[int, Counter[str]]:
     for line in out.splitlines():
         if not line.strip():
             continue
-        if not line[0].isspace():  # a sample's header: its tid
+        if not line.startswith("\t"):  # a sample's header: its tid (right-aligned: maybe spaces first)
             flush()
             tid, frames = int(line.split()[0]), []
             continue

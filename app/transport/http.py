@@ -234,6 +234,16 @@ class HttpPeerClient(PeerClient):
             if hint_for is not None:
                 headers[HINT_HEADER] = hint_for
             return await self._write_aiohttp(peer, key, record, headers)
+        return await self._write_coalescer(peer, pool).enqueue((key, record, hint_for))
+
+    def write_soon(self, peer: Peer, key: bytes, record: Record) -> asyncio.Future[WriteAck]:
+        """The coalesced batch's own future (no task) on a pooled peer."""
+        pool = self._pool(peer)
+        if pool is None:
+            return super().write_soon(peer, key, record)
+        return self._write_coalescer(peer, pool).enqueue((key, record, None))
+
+    def _write_coalescer(self, peer: Peer, pool: PeerPool) -> Coalescer[Write, WriteAck]:
         writes = self._writes.get(peer.url)
         if writes is None:
             writes = self._writes[peer.url] = Coalescer(
@@ -242,7 +252,7 @@ class HttpPeerClient(PeerClient):
                 max_bytes=COALESCE_MAX_BYTES,
                 size_of=_write_size,
             )
-        return await writes.submit((key, record, hint_for))
+        return writes
 
     async def _send_reads(self, peer: Peer, pool: PeerPool, keys: list[bytes]) -> list[ReadAnswer]:
         if len(keys) == 1:

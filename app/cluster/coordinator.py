@@ -153,9 +153,14 @@ class Coordinator(ClusterWorker):
             )
         return round_.answers
 
-    async def _read_remote(self, peer: Peer, key: bytes) -> ReadAnswer:
+    def _read_soon(self, peer: Peer, key: bytes) -> asyncio.Future[ReadAnswer]:
+        """A replica read under way, counted and accounted in the peer's
+        health by a callback (a late answer still lands there)."""
         self.metrics.count_forwarded(peer.node_id, "read")
-        return await self._remote(peer, self.peer_client.read(peer, key))
+        started = self.health.begin(peer.node_id)
+        call = self.peer_client.read_soon(peer, key)
+        call.add_done_callback(functools.partial(self._account, peer.node_id, started))
+        return call
 
     async def _repair(self, key: bytes, newest: Record, stale: list[Peer]) -> None:
         """Read repair: bring replicas that answered with an older version up to date."""
@@ -394,8 +399,7 @@ class _ReadRound:
         if peer.node_id == coordinator.node_id:  # the local copy: no task, no hop
             self._answered(peer, coordinator.replica.read(self.key))
             return
-        task = asyncio.ensure_future(coordinator._read_remote(peer, self.key))
-        coordinator._keep(task)  # a late answer still lands in health and metrics
+        task = coordinator._read_soon(peer, self.key)
         self.in_flight += 1
         node_id = peer.node_id
         coordinator.hedger.watch(

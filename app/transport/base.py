@@ -120,6 +120,10 @@ class PeerClient(abc.ABC):
         """Apply record on the peer (or, with hint_for, hold it there for that
         node); returns once the peer has made it durable."""
 
+    def read_soon(self, peer: Peer, key: bytes) -> asyncio.Future[ReadAnswer]:
+        """read() already under way, as a future (see write_soon)."""
+        return asyncio.ensure_future(self.read(peer, key))
+
     def write_soon(self, peer: Peer, key: bytes, record: Record) -> asyncio.Future[WriteAck]:
         """write() already under way: a future of its ack, for a caller that
         wants a callback rather than a coroutine (the coordinator's write

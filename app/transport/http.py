@@ -217,6 +217,16 @@ class HttpPeerClient(PeerClient):
         pool = self._pool(peer)
         if pool is None:
             return await self._read_aiohttp(peer, key)
+        return await self._read_coalescer(peer, pool).enqueue(key)
+
+    def read_soon(self, peer: Peer, key: bytes) -> asyncio.Future[ReadAnswer]:
+        """The coalesced batch's own future (no task) on a pooled peer."""
+        pool = self._pool(peer)
+        if pool is None:
+            return super().read_soon(peer, key)
+        return self._read_coalescer(peer, pool).enqueue(key)
+
+    def _read_coalescer(self, peer: Peer, pool: PeerPool) -> Coalescer[bytes, ReadAnswer]:
         reads = self._reads.get(peer.url)
         if reads is None:
             reads = self._reads[peer.url] = Coalescer(
@@ -225,7 +235,7 @@ class HttpPeerClient(PeerClient):
                 max_bytes=COALESCE_MAX_BYTES,
                 size_of=len,
             )
-        return await reads.submit(key)
+        return reads
 
     async def write(self, peer: Peer, key: bytes, record: Record, *, hint_for: str | None = None) -> WriteAck:
         pool = self._pool(peer)

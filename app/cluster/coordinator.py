@@ -183,7 +183,7 @@ class Coordinator(ClusterWorker):
     ) -> Version:
         self._refuse_if_clock_off()
         expires = wall_ms() + int(ttl_s * 1000) if ttl_s else 0
-        record = Record(version=self.clock.now(), value=value, expires_at_ms=expires)
+        record = Record(self.clock.now(), value, expires)
         written, _ = await self._write(key, record, consistency)
         return written.version
 

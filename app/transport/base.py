@@ -69,7 +69,7 @@ class WriteAck:
 def ack_for(record: Record, *, applied: bool, previous: Record | None, now_ms: int) -> WriteAck:
     """The answer to a write of `record` that found `previous` stored."""
     newer = previous.version if previous is not None and previous.version > record.version else None
-    return WriteAck(applied=applied, existed=previous is not None and previous.live(now_ms), newer=newer)
+    return WriteAck(applied, previous is not None and previous.live(now_ms), newer)  # positional: the hot path
 
 
 @dataclass(frozen=True, slots=True)

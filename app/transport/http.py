@@ -282,7 +282,7 @@ class HttpPeerClient(PeerClient):
         )
         decoded = _decoded(lambda: codec.decode_acks(answer), peer)
         _expect_count(decoded, items, peer)
-        return [WriteAck(applied=applied, existed=existed, newer=newer) for applied, existed, newer in decoded]
+        return [WriteAck(applied, existed, newer) for applied, existed, newer in decoded]
 
     async def _read_one(self, peer: Peer, pool: PeerPool, key: bytes) -> ReadAnswer:
         status, headers, body = await self._request(

@@ -185,6 +185,13 @@ class RocksDbStore(Store):
         self._grace_ms = int(tombstone_grace_s * 1000)
         self._lock_file = lock_directory(path)
         self._closing = False
+        try:
+            # Read-only first: a read-write open replays and flushes the log,
+            # and a store this build must refuse is left exactly as it was.
+            check_format(path)
+        except StorageError:
+            self._lock_file.close()
+            raise
         # Commits append to the WAL (a write() into the page cache) and never
         # fsync: the flusher's policy does (flush_wal(True)).
         self._write_options = WriteOptions()

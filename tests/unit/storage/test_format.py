@@ -56,11 +56,11 @@ class Dir:
                     return {key: value for key, value in txn.cursor() if key in META_FIELDS}
             finally:
                 env.close()
-        db = _rocks(self.path, read_only=True)
-        meta = db.get_column_family("meta")
+        rocks = _rocks(self.path, read_only=True)
+        meta = rocks.get_column_family("meta")
         found = {name: meta.get(name) for name in META_FIELDS}
         del meta
-        db.close()
+        rocks.close()
         return {name: value for name, value in found.items() if value is not None}
 
     def set_meta(self, **fields: bytes | None) -> None:
@@ -78,16 +78,16 @@ class Dir:
             finally:
                 env.close()
             return
-        db = _rocks(self.path, read_only=False)
-        meta = db.get_column_family("meta")
+        rocks = _rocks(self.path, read_only=False)
+        meta = rocks.get_column_family("meta")
         for name, value in fields.items():
             if value is None:
                 meta.delete(name.encode())
             else:
                 meta.put(name.encode(), value)
         del meta
-        db.flush(True)
-        db.close()
+        rocks.flush(True)
+        rocks.close()
 
     def fingerprint(self) -> str:
         """LMDB: its data file. RocksDB: its table, manifest and log files (its info LOG aside)."""

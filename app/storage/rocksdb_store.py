@@ -627,8 +627,10 @@ class RocksDbStore(Store):
             try:
                 self._save_digests()
                 self._db.flush_wal(True)
-                # The memtables go to SSTs now, so the next start replays no log.
-                self._db.flush(True)
+                # Every column family's memtable goes to an SST now, so the next
+                # start replays no log (a log is kept until all of them are flushed).
+                for family in (self._db, self._expiry, self._tombs, self._meta):
+                    family.flush(True)
             except Exception as exc:  # noqa: BLE001 - rocksdict raises plain Exception for every RocksDB status
                 log.warning("storage: closing RocksDB in %s: %s", self._path, exc)
             finally:

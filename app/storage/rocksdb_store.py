@@ -238,6 +238,8 @@ class RocksDbStore(Store):
         try:
             if db is not None:
                 db.close()
+        except Exception as exc:  # noqa: BLE001 - a write error before (a full volume) fails the close too; logged
+            log.warning("storage: closing RocksDB in %s: %s", self._path, exc)
         finally:
             self._lock_file.close()
 

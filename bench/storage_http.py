@@ -114,17 +114,18 @@ end
 
 # Fills a data dir the way a node would have: open_store with the node's config.
 _LOADER = """
-import json, time
+import json, random, time
 from app.clock import HybridClock
 from app.config import NodeConfig
 from app.storage import Record, open_store
 config = {{"node_id": {node!r}, "data_dir": {path!r}, "fsync": "never", "storage": {engine!r}}}
 store = open_store(NodeConfig.from_options(config))
 clock = HybridClock({node!r})
-value = b"v" * {value_bytes}
+# Random values from a pool of distinct ones: a repeated value would compress to nothing (RocksDB).
+values = [random.Random(7 + i).randbytes({value_bytes}) for i in range(4096)]
 start = time.perf_counter()
 for i in range({n}):
-    store.apply(b"key-%012d" % i, Record(version=clock.now(), value=value))
+    store.apply(b"key-%012d" % i, Record(version=clock.now(), value=values[i % 4096]))
 loaded = time.perf_counter() - start
 count = store.live_count()
 store.close()  # syncs

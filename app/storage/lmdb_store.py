@@ -380,13 +380,13 @@ class LmdbStore(Store):
                         raw = txn.get(data_key, db=self._data)
                         stored = None if raw is None else decode_record(raw)
                         if stored is not None and stored.version >= record.version:
-                            results.append(ApplyResult(applied=False, previous=stored))
+                            results.append(ApplyResult(False, stored))
                             continue
                         if stored is not None:
                             self._unindex(txn, data_key, stored)
                         txn.put(data_key, encode_record(record), db=self._data)
                         self._index(txn, data_key, record)
-                        results.append(ApplyResult(applied=True, previous=stored))
+                        results.append(ApplyResult(True, stored))
                         highest = max(highest, record.version.hlc)
                         changed = True
                         if tracking:

@@ -456,7 +456,7 @@ class RocksDbStore(Store):
                         raw = self._db.get(data_key)
                         stored = None if raw is None else decode_record(raw)
                     if stored is not None and stored.version >= record.version:
-                        results.append(ApplyResult(applied=False, previous=stored))
+                        results.append(ApplyResult(False, stored))  # positional: cheaper, as in lmdb_store
                         continue
                     if stored is not None:
                         self._unindex(batch, data_key, stored)
@@ -465,7 +465,7 @@ class RocksDbStore(Store):
                     self._index(batch, data_key, record)
                     pending[data_key] = record
                     live += record.value is not None
-                    results.append(ApplyResult(applied=True, previous=stored))
+                    results.append(ApplyResult(True, stored))
                     highest = max(highest, record.version.hlc)
                     if tracking:
                         old = 0 if stored is None else record_fingerprint(key, stored)

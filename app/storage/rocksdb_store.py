@@ -556,6 +556,10 @@ class RocksDbStore(Store):
             return 0
         bound = U64.pack(limit + 1) if limit < MAX_HASH else None  # index keys below it are due
         swept = 0
+        # Each batch reads on from where the last one stopped: the index entries
+        # it deleted are tombstones until a compaction, and an LSM iterator would
+        # step over all of them again from the start (the queue pattern).
+        position = b""
         while True:
             with self._write_lock:
                 self._check_open("sweep")
@@ -567,12 +571,14 @@ class RocksDbStore(Store):
                     if bound is not None:
                         options.set_iterate_upper_bound(bound)
                     due: list[bytes] = []
-                    keys = index.keys(read_opt=options)
+                    keys = index.keys(from_key=position, read_opt=options)
                     for index_key in keys:
                         due.append(index_key)  # type: ignore[arg-type] # raw mode: keys are bytes
                         if len(due) == ROCKSDB_SWEEP_BATCH:
                             break
                     del keys
+                    if due:
+                        position = due[-1] + b"\x00"  # the smallest key after the last one read
                     for index_key in due:
                         data_key = index_key[8:]
                         raw = self._db.get(data_key)

@@ -285,6 +285,7 @@ def test_kubernetes_validate_catches_a_typo() -> None:
         ({"set_values": ["replicationFactor=0"]}, "/replicationFactor"),
         ({"set_values": ["containerPort=70000"]}, "/containerPort"),
         ({"set_values": ["fsync=sometimes"]}, "/fsync"),
+        ({"set_values": ["storageEngine=sqlite"]}, "/storageEngine"),
         ({"set_values": ["logLevel=loud"]}, "/logLevel"),
         ({"set_values": ["podAntiAffinityPreset=maybe"]}, "/podAntiAffinityPreset"),
         ({"set_values": ["replicas=3"]}, "replicas"),  # a typo of replicaCount: unknown keys are refused
@@ -467,6 +468,9 @@ def test_chart_sets_exactly_the_documented_env(render: Render, scenario: str) ->
     chart_env = {name for name in env if name.startswith("KVSTORE_")}
     if scenario == "full":
         chart_env -= {"KVSTORE_SYNC_DEADLINE"}  # the user's own, from extraEnv in full-values.yaml
+        assert chart_env == CHART_ENV | {"KVSTORE_STORAGE"}, "storageEngine set: KVSTORE_STORAGE too"
+        assert "KVSTORE_STORAGE" in APP_ENV
+        return
     if scenario == "existing-secret":
         assert chart_env == CHART_ENV - {"KVSTORE_MAP_SIZE"}, "no volume, no mapSize: the app's default"
         return
@@ -494,12 +498,14 @@ def test_env_values_come_from_the_right_places(render: Render) -> None:
     assert env["KVSTORE_CLUSTER_DOMAIN"]["value"] == "k8s.example"
     assert env["KVSTORE_REPLICATION_FACTOR"]["value"] == "3"
     assert env["KVSTORE_FSYNC"]["value"] == "always"
+    assert env["KVSTORE_STORAGE"]["value"] == "rocksdb"
     assert env["KVSTORE_LOG_LEVEL"]["value"] == "debug"
     assert env["KVSTORE_CLUSTER_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "store", "key": "cluster-token"}}
     assert one(docs, "Secret", "store")["data"]["cluster-token"]
     assert env["KVSTORE_AUTH_FILE"]["value"] == "/etc/kvstore/access/access.yaml"
     assert all(isinstance(item.get("value", ""), str) for item in env.values()), "env values must be strings"
     defaults = env_of(node_container(render()))
+    assert "KVSTORE_STORAGE" not in defaults  # the node picks the engine a volume holds, else lmdb
     assert {
         name: defaults[name].get("value")
         for name in ("KVSTORE_CLUSTER_DOMAIN", "KVSTORE_REPLICATION_FACTOR", "KVSTORE_FSYNC", "KVSTORE_LOG_LEVEL")

@@ -4,8 +4,8 @@ A 3-node N=3 LMDB cluster at `--fsync always` (PUT /kv/{key} through node1,
 100-byte values, quorum) and a 3-member etcd (bench/lib/etcd.py; PUT through
 the leader's JSON gateway), both started once and measured in turn at each
 wrk concurrency (`--concurrency`, default 1, 8, 64, 256 connections): req/s,
-p99, and the writes each fsync made durable on every member over the
-measured run:
+p99, the writes each fsync made durable on every member over the measured
+run, and the mean fsync time (the disk's share of each round):
 
 - ours: kvstore_storage_synced_writes_total / kvstore_storage_syncs_total
   of the data store (store="data"), per node;
@@ -60,7 +60,9 @@ CONCURRENCY = (1, 8, 64, 256)
 SYSTEMS = ("ours", "etcd")
 OUR_SYNCS = "kvstore_storage_syncs_total"
 OUR_WRITES = "kvstore_storage_synced_writes_total"
+OUR_SECONDS = "kvstore_storage_sync_seconds_total"
 ETCD_FSYNCS = "etcd_disk_wal_fsync_duration_seconds_count"
+ETCD_FSYNC_SECONDS = "etcd_disk_wal_fsync_duration_seconds_sum"
 ETCD_PUTS = "etcd_mvcc_put_total"
 ETCD_COMMITTED = "etcd_server_proposals_committed_total"
 
@@ -73,6 +75,7 @@ class Member:
     url: str
     writes: str  # the metric counting writes made durable
     syncs: str  # the metric counting fsyncs
+    seconds: str  # the metric summing their time
     labels: tuple[str, ...] = ()
     extra: tuple[str, ...] = ()  # further counters shown for reference
 
@@ -83,11 +86,12 @@ class Row:
     connections: int
     result: Result
     per_member: list[tuple[str, float | None, float, float]] = field(default_factory=list)  # name, w/fsync, w, fsyncs
+    fsync_ms: list[float | None] = field(default_factory=list)  # mean fsync time per member
     extra: dict[str, float] = field(default_factory=dict)
 
 
 def read(member: Member) -> dict[str, float | None]:
-    names = (member.writes, member.syncs, *member.extra)
+    names = (member.writes, member.syncs, member.seconds, *member.extra)
     return {name: metric(member.url, name, *member.labels) for name in names}
 
 
@@ -113,17 +117,23 @@ def measure(
     for member, start, end in zip(members, before, after, strict=True):
         if any(start[n] is None or end[n] is None for n in (member.writes, member.syncs)):
             row.per_member.append((member.name, None, 0.0, 0.0))  # the tree has no such counter
+            row.fsync_ms.append(None)
             continue
         writes = (end[member.writes] or 0.0) - (start[member.writes] or 0.0)
         syncs = (end[member.syncs] or 0.0) - (start[member.syncs] or 0.0)
+        seconds = (end[member.seconds] or 0.0) - (start[member.seconds] or 0.0)
         row.per_member.append((member.name, writes / syncs if syncs else None, writes, syncs))
+        row.fsync_ms.append(seconds / syncs * 1000 if syncs else None)
         for name in member.extra:
             if start[name] is not None and end[name] is not None:
                 row.extra[f"{member.name} {name}"] = (end[name] or 0.0) - (start[name] or 0.0)
     print(
         f"  {label}: {result.rps:,.0f} req/s, p99 {result.p99_ms:.2f} ms, errors {result.errors}, "
-        f"server core busy {result.server_core_busy:.0%}; writes/fsync "
-        + ", ".join(f"{name} {_ratio(w)} ({writes:,.0f}/{syncs:,.0f})" for name, w, writes, syncs in row.per_member),
+        f"server core busy {result.server_core_busy:.0%}; writes/fsync (mean fsync ms) "
+        + ", ".join(
+            f"{name} {_ratio(w)} ({writes:,.0f}/{syncs:,.0f}, {_ms(ms)})"
+            for (name, w, writes, syncs), ms in zip(row.per_member, row.fsync_ms, strict=True)
+        ),
         flush=True,
     )
     if row.extra:
@@ -133,6 +143,10 @@ def measure(
 
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
 
 
 def uptime() -> str:
@@ -156,9 +170,11 @@ def report(rows: list[Row], *, markdown: bool) -> str:
         "ours: req/s",
         "p99 ms",
         "writes/fsync (node1, 2, 3)",
+        "fsync ms (node1)",
         "etcd: req/s",
         "p99 ms",
         "writes/fsync (leader, followers)",
+        "fsync ms (leader)",
         "our PUT / etcd put",
     ]
     table = []
@@ -167,10 +183,11 @@ def report(rows: list[Row], *, markdown: bool) -> str:
         cells = [str(connections)]
         for row in (ours, etcd):
             if row is None:
-                cells += ["-", "-", "-"]
+                cells += ["-", "-", "-", "-"]
             else:
                 per = " / ".join(_ratio(w) for _, w, _, _ in row.per_member)
-                cells += [f"{row.result.rps:,.0f}", f"{row.result.p99_ms:.2f}", per]
+                first_ms = row.fsync_ms[0] if row.fsync_ms else None
+                cells += [f"{row.result.rps:,.0f}", f"{row.result.p99_ms:.2f}", per, _ms(first_ms).removesuffix(" ms")]
         ratio = f"{ours.result.rps / etcd.result.rps:.2f}x" if ours and etcd and etcd.result.rps else "-"
         cells.append(f"**{ratio}**" if markdown and ratio != "-" else ratio)
         table.append(cells)
@@ -205,7 +222,7 @@ def main() -> int:
             url = cluster.node("node1").url
             our_lua = write_lua(logdir, "put", LUA_PUT)
             ours = [
-                Member(f"node{i}", cluster.node(f"node{i}").url, OUR_WRITES, OUR_SYNCS, ('store="data"',))
+                Member(f"node{i}", cluster.node(f"node{i}").url, OUR_WRITES, OUR_SYNCS, OUR_SECONDS, ('store="data"',))
                 for i in (1, 2, 3)
             ]
             our_pids = cluster.pids()
@@ -224,6 +241,7 @@ def main() -> int:
                     u,
                     ETCD_PUTS,
                     ETCD_FSYNCS,
+                    ETCD_FSYNC_SECONDS,
                     extra=(ETCD_COMMITTED,),
                 )
                 for u in order

@@ -190,6 +190,8 @@ class Store(abc.ABC):
         future that completes after the next group commit, so many concurrent
         writers share one fsync (--fsync always). The coordinator awaits it
         before acknowledging; the engine never blocks the event loop on disk.
+        Whether it answers None is fixed for the store's life (its policy):
+        app.coalesce.DurableWaits stops asking after the first None.
         """
         return None
 

@@ -4,8 +4,9 @@ A 3-node N=3 LMDB cluster at `--fsync always` (PUT /kv/{key} through node1,
 100-byte values, quorum) and a 3-member etcd (bench/lib/etcd.py; PUT through
 the leader's JSON gateway), both started once and measured in turn at each
 wrk concurrency (`--concurrency`, default 1, 8, 64, 256 connections): req/s,
-p99, the writes each fsync made durable on every member over the measured
-run, and the mean fsync time (the disk's share of each round):
+p99, the CPU of all three servers per PUT (steadier than req/s on a shared
+machine), the writes each fsync made durable on every member over the
+measured run, and the mean fsync time (the disk's share of each round):
 
 - ours: kvstore_storage_synced_writes_total / kvstore_storage_syncs_total
   of the data store (store="data"), per node;
@@ -169,10 +170,12 @@ def report(rows: list[Row], *, markdown: bool) -> str:
         "connections",
         "ours: req/s",
         "p99 ms",
+        "CPU us/PUT",
         "writes/fsync (node1, 2, 3)",
         "fsync ms (node1)",
         "etcd: req/s",
         "p99 ms",
+        "CPU us/PUT",
         "writes/fsync (leader, followers)",
         "fsync ms (leader)",
         "our PUT / etcd put",
@@ -183,11 +186,17 @@ def report(rows: list[Row], *, markdown: bool) -> str:
         cells = [str(connections)]
         for row in (ours, etcd):
             if row is None:
-                cells += ["-", "-", "-", "-"]
+                cells += ["-", "-", "-", "-", "-"]
             else:
                 per = " / ".join(_ratio(w) for _, w, _, _ in row.per_member)
                 first_ms = row.fsync_ms[0] if row.fsync_ms else None
-                cells += [f"{row.result.rps:,.0f}", f"{row.result.p99_ms:.2f}", per, _ms(first_ms).removesuffix(" ms")]
+                cells += [
+                    f"{row.result.rps:,.0f}",
+                    f"{row.result.p99_ms:.2f}",
+                    f"{row.result.cpu_us_per_request:,.0f}",
+                    per,
+                    _ms(first_ms).removesuffix(" ms"),
+                ]
         ratio = f"{ours.result.rps / etcd.result.rps:.2f}x" if ours and etcd and etcd.result.rps else "-"
         cells.append(f"**{ratio}**" if markdown and ratio != "-" else ratio)
         table.append(cells)

@@ -130,7 +130,8 @@ def measure(
                 row.extra[f"{member.name} {name}"] = (end[name] or 0.0) - (start[name] or 0.0)
     print(
         f"  {label}: {result.rps:,.0f} req/s, p99 {result.p99_ms:.2f} ms, errors {result.errors}, "
-        f"server core busy {result.server_core_busy:.0%}; writes/fsync (mean fsync ms) "
+        f"server core busy {result.server_core_busy:.0%}, CPU {result.cpu_us_per_request:,.0f} us/PUT; "
+        "writes/fsync (mean fsync ms) "
         + ", ".join(
             f"{name} {_ratio(w)} ({writes:,.0f}/{syncs:,.0f}, {_ms(ms)})"
             for (name, w, writes, syncs), ms in zip(row.per_member, row.fsync_ms, strict=True)

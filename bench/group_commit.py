@@ -21,7 +21,7 @@ metrics read just before and after it. The load average is printed at the
 start and the end (the machine may be shared).
 
     .venv/bin/python -m bench group_commit [--concurrency 1,8,64,256] [--duration 5] [--markdown]
-                                           [--only ours,etcd]
+                                           [--only ours,etcd] [--fsync batch]
 
 To measure another tree's app (e.g. main before a change), point the nodes
 at a snapshot: `git archive main app | tar -x -C /tmp/snap` and
@@ -210,6 +210,12 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(SYSTEMS), help="systems to measure: ours, etcd")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured wrk run")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of discarded warm-up before each run")
+    parser.add_argument(
+        "--fsync",
+        choices=("always", "batch"),
+        default="always",
+        help="our nodes' policy; batch (acknowledged before the flush) shows what waiting for the fsync costs",
+    )
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (for BENCHMARKS.md)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -228,7 +234,9 @@ def main() -> int:
         logdir = Path(tmp)
         runs: dict[str, Callable[[int], Row]] = {}
         if "ours" in systems:
-            cluster = start_cluster(stack, logdir=logdir, name="gc", rf=3, storage="lmdb", extra=["--fsync", "always"])
+            cluster = start_cluster(
+                stack, logdir=logdir, name="gc", rf=3, storage="lmdb", extra=["--fsync", args.fsync]
+            )
             url = cluster.node("node1").url
             our_lua = write_lua(logdir, "put", LUA_PUT)
             ours = [
@@ -236,7 +244,7 @@ def main() -> int:
                 for i in (1, 2, 3)
             ]
             our_pids = cluster.pids()
-            print(f"ours: 3 nodes, N=3, LMDB --fsync always, PUT /kv through {url}", flush=True)
+            print(f"ours: 3 nodes, N=3, LMDB --fsync {args.fsync}, PUT /kv through {url}", flush=True)
             runs["ours"] = lambda c: measure(
                 "ours", url=url, lua=our_lua, connections=c, members=ours, pids=our_pids, args=args
             )
@@ -271,7 +279,7 @@ def main() -> int:
                 rows.append(runs[system](connections))
     print(f"\nload at end: {uptime()}", flush=True)
     print(
-        "\nGroup commit at --fsync always against etcd (PUT, 100-byte values; writes per fsync over "
+        f"\nGroup commit at --fsync {args.fsync} against etcd (PUT, 100-byte values; writes per fsync over "
         "the measured run, per member)\n",
         flush=True,
     )

@@ -47,12 +47,18 @@ class Coalescer(Generic[Item, Result]):
         self._flushing: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: Item) -> Result:
+        return await self.enqueue(item)
+
+    def enqueue(self, item: Item) -> asyncio.Future[Result]:
+        """submit() without the coroutine: the future of item's result, for
+        callers that attach callbacks. Cancelling it before the batch is sent
+        leaves item out."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
         if not self._queued:
             loop.call_soon(self._flush)  # after every callback already ready in this iteration
         self._queued.append((item, future))
-        return await future
+        return future
 
     def _flush(self) -> None:
         queued, self._queued = self._queued, []

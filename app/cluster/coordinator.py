@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import logging
 from collections.abc import Awaitable, Iterator
 from enum import StrEnum
@@ -152,9 +153,14 @@ class Coordinator(ClusterWorker):
             )
         return round_.answers
 
-    async def _read_remote(self, peer: Peer, key: bytes) -> ReadAnswer:
+    def _read_soon(self, peer: Peer, key: bytes) -> asyncio.Future[ReadAnswer]:
+        """A replica read under way, counted and accounted in the peer's
+        health by a callback (a late answer still lands there)."""
         self.metrics.count_forwarded(peer.node_id, "read")
-        return await self._remote(peer, self.peer_client.read(peer, key))
+        started = self.health.begin(peer.node_id)
+        call = self.peer_client.read_soon(peer, key)
+        call.add_done_callback(functools.partial(self._account, peer.node_id, started))
+        return call
 
     async def _repair(self, key: bytes, newest: Record, stale: list[Peer]) -> None:
         """Read repair: bring replicas that answered with an older version up to date."""
@@ -177,7 +183,7 @@ class Coordinator(ClusterWorker):
     ) -> Version:
         self._refuse_if_clock_off()
         expires = wall_ms() + int(ttl_s * 1000) if ttl_s else 0
-        record = Record(version=self.clock.now(), value=value, expires_at_ms=expires)
+        record = Record(self.clock.now(), value, expires)
         written, _ = await self._write(key, record, consistency)
         return written.version
 
@@ -226,12 +232,24 @@ class Coordinator(ClusterWorker):
     async def _write_round(
         self, view: Topology, key: bytes, record: Record, owners: tuple[str, ...], needed: int
     ) -> _WriteRound:
-        spares = self._spares(view, key, len(owners))
-        round_ = _WriteRound(needed, len(owners))
-        for node_id in owners:  # the replicas that are still running after the quorum still get the write
-            task = asyncio.ensure_future(self._replicate(view.peers[node_id], key, record, spares, round_))
-            self._keep(task)
-            task.add_done_callback(round_.on_done)
+        """Send the write to every owner at once (the replicas that are still
+        running after the quorum still get it). Driven by callbacks on each
+        call's future, not a task per replica: the remote calls are the
+        coalescer's own futures, and only a replica that fails or is marked
+        down gets a task, to find a spare node for its hint."""
+        round_ = _WriteRound(self, view, key, record, needed, len(owners))
+        for node_id in owners:
+            peer = view.peers[node_id]
+            if node_id == self.node_id:
+                local = asyncio.ensure_future(self.replica.write(key, record))
+                self._keep(local)
+                local.add_done_callback(round_.local_done)
+            elif self.health.is_up(node_id):
+                call = self._write_soon(peer, key, record)
+                call.add_done_callback(functools.partial(round_.remote_done, peer))
+            else:
+                round_.skipped.append(peer)
+                round_.hint_elsewhere(peer)
         await round_.finished
         return round_
 
@@ -272,21 +290,8 @@ class Coordinator(ClusterWorker):
         newer = max((ack.newer for ack in answers if ack.newer is not None), default=None)
         return [ack for ack in answers if ack.won], newer
 
-    async def _replicate(
-        self, peer: Peer, key: bytes, record: Record, spares: Iterator[Peer], round_: _WriteRound
-    ) -> tuple[Landing, WriteAck]:
-        """Write to one replica; if it cannot take it, have a spare hold a hint."""
-        if peer.node_id == self.node_id:
-            return Landing.DIRECT, await self.replica.write(key, record)
-        if not self.health.is_up(peer.node_id):
-            round_.skipped.append(peer)
-        else:
-            try:
-                return Landing.DIRECT, await self._write_direct(peer, key, record)
-            except PeerError as exc:  # unreachable, or refused (say, its clock is behind ours by more than the bound)
-                self.metrics.replica_write_failures.labels(peer.node_id).inc()
-                if not isinstance(exc, PeerUnavailableError):
-                    log.info("replica %s refused a write: %s", peer.node_id, exc)
+    async def _hint_elsewhere(self, peer: Peer, key: bytes, record: Record, spares: Iterator[Peer]) -> _Landed:
+        """The replica cannot take the write: have a spare hold a hint for it."""
         for spare in spares:
             try:
                 if spare.node_id == self.node_id:
@@ -304,6 +309,33 @@ class Coordinator(ClusterWorker):
         return Landing.UNCOUNTED, WriteAck(applied=False, existed=False)
 
     # -- plumbing -------------------------------------------------------------
+
+    def _write_soon(self, peer: Peer, key: bytes, record: Record) -> asyncio.Future[WriteAck]:
+        """_write_direct as a future: counted and accounted in the peer's health
+        by callbacks (registered first, so health is current before the
+        caller's own callbacks run)."""
+        self.metrics.count_forwarded(peer.node_id, "write")
+        started = self.health.begin(peer.node_id)
+        call = self.peer_client.write_soon(peer, key, record)
+        call.add_done_callback(functools.partial(self._account, peer.node_id, started))
+        return call
+
+    def _account(self, node_id: str, started: float, call: asyncio.Future[Any]) -> None:
+        """What _remote does after a call, for a call made as a future."""
+        exc = None if call.cancelled() else call.exception()
+        if call.cancelled() or (exc is not None and not isinstance(exc, PeerError)):
+            self.health.end(node_id, started, answered=False)
+        elif exc is None:
+            self.health.end(node_id, started)
+            self.health.mark_up(node_id)
+        else:
+            assert isinstance(exc, PeerError)
+            answered = not isinstance(exc, PeerUnavailableError)
+            self.health.end(node_id, started, answered=answered)
+            if answered:
+                self.health.mark_up(node_id)
+            else:
+                self.health.call_failed(node_id, exc)
 
     def _write_direct(self, peer: Peer, key: bytes, record: Record) -> Awaitable[WriteAck]:
         """One replica write to a peer, counted as forwarded and in its health
@@ -367,8 +399,7 @@ class _ReadRound:
         if peer.node_id == coordinator.node_id:  # the local copy: no task, no hop
             self._answered(peer, coordinator.replica.read(self.key))
             return
-        task = asyncio.ensure_future(coordinator._read_remote(peer, self.key))
-        coordinator._keep(task)  # a late answer still lands in health and metrics
+        task = coordinator._read_soon(peer, self.key)
         self.in_flight += 1
         node_id = peer.node_id
         coordinator.hedger.watch(
@@ -420,27 +451,83 @@ class _ReadRound:
             self.finished.set_result(None)
 
 
-class _WriteRound:
-    """Counts replica write outcomes; `finished` resolves once `needed`
-    replicas hold the write or every replica has answered. `newer` is the
-    newest version a replica kept instead of the write, if any did."""
+_Landed = tuple[Landing, WriteAck]
 
-    def __init__(self, needed: int, replicas: int) -> None:
-        self.needed, self.remaining = needed, replicas
+
+class _WriteRound:
+    """One write sent to every owner: counts outcomes as each replica's call
+    completes; `finished` resolves once `needed` replicas hold the write or
+    every replica has answered. `newer` is the newest version a replica kept
+    instead of the write, if any did."""
+
+    def __init__(
+        self, coordinator: Coordinator, view: Topology, key: bytes, record: Record, needed: int, replicas: int
+    ) -> None:
+        self.coordinator, self.view, self.key, self.record = coordinator, view, key, record
+        self.needed, self.owners, self.remaining = needed, replicas, replicas
         self.acks: list[WriteAck] = []
         self.newer: Version | None = None
         self.skipped: list[Peer] = []  # replicas not tried because they were marked down
         self.failures: list[str] = []
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._spares: Iterator[Peer] | None = None  # shared by every failed replica, so each gets another spare
 
-    def on_done(self, task: asyncio.Future[tuple[Landing, WriteAck]]) -> None:
+    def local_done(self, task: asyncio.Future[WriteAck]) -> None:
+        self._settle(task, Landing.DIRECT)
+
+    def remote_done(self, peer: Peer, call: asyncio.Future[WriteAck]) -> None:
+        """A direct write to a peer is over; one that failed is hinted elsewhere."""
+        exc = None if call.cancelled() else call.exception()
+        if isinstance(exc, PeerError):  # unreachable, or refused (say, its clock is behind ours by more than the bound)
+            coordinator = self.coordinator
+            coordinator.metrics.replica_write_failures.labels(peer.node_id).inc()
+            if not isinstance(exc, PeerUnavailableError):
+                log.info("replica %s refused a write: %s", peer.node_id, exc)
+            self.hint_elsewhere(peer)
+            return
+        self._settle(call, Landing.DIRECT)
+
+    def hint_elsewhere(self, peer: Peer) -> None:
+        coordinator = self.coordinator
+        if self._spares is None:
+            self._spares = coordinator._spares(self.view, self.key, self.owners)
+        task = asyncio.ensure_future(coordinator._hint_elsewhere(peer, self.key, self.record, self._spares))
+        coordinator._keep(task)
+        task.add_done_callback(self._settle_landed)
+
+    def _settle(self, call: asyncio.Future[WriteAck], landing: Landing) -> None:
+        if call.cancelled():
+            self._count(None, "a replica write was cancelled")
+        elif (exc := call.exception()) is None:
+            self._count((landing, call.result()), None)
+        else:
+            self._count_error(exc)
+
+    def _settle_landed(self, task: asyncio.Future[_Landed]) -> None:
+        if task.cancelled():
+            self._count(None, "a replica write was cancelled")
+        elif (exc := task.exception()) is None:
+            self._count(task.result(), None)
+        else:
+            self._count_error(exc)
+
+    def _count_error(self, exc: BaseException) -> None:
+        if isinstance(exc, (PeerError, FutureVersionError)):
+            self._count(None, str(exc))
+        else:
+            self.remaining -= 1
+            if not self.finished.done():
+                self.finished.set_exception(exc)
+
+    def _count(self, landed: _Landed | None, failure: str | None) -> None:
         self.remaining -= 1
         if self.finished.done():
             return
-        if task.cancelled():
-            self.failures.append("a replica write was cancelled")
-        elif (exc := task.exception()) is None:
-            landing, ack = task.result()
+        if landed is None:
+            assert failure is not None
+            self.failures.append(failure)
+        else:
+            landing, ack = landed
             if landing is Landing.UNCOUNTED:
                 self.failures.append("a replica was unreachable and no spare node could hold its hint")
             elif not ack.won:
@@ -448,11 +535,6 @@ class _WriteRound:
                 self.newer = ack.newer if self.newer is None else max(self.newer, ack.newer)
             else:
                 self.acks.append(ack)
-        elif isinstance(exc, (PeerError, FutureVersionError)):
-            self.failures.append(str(exc))
-        else:
-            self.finished.set_exception(exc)
-            return
         if len(self.acks) >= self.needed or self.remaining == 0:
             self.finished.set_result(None)
 

@@ -99,7 +99,7 @@ def _decode(raw: bytes) -> Record:
     body = _HEADER.size + node_len
     node = raw[_HEADER.size : body].decode()
     value = None if flags & _TOMBSTONE else raw[body:]
-    return Record(version=Version(hlc, node), value=value, expires_at_ms=expires_at)
+    return Record(Version(hlc, node), value, expires_at)  # positional: keywords cost ~0.3 us per read
 
 
 def _data_key(key: bytes) -> bytes:
@@ -457,13 +457,13 @@ class LmdbStore(Store):
                         raw = txn.get(data_key, db=self._data)
                         stored = None if raw is None else _decode(raw)
                         if stored is not None and stored.version >= record.version:
-                            results.append(ApplyResult(applied=False, previous=stored))
+                            results.append(ApplyResult(False, stored))
                             continue
                         if stored is not None:
                             self._unindex(txn, data_key, stored)
                         txn.put(data_key, _encode(record), db=self._data)
                         self._index(txn, data_key, record)
-                        results.append(ApplyResult(applied=True, previous=stored))
+                        results.append(ApplyResult(True, stored))
                         highest = max(highest, record.version.hlc)
                         changed = True
                         if tracking:

@@ -35,14 +35,14 @@ class MemoryStore(Store):
         with self._lock:
             stored = self._records.get(key)
             if stored is not None and stored.version >= record.version:
-                return ApplyResult(applied=False, previous=stored)
+                return ApplyResult(False, stored)
             self._records[key] = record
             self._high_water = max(self._high_water, record.version.hlc)
             self._live += (record.value is not None) - (stored is not None and stored.value is not None)
             if self._digests.tracking:
                 old = 0 if stored is None else record_fingerprint(key, stored)
                 self._digests.changed(stable_hash(key), old ^ record_fingerprint(key, record))
-            return ApplyResult(applied=True, previous=stored)
+            return ApplyResult(True, stored)
 
     def discard(self, key: bytes, version: Version) -> bool:
         with self._lock:

@@ -217,6 +217,16 @@ class HttpPeerClient(PeerClient):
         pool = self._pool(peer)
         if pool is None:
             return await self._read_aiohttp(peer, key)
+        return await self._read_coalescer(peer, pool).enqueue(key)
+
+    def read_soon(self, peer: Peer, key: bytes) -> asyncio.Future[ReadAnswer]:
+        """The coalesced batch's own future (no task) on a pooled peer."""
+        pool = self._pool(peer)
+        if pool is None:
+            return super().read_soon(peer, key)
+        return self._read_coalescer(peer, pool).enqueue(key)
+
+    def _read_coalescer(self, peer: Peer, pool: PeerPool) -> Coalescer[bytes, ReadAnswer]:
         reads = self._reads.get(peer.url)
         if reads is None:
             reads = self._reads[peer.url] = Coalescer(
@@ -225,7 +235,7 @@ class HttpPeerClient(PeerClient):
                 max_bytes=COALESCE_MAX_BYTES,
                 size_of=len,
             )
-        return await reads.submit(key)
+        return reads
 
     async def write(self, peer: Peer, key: bytes, record: Record, *, hint_for: str | None = None) -> WriteAck:
         pool = self._pool(peer)
@@ -234,6 +244,16 @@ class HttpPeerClient(PeerClient):
             if hint_for is not None:
                 headers[HINT_HEADER] = hint_for
             return await self._write_aiohttp(peer, key, record, headers)
+        return await self._write_coalescer(peer, pool).enqueue((key, record, hint_for))
+
+    def write_soon(self, peer: Peer, key: bytes, record: Record) -> asyncio.Future[WriteAck]:
+        """The coalesced batch's own future (no task) on a pooled peer."""
+        pool = self._pool(peer)
+        if pool is None:
+            return super().write_soon(peer, key, record)
+        return self._write_coalescer(peer, pool).enqueue((key, record, None))
+
+    def _write_coalescer(self, peer: Peer, pool: PeerPool) -> Coalescer[Write, WriteAck]:
         writes = self._writes.get(peer.url)
         if writes is None:
             writes = self._writes[peer.url] = Coalescer(
@@ -242,7 +262,7 @@ class HttpPeerClient(PeerClient):
                 max_bytes=COALESCE_MAX_BYTES,
                 size_of=_write_size,
             )
-        return await writes.submit((key, record, hint_for))
+        return writes
 
     async def _send_reads(self, peer: Peer, pool: PeerPool, keys: list[bytes]) -> list[ReadAnswer]:
         if len(keys) == 1:
@@ -262,7 +282,7 @@ class HttpPeerClient(PeerClient):
         )
         decoded = _decoded(lambda: codec.decode_acks(answer), peer)
         _expect_count(decoded, items, peer)
-        return [WriteAck(applied=applied, existed=existed, newer=newer) for applied, existed, newer in decoded]
+        return [WriteAck(applied, existed, newer) for applied, existed, newer in decoded]
 
     async def _read_one(self, peer: Peer, pool: PeerPool, key: bytes) -> ReadAnswer:
         status, headers, body = await self._request(

@@ -21,7 +21,11 @@ metrics read just before and after it. The load average is printed at the
 start and the end (the machine may be shared).
 
     .venv/bin/python -m bench group_commit [--concurrency 1,8,64,256] [--duration 5] [--markdown]
-                                           [--only ours,etcd] [--fsync batch]
+                                           [--only ours,etcd,waits] [--fsync batch]
+
+`waits` (bench/lib/durable_waits.py) measures the mechanism alone, in this
+process on the server core after the clusters are stopped: W writers on one
+loop, a durable wait per write against one per loop turn.
 
 To measure another tree's app (e.g. main before a change), point the nodes
 at a snapshot: `git archive main app | tar -x -C /tmp/snap` and
@@ -46,6 +50,7 @@ from bench.lib.cluster_nodes import LUA_PUT, PUT_KEYSPACE, metric, start_cluster
 from bench.lib.common import (
     APP_DIR,
     LOAD_CORE,
+    SERVER_CORE,
     Result,
     format_table,
     http_request,
@@ -55,10 +60,11 @@ from bench.lib.common import (
     tempdir,
     write_lua,
 )
+from bench.lib.durable_waits import WaitResult, measure_waits
 from bench.lib.etcd import ETCD_HINT, etcd_cluster, etcd_lua, etcd_post
 
 CONCURRENCY = (1, 8, 64, 256)
-SYSTEMS = ("ours", "etcd")
+SYSTEMS = ("ours", "etcd", "waits")
 OUR_SYNCS = "kvstore_storage_syncs_total"
 OUR_WRITES = "kvstore_storage_synced_writes_total"
 OUR_SECONDS = "kvstore_storage_sync_seconds_total"
@@ -204,10 +210,42 @@ def report(rows: list[Row], *, markdown: bool) -> str:
     return format_table(headers, table, markdown=markdown)
 
 
+def waits_report(results: list[WaitResult], *, markdown: bool) -> str:
+    by = {(r.mode, r.writers): r for r in results}
+    headers = [
+        "writers",
+        "a future per write: writes/s",
+        "CPU us/write",
+        "writes/fsync",
+        "one per loop turn: writes/s",
+        "CPU us/write",
+        "writes/fsync",
+        "CPU per write, turn / write",
+    ]
+    rows = []
+    for writers in sorted({r.writers for r in results}):
+        one, turn = by[("per-write", writers)], by[("per-turn", writers)]
+        rows.append(
+            [
+                str(writers),
+                f"{one.writes_per_s:,.0f}",
+                f"{one.cpu_us_per_write:.1f}",
+                f"{one.writes_per_fsync:.1f}",
+                f"{turn.writes_per_s:,.0f}",
+                f"{turn.cpu_us_per_write:.1f}",
+                f"{turn.writes_per_fsync:.1f}",
+                f"{turn.cpu_us_per_write / one.cpu_us_per_write:.2f}x" if one.cpu_us_per_write else "-",
+            ]
+        )
+    return format_table(headers, rows, markdown=markdown)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="wrk connections per run")
-    parser.add_argument("--only", default=",".join(SYSTEMS), help="systems to measure: ours, etcd")
+    parser.add_argument(
+        "--only", default=",".join(SYSTEMS), help="what to measure: ours, etcd, waits (the mechanism in-process)"
+    )
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured wrk run")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of discarded warm-up before each run")
     parser.add_argument(
@@ -273,17 +311,29 @@ def main() -> int:
             runs["etcd"] = lambda c: measure(
                 "etcd", url=leader, lua=etcd_lua_path, connections=c, members=members, pids=etcd_pids, args=args
             )
-        for connections in levels:
+        for connections in levels if runs else ():
             print(f"\n[{connections} connections]", flush=True)
-            for system in systems:
+            for system in runs:
                 rows.append(runs[system](connections))
+    waits: list[WaitResult] = []
+    if "waits" in systems:
+        print(
+            "\n[waits] one LMDB store at --fsync always in this process (server core), W writers on one loop",
+            flush=True,
+        )
+        os.sched_setaffinity(0, {int(SERVER_CORE)})
+        waits = [result for writers in levels for result in measure_waits(writers, args.duration)]
     print(f"\nload at end: {uptime()}", flush=True)
-    print(
-        f"\nGroup commit at --fsync {args.fsync} against etcd (PUT, 100-byte values; writes per fsync over "
-        "the measured run, per member)\n",
-        flush=True,
-    )
-    print(report(rows, markdown=args.markdown), flush=True)
+    if rows:
+        print(
+            f"\nGroup commit at --fsync {args.fsync} against etcd (PUT, 100-byte values; writes per fsync over "
+            "the measured run, per member)\n",
+            flush=True,
+        )
+        print(report(rows, markdown=args.markdown), flush=True)
+    if waits:
+        print("\nThe durable wait alone, in-process (LMDB --fsync always, 100-byte puts)\n", flush=True)
+        print(waits_report(waits, markdown=args.markdown), flush=True)
     return 0
 
 

@@ -1,12 +1,9 @@
 """The durability policy of an engine whose commits do not fsync (--fsync):
 a thread that makes applied writes durable, and the futures writers wait on.
 
-- always: group commit. A writer asks for a future (wait_durable) once its
-  write committed. A sync starts as soon as one is wanted and none runs
-  (never a timer: an idle store adds no latency); it covers every write
-  committed before it starts, so after it every waiter whose writes it
-  covered is answered, including those that asked while it ran. The others
-  share the next one.
+- always: group commit. A writer asks for a future (wait_durable); one sync
+  runs for every writer waiting when it starts, and writers that arrive
+  during a sync share the next one.
 - batch: a sync every window, when something was applied; nobody waits.
 - never: no thread; the kernel writes back when it likes.
 
@@ -37,7 +34,7 @@ log = logging.getLogger(__name__)
 class SyncStats:
     """What a store's syncs did since it opened (monotonic counters)."""
 
-    syncs: int  # fsyncs run (a round with nothing new to cover runs none)
+    syncs: int  # fsyncs run (explicit ones, such as at close, included)
     synced_writes: int  # writes (records changed) they made durable; / syncs = writes per fsync
     sync_seconds: float  # time spent in them
 
@@ -56,9 +53,7 @@ class Flusher:
         self._sync_seconds = 0.0
         self._closed = False
         self._wake = threading.Condition()
-        # (the applied sequence number when the waiter asked, its future):
-        # answered once a sync that started at or past that number is done.
-        self._waiters: list[tuple[int, Future[None]]] = []
+        self._waiters: list[Future[None]] = []
         loops = {"always": self._group_commit_loop, "batch": self._batch_loop}
         self._thread: threading.Thread | None = None
         if policy in loops:
@@ -98,15 +93,14 @@ class Flusher:
         # cancelled future for the flusher to trip over.
         future.set_running_or_notify_cancel()
         with self._seq_lock:
-            target = self._applied_seq  # at least the caller's own write: it committed before asking
-            already = target <= self._durable_seq
+            already = self._applied_seq <= self._durable_seq
         if already:
             future.set_result(None)
             return future
         with self._wake:
             if self._closed:
                 raise StorageError("storage: the store is closed")
-            self._waiters.append((target, future))
+            self._waiters.append(future)
             self._wake.notify()
         return future
 
@@ -125,32 +119,19 @@ class Flusher:
             with self._wake:
                 while not self._waiters and not self._closed:
                     self._wake.wait()
-                if not self._waiters:
-                    return  # closed, and every waiter answered
-                wanted = max(target for target, _ in self._waiters)
-            failure: Exception | None = None
-            with self._seq_lock:
-                covered = wanted <= self._durable_seq  # a sync that ended meanwhile covered them all
-            if not covered:
+                waiters, self._waiters = self._waiters, []
+                closing = self._closed
+            if waiters:
                 try:
                     self.sync()
                 except Exception as exc:  # noqa: BLE001 - the waiters learn of it; the loop keeps serving
-                    failure = exc
-            with self._seq_lock:
-                durable = self._durable_seq
-            with self._wake:
-                # Waiters that asked during the sync are answered too when it
-                # covered their writes (they committed before it started): with
-                # the loop busy, many ask just after the sync began. A failed
-                # sync fails the waiters it was for; later ones get a retry.
-                limit = wanted if failure is not None else durable
-                answered = [waiter for waiter in self._waiters if waiter[0] <= limit]
-                self._waiters = [waiter for waiter in self._waiters if waiter[0] > limit]
-            for _, future in answered:
-                if failure is not None:
-                    future.set_exception(failure)
+                    for future in waiters:
+                        future.set_exception(exc)
                 else:
-                    future.set_result(None)
+                    for future in waiters:
+                        future.set_result(None)
+            if closing:
+                return
 
     def _batch_loop(self) -> None:
         while True:

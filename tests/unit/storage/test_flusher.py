@@ -63,17 +63,6 @@ def test_a_lone_waiter_starts_a_sync_at_once(flusher: Flusher, held: HeldSync) -
     assert waiter(flusher).done()  # nothing new since: no sync needed
 
 
-def test_waiters_that_ask_during_a_sync_that_covers_them_are_answered_by_it(flusher: Flusher, held: HeldSync) -> None:
-    flusher.applied()
-    first = waiter(flusher)
-    held.wait_started()
-    late = waiter(flusher)  # its write (the same commit) was in before the sync started
-    held.release.release()
-    assert first.result(timeout=WAIT_S) is None and late.result(timeout=WAIT_S) is None
-    stats = flusher.stats()
-    assert (stats.syncs, stats.synced_writes) == (1, 1)
-
-
 def test_writes_committed_during_a_sync_share_the_next_one(flusher: Flusher, held: HeldSync) -> None:
     flusher.applied()
     first = waiter(flusher)

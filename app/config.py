@@ -39,6 +39,7 @@ class Engine(StrEnum):
 
     MEMORY = "memory"
     LMDB = "lmdb"
+    ROCKSDB = "rocksdb"
 
 
 class Membership(StrEnum):
@@ -73,6 +74,22 @@ SIZE_SUFFIXES = {
 LMDB_WRITEMAP = False
 LMDB_SWEEP_BATCH = 512  # records purged per sweep transaction: each holds the write lock ~1 ms, so puts never wait long
 LMDB_SCAN_CHUNK = 1024  # records read per iter_range/digest transaction: no read txn outlives a chunk, so pages recycle
+# RocksDB (app/storage/rocksdb_store.py), tuned for many small records (16-byte
+# keys, 100-byte values: ~150 bytes a record on disk); bench/storage_engines.py measures it.
+# Measured and left at RocksDB's defaults: a data-block hash index and no compression
+# changed neither GET (6.4-7.1 us) nor PUT (16.2-17.4 us) at 300k keys; snappy leaves
+# incompressible blocks stored raw.
+ROCKSDB_WRITE_BUFFER_BYTES = 16 << 20  # one memtable: ~100k records; bounds WAL replay at a restart and the RSS it adds
+ROCKSDB_MAX_WRITE_BUFFERS = 2  # one filling while one flushes: 32 MiB of memtables at most
+ROCKSDB_INDEX_WRITE_BUFFER_BYTES = 4 << 20  # the expiry, tombstone and meta column families: few, tiny entries
+# Uncompressed blocks, private memory (RssAnon). At 1M keys (141 MiB of tables) a GET
+# costs 12.4 us against LMDB's 4.7 (it reads the page cache through its map): a cache
+# as big as the data would close that, at the price of that much RssAnon.
+ROCKSDB_BLOCK_CACHE_BYTES = 32 << 20
+ROCKSDB_BLOOM_BITS_PER_KEY = 10  # ~1% false positives: a GET or an apply's read of an absent key skips most files
+ROCKSDB_BACKGROUND_JOBS = 2  # flushes and compactions: the machines we target have 2 cores
+ROCKSDB_SCAN_CHUNK = 1024  # records per iterator in iter_range/digests: no iterator pins files for a whole arc
+ROCKSDB_SWEEP_BATCH = 512  # records per sweep batch, as LMDB_SWEEP_BATCH: puts never wait long for the write lock
 # Sub-arcs per ring arc in the maintained digest index (app.storage.digests):
 # the Merkle level anti-entropy narrows a mismatched arc to. Measured in
 # bench/anti_entropy.py (BENCHMARKS.md, "maintained digests").
@@ -231,10 +248,11 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option(
         "--storage",
         None,
-        "storage engine: memory or lmdb (default: lmdb with --data-dir, else memory)",
+        "storage engine: memory, lmdb or rocksdb (default: with --data-dir, the engine an existing data dir "
+        "holds, else lmdb; without it, memory)",
         one_of(Engine),
     ),
-    Option("--data-dir", None, "directory for durable data (implies --storage lmdb)", direct=True),
+    Option("--data-dir", None, "directory for durable data (implies a durable --storage)", direct=True),
     Option(
         "--map-size",
         str(DEFAULT_LMDB_MAP_SIZE),
@@ -446,6 +464,9 @@ class NodeConfig:
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     peer_timeout: float = DEFAULT_PEER_TIMEOUT_S
     storage: Engine = Engine.MEMORY
+    # Whether --storage was given: if not, a data dir that already holds a
+    # store opens with the engine that wrote it (app.storage.resolve_engine).
+    storage_chosen: bool = False
     data_dir: str | None = None
     map_size: int = DEFAULT_LMDB_MAP_SIZE
     fsync: Fsync = DEFAULT_STORAGE_FSYNC
@@ -493,7 +514,8 @@ class NodeConfig:
             raise ConfigError(f"config: --peers gives {node_id} a URL other than --advertise-url")
         advertise = peers.setdefault(node_id, advertise)
         data_dir = direct["data_dir"]
-        storage = OPTIONS_BY_DEST["storage"].value(values) or (Engine.LMDB if data_dir else Engine.MEMORY)
+        chosen = OPTIONS_BY_DEST["storage"].value(values)
+        storage = chosen or (Engine.LMDB if data_dir else Engine.MEMORY)
         if storage != Engine.MEMORY and not data_dir:
             raise ConfigError(f"config: --storage {storage} needs --data-dir")
         if direct["membership"] == Membership.KUBERNETES:
@@ -522,6 +544,7 @@ class NodeConfig:
             advertise_url=advertise,
             peers=peers,
             storage=storage,
+            storage_chosen=chosen is not None,
             resolve=OPTIONS_BY_DEST["resolve"].value(values) or {},
             tls=tls,
             ops_listen=ops_listen,

@@ -277,13 +277,13 @@ class NodeMetrics:
         )
         self.storage_used = Gauge(
             "kvstore_storage_used_bytes",
-            "Bytes the local store uses (LMDB: its file's high-water mark; 0 in memory).",
+            "Bytes the local store uses (LMDB: its file's high-water mark; RocksDB: its files; 0 in memory).",
             registry=r,
         )
         self.storage_limit = Gauge(
             "kvstore_storage_limit_bytes",
             "Bytes the local store may use before writes are refused with 507: the smaller of --map-size "
-            "and what the volume has room for (0: no limit, in memory).",
+            "and what the volume has room for (RocksDB: the volume alone; 0: no limit, in memory).",
             registry=r,
         )
         self.ranges_below_quorum = Gauge(

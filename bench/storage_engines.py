@@ -1,17 +1,36 @@
-"""The storage engines in-process: LMDB (the shipped engine) against
-SQLite in WAL mode (the alternative, measured here only), per operation.
+"""The durable storage engines in-process: LMDB (the shipped default) against
+RocksDB (the log-structured engine, --storage rocksdb), on our workload.
 
-Both engines do the same work per op: a write reads the stored record,
-compares versions (last writer wins) and writes the encoded record in one
-transaction; a read fetches and decodes one record; a scan walks one ring
-arc (1/16 of the circle) by the 8-byte hash prefix of the key. Keys are 16
-bytes, values 100 bytes. Then: group-commit throughput under --fsync always
-with 1/8/64 concurrent writers on one asyncio loop (as the coordinator drives
-it), and, at 1,000,000 keys, load time, file size, RSS and time to reopen.
+Both engines do the same work per op through the Store interface: a write
+reads the stored record, compares versions (last writer wins) and writes the
+encoded record with its index and meta changes in one transaction (LMDB) or
+one WriteBatch (RocksDB); a read fetches and decodes one record; an arc
+iteration walks 1/16 of the ring by the 8-byte hash prefix of the key. Keys
+are 16 bytes, values 100 random bytes. (SQLite-WAL, measured here before LMDB was
+chosen, is in BENCHMARKS.md's history.)
 
-    .venv/bin/python -m bench storage_engines [--keys 20000] [--big-keys 1000000] [--markdown]
+1. Per op, over --keys preloaded keys (default 100,000), --fsync never (the
+   engine's CPU alone) unless said: PUT as random overwrites of preloaded
+   keys, PUT at --fsync batch, GET (hits in random order, misses), arc
+   iteration and the arc's digest per record (best of 3 walks), live_count().
+2. --fsync always: one writer's synced PUT, and group commit with 8 and 64
+   concurrent writers on one asyncio loop (as the coordinator drives it).
+3. At --big-keys (default 1,000,000), each in its own child process:
+   filling (apply_many, 1,000 per batch), start to ready (open_store +
+   live_count + the saved digest index restored: what a node waits for
+   before /ready), RSS (VmRSS, RssAnon, RssFile) after GETs over every key,
+   disk use (`du` of the data dir) after --overwrites rounds of overwriting
+   every key: right after, after the engine's own compaction settles
+   (RocksDB: no compaction pending or running), and after a manual full
+   compaction; then recovery after SIGKILL at --fsync always: 8 writer
+   threads acknowledge writes on top of the big store, the child is killed,
+   and a fresh process reopens it: acknowledged writes lost (must be 0) and
+   restart-to-ready time.
 
---big-keys 0 skips the 1M-key part (the longest: ~30-60 s).
+    flock /tmp/kvstore-bench.lock .venv/bin/python -m bench storage_engines [--keys 100000] [--big-keys 1000000]
+        [--overwrites 10] [--markdown]
+
+--big-keys 0 skips part 3 (the longest: a few minutes per engine).
 """
 
 from __future__ import annotations
@@ -21,27 +40,32 @@ import asyncio
 import json
 import os
 import random
-import sqlite3
+import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from app.clock import LOGICAL_BITS, Version
-from app.config import LMDB_WRITEMAP
 from app.ring import HASH_SPACE
-from app.storage.base import ApplyResult, Record
-from app.storage.lmdb_store import LmdbStore, _data_key, _decode, _encode
+from app.storage import LmdbStore, RocksDbStore, Store
+from app.storage.base import Record
 from bench.lib.common import REPO, format_table
 
-VALUE = b"v" * 100  # 100-byte values, as in every bench
+ENGINES = ("lmdb", "rocksdb")
+# 100-byte values, as in every bench, but random (a pool of distinct ones): a repeated
+# value would compress to nothing in RocksDB's blocks and flatter its disk use.
+VALUES = [random.Random(7 + i).randbytes(100) for i in range(4096)]
+VALUE = VALUES[0]
 ARC = (0, HASH_SPACE // 16)  # one slice of the ring: ~1/16 of the keys
-ALWAYS_PUTS = 400  # single-writer synced puts: each one waits a whole fsync
+ALWAYS_PUTS = 300  # single-writer synced puts: each one waits a whole fsync
 GROUP_COMMIT_SECONDS = 1.5  # per concurrency level
-WRITERS = (1, 8, 64)
+WRITERS = (8, 64)
+BATCH = 1000  # records per apply_many when filling
+CRASH_WRITERS = 8
+CRASH_ACKS = 3000  # acknowledged writes before the SIGKILL
 
 
 def key_of(i: int) -> bytes:
@@ -49,7 +73,12 @@ def key_of(i: int) -> bytes:
 
 
 def record_at(i: int) -> Record:
-    return Record(version=Version((1_700_000_000_000 + i) << LOGICAL_BITS, "n1"), value=VALUE)
+    return Record(version=Version((1_700_000_000_000 + i) << LOGICAL_BITS, "n1"), value=VALUES[i % len(VALUES)])
+
+
+def open_engine(engine: str, path: str, fsync: str) -> Store:
+    kind = {"lmdb": LmdbStore, "rocksdb": RocksDbStore}[engine]
+    return kind(path=path, node_id="n1", fsync=fsync, fsync_window_ms=10, tombstone_grace_s=86_400)
 
 
 def per_op_us(count: int, op: Callable[[int], object], *, rounds: int = 5) -> float:
@@ -65,134 +94,94 @@ def per_op_us(count: int, op: Callable[[int], object], *, rounds: int = 5) -> fl
     return best * 1e6
 
 
-# -- SQLite WAL, doing what the LMDB engine does --------------------------------
-
-
-class SqliteWal:
-    """The same record layout in one WITHOUT ROWID table keyed by (hash + key)."""
-
-    def __init__(self, path: str, *, synchronous: str) -> None:
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(f"PRAGMA synchronous={synchronous}")
-        self.db.execute("CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID")
-        self.lock = threading.Lock()  # one connection shared by threads: serialize like LMDB's writer lock
-
-    def apply(self, key: bytes, record: Record) -> ApplyResult:
-        data_key = _data_key(key)
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            row = self.db.execute("SELECT v FROM kv WHERE k = ?", (data_key,)).fetchone()
-            previous = None if row is None else _decode(row[0])
-            if previous is not None and previous.version >= record.version:
-                self.db.execute("ROLLBACK")
-                return ApplyResult(applied=False, previous=previous)
-            self.db.execute("INSERT OR REPLACE INTO kv (k, v) VALUES (?, ?)", (data_key, _encode(record)))
-            self.db.execute("COMMIT")
-        return ApplyResult(applied=True, previous=previous)
-
-    def get(self, key: bytes) -> Record | None:
-        row = self.db.execute("SELECT v FROM kv WHERE k = ?", (_data_key(key),)).fetchone()
-        return None if row is None else _decode(row[0])
-
-    def iter_range(self, start: int, end: int) -> list[tuple[bytes, Record]]:
-        low, high = (start + 1).to_bytes(8, "big"), (end + 1).to_bytes(8, "big")
-        rows = self.db.execute("SELECT k, v FROM kv WHERE k >= ? AND k < ? ORDER BY k", (low, high))
-        return [(k[8:], _decode(v)) for k, v in rows]
-
-    def close(self) -> None:
-        self.db.close()
-
-
-def bare_fsync_us(directory: str) -> float:
-    path = os.path.join(directory, "fsync-probe")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    try:
+def best_of(rounds: int, op: Callable[[], object]) -> float:
+    """The fastest of `rounds` runs of op, in seconds (the first warms the caches)."""
+    best = float("inf")
+    for _ in range(rounds):
         start = time.perf_counter()
-        for _ in range(200):
-            os.write(fd, b"x" * 128)
-            os.fsync(fd)
-        return (time.perf_counter() - start) / 200 * 1e6
-    finally:
-        os.close(fd)
+        op()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
-# -- per-op comparison --------------------------------------------------------------
+def fill(store: Store, n: int, *, offset: int = 0, order: list[int] | None = None) -> None:
+    """Every key 0..n-1 written once, at versions offset + i, BATCH per apply_many."""
+    keys = order if order is not None else range(n)
+    batch: list[tuple[bytes, Record]] = []
+    for i in keys:
+        batch.append((key_of(i), record_at(offset + i)))
+        if len(batch) == BATCH:
+            store.apply_many(batch)
+            batch = []
+    if batch:
+        store.apply_many(batch)
 
 
-def measure_lmdb(directory: str, keys: int, fsync: str, *, writemap: bool = LMDB_WRITEMAP) -> dict[str, float]:
-    store = LmdbStore(
-        path=directory, node_id="n1", fsync=fsync, fsync_window_ms=10, tombstone_grace_s=86_400, writemap=writemap
-    )
+# -- 1. per op ---------------------------------------------------------------------------
+
+
+def measure_ops(engine: str, directory: str, keys: int) -> dict[str, float]:
+    store = open_engine(engine, os.path.join(directory, f"{engine}-ops"), "never")
+    result: dict[str, float] = {}
     try:
-        result: dict[str, float] = {}
-        if fsync == "always":
-
-            def synced_put(i: int) -> None:
-                store.apply(key_of(i), record_at(i))
-                waiter = store.wait_durable()
-                assert waiter is not None
-                waiter.result()
-
-            result["put"] = per_op_us(ALWAYS_PUTS, synced_put)
-            return result
-        result["put"] = per_op_us(keys, lambda i: store.apply(key_of(i), record_at(i)))
-        if fsync == "never":
-            order = random.Random(1).sample(range(keys), keys)
-            result["overwrite"] = per_op_us(keys, lambda i: store.apply(key_of(order[i]), record_at(keys + i)))
-            result["get"] = per_op_us(keys, lambda i: store.get(key_of(order[i])))
-            result["get_miss"] = per_op_us(keys, lambda i: store.get(b"absent-%d" % i))
-            start = time.perf_counter()
-            scanned = sum(1 for _ in store.iter_range(*ARC))
-            result["scan_per_record"] = (time.perf_counter() - start) / max(scanned, 1) * 1e6
-            start = time.perf_counter()
-            store.digest(*ARC)
-            result["digest_per_record"] = (time.perf_counter() - start) / max(scanned, 1) * 1e6
-            start = time.perf_counter()
+        fill(store, keys)
+        rng = random.Random(1)
+        order = [rng.randrange(keys) for _ in range(keys)]
+        result["put"] = per_op_us(keys, lambda i: store.apply(key_of(order[i]), record_at(keys + i)))
+        result["get"] = per_op_us(keys, lambda i: store.get(key_of(order[-i - 1])))
+        result["get_miss"] = per_op_us(keys, lambda i: store.get(b"absent-%09d" % i))
+        scanned = sum(1 for _ in store.iter_range(*ARC))
+        result["scan_per_record"] = best_of(3, lambda: sum(1 for _ in store.iter_range(*ARC))) / scanned * 1e6
+        result["digest_per_record"] = best_of(3, lambda: store.scan_digest(*ARC)) / scanned * 1e6
+        start = time.perf_counter()
+        for _ in range(1000):
             store.live_count()
-            result["live_count"] = (time.perf_counter() - start) * 1e6
-        return result
+        result["live_count"] = (time.perf_counter() - start) / 1000 * 1e6
     finally:
         store.close()
-
-
-def measure_sqlite(path: str, keys: int, synchronous: str) -> dict[str, float]:
-    store = SqliteWal(path, synchronous=synchronous)
+    batch_store = open_engine(engine, os.path.join(directory, f"{engine}-batch"), "batch")
     try:
-        result: dict[str, float] = {}
-        if synchronous == "FULL":
-            result["put"] = per_op_us(ALWAYS_PUTS, lambda i: store.apply(key_of(i), record_at(i)))
-            return result
-        result["put"] = per_op_us(keys, lambda i: store.apply(key_of(i), record_at(i)))
-        if synchronous == "OFF":
-            order = random.Random(1).sample(range(keys), keys)
-            result["overwrite"] = per_op_us(keys, lambda i: store.apply(key_of(order[i]), record_at(keys + i)))
-            result["get"] = per_op_us(keys, lambda i: store.get(key_of(order[i])))
-            result["get_miss"] = per_op_us(keys, lambda i: store.get(b"absent-%d" % i))
-            start = time.perf_counter()
-            scanned = len(store.iter_range(*ARC))
-            result["scan_per_record"] = (time.perf_counter() - start) / max(scanned, 1) * 1e6
-        return result
+        fill(batch_store, keys)
+        rng = random.Random(2)
+        order = [rng.randrange(keys) for _ in range(keys)]
+        result["put_batch"] = per_op_us(keys, lambda i: batch_store.apply(key_of(order[i]), record_at(keys + i)))
+    finally:
+        batch_store.close()
+    return result
+
+
+# -- 2. fsync always ----------------------------------------------------------------------
+
+
+def synced_put_us(engine: str, directory: str) -> float:
+    store = open_engine(engine, os.path.join(directory, f"{engine}-always-1"), "always")
+
+    def synced_put(i: int) -> None:
+        store.apply(key_of(i), record_at(i))
+        waiter = store.wait_durable()
+        assert waiter is not None
+        waiter.result()
+
+    try:
+        return per_op_us(ALWAYS_PUTS, synced_put)
     finally:
         store.close()
 
 
-# -- group commit -------------------------------------------------------------------
-
-
-def group_commit(directory: str, writers: int) -> tuple[float, float, float]:
+def group_commit(engine: str, directory: str, writers: int) -> tuple[float, float, float]:
     """(writes/s, mean writes per fsync, p99 ms) for `writers` concurrent
     asyncio tasks each doing apply + await wait_durable(), on one loop."""
-    store = LmdbStore(path=directory, node_id="n1", fsync="always", fsync_window_ms=10, tombstone_grace_s=86_400)
+    store = open_engine(engine, os.path.join(directory, f"{engine}-group-{writers}"), "always")
+    flusher = store._flusher  # type: ignore[attr-defined] # both durable engines keep one; its sync is counted
     syncs = 0
-    real_sync = store.sync
+    real_sync = flusher._sync
 
     def counted_sync() -> None:
         nonlocal syncs
         syncs += 1
         real_sync()
 
-    store.sync = counted_sync
+    flusher._sync = counted_sync
     latencies: list[float] = []
 
     async def writer(n: int, deadline: float) -> int:
@@ -223,72 +212,114 @@ def group_commit(directory: str, writers: int) -> tuple[float, float, float]:
     return total / elapsed, total / max(syncs, 1), p99
 
 
-def sqlite_full_concurrent(path: str, writers: int) -> float:
-    """SQLite FULL has no group commit across connections: writes/s with threads."""
-    SqliteWal(path, synchronous="FULL").close()
-    count = 0
-    lock = threading.Lock()
-    deadline = time.perf_counter() + GROUP_COMMIT_SECONDS
+# -- 3. big: each step in a child process (RSS and start-up are a process's own) ----------
 
-    def writer(n: int) -> None:
-        nonlocal count
-        store = SqliteWal(path, synchronous="FULL")
-        store.db.execute("PRAGMA busy_timeout=10000")
-        done = 0
-        while time.perf_counter() < deadline:
-            i = n * 10_000_000 + done
-            store.apply(key_of(i), record_at(i))
-            done += 1
-        store.close()
-        with lock:
-            count += done
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(writers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return count / (time.perf_counter() - started)
-
-
-# -- 1M keys: load, size, RSS, reopen ------------------------------------------------
-
-_CHILD_LOAD = """
-import json, sys, time
-from bench.storage_engines import key_of, record_at, rss
-from app.storage.lmdb_store import LmdbStore
-store = LmdbStore(path={path!r}, node_id="n1", fsync="batch", fsync_window_ms=10, tombstone_grace_s=86400)
+_CHILD_FILL = """
+import json, time
+from bench.storage_engines import fill, open_engine
+store = open_engine({engine!r}, {path!r}, "batch")
 start = time.perf_counter()
-for i in range({n}):
-    store.apply(key_of(i), record_at(i))
+fill(store, {n})
 loaded = time.perf_counter() - start
-resident = rss()  # before close: close unmaps the file
 store.close()
-print(json.dumps({{"load_s": loaded, **resident}}))
+print(json.dumps({{"fill_s": loaded}}))
 """
 
 _CHILD_OPEN = """
-import json, sys, time
+import json, random, time
 start = time.perf_counter()
 from bench.storage_engines import key_of, rss
 from app.config import NodeConfig
+from app.ring import HashRing
 from app.storage import open_store
 imported = time.perf_counter()
-store = open_store(NodeConfig.from_options({{"node_id": "n1", "data_dir": {path!r}}}))
+store = open_store(NodeConfig.from_options({{"node_id": "n1", "data_dir": {path!r}, "fsync": "batch"}}))
 count = store.live_count()
+restored = store.digests_ready()
 ready = time.perf_counter()
 after_open = rss()
-for i in range(0, {n}, 97):
+order = random.Random(3).sample(range({n}), {n})
+got = time.perf_counter()
+for i in order:
     store.get(key_of(i))
-sampled = rss()
-scanned = sum(1 for _ in store.iter_range(0, 0))
-scan_s = time.perf_counter() - ready
-full = rss()
+get_us = (time.perf_counter() - got) / {n} * 1e6
+after_gets = rss()
+# The digest index as a node keeps it (aligned to a 3-node ring): saved at close, restored at the next open.
+store.align_digests(HashRing(["n1", "n2", "n3"]).ranges())
+store.wait_digests(600)
 store.close()
-print(json.dumps({{"import_s": imported - start, "open_s": ready - imported, "count": count,
-                  "rss_open": after_open, "rss_after_gets": sampled, "rss_after_scan": full,
-                  "scanned": scanned, "full_scan_s": scan_s}}))
+print(json.dumps({{"import_s": imported - start, "open_s": ready - imported, "count": count, "restored": restored,
+                  "rss_open": after_open, "rss_after_gets": after_gets, "get_us": get_us}}))
+"""
+
+_CHILD_OVERWRITE = """
+import json, random, subprocess, time
+from bench.storage_engines import du_bytes, fill, open_engine
+store = open_engine({engine!r}, {path!r}, "batch")
+start = time.perf_counter()
+for round in range({rounds}):
+    order = random.Random(round).sample(range({n}), {n})
+    fill(store, {n}, offset=(round + 1) * {n}, order=order)
+elapsed = time.perf_counter() - start
+right_after = du_bytes({path!r})
+settle_started = time.perf_counter()
+db = getattr(store, "_db", None)
+if db is not None:  # RocksDB: wait until its own background compaction has nothing left to do
+    busy = ("rocksdb.compaction-pending", "rocksdb.num-running-compactions", "rocksdb.num-running-flushes")
+    while any(db.property_int_value(name) for name in busy):
+        time.sleep(0.2)
+settle_s = time.perf_counter() - settle_started
+settled = du_bytes({path!r})
+compacted = settled
+if db is not None:
+    db.compact_range(None, None)
+    compacted = du_bytes({path!r})
+store.close()
+print(json.dumps({{"overwrite_s": elapsed, "right_after": right_after, "settled": settled, "settle_s": settle_s,
+                  "compacted": compacted, "closed": du_bytes({path!r})}}))
+"""
+
+_CHILD_CRASH_WRITER = """
+import sys, threading
+from app.clock import HybridClock
+from app.storage import Record
+from bench.storage_engines import open_engine
+store = open_engine({engine!r}, {path!r}, "always")
+clock = HybridClock("n1")
+out = threading.Lock()
+print("OPEN", flush=True)
+
+def writer(t):
+    i = 0
+    while True:
+        key = f"crash-{{t}}-{{i}}".encode()
+        store.apply(key, Record(version=clock.now(), value=b"v" * 100))  # checked after the crash
+        store.wait_durable().result()
+        with out:
+            sys.stdout.write(key.decode() + "\\n")
+            sys.stdout.flush()
+        i += 1
+
+threads = [threading.Thread(target=writer, args=(t,), daemon=True) for t in range({writers})]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+"""
+
+_CHILD_RECOVER = """
+import json, sys, time
+start = time.perf_counter()
+from app.config import NodeConfig
+from app.storage import open_store
+imported = time.perf_counter()
+store = open_store(NodeConfig.from_options({{"node_id": "n1", "data_dir": {path!r}, "fsync": "always"}}))
+count = store.live_count()
+ready = time.perf_counter()
+acked = open({acks!r}).read().split()
+lost = [k for k in acked if (r := store.get(k.encode())) is None or r.value != b"v" * 100]
+store.close()
+print(json.dumps({{"open_s": ready - imported, "count": count, "acked": len(acked), "lost": len(lost)}}))
 """
 
 
@@ -302,127 +333,232 @@ def rss() -> dict[str, int]:
     return fields
 
 
+def du_bytes(path: str) -> int:
+    """Disk use of a data dir as `du` counts it (allocated blocks; LMDB's sparse map counts only what is written)."""
+    out = subprocess.run(["du", "-sk", path], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[0]) * 1024
+
+
 def run_child(code: str) -> dict:
     # From the repository root: `python -c` puts the working directory first on sys.path, so `bench` imports.
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600, cwd=REPO
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=1800, cwd=REPO
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def big(directory: str, n: int) -> dict:
-    path = os.path.join(directory, "big")
-    load = run_child(_CHILD_LOAD.format(path=path, n=n))
-    on_disk = os.stat(os.path.join(path, "data.mdb"))
+def crash_and_recover(engine: str, path: str, scratch: str) -> dict:
+    """SIGKILL a child acknowledging --fsync always writes on the store, then reopen it in a fresh process."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD_CRASH_WRITER.format(engine=engine, path=path, writers=CRASH_WRITERS)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: killed as one, never by name
+    )
+    acked: list[str] = []
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "OPEN", child.stderr.read() if child.stderr else ""
+        while len(acked) < CRASH_ACKS:
+            line = child.stdout.readline()
+            if not line:
+                raise RuntimeError(
+                    f"bench: the crash writer exited early: {child.stderr.read() if child.stderr else ''}"
+                )
+            acked.append(line.strip())
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+        acked += [line.strip() for line in child.stdout.read().splitlines() if line.strip()]
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait(timeout=30)
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
+    acks = os.path.join(scratch, f"{engine}-acks.txt")
+    Path(acks).write_text("\n".join(acked))
+    return run_child(_CHILD_RECOVER.format(path=path, acks=acks))
+
+
+def big(engine: str, directory: str, n: int, rounds: int) -> dict:
+    path = os.path.join(directory, f"{engine}-big")
+    print(f"  {engine}: filling {n:,} keys", file=sys.stderr, flush=True)
+    filled = run_child(_CHILD_FILL.format(engine=engine, path=path, n=n))
+    filled_du = du_bytes(path)
+    run_child(_CHILD_OPEN.format(path=path, n=n))  # a first open: aligns and saves the digest index
     opened = run_child(_CHILD_OPEN.format(path=path, n=n))
-    return {"load": load, "open": opened, "file_bytes": on_disk.st_size, "disk_bytes": on_disk.st_blocks * 512}
+    print(f"  {engine}: SIGKILL at --fsync always", file=sys.stderr, flush=True)
+    crashed = crash_and_recover(engine, path, directory)
+    print(f"  {engine}: {rounds} overwrites per key", file=sys.stderr, flush=True)
+    overwritten = run_child(_CHILD_OVERWRITE.format(engine=engine, path=path, n=n, rounds=rounds)) if rounds else {}
+    return {"fill": filled, "fill_du": filled_du, "open": opened, "crash": crashed, "overwrite": overwritten}
 
 
 # -- main --------------------------------------------------------------------------------
 
 
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--keys", type=int, default=20_000, help="keys for the per-op comparison")
-    parser.add_argument("--big-keys", type=int, default=1_000_000, help="keys for load/RSS/reopen (0: skip)")
+    parser.add_argument("--keys", type=int, default=100_000, help="preloaded keys for the per-op comparison")
+    parser.add_argument("--big-keys", type=int, default=1_000_000, help="keys for part 3 (0: skip it)")
+    parser.add_argument("--overwrites", type=int, default=10, help="overwrites of every key in part 3 (0: skip)")
     parser.add_argument("--dir", default=None, help="where the temporary databases go (default: system temp)")
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
     args = parser.parse_args()
     md = args.markdown
 
     with tempfile.TemporaryDirectory(prefix="kvstore-bench-", dir=args.dir) as tmp:
-        fsync_cost = bare_fsync_us(tmp)
-        lmdb: dict[str, dict[str, float]] = {}
-        sqlite: dict[str, dict[str, float]] = {}
-        for policy in ("never", "batch", "always"):
-            lmdb[policy] = measure_lmdb(os.path.join(tmp, f"lmdb-{policy}"), args.keys, policy)
-        for synchronous in ("OFF", "NORMAL", "FULL"):
-            sqlite[synchronous] = measure_sqlite(os.path.join(tmp, f"sqlite-{synchronous}.db"), args.keys, synchronous)
-        other_map = measure_lmdb(os.path.join(tmp, "lmdb-other-map"), args.keys, "never", writemap=not LMDB_WRITEMAP)
-
         print(
-            f"# storage engines, in-process; {os.cpu_count()} cores, Python {sys.version.split()[0]}; "
-            f"{args.keys} keys of 16 B, values of 100 B; bare write+fsync of 128 B: {fsync_cost:.0f} µs\n"
+            f"# LMDB against RocksDB, in-process; {os.cpu_count()} cores, Python {sys.version.split()[0]}; "
+            f"16-byte keys, 100-byte values; load average {os.getloadavg()[0]:.2f} at start\n"
         )
+        ops = {engine: measure_ops(engine, tmp, args.keys) for engine in ENGINES}
         rows = []
-
-        def row(op: str, lm: float, sq: float) -> None:
-            rows.append([op, f"{lm:.1f}", f"{sq:.1f}", f"{sq / lm:.2f}x"])
-
-        row("put, fsync never (SQLite synchronous=OFF)", lmdb["never"]["put"], sqlite["OFF"]["put"])
-        row("put, fsync batch (SQLite synchronous=NORMAL)", lmdb["batch"]["put"], sqlite["NORMAL"]["put"])
-        row("put, fsync always, 1 writer (SQLite FULL)", lmdb["always"]["put"], sqlite["FULL"]["put"])
-        row("overwrite, random order", lmdb["never"]["overwrite"], sqlite["OFF"]["overwrite"])
-        row("get, hit", lmdb["never"]["get"], sqlite["OFF"]["get"])
-        row("get, miss", lmdb["never"]["get_miss"], sqlite["OFF"]["get_miss"])
-        row("iterate 1/16 arc, per record", lmdb["never"]["scan_per_record"], sqlite["OFF"]["scan_per_record"])
-        print(format_table(["op (µs per op)", "LMDB", "SQLite WAL", "SQLite/LMDB"], rows, markdown=md))
+        for label, name in (
+            (f"PUT, random overwrite of {args.keys:,} keys, fsync never", "put"),
+            ("PUT, random overwrite, fsync batch", "put_batch"),
+            ("GET, hit, random order", "get"),
+            ("GET, miss", "get_miss"),
+            ("arc iteration (1/16 of the ring), per record", "scan_per_record"),
+            ("arc digest by scan, per record", "digest_per_record"),
+            ("live_count()", "live_count"),
+        ):
+            a, b = ops["lmdb"][name], ops["rocksdb"][name]
+            rows.append([label, f"{a:.2f}", f"{b:.2f}", f"{a / b:.2f}x"])
         print(
-            f"\nLMDB digest of the arc: {lmdb['never']['digest_per_record']:.2f} µs/record; "
-            f"live_count(): {lmdb['never']['live_count']:.1f} µs"
-        )
-        print(
-            f"LMDB writemap={LMDB_WRITEMAP} (shipped) vs writemap={not LMDB_WRITEMAP}: "
-            f"put {lmdb['never']['put']:.1f} vs {other_map['put']:.1f} µs, "
-            f"overwrite {lmdb['never']['overwrite']:.1f} vs {other_map['overwrite']:.1f} µs, "
-            f"get {lmdb['never']['get']:.1f} vs {other_map['get']:.1f} µs"
+            format_table(["op (µs per op)", "LMDB", "RocksDB", "LMDB/RocksDB (>1: RocksDB faster)"], rows, markdown=md)
         )
 
         rows = []
+        synced = {engine: synced_put_us(engine, tmp) for engine in ENGINES}
+        rows.append(["1 (µs per PUT)", f"{synced['lmdb']:.0f}", f"{synced['rocksdb']:.0f}", "", "", "", ""])
         for writers in WRITERS:
-            rate, per_sync, p99 = group_commit(os.path.join(tmp, f"group-{writers}"), writers)
-            sqlite_rate = (
-                sqlite_full_concurrent(os.path.join(tmp, f"sqlite-group-{writers}.db"), writers)
-                if writers <= 8
-                else None
-            )
+            gl = group_commit("lmdb", tmp, writers)
+            gr = group_commit("rocksdb", tmp, writers)
             rows.append(
                 [
-                    str(writers),
-                    f"{rate:,.0f}",
-                    f"{per_sync:.1f}",
-                    f"{p99:.2f}",
-                    f"{sqlite_rate:,.0f}" if sqlite_rate is not None else "—",
+                    f"{writers} (writes/s)",
+                    f"{gl[0]:,.0f}",
+                    f"{gr[0]:,.0f}",
+                    f"{gl[1]:.1f}",
+                    f"{gr[1]:.1f}",
+                    f"{gl[2]:.2f}",
+                    f"{gr[2]:.2f}",
                 ]
             )
         print(
-            "\n"
+            "\n--fsync always, group commit\n"
             + format_table(
-                ["writers", "LMDB always: writes/s", "writes per fsync", "p99 ms", "SQLite FULL: writes/s (threads)"],
+                [
+                    "writers",
+                    "LMDB",
+                    "RocksDB",
+                    "LMDB writes/fsync",
+                    "RocksDB writes/fsync",
+                    "LMDB p99 ms",
+                    "RocksDB p99 ms",
+                ],
                 rows,
                 markdown=md,
             )
         )
 
-        if args.big_keys:
-            result = big(tmp, args.big_keys)
-            raw = args.big_keys * (16 + len(VALUE))
-            load, opened = result["load"], result["open"]
-            print(
-                f"\n{args.big_keys:,} keys: load {load['load_s']:.1f} s "
-                f"({load['load_s'] / args.big_keys * 1e6:.1f} µs/put, fsync batch); "
-                f"data.mdb {result['disk_bytes'] / 2**20:.0f} MiB on disk (raw keys+values {raw / 2**20:.0f} MiB; "
-                f"apparent size {result['file_bytes'] / 2**30:.0f} GiB: the sparse map)"
-            )
-            print(
-                f"  loader RSS after load: {load['VmRSS'] / 1024:.0f} MiB "
-                f"(anon {load['RssAnon'] / 1024:.0f}, file-mapped {load['RssFile'] / 1024:.0f})"
-            )
-            print(
-                f"  reopen: imports {opened['import_s'] * 1000:.0f} ms, open_store + live_count "
-                f"{opened['open_s'] * 1000:.1f} ms -> {opened['count']:,} live keys"
-            )
-            for label, key in (
-                ("after open", "rss_open"),
-                ("after 1% random gets", "rss_after_gets"),
-                ("after a full scan", "rss_after_scan"),
-            ):
-                sample = opened[key]
-                print(
-                    f"  RSS {label}: {sample['VmRSS'] / 1024:.0f} MiB "
-                    f"(anon {sample['RssAnon'] / 1024:.0f}, file-mapped {sample['RssFile'] / 1024:.0f})"
+        if not args.big_keys:
+            return
+        n = args.big_keys
+        bigs = {engine: big(engine, tmp, n, args.overwrites) for engine in ENGINES}
+        lm, rx = bigs["lmdb"], bigs["rocksdb"]
+
+        def pair(label: str, a: float, b: float, fmt: Callable[[float], str], ratio: bool = True) -> list[str]:
+            return [label, fmt(a), fmt(b), f"{a / b:.2f}x" if ratio and b else ""]
+
+        def secs(x: float) -> str:
+            return f"{x:.2f}"
+
+        rows = [
+            pair(
+                f"fill {n:,} keys (apply_many x{BATCH}, fsync batch), s",
+                lm["fill"]["fill_s"],
+                rx["fill"]["fill_s"],
+                secs,
+            ),
+            pair("data dir after the fill, MiB (du)", lm["fill_du"], rx["fill_du"], mib),
+            pair(
+                "start to ready: open + live_count + digests restored, s",
+                lm["open"]["open_s"],
+                rx["open"]["open_s"],
+                secs,
+            ),
+            pair(f"GET over all {n:,} keys, random order, µs each", lm["open"]["get_us"], rx["open"]["get_us"], secs),
+        ]
+        for field in ("VmRSS", "RssAnon", "RssFile"):
+            rows.append(
+                pair(
+                    f"{field} after the GETs, MiB",
+                    lm["open"]["rss_after_gets"][field] * 1024,
+                    rx["open"]["rss_after_gets"][field] * 1024,
+                    mib,
                 )
-            print(f"  full scan of {opened['scanned']:,} records: {opened['full_scan_s']:.1f} s")
+            )
+        rows.append(
+            pair(
+                "VmRSS right after open, MiB",
+                lm["open"]["rss_open"]["VmRSS"] * 1024,
+                rx["open"]["rss_open"]["VmRSS"] * 1024,
+                mib,
+            )
+        )
+        crash_l, crash_r = lm["crash"], rx["crash"]
+        rows.append(
+            [
+                "SIGKILL at --fsync always: acknowledged / lost",
+                f"{crash_l['acked']:,} / {crash_l['lost']}",
+                f"{crash_r['acked']:,} / {crash_r['lost']}",
+                "",
+            ]
+        )
+        rows.append(
+            pair("restart after SIGKILL to ready (open + live_count), s", crash_l["open_s"], crash_r["open_s"], secs)
+        )
+        if args.overwrites:
+            ow_l, ow_r = lm["overwrite"], rx["overwrite"]
+            rounds = args.overwrites
+            rows += [
+                pair(
+                    f"{rounds} overwrites of every key (apply_many x{BATCH}), s",
+                    ow_l["overwrite_s"],
+                    ow_r["overwrite_s"],
+                    secs,
+                ),
+                pair(
+                    f"disk after {rounds} overwrites per key, right after, MiB (du)",
+                    ow_l["right_after"],
+                    ow_r["right_after"],
+                    mib,
+                ),
+                pair("  once the engine's own compaction settled, MiB", ow_l["settled"], ow_r["settled"], mib),
+                pair(
+                    "  after a manual full compaction (RocksDB; LMDB: same), MiB",
+                    ow_l["compacted"],
+                    ow_r["compacted"],
+                    mib,
+                ),
+                pair("  after close, MiB", ow_l["closed"], ow_r["closed"], mib),
+            ]
+            rows.append(["  RocksDB settling took, s", "", secs(ow_r["settle_s"]), ""])
+        raw = n * (16 + len(VALUE))
+        print(f"\n{n:,} keys (raw keys + values {mib(raw)} MiB); each step in a fresh child process")
+        print(format_table(["measure", "LMDB", "RocksDB", "LMDB/RocksDB"], rows, markdown=md))
+        for engine, result in bigs.items():
+            if not result["open"]["restored"]:
+                print(f"note: {engine} rebuilt its digest index at the second open (it should have restored it)")
 
 
 if __name__ == "__main__":

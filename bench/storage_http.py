@@ -1,9 +1,10 @@
 """The storage engines through HTTP: one node per storage engine, then 1,000,000 keys.
 
 Part 1, throughput: one node (replication factor 1, so every key is local)
-with `--storage memory`, then `--storage lmdb --fsync batch`, then the same
-data dir with `--fsync always`, then memory again (a drift check: the ratios
-divide by the higher of the two memory runs). Each node first gets
+with `--storage memory`, then for each durable engine (--engines, default
+lmdb and rocksdb) `--fsync batch`, then the same data dir with `--fsync
+always`, then memory again (a drift check: the ratios divide by the higher of
+the two memory runs; rocksdb/lmdb ratios are printed beside them). Each node first gets
 --http-keys keys through `PUT /kv/{key}`, then wrk drives `GET /kv/{key}` and
 `PUT /kv/{key}` (overwrites) cycling over those keys: servers pinned to one
 core, wrk to the other, 64 connections. Every node here runs with
@@ -14,7 +15,7 @@ a lone node now skips it. The engine alone, in-process,
 per op, is bench/storage_engines.py.
 
 Part 2, 1,000,000 keys (16-byte keys, 100-byte values):
-- lmdb: a child process fills a data dir through the project's own storage
+- each durable engine: a child process fills a data dir through the project's own storage
   API (app.storage.open_store, node id n1, one transaction per put), the
   data dir's pages are dropped from the page cache (posix_fadvise DONTNEED),
   then a node is started on it and timed from spawn to the first 200 from
@@ -27,7 +28,8 @@ Part 2, 1,000,000 keys (16-byte keys, 100-byte values):
 Raw data size is 1M x (16 + 100) bytes. The RSS target is checked on the
 durable engine's VmRSS (the memory engine's is printed for information).
 
-    .venv/bin/python -m bench storage_http [--duration 5] [--warmup 1] [--big-keys 1000000] [--markdown]
+    flock /tmp/kvstore-bench.lock .venv/bin/python -m bench storage_http [--duration 5] [--warmup 1]
+        [--big-keys 1000000] [--engines lmdb,rocksdb] [--markdown]
 
 Exit status 0 when every storage target is met, 1 when one is missed.
 """
@@ -81,6 +83,7 @@ LOAD_BUDGET_S = 300.0  # loading 1M keys through HTTP must finish within this
 
 # The storage targets.
 TARGET_RATIO = 0.9  # lmdb --fsync batch req/s over memory req/s, GET and PUT
+DURABLE_ENGINES = ("lmdb", "rocksdb")
 TARGET_READY_S = 5.0  # start to /ready with 1M keys on disk
 TARGET_RSS_X_RAW = 2.0  # RSS over raw data size
 
@@ -111,16 +114,18 @@ end
 
 # Fills a data dir the way a node would have: open_store with the node's config.
 _LOADER = """
-import json, time
+import json, random, time
 from app.clock import HybridClock
 from app.config import NodeConfig
 from app.storage import Record, open_store
-store = open_store(NodeConfig.from_options({{"node_id": {node!r}, "data_dir": {path!r}, "fsync": "never"}}))
+config = {{"node_id": {node!r}, "data_dir": {path!r}, "fsync": "never", "storage": {engine!r}}}
+store = open_store(NodeConfig.from_options(config))
 clock = HybridClock({node!r})
-value = b"v" * {value_bytes}
+# Random values from a pool of distinct ones: a repeated value would compress to nothing (RocksDB).
+values = [random.Random(7 + i).randbytes({value_bytes}) for i in range(4096)]
 start = time.perf_counter()
 for i in range({n}):
-    store.apply(b"key-%012d" % i, Record(version=clock.now(), value=value))
+    store.apply(b"key-%012d" % i, Record(version=clock.now(), value=values[i % 4096]))
 loaded = time.perf_counter() - start
 count = store.live_count()
 store.close()  # syncs
@@ -301,8 +306,12 @@ def main() -> int:
         "--big-keys", type=int, default=BIG_KEYS, help="keys for the RSS and start-to-ready part (0: skip)"
     )
     parser.add_argument("--dir", default=None, help="where the temporary data dirs go (default: system temp)")
+    parser.add_argument(
+        "--engines", default=",".join(DURABLE_ENGINES), help="durable engines to measure, comma-separated"
+    )
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown (for BENCHMARKS.md)")
     args = parser.parse_args()
+    engines = [engine for engine in args.engines.split(",") if engine]
     require_wrk()
     print(f"machine: {machine_summary()}", flush=True)
     print(f"app under test: {APP_DIR / 'app'}", flush=True)
@@ -331,26 +340,27 @@ def main() -> int:
 
         # -- part 1: throughput through HTTP --------------------------------------
         print(f"\npart 1: GET/PUT /kv/{{key}} over {n:,} preloaded keys", flush=True)
-        lmdb_dir = datadir / "http-lmdb"
-        runs = [
-            ("memory", "memory", ["--storage", "memory"], True, True),
-            (
-                "lmdb_batch",
-                "lmdb --fsync batch",
-                ["--storage", "lmdb", "--data-dir", str(lmdb_dir), "--fsync", "batch"],
-                True,
-                True,
-            ),
-            # the same data dir, already holding the keys: PUT only (reads do not depend on the policy)
-            (
-                "lmdb_always",
-                "lmdb --fsync always",
-                ["--storage", "lmdb", "--data-dir", str(lmdb_dir), "--fsync", "always"],
-                False,
-                False,
-            ),
-            ("memory_again", "memory (again: drift check)", ["--storage", "memory"], True, True),
-        ]
+        runs: list[tuple[str, str, list[str], bool, bool]] = [("memory", "memory", ["--storage", "memory"], True, True)]
+        for engine in engines:
+            engine_dir = datadir / f"http-{engine}"
+            runs += [
+                (
+                    f"{engine}_batch",
+                    f"{engine} --fsync batch",
+                    ["--storage", engine, "--data-dir", str(engine_dir), "--fsync", "batch"],
+                    True,
+                    True,
+                ),
+                # the same data dir, already holding the keys: PUT only (reads do not depend on the policy)
+                (
+                    f"{engine}_always",
+                    f"{engine} --fsync always",
+                    ["--storage", engine, "--data-dir", str(engine_dir), "--fsync", "always"],
+                    False,
+                    False,
+                ),
+            ]
+        runs.append(("memory_again", "memory (again: drift check)", ["--storage", "memory"], True, True))
         for key, label, storage, preload, do_get in runs:
             port = free_port()
             url = f"http://{HOST}:{port}"
@@ -367,7 +377,8 @@ def main() -> int:
         big = args.big_keys
         if big:
             print(f"\npart 2: {big:,} keys", flush=True)
-            bigs["lmdb"] = lmdb_big(big, datadir / "big-lmdb", logdir, get_lua, trials, args)
+            for engine in engines:
+                bigs[engine] = durable_big(engine, big, datadir / f"big-{engine}", logdir, get_lua, trials, args)
             bigs["memory"] = memory_big(big, logdir, get_lua, put_lua, args)
 
     print(f"\n(whole run: {time.monotonic() - started:.0f} s)")
@@ -379,26 +390,32 @@ def tempdir_in(parent: str | None) -> tempfile.TemporaryDirectory[str]:
     return tempfile.TemporaryDirectory(prefix="kvstore-bench-data-", dir=parent)
 
 
-def lmdb_big(
-    n: int, data_dir: Path, logdir: Path, get_lua: Path, trials: list[ReadyTrial], args: argparse.Namespace
+def durable_big(
+    engine: str,
+    n: int,
+    data_dir: Path,
+    logdir: Path,
+    get_lua: Path,
+    trials: list[ReadyTrial],
+    args: argparse.Namespace,
 ) -> BigRun:
-    run = BigRun("lmdb")
+    run = BigRun(engine)
     # Fill through the storage API in a child (own process group: killed on Ctrl-C).
-    code = _LOADER.format(node=NODE_ID, path=str(data_dir), n=n, value_bytes=VALUE_BYTES)
-    with spawned("lmdb-loader", [PYTHON, "-c", code], logdir=logdir) as loader:
+    code = _LOADER.format(node=NODE_ID, path=str(data_dir), n=n, value_bytes=VALUE_BYTES, engine=engine)
+    with spawned(f"{engine}-loader", [PYTHON, "-c", code], logdir=logdir) as loader:
         try:
             loader.proc.wait(timeout=600)
         except subprocess.TimeoutExpired:
-            raise RuntimeError("bench: the LMDB loader took over 600 s") from None
+            raise RuntimeError(f"bench: the {engine} loader took over 600 s") from None
         lines = reversed(loader.log_path.read_text().splitlines())
         line = next((text for text in lines if text.startswith("LOADER ")), None)
         if loader.proc.returncode != 0 or line is None:
-            raise RuntimeError(f"bench: the LMDB loader failed ({loader.proc.returncode}):\n{loader.log_tail()}")
+            raise RuntimeError(f"bench: the {engine} loader failed ({loader.proc.returncode}):\n{loader.log_tail()}")
     filled = json.loads(line.removeprefix("LOADER "))
     run.fill_s = filled["load_s"]
     run.disk_bytes = data_dir_bytes(data_dir)
     print(
-        f"  lmdb: {filled['count']:,} keys written in-process in {filled['load_s']:.1f} s "
+        f"  {engine}: {filled['count']:,} keys written in-process in {filled['load_s']:.1f} s "
         f"({filled['load_s'] / n * 1e6:.1f} us/put, one transaction each); data dir {run.disk_bytes / 2**20:.0f} MiB",
         flush=True,
     )
@@ -409,7 +426,7 @@ def lmdb_big(
     drop_page_cache(data_dir)
     trials.append(
         time_to_ready(
-            "cold (dropped from page cache)",
+            f"{engine}, cold (dropped from page cache)",
             node_argv(port, "--data-dir", str(data_dir), anti_entropy=None),
             url,
             logdir,
@@ -421,7 +438,11 @@ def lmdb_big(
         url = f"http://{HOST}:{port}"
         trials.append(
             time_to_ready(
-                f"warm #{i + 1}", node_argv(port, "--data-dir", str(data_dir), anti_entropy=None), url, logdir, data_dir
+                f"{engine}, warm #{i + 1}",
+                node_argv(port, "--data-dir", str(data_dir), anti_entropy=None),
+                url,
+                logdir,
+                data_dir,
             )
         )
 
@@ -429,7 +450,7 @@ def lmdb_big(
     port = free_port()
     url = f"http://{HOST}:{port}"
     argv = node_argv(port, "--data-dir", str(data_dir))
-    with serving("big-lmdb", argv, health_urls=[url], logdir=logdir) as node:
+    with serving(f"big-{engine}", argv, health_urls=[url], logdir=logdir) as node:
         wait_ready([url], servers=[node])
         pid = node.proc.pid
         run.rss["at ready"] = memory_kib(pid)
@@ -437,7 +458,7 @@ def lmdb_big(
         run.background_cpu_s = wait_quiet(pid, after=time.monotonic() + float(SCAN_INTERVAL) + 0.5)
         run.rss["after start-up background work"] = memory_kib(pid)
         run.get = run_wrk(
-            f"lmdb GET, {n:,} keys",
+            f"{engine} GET, {n:,} keys",
             url,
             lua=get_lua,
             duration_s=args.duration,
@@ -447,7 +468,7 @@ def lmdb_big(
         )
         run.rss["after GETs over the keys"] = memory_kib(pid)
         print(
-            f"  lmdb: start-up background work {run.background_cpu_s:.1f} s CPU; GET {run.get.rps:,.0f} req/s, "
+            f"  {engine}: start-up background work {run.background_cpu_s:.1f} s CPU; GET {run.get.rps:,.0f} req/s, "
             f"p99 {run.get.p99_ms:.2f} ms, errors {run.get.errors}",
             flush=True,
         )
@@ -559,18 +580,22 @@ def print_report(
     if not big:
         return
     raw = big * (KEY_BYTES + VALUE_BYTES)
-    lmdb, memory = bigs["lmdb"], bigs["memory"]
-    print(
-        f"\n{big:,} keys of {KEY_BYTES} B with {VALUE_BYTES} B values: raw data {raw / 2**20:.1f} MiB. "
-        f"lmdb: filled in-process in {lmdb.fill_s:.1f} s, data dir {lmdb.disk_bytes / 2**20:.0f} MiB on disk, "
-        f"background work after start-up took {lmdb.background_cpu_s:.1f} s of CPU. "
-        f"memory: loaded through HTTP in {memory.load.seconds:.1f} s "
-        f"({memory.load.requests / memory.load.seconds:,.0f} PUT/s)\n"
-        if memory.load
-        else ""
-    )
+    memory = bigs["memory"]
+    print(f"\n{big:,} keys of {KEY_BYTES} B with {VALUE_BYTES} B values: raw data {raw / 2**20:.1f} MiB.")
+    for engine, run in bigs.items():
+        if engine != "memory":
+            print(
+                f"{engine}: filled in-process in {run.fill_s:.1f} s, "
+                f"data dir {run.disk_bytes / 2**20:.0f} MiB on disk, "
+                f"background work after start-up took {run.background_cpu_s:.1f} s of CPU."
+            )
+    if memory.load:
+        print(
+            f"memory: loaded through HTTP in {memory.load.seconds:.1f} s "
+            f"({memory.load.requests / memory.load.seconds:,.0f} PUT/s)\n"
+        )
     headers = [
-        "start to ready (lmdb)",
+        "start to ready",
         "data dir in page cache at spawn",
         "process serving /health s",
         "/ready s",
@@ -615,15 +640,65 @@ def print_report(
             )
     print()
     print(format_table(headers, rows, markdown=markdown))
+    print_engine_ratios(results, bigs, trials, markdown=markdown)
     print(
         "\n(RssFile of an lmdb node is data.mdb's pages mapped read-only: page cache, shared and clean once"
         " synced, reclaimable by the kernel; RssAnon is the process's private memory)"
     )
 
 
+def print_engine_ratios(
+    results: dict[str, Result], bigs: dict[str, BigRun], trials: list[ReadyTrial], *, markdown: bool
+) -> None:
+    """rocksdb against lmdb, same run: req/s and CPU per request, start to ready, RSS."""
+    if "rocksdb_batch_get" not in results or "lmdb_batch_get" not in results:
+        return
+    rows = []
+    for key, label in (
+        ("batch_get", "GET, --fsync batch"),
+        ("batch_put", "PUT (overwrites), --fsync batch"),
+        ("always_put", "PUT (overwrites), --fsync always"),
+    ):
+        lm, rx = results[f"lmdb_{key}"], results[f"rocksdb_{key}"]
+        cpu = lm.cpu_us_per_request / rx.cpu_us_per_request if rx.cpu_us_per_request else 0.0
+        rows.append([label, f"{lm.rps:,.0f}", f"{rx.rps:,.0f}", f"{rx.rps / lm.rps:.2f}x", f"{cpu:.2f}x"])
+    by_engine = {engine: [t for t in trials if t.label.startswith(engine + ",")] for engine in ("lmdb", "rocksdb")}
+    if by_engine["lmdb"] and by_engine["rocksdb"]:
+        lm_ready = max(t.ready_s for t in by_engine["lmdb"])
+        rx_ready = max(t.ready_s for t in by_engine["rocksdb"])
+        rows.append(
+            [
+                "start to /ready, slowest trial, s",
+                f"{lm_ready:.2f}",
+                f"{rx_ready:.2f}",
+                f"{rx_ready / lm_ready:.2f}x",
+                "",
+            ]
+        )
+    if "lmdb" in bigs and "rocksdb" in bigs:
+        for field in ("VmRSS", "RssAnon", "RssFile"):
+            lm_kib = bigs["lmdb"].rss.get("after GETs over the keys", {}).get(field, 0)
+            rx_kib = bigs["rocksdb"].rss.get("after GETs over the keys", {}).get(field, 0)
+            if lm_kib:
+                rows.append(
+                    [
+                        f"{field} after GETs over the keys, MiB",
+                        f"{mib(lm_kib):.0f}",
+                        f"{mib(rx_kib):.0f}",
+                        f"{rx_kib / lm_kib:.2f}x",
+                        "",
+                    ]
+                )
+    print("\nrocksdb against lmdb, same run")
+    print(format_table(["measure", "lmdb", "rocksdb", "rocksdb/lmdb", "CPU/req lmdb/rocksdb"], rows, markdown=markdown))
+
+
 def check_targets(results: dict[str, Result], bigs: dict[str, BigRun], trials: list[ReadyTrial], *, big: int) -> bool:
     ok = True
     print("\ntargets (storage engines):")
+    if "lmdb_batch_get" not in results:
+        print("  (stated for lmdb, which was not measured)")
+        return ok
     for method in ("get", "put"):
         ratio = results[f"lmdb_batch_{method}"].rps / reference(results, method).rps
         met = ratio >= TARGET_RATIO

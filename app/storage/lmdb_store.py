@@ -2,7 +2,8 @@
 
 Chosen over SQLite-WAL by measurement (bench/storage_engines.py, BENCHMARKS.md).
 Keys are stored as 8-byte big-endian ring hash + key, so one ring arc is one
-cursor range. Two index sub-databases (expiry time -> key for live values,
+cursor range (the record encoding, shared with rocksdb_store, is in durable.py).
+Two index sub-databases (expiry time -> key for live values,
 dead-since time -> key for tombstones) let the sweep visit only what it turns
 or purges, and persist with the data. The meta sub-database keeps the owner,
 the on-disk format (FORMAT: refused when newer, migrated when older), the
@@ -24,14 +25,12 @@ Called by app.cluster (event-loop thread and executor threads); no asyncio here.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
-import struct
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import TextIO, cast
+from typing import cast
 
 import lmdb
 
@@ -46,9 +45,26 @@ from app.config import (
     LMDB_WRITEMAP,
 )
 from app.errors import NodeIdMismatchError, StorageError, StorageFullError
-from app.ring import HASH_SPACE, stable_hash
+from app.ring import stable_hash
 from app.storage.base import ApplyResult, Record, StorageUsage, Store, fingerprint, record_fingerprint
 from app.storage.digests import DigestIndex, MaintainedDigests, Snapshot
+from app.storage.durable import (
+    HEADER,
+    HIGH_WATER_STEP_MS,
+    META_DIGESTS,
+    META_FORMAT,
+    META_HIGH_WATER,
+    META_NODE_ID,
+    META_RELEASE,
+    U64,
+    arc_spans,
+    data_key_of,
+    decode_record,
+    encode_record,
+    format_number,
+    format_problem,
+    lock_directory,
+)
 from app.storage.flusher import Flusher, SyncStats
 
 log = logging.getLogger(__name__)
@@ -64,77 +80,7 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 MIGRATIONS: dict[int, Callable[[lmdb.Transaction], None]] = {}
 
-_U64 = struct.Struct(">Q")  # big-endian, so byte order is numeric order in LMDB's memcmp
-# hlc, expires_at_ms, flags, len(node id); then the node id, then the value.
-_HEADER = struct.Struct(">QQBH")
-_TOMBSTONE = 0x01
-_MAX_HASH = HASH_SPACE - 1
-
-LOCK_FILE = "kvstore.lock"  # beside LMDB's data.mdb and lock.mdb; holds the owning pid
-
-_META_NODE_ID = b"node_id"
-_META_FORMAT = b"format"
-_META_RELEASE = b"release"  # the release that last opened the store (0.1.0 wrote none, and ignores it)
-_META_HIGH_WATER = b"high_water"  # u64: an hlc at or above every version ever applied
-# The digest index as of a clean close, with the id of the transaction that
-# wrote it: valid only while that is still the last transaction (any later
-# write, even by a build that does not know the key, makes it stale).
-_META_DIGESTS = b"digest_index"
-# How far the stored ceiling runs ahead of the newest version: a commit that
-# passes it writes one more meta page (measured on the PUT path when every
-# commit did), and a restarted node's clock may start up to this far ahead of
-# its last write, well inside the default 500 ms --max-clock-offset.
-HIGH_WATER_STEP_MS = 100
-
-
-def _encode(record: Record) -> bytes:
-    node = record.version.node.encode()
-    flags = _TOMBSTONE if record.value is None else 0
-    header = _HEADER.pack(record.version.hlc, record.expires_at_ms, flags, len(node))
-    return header + node + (record.value or b"")
-
-
-def _decode(raw: bytes) -> Record:
-    hlc, expires_at, flags, node_len = _HEADER.unpack_from(raw)
-    body = _HEADER.size + node_len
-    node = raw[_HEADER.size : body].decode()
-    value = None if flags & _TOMBSTONE else raw[body:]
-    return Record(Version(hlc, node), value, expires_at)  # positional: keywords cost ~0.3 us per read
-
-
-def _data_key(key: bytes) -> bytes:
-    return _U64.pack(stable_hash(key)) + key
-
-
-def _arc_spans(start: int, end: int) -> list[tuple[bytes, bytes]]:
-    """The arc (start, end] as inclusive [low, high] hash spans (8-byte keys).
-    A wrapping arc (start >= end; equal means the whole circle) is two spans."""
-    if start < end:
-        return [(_U64.pack(start + 1), _U64.pack(end))]
-    spans = [(_U64.pack(start + 1), _U64.pack(_MAX_HASH))] if start < _MAX_HASH else []
-    return [*spans, (_U64.pack(0), _U64.pack(end))]
-
-
-def format_problem(path: str, layout: bytes | None, written_by: str | None) -> str | None:
-    """Why this build cannot open a store of this format, or None."""
-    by = f"kvstore {written_by}" if written_by else "kvstore 0.1.0 or a release that records none"
-    number = _format_number(layout)
-    if number is None or number < 1:
-        return (
-            f"storage: data dir {path} has no on-disk format this build knows ({layout!r}); it is not a kvstore "
-            "data dir, or a damaged one: nothing in it was changed"
-        )
-    if number > FORMAT:
-        return (
-            f"storage: data dir {path} has on-disk format {number}, written by {by}; this build (kvstore "
-            f"{__version__}) reads formats 1 to {FORMAT}: run {by.removeprefix('kvstore ')} or newer on it "
-            "(a finalised upgrade cannot be rolled back); nothing in it was changed"
-        )
-    return None
-
-
-def _format_number(layout: bytes | None) -> int | None:
-    return int(layout) if layout is not None and layout.isdigit() else None
+__all__ = ["FORMAT", "HIGH_WATER_STEP_MS", "MIGRATIONS", "LmdbStore", "check_format"]
 
 
 def check_format(path: str) -> None:
@@ -153,13 +99,13 @@ def check_format(path: str) -> None:
                 return  # not written by kvstore yet: the open creates what it needs
         meta = env.open_db(b"meta", create=False)
         with env.begin(db=meta) as txn:
-            owner, layout, release = txn.get(_META_NODE_ID), txn.get(_META_FORMAT), txn.get(_META_RELEASE)
+            owner, layout, release = txn.get(META_NODE_ID), txn.get(META_FORMAT), txn.get(META_RELEASE)
     except lmdb.Error as exc:
         raise StorageError(f"storage: cannot read the meta of LMDB in {path}: {exc}") from exc
     finally:
         env.close()
     if owner is not None:
-        problem = format_problem(path, layout, release.decode("utf-8", "replace") if release else None)
+        problem = format_problem(path, layout, release.decode("utf-8", "replace") if release else None, newest=FORMAT)
         if problem is not None:
             raise StorageError(problem)
 
@@ -183,7 +129,7 @@ class LmdbStore(Store):
         self._path = path
         self._fsync = fsync
         self._grace_ms = int(tombstone_grace_s * 1000)
-        self._lock_file = self._lock_directory(path)
+        self._lock_file = lock_directory(path)
         try:
             # sync/metasync off: a commit only touches the page cache, so
             # apply() on the event loop never waits for the disk; the policy
@@ -229,37 +175,14 @@ class LmdbStore(Store):
             self._digests.restore(saved_digests)
         self._flusher = Flusher(policy=fsync, window_ms=fsync_window_ms, sync=self._env_sync, name="lmdb")
 
-    @staticmethod
-    def _lock_directory(path: str) -> TextIO:
-        """Hold an exclusive lock on the directory while open. LMDB itself lets
-        several processes share an environment; two nodes must never (say, two
-        pods given one volume by mistake). The kernel drops it if we die."""
-        try:
-            os.makedirs(path, exist_ok=True)
-            lock_file = open(os.path.join(path, LOCK_FILE), "a+")  # noqa: SIM115 - held until close()
-        except OSError as exc:
-            raise StorageError(f"storage: cannot use data dir {path}: {exc}") from exc
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock_file.seek(0)
-            holder = lock_file.read().strip() or "unknown"
-            lock_file.close()
-            raise StorageError(f"storage: data dir {path} is in use by another process (pid {holder})") from None
-        lock_file.seek(0)
-        lock_file.truncate()
-        lock_file.write(f"{os.getpid()}\n")
-        lock_file.flush()
-        return lock_file
-
     def _claim(self, node_id: str) -> None:
         """Record the owning node id and the format in a new directory; refuse
         someone else's, or one of a format this build cannot read (before
         writing anything); migrate an older format; note this release."""
         with self._env.begin(db=self._meta) as txn:
-            owner = txn.get(_META_NODE_ID)
-            layout = txn.get(_META_FORMAT)
-            release = txn.get(_META_RELEASE)
+            owner = txn.get(META_NODE_ID)
+            layout = txn.get(META_FORMAT)
+            release = txn.get(META_RELEASE)
         if owner is not None and owner.decode() != node_id:
             self._env.close()
             raise NodeIdMismatchError(
@@ -268,18 +191,18 @@ class LmdbStore(Store):
             )
         written_by = release.decode("utf-8", "replace") if release is not None else None
         if owner is not None:
-            problem = format_problem(self._path, layout, written_by)
+            problem = format_problem(self._path, layout, written_by, newest=FORMAT)
             if problem is not None:
                 self._env.close()
                 raise StorageError(problem)
         with self._env.begin(write=True, db=self._meta) as txn:
             if owner is None:
-                txn.put(_META_NODE_ID, node_id.encode())
-                txn.put(_META_FORMAT, str(FORMAT).encode())
+                txn.put(META_NODE_ID, node_id.encode())
+                txn.put(META_FORMAT, str(FORMAT).encode())
             else:
-                self._migrate(txn, _format_number(layout) or FORMAT, written_by)
+                self._migrate(txn, format_number(layout) or FORMAT, written_by)
             if release != __version__.encode():
-                txn.put(_META_RELEASE, __version__.encode())
+                txn.put(META_RELEASE, __version__.encode())
         if owner is None:
             self._env.sync(True)
         elif written_by != __version__:
@@ -304,12 +227,12 @@ class LmdbStore(Store):
             )
             MIGRATIONS[step](txn)
         if layout != FORMAT:
-            txn.put(_META_FORMAT, str(FORMAT).encode(), db=self._meta)
+            txn.put(META_FORMAT, str(FORMAT).encode(), db=self._meta)
 
     def _saved_digests(self) -> DigestIndex | None:
         """The digest index saved at the last clean close, if nothing was written since."""
         with self._env.begin(db=self._meta) as txn:
-            raw = txn.get(_META_DIGESTS)
+            raw = txn.get(META_DIGESTS)
             last = txn.id()
         if raw is None or len(raw) < 8 or int.from_bytes(raw[:8], "big") != last:
             return None
@@ -321,9 +244,9 @@ class LmdbStore(Store):
         try:
             with self._env.begin(write=True, db=self._meta) as txn:
                 if index is None:
-                    txn.delete(_META_DIGESTS)
+                    txn.delete(META_DIGESTS)
                 else:
-                    txn.put(_META_DIGESTS, txn.id().to_bytes(8, "big") + index.to_bytes())
+                    txn.put(META_DIGESTS, txn.id().to_bytes(8, "big") + index.to_bytes())
         except lmdb.Error as exc:  # a full map, say: the next open rebuilds the index instead
             log.warning("storage: could not save the digest index (%s); it is rebuilt at the next start", exc)
 
@@ -331,14 +254,14 @@ class LmdbStore(Store):
         """The stored high-water ceiling. A directory written before it was
         kept has none: one scan of the headers finds it, once, and stores it."""
         with self._env.begin(db=self._meta) as txn:
-            raw = txn.get(_META_HIGH_WATER)
+            raw = txn.get(META_HIGH_WATER)
         if raw is not None:
-            return int(_U64.unpack(raw)[0])
+            return int(U64.unpack(raw)[0])
         highest = 0
         for _, value in self._scan(0, 0):
-            highest = max(highest, _HEADER.unpack_from(value)[0])
+            highest = max(highest, HEADER.unpack_from(value)[0])
         with self._env.begin(write=True, db=self._meta) as txn:
-            txn.put(_META_HIGH_WATER, _U64.pack(highest))
+            txn.put(META_HIGH_WATER, U64.pack(highest))
         self._env.sync(True)
         return highest
 
@@ -377,10 +300,10 @@ class LmdbStore(Store):
     def get(self, key: bytes) -> Record | None:
         try:
             with self._env.begin(db=self._data) as txn:
-                raw = txn.get(_data_key(key))
+                raw = txn.get(data_key_of(key))
         except lmdb.Error as exc:
             raise StorageError(f"storage: get failed: {exc}") from exc
-        return None if raw is None else _decode(raw)
+        return None if raw is None else decode_record(raw)
 
     def live_count(self) -> int:
         # O(1): LMDB keeps entry counts per sub-database, and exactly the
@@ -394,7 +317,7 @@ class LmdbStore(Store):
     def _scan(self, start: int, end: int) -> Iterator[tuple[bytes, bytes]]:
         """Raw (data key, value) pairs in the arc, read LMDB_SCAN_CHUNK at a time,
         each chunk in its own short read transaction."""
-        for low, high in _arc_spans(start, end):
+        for low, high in arc_spans(start, end):
             position = low
             while True:
                 chunk: list[tuple[bytes, bytes]] = []
@@ -417,14 +340,14 @@ class LmdbStore(Store):
 
     def iter_range(self, start: int, end: int) -> Iterator[tuple[bytes, Record]]:
         for data_key, raw in self._scan(start, end):
-            yield data_key[8:], _decode(raw)
+            yield data_key[8:], decode_record(raw)
 
     def scan_digest(self, start: int, end: int) -> int:
         # Same value as Store.scan_digest, straight from the raw bytes: no value is decoded.
         acc = 0
         for data_key, raw in self._scan(start, end):
-            hlc, _, _, node_len = _HEADER.unpack_from(raw)
-            acc ^= fingerprint(data_key[8:], hlc, raw[_HEADER.size : _HEADER.size + node_len])
+            hlc, _, _, node_len = HEADER.unpack_from(raw)
+            acc ^= fingerprint(data_key[8:], hlc, raw[HEADER.size : HEADER.size + node_len])
         return acc
 
     def _snapshot(self) -> _LmdbSnapshot:
@@ -453,15 +376,15 @@ class LmdbStore(Store):
                 try:
                     for key, record in writes:
                         token = stable_hash(key)
-                        data_key = _U64.pack(token) + key
+                        data_key = U64.pack(token) + key
                         raw = txn.get(data_key, db=self._data)
-                        stored = None if raw is None else _decode(raw)
+                        stored = None if raw is None else decode_record(raw)
                         if stored is not None and stored.version >= record.version:
                             results.append(ApplyResult(False, stored))
                             continue
                         if stored is not None:
                             self._unindex(txn, data_key, stored)
-                        txn.put(data_key, _encode(record), db=self._data)
+                        txn.put(data_key, encode_record(record), db=self._data)
                         self._index(txn, data_key, record)
                         results.append(ApplyResult(True, stored))
                         highest = max(highest, record.version.hlc)
@@ -472,7 +395,7 @@ class LmdbStore(Store):
                     if changed:
                         if highest > self._high_water:
                             highest = highest + (HIGH_WATER_STEP_MS << LOGICAL_BITS)
-                            txn.put(_META_HIGH_WATER, _U64.pack(highest), db=self._meta)
+                            txn.put(META_HIGH_WATER, U64.pack(highest), db=self._meta)
                         txn.commit()
                     else:
                         txn.abort()
@@ -501,11 +424,11 @@ class LmdbStore(Store):
             try:
                 with self._env.begin(write=True) as txn:
                     for key, version in items:
-                        data_key = _data_key(key)
+                        data_key = data_key_of(key)
                         raw = txn.get(data_key, db=self._data)
                         if raw is None:
                             continue
-                        stored = _decode(raw)
+                        stored = decode_record(raw)
                         if stored.version != version:
                             continue  # a newer write arrived since the caller read it: keep it
                         self._unindex(txn, data_key, stored)
@@ -522,15 +445,15 @@ class LmdbStore(Store):
 
     def _index(self, txn: lmdb.Transaction, data_key: bytes, record: Record) -> None:
         if record.value is None:
-            txn.put(_U64.pack(record.dead_since_ms) + data_key, b"", db=self._tombs)
+            txn.put(U64.pack(record.dead_since_ms) + data_key, b"", db=self._tombs)
         elif record.expires_at_ms:
-            txn.put(_U64.pack(record.expires_at_ms) + data_key, b"", db=self._expiry)
+            txn.put(U64.pack(record.expires_at_ms) + data_key, b"", db=self._expiry)
 
     def _unindex(self, txn: lmdb.Transaction, data_key: bytes, record: Record) -> None:
         if record.value is None:
-            txn.delete(_U64.pack(record.dead_since_ms) + data_key, db=self._tombs)
+            txn.delete(U64.pack(record.dead_since_ms) + data_key, db=self._tombs)
         elif record.expires_at_ms:
-            txn.delete(_U64.pack(record.expires_at_ms) + data_key, db=self._expiry)
+            txn.delete(U64.pack(record.expires_at_ms) + data_key, db=self._expiry)
 
     def sweep(self, now_ms: int) -> int:
         """Turn expired values into tombstones at their version, then purge
@@ -547,7 +470,7 @@ class LmdbStore(Store):
         False) kept as a tombstone at the same version; returns how many."""
         if limit < 0:
             return 0
-        bound = _U64.pack(limit)
+        bound = U64.pack(limit)
         swept = 0  # purged, or (purge False) expired into tombstones
         while True:
             batch = 0
@@ -567,14 +490,14 @@ class LmdbStore(Store):
                             if raw is None:  # cannot happen while the indexes are kept in step
                                 txn.delete(index_key, db=index)
                                 continue
-                            record = _decode(raw)
+                            record = decode_record(raw)
                             self._unindex(txn, data_key, record)
                             if purge:
                                 txn.delete(data_key, db=self._data)
-                                deltas.append((_U64.unpack_from(data_key)[0], record_fingerprint(data_key[8:], record)))
+                                deltas.append((U64.unpack_from(data_key)[0], record_fingerprint(data_key[8:], record)))
                             else:  # the same version: the digests do not change
                                 dead = Record(version=record.version, value=None, expires_at_ms=record.expires_at_ms)
-                                txn.put(data_key, _encode(dead), db=self._data)
+                                txn.put(data_key, encode_record(dead), db=self._data)
                                 self._index(txn, data_key, dead)
                             swept += 1
                         batch = len(due)
@@ -629,15 +552,15 @@ class _LmdbSnapshot(Snapshot):
     def scan(self, start: int, end: int) -> Iterator[tuple[int, int]]:
         cursor = self._txn.cursor()
         try:
-            for low, high in _arc_spans(start, end):
+            for low, high in arc_spans(start, end):
                 if not cursor.set_range(low):
                     continue
                 for data_key, raw in cast("Iterator[tuple[bytes, bytes]]", cursor):  # buffers=False: bytes
                     if data_key[:8] > high:
                         break
-                    hlc, _, _, node_len = _HEADER.unpack_from(raw)
-                    node = raw[_HEADER.size : _HEADER.size + node_len]
-                    yield _U64.unpack_from(data_key)[0], fingerprint(data_key[8:], hlc, node)
+                    hlc, _, _, node_len = HEADER.unpack_from(raw)
+                    node = raw[HEADER.size : HEADER.size + node_len]
+                    yield U64.unpack_from(data_key)[0], fingerprint(data_key[8:], hlc, node)
         except lmdb.Error as exc:
             raise StorageError(f"storage: digest scan failed: {exc}") from exc
 

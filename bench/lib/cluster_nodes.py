@@ -40,19 +40,20 @@ def start_cluster(
     extra: Sequence[str] = (),
     peers_for: Callable[[str, dict[str, str]], dict[str, str]] | None = None,
     tls: TlsMode | None = None,
+    size: int = NODES,
 ) -> Cluster:
-    """Three `kvstore node` processes (node1..node3) on the server core, each in
+    """`size` (three unless told) `kvstore node` processes (node1..node3) on the server core, each in
     its own process group, stopped when `stack` closes; started and ready.
     Logs in logdir/name/, LMDB data dirs (storage "lmdb") in logdir/name-data/."""
     log_dir = logdir / name
     log_dir.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(
-        size=NODES,
+        size=size,
         log_dir=log_dir,
         args=["--replication-factor", str(rf), "--log-level", "warning", *extra],
         data_root=logdir / f"{name}-data" if storage == "lmdb" else None,
         peers_for=peers_for,
-        env_for={f"node{i + 1}": {"PYTHONPATH": str(APP_DIR)} for i in range(NODES)},
+        env_for={f"node{i + 1}": {"PYTHONPATH": str(APP_DIR)} for i in range(size)},
         launcher=["taskset", "-c", SERVER_CORE],  # taskset execs the node: its pid is the node's
         cwd=APP_DIR,
         tls=tls,

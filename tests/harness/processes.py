@@ -232,6 +232,14 @@ class NodeProcess:
         return log_tail(self.log_path, lines)
 
 
+# The durable engines a cluster with a data_root cycles through, node by node
+# (node1 lmdb, node2 rocksdb, node3 lmdb, ...): every fault and crash test runs
+# both engines in one mixed cluster, judged by the same history checker, at no
+# extra CI time. Set it to ("lmdb",) to go back to one engine (say, if the
+# RocksDB engine is removed).
+MIXED_ENGINES: tuple[str, ...] = ("lmdb", "rocksdb")
+
+
 class Cluster:
     """A set of node processes on 127.0.0.1, ids node1..nodeN as `kvstore cluster` names them.
 
@@ -240,7 +248,9 @@ class Cluster:
     (a ProxyMesh's `route`, so nodes reach each other through proxies).
     `env_for` adds environment variables to some nodes (a skewed clock);
     `launcher` and `cwd` apply to every node (see NodeProcess); with `tls`
-    every node serves https (see TlsMode).
+    every node serves https (see TlsMode). With a `data_root`, node i runs
+    `--storage engines[i % len(engines)]` (default MIXED_ENGINES) unless the
+    args name a --storage themselves.
     """
 
     def __init__(
@@ -255,9 +265,11 @@ class Cluster:
         launcher: Sequence[str] = (),
         cwd: Path | None = None,
         tls: TlsMode | None = None,
+        engines: Sequence[str] = MIXED_ENGINES,
     ) -> None:
         self.host = HOST
         self.tls = tls
+        self.engines = tuple(engines)
         self.scheme = "https" if tls else "http"
         self.log_dir = log_dir
         self.args = list(args or [])
@@ -276,6 +288,8 @@ class Cluster:
         node_args = list(self.args)
         if self.data_root is not None:
             node_args += ["--data-dir", str(self.data_root / node_id)]
+            if "--storage" not in node_args:
+                node_args += ["--storage", self.engine_of(node_id)]
         peers = self.peers_for(node_id, dict(direct)) if self.peers_for is not None else dict(direct)
         return NodeProcess(
             node_id=node_id,
@@ -289,6 +303,11 @@ class Cluster:
             cwd=self.cwd,
             tls=self.tls,
         )
+
+    def engine_of(self, node_id: str) -> str:
+        """The durable engine node N (1-based, from its id) runs: the cycle of `engines`."""
+        number = int(node_id.removeprefix("node")) if node_id.removeprefix("node").isdigit() else 1
+        return self.engines[(number - 1) % len(self.engines)]
 
     @property
     def ssl_context(self) -> ssl.SSLContext | None:

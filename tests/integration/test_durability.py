@@ -13,8 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.harness.processes import Cluster, free_port_run, stop_group, wait_ready
+from tests.harness.processes import MIXED_ENGINES, Cluster, free_port_run, stop_group, wait_ready
 
 CLIENTS = 8
 LOAD_BEFORE_KILL_S = 1.5
@@ -59,23 +60,30 @@ def lost_after_restart(cluster: Cluster, acked: dict[str, tuple[bytes, float]]) 
         return [key for key, (value, _) in acked.items() if http.get(f"{cluster[0].url}/kv/{key}").content != value]
 
 
-def test_sigkill_under_load_loses_no_write_acknowledged_with_fsync_always(make_cluster: Callable[..., Cluster]) -> None:
-    cluster = make_cluster(1, args=["--fsync", "always"], durable=True)
+# A lone node would always get the first engine of the cycle: these run on each.
+@pytest.mark.parametrize("engine", MIXED_ENGINES)
+def test_sigkill_under_load_loses_no_write_acknowledged_with_fsync_always(
+    make_cluster: Callable[..., Cluster], engine: str
+) -> None:
+    cluster = make_cluster(1, args=["--fsync", "always", "--storage", engine], durable=True)
     acked, _ = asyncio.run(write_until_killed(cluster[0].url, cluster[0].kill))
     assert len(acked) > 100, "the load never got going"
     lost = lost_after_restart(cluster, acked)
-    print(f"fsync=always: {len(acked)} acknowledged, {len(lost)} lost")
+    print(f"{engine}, fsync=always: {len(acked)} acknowledged, {len(lost)} lost")
     assert lost == []
 
 
-def test_sigkill_with_fsync_batch_loses_at_most_the_window(make_cluster: Callable[..., Cluster]) -> None:
+@pytest.mark.parametrize("engine", MIXED_ENGINES)
+def test_sigkill_with_fsync_batch_loses_at_most_the_window(make_cluster: Callable[..., Cluster], engine: str) -> None:
     window_ms = 50
-    cluster = make_cluster(1, args=["--fsync", "batch", "--fsync-window-ms", str(window_ms)], durable=True)
+    args = ["--fsync", "batch", "--fsync-window-ms", str(window_ms), "--storage", engine]
+    cluster = make_cluster(1, args=args, durable=True)
     acked, killed_at = asyncio.run(write_until_killed(cluster[0].url, cluster[0].kill))
     assert len(acked) > 100
     lost = lost_after_restart(cluster, acked)
-    print(f"fsync=batch ({window_ms} ms): {len(acked)} acknowledged, {len(lost)} lost")
-    # A process crash leaves the page cache intact, so LMDB loses nothing here
+    print(f"{engine}, fsync=batch ({window_ms} ms): {len(acked)} acknowledged, {len(lost)} lost")
+    # A process crash leaves the page cache intact, so LMDB (its pages) and
+    # RocksDB (its write-ahead log) lose nothing here
     # (the window bounds what a power loss could take, which no test here
     # can cause). Anything lost is a bug; show whether it was in the window.
     in_window = [key for key in lost if acked[key][1] > killed_at - window_ms / 1000 - 0.05]
@@ -162,3 +170,34 @@ def test_a_data_dir_refuses_another_node_id(tmp_path: Path) -> None:
     second = subprocess.run(node_command("beta"), capture_output=True, text=True, timeout=30)
     assert second.returncode != 0
     assert "alpha" in second.stderr + second.stdout
+
+
+def test_a_mixed_cluster_runs_both_engines_and_a_data_dir_refuses_the_other_engine(
+    make_cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    cluster = make_cluster(2, durable=True)
+    data = tmp_path / "data"
+    assert (data / "node1" / "data.mdb").exists() and not (data / "node1" / "CURRENT").exists()
+    assert (data / "node2" / "CURRENT").exists() and not (data / "node2" / "data.mdb").exists()
+    assert (data / "node2" / "hints" / "CURRENT").exists(), "the hints live on the data's engine"
+    with httpx.Client(timeout=5) as http:
+        assert http.put(f"{cluster[0].url}/kv/k", content=b"v").status_code == 204
+    node = cluster.node("node2")
+    node.stop()
+    # Given the other engine, the node refuses to start, in one line, and changes nothing.
+    before = sorted(p.name for p in (data / "node2").iterdir())
+    at = node.args.index("--storage")
+    unnamed = node.args[:at] + node.args[at + 2 :]  # the harness named rocksdb for node2
+    node.args = [*unnamed, "--storage", "lmdb"]
+    refused = subprocess.run(node.command(), capture_output=True, text=True, timeout=30, check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        f"kvstore: config: data dir {data / 'node2'} holds a rocksdb store, not lmdb: start the node with "
+        "--storage rocksdb (or without --storage), or give --storage lmdb an empty --data-dir"
+    ]
+    assert sorted(p.name for p in (data / "node2").iterdir()) == before
+    # Without --storage, it opens with the engine its data dir holds.
+    node.args = unnamed
+    node.start().wait_ready()
+    with httpx.Client(timeout=5) as http:
+        assert http.get(f"{node.url}/kv/k").content == b"v"

@@ -1,12 +1,13 @@
-"""The LMDB engine under SIGKILL, with real processes and no HTTP.
+"""The durable engines (LMDB, RocksDB) under SIGKILL, with real processes and no HTTP.
 
 A child process (its own process group) writes from several threads and
 prints each key only once the write is acknowledged as its --fsync policy
 defines it: `always` after wait_durable()'s group commit, `batch`/`never`
 right after apply(). The parent reads acknowledgements, kills the child with
 SIGKILL mid-stream, reopens the data directory and checks every acknowledged
-write. A process crash leaves the page cache intact, so no policy may lose
-anything here; only a power loss can lose the batch window (not tested).
+write. A process crash leaves the page cache intact (LMDB's pages, RocksDB's
+write-ahead log), so no policy may lose anything here; only a power loss can
+lose the batch window (not tested).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from app.storage import LmdbStore
+from app.storage import LmdbStore, RocksDbStore
 
+ENGINES = {"lmdb": LmdbStore, "rocksdb": RocksDbStore}
 REPO = Path(__file__).resolve().parents[2]
 ACKS_BEFORE_KILL = 300  # enough to span many group commits, quick even on a slow disk
 WRITER_THREADS = 4
@@ -33,10 +35,11 @@ CHILD = textwrap.dedent(
     """
     import sys, threading
     from app.clock import HybridClock
-    from app.storage import LmdbStore, Record
+    from app.storage import LmdbStore, Record, RocksDbStore
 
-    path, fsync = sys.argv[1], sys.argv[2]
-    store = LmdbStore(path=path, node_id="crash-node", fsync=fsync, fsync_window_ms=10, tombstone_grace_s=3600)
+    path, fsync, engine = sys.argv[1], sys.argv[2], sys.argv[4]
+    kind = {"lmdb": LmdbStore, "rocksdb": RocksDbStore}[engine]
+    store = kind(path=path, node_id="crash-node", fsync=fsync, fsync_window_ms=10, tombstone_grace_s=3600)
     clock = HybridClock("crash-node")
     out = threading.Lock()
 
@@ -68,11 +71,12 @@ def _kill_group(child: subprocess.Popen[str]) -> None:
     child.wait(timeout=10)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("fsync", ["always", "batch", "never"])
-def test_sigkill_loses_no_acknowledged_write(tmp_path: Path, fsync: str) -> None:
+def test_sigkill_loses_no_acknowledged_write(tmp_path: Path, fsync: str, engine: str) -> None:
     data = tmp_path / "data"
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(data), fsync, str(WRITER_THREADS)],
+        [sys.executable, "-c", CHILD, str(data), fsync, str(WRITER_THREADS), engine],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE,
@@ -102,14 +106,16 @@ def test_sigkill_loses_no_acknowledged_write(tmp_path: Path, fsync: str) -> None
             if stream is not None:
                 stream.close()
 
-    store = LmdbStore(path=str(data), node_id="crash-node", fsync=fsync, fsync_window_ms=10, tombstone_grace_s=3600)
+    store = ENGINES[engine](
+        path=str(data), node_id="crash-node", fsync=fsync, fsync_window_ms=10, tombstone_grace_s=3600
+    )
     try:
         lost = []
         for key in acknowledged:
             record = store.get(key.encode())
             if record is None or record.value != b"value-" + key.encode():
                 lost.append(key)
-        print(f"fsync={fsync}: {len(acknowledged)} acknowledged, {len(lost)} lost after SIGKILL")
+        print(f"{engine}, fsync={fsync}: {len(acknowledged)} acknowledged, {len(lost)} lost after SIGKILL")
         assert lost == []
         assert store.live_count() >= len(acknowledged)
     finally:

@@ -1,4 +1,4 @@
-"""A node whose store is full (a tiny --map-size): writes get a clear 507 with
+"""A node whose store is full (a tiny --map-size; for RocksDB, a tiny volume): writes get a clear 507 with
 a JSON body, nothing acknowledged is lost (read back at once and after a
 restart), reads keep being served, and in a cluster its peers see a refusal
 (it stays reachable, writes reach quorum on the others), not an outage.
@@ -6,14 +6,14 @@ restart), reads keep being served, and in a cluster its peers see a refusal
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+import contextlib
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 
-if TYPE_CHECKING:  # only annotates make_cluster (the harness fixture)
-    from tests.harness.processes import Cluster
-
+from tests.harness.processes import Cluster
 
 TINY_MAP = "1Mi"  # 256 pages: full after a few dozen 16 KiB values
 VALUE_BYTES = 16 * 1024
@@ -94,3 +94,54 @@ def test_peers_see_a_full_replica_refuse_not_vanish(make_cluster: Callable[..., 
         for url in (node1.url, node2.url, node3.url):
             for key, expected in acked.items():
                 assert client.get(f"{url}/kv/{key}").content == expected, f"{key} through {url}"
+
+
+TINY_VOLUME = "4m"  # a tmpfs this size: RocksDB's files and a few hundred 16 KiB values
+GROWN_VOLUME = "16m"
+
+
+@contextlib.contextmanager
+def tiny_volume(path: Path) -> Iterator[Path]:
+    """A volume of TINY_VOLUME (a tmpfs: needs root, as on our machines and CI), unmounted after."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TINY_VOLUME}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_volume_refuses_rocksdb_writes_with_507_and_keeps_every_acknowledged_one(tmp_path: Path) -> None:
+    """RocksDB has no map: it fills its volume. The write that meets ENOSPC is
+    refused (507, JSON), reads go on; the fix is a bigger volume and a restart."""
+    with tiny_volume(tmp_path / "volume") as volume:
+        cluster = Cluster(size=1, log_dir=tmp_path, data_root=volume, args=["--storage", "rocksdb"])
+        try:
+            node = cluster.start()[0]
+            acked: dict[str, bytes] = {}
+            refused: httpx.Response | None = None
+            with httpx.Client(timeout=5) as client:
+                for i in range(MAX_WRITES):
+                    response = client.put(f"{node.url}/kv/k{i}", content=value(i))
+                    if response.status_code == 507:
+                        refused = response
+                        break
+                    assert response.status_code == 204, response.text
+                    acked[f"k{i}"] = value(i)
+                assert refused is not None, f"{MAX_WRITES} writes fit in a {TINY_VOLUME} volume"
+                assert "full" in refused.json()["error"] and "grow the volume" in refused.json()["error"]
+                assert len(acked) > 10
+                used = _metric(node.url, "kvstore_storage_used_bytes")
+                assert used / _metric(node.url, "kvstore_storage_limit_bytes") > 0.9
+                assert client.get(f"{node.url}/ready").status_code == 200, "a full node still serves reads"
+                for key, expected in acked.items():
+                    assert client.get(f"{node.url}/kv/{key}").content == expected, key
+            node.stop()
+            subprocess.run(["mount", "-o", f"remount,size={GROWN_VOLUME}", str(volume)], check=True)
+            node.start().wait_ready()
+            with httpx.Client(timeout=5) as client:
+                for key, expected in acked.items():
+                    assert client.get(f"{node.url}/kv/{key}").content == expected, f"{key} lost across the restart"
+                assert client.put(f"{node.url}/kv/after", content=b"v").status_code == 204
+        finally:
+            cluster.stop()

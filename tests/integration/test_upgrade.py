@@ -82,7 +82,8 @@ def previous() -> Release:
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     """Three nodes (not started); every node of it, added ones too, stopped at teardown."""
-    built = Cluster(size=3, log_dir=tmp_path, args=NODE_ARGS, data_root=tmp_path / "data")
+    # LMDB on every node: the previous release cannot open a RocksDB data dir (nor knows --storage rocksdb).
+    built = Cluster(size=3, log_dir=tmp_path, args=NODE_ARGS, data_root=tmp_path / "data", engines=("lmdb",))
     try:
         yield built
     finally:

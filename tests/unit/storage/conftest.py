@@ -1,7 +1,7 @@
 """Fixtures for the storage conformance suite: every engine, one fake clock
 (the clock and the record builders live in fakes.py).
 
-`make_store` opens an engine (memory, or LMDB in tmp_path). Engines judge no
+`make_store` opens an engine (memory, or LMDB or RocksDB in tmp_path). Engines judge no
 time themselves: the sweep is handed the time, from a clock the test moves by
 hand, so TTL and tombstone grace are tested without sleeping. Every store
 opened is closed at teardown.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from app.storage import LmdbStore, MemoryStore, Store
+from app.storage import LmdbStore, MemoryStore, RocksDbStore, Store
 from tests.unit.storage.fakes import ENGINES, GRACE_S, FakeClock, StoreFactory
 
 
@@ -30,7 +30,7 @@ def engine(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def make_store(engine: str, tmp_path: Path) -> Iterator[StoreFactory]:
-    """Open a store of the parametrized engine. LMDB keyword overrides
+    """Open a store of the parametrized engine. Durable-engine keyword overrides
     (node_id, fsync, path) let a test reopen or re-own the same directory."""
     opened: list[Store] = []
 
@@ -45,7 +45,8 @@ def make_store(engine: str, tmp_path: Path) -> Iterator[StoreFactory]:
         if engine == "memory":
             store = MemoryStore(tombstone_grace_s=grace_s)
         else:
-            store = LmdbStore(
+            durable = {"lmdb": LmdbStore, "rocksdb": RocksDbStore}[engine]
+            store = durable(
                 path=str(path or tmp_path / "data"),
                 node_id=node_id,
                 fsync=fsync,

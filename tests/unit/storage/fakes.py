@@ -9,7 +9,8 @@ from collections.abc import Callable
 from app.clock import LOGICAL_BITS, Version
 from app.storage import Record, Store
 
-ENGINES = ("memory", "lmdb")
+ENGINES = ("memory", "lmdb", "rocksdb")
+DURABLE_ENGINES = ("lmdb", "rocksdb")
 START_MS = 1_700_000_000_000  # a plausible wall clock, far from zero
 GRACE_S = 60.0  # tombstone grace used by the suite, in seconds
 

@@ -1,8 +1,9 @@
 """The storage contract (app.storage.base.Store), run against every engine.
 
 Time is a FakeClock: TTL and tombstone grace are crossed by moving it, never by
-sleeping. LMDB-only behaviour (reopen, node identity, fsync policies) follows
-the shared part, still parametrized so the memory engine states its side.
+sleeping. What only the durable engines have (reopen, node identity, fsync
+policies) follows the shared part, run on LMDB and RocksDB, still
+parametrized so the memory engine states its side.
 """
 
 from __future__ import annotations
@@ -14,18 +15,39 @@ from pathlib import Path
 
 import lmdb
 import pytest
+import rocksdict
 
 from app.config import NodeConfig
-from app.errors import NodeIdMismatchError, StorageError
+from app.errors import ConfigError, NodeIdMismatchError, StorageError
 from app.ring import HASH_SPACE, in_arc, stable_hash
-from app.storage import LmdbStore, MemoryStore, Record, Store, lmdb_store, open_store
-from tests.unit.storage.fakes import GRACE_S, START_MS, FakeClock, StoreFactory, put, tombstone, version
+from app.storage import (
+    LmdbStore,
+    MemoryStore,
+    Record,
+    RocksDbStore,
+    Store,
+    check_data_dir,
+    durable,
+    lmdb_store,
+    open_store,
+    rocksdb_store,
+)
+from tests.unit.storage.fakes import (
+    DURABLE_ENGINES,
+    GRACE_S,
+    START_MS,
+    FakeClock,
+    StoreFactory,
+    put,
+    tombstone,
+    version,
+)
 
 T = START_MS
 KEYS = [f"key-{i}".encode() for i in range(200)]
 # For what only a durable engine has (a directory, an owner, fsync threads):
-# overrides the engine parametrization to LMDB alone.
-lmdb_only = pytest.mark.parametrize("engine", ["lmdb"])
+# overrides the engine parametrization to the durable engines.
+durable_only = pytest.mark.parametrize("engine", DURABLE_ENGINES)
 
 
 def whole(store: Store) -> dict[bytes, Record]:
@@ -246,6 +268,7 @@ def test_a_purged_tombstone_lets_any_write_in_again(store: Store) -> None:
 
 def test_sweep_in_many_batches(make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lmdb_store, "LMDB_SWEEP_BATCH", 7)
+    monkeypatch.setattr(rocksdb_store, "ROCKSDB_SWEEP_BATCH", 7)
     store = make_store()
     for key in KEYS[:50]:
         store.apply(key, put(b"v", at=T, expires_at_ms=T + 5))
@@ -300,6 +323,7 @@ def test_iter_range_includes_tombstones_and_expired_records(store: Store) -> Non
 
 def test_iter_range_crosses_scan_chunks(make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lmdb_store, "LMDB_SCAN_CHUNK", 3)
+    monkeypatch.setattr(rocksdb_store, "ROCKSDB_SCAN_CHUNK", 3)
     store = make_store()
     records = _fill(store, KEYS)
     assert whole(store) == records
@@ -371,17 +395,27 @@ def test_digests_of_adjacent_arcs_combine(store: Store) -> None:
 
 def test_every_engine_computes_the_same_digest(tmp_path: Path) -> None:
     memory = MemoryStore(tombstone_grace_s=GRACE_S)
-    durable = LmdbStore(path=str(tmp_path), node_id="n1", fsync="never", fsync_window_ms=5, tombstone_grace_s=GRACE_S)
+    stores: list[Store] = [
+        kind(
+            path=str(tmp_path / kind.__name__),
+            node_id="n1",
+            fsync="never",
+            fsync_window_ms=5,
+            tombstone_grace_s=GRACE_S,
+        )
+        for kind in (LmdbStore, RocksDbStore)
+    ]
     try:
         for i, key in enumerate(KEYS):
             record = tombstone(at=T + i) if i % 5 == 0 else put(key, at=T + i, node=f"n{i % 3}")
-            memory.apply(key, record)
-            durable.apply(key, record)
+            for store in (memory, *stores):
+                store.apply(key, record)
         for start, end in _arcs(KEYS):
-            assert memory.digest(start, end) == durable.digest(start, end)
+            assert memory.digest(start, end) == stores[0].digest(start, end) == stores[1].digest(start, end)
         assert memory.digest(0, 0) != bytes(16)
     finally:
-        durable.close()
+        for store in stores:
+            store.close()
 
 
 # -- the high-water mark --------------------------------------------------------
@@ -389,7 +423,7 @@ def test_every_engine_computes_the_same_digest(tmp_path: Path) -> None:
 
 def ceiling_over(store: Store, wall_ms: int) -> None:
     """The store's high water is at or above the version at wall_ms, and within the step of it."""
-    assert version(wall_ms).hlc <= store.high_water() <= version(wall_ms + lmdb_store.HIGH_WATER_STEP_MS).hlc
+    assert version(wall_ms).hlc <= store.high_water() <= version(wall_ms + durable.HIGH_WATER_STEP_MS).hlc
 
 
 def test_high_water_is_at_or_just_above_the_largest_version_ever_applied(store: Store) -> None:
@@ -407,7 +441,7 @@ def test_high_water_is_at_or_just_above_the_largest_version_ever_applied(store: 
     ceiling_over(store, T + 5000)
 
 
-@lmdb_only
+@durable_only
 def test_high_water_survives_a_reopen(make_store: StoreFactory, engine: str) -> None:
     store = make_store(fsync="batch")
     store.apply(b"k", put(b"v", at=T + 42))
@@ -418,7 +452,7 @@ def test_high_water_survives_a_reopen(make_store: StoreFactory, engine: str) -> 
     ceiling_over(again, T + 42)
 
 
-@lmdb_only
+@durable_only
 def test_a_data_dir_without_a_high_water_mark_gets_one_from_its_records(
     make_store: StoreFactory, engine: str, tmp_path: Path
 ) -> None:
@@ -426,11 +460,35 @@ def test_a_data_dir_without_a_high_water_mark_gets_one_from_its_records(
     _fill(store, KEYS[:50])
     store.apply(b"newest", tombstone(at=T + 77))
     store.close()
-    env = lmdb.open(str(tmp_path / "data"), max_dbs=4)  # as a build before the mark wrote it
-    with env.begin(write=True, db=env.open_db(b"meta")) as txn:
-        assert txn.delete(b"high_water")
-    env.close()
+    forget_meta(engine, tmp_path / "data", b"high_water")  # as a build before the mark wrote it
     assert make_store(fsync="batch").high_water() == version(T + 77).hlc
+
+
+def forget_meta(engine: str, path: Path, name: bytes) -> None:
+    """Delete a meta entry of a closed durable store, under the engine's own library."""
+    if engine == "lmdb":
+        env = lmdb.open(str(path), max_dbs=4)
+        with env.begin(write=True, db=env.open_db(b"meta")) as txn:
+            assert txn.delete(name)
+        env.close()
+        return
+    families = {cf: rocksdict.Options(raw_mode=True) for cf in ("expiry", "tombstones", "meta")}
+    db = rocksdict.Rdict(str(path), rocksdict.Options(raw_mode=True), column_families=families)
+    meta = db.get_column_family("meta")
+    assert meta.get(name) is not None
+    meta.delete(name)
+    del meta
+    db.close()
+
+
+@pytest.mark.parametrize("engine", ["rocksdb"])
+def test_a_live_count_lost_from_meta_is_counted_again(make_store: StoreFactory, engine: str, tmp_path: Path) -> None:
+    store = make_store()
+    _fill(store, KEYS[:30])
+    store.apply(KEYS[0], tombstone(at=T + 1))
+    store.close()
+    forget_meta(engine, tmp_path / "data", b"live_count")
+    assert make_store().live_count() == 29
 
 
 # -- live_count --------------------------------------------------------------
@@ -468,7 +526,7 @@ def test_wait_durable_per_fsync_policy(make_store: StoreFactory, engine: str, fs
     store = make_store(fsync=fsync)
     store.apply(b"k", put(b"v", at=T))
     waiter = store.wait_durable()
-    if engine == "lmdb" and fsync == "always":
+    if engine != "memory" and fsync == "always":
         assert waiter is not None
         assert waiter.result(timeout=10) is None
         # Nothing written since: the next wait is already done.
@@ -495,7 +553,7 @@ def test_sync_stats_count_each_sync_and_the_records_it_made_durable(make_store: 
     assert stats is not None and (stats.syncs, stats.synced_writes) == (2, 4) and stats.sync_seconds > 0
 
 
-@lmdb_only
+@durable_only
 def test_a_waiter_that_gives_up_does_not_break_group_commit(make_store: StoreFactory, engine: str) -> None:
     store = make_store(fsync="always")
     store.apply(b"a", put(b"v", at=T))
@@ -549,7 +607,7 @@ def test_group_commit_serves_many_concurrent_writers(make_store: StoreFactory, e
 # -- LMDB: restarts and identity ---------------------------------------------
 
 
-@lmdb_only
+@durable_only
 def test_everything_survives_a_reopen(make_store: StoreFactory, engine: str, clock: FakeClock) -> None:
     store = make_store(fsync="batch")
     records = _fill(store, KEYS[:100])
@@ -571,7 +629,7 @@ def test_everything_survives_a_reopen(make_store: StoreFactory, engine: str, clo
     assert again.live_count() == 99
 
 
-@lmdb_only
+@durable_only
 def test_a_data_dir_refuses_another_node_id(make_store: StoreFactory, engine: str, tmp_path: Path) -> None:
     make_store(node_id="n1").close()
     with pytest.raises(NodeIdMismatchError, match="belongs to node 'n1', not 'n2'"):
@@ -579,7 +637,7 @@ def test_a_data_dir_refuses_another_node_id(make_store: StoreFactory, engine: st
     assert make_store(node_id="n1").get(b"k") is None  # the owner still opens it
 
 
-@lmdb_only
+@durable_only
 def test_a_data_dir_is_used_by_one_open_store_at_a_time(make_store: StoreFactory, engine: str) -> None:
     first = make_store()
     with pytest.raises(StorageError, match=r"in use by another process \(pid \d+\)"):
@@ -588,7 +646,7 @@ def test_a_data_dir_is_used_by_one_open_store_at_a_time(make_store: StoreFactory
     make_store().apply(b"k", put(b"v", at=T))
 
 
-@lmdb_only
+@durable_only
 def test_a_closed_store_raises_storage_errors(make_store: StoreFactory, engine: str) -> None:
     store = make_store()
     store.close()
@@ -603,9 +661,31 @@ def test_open_store_picks_the_engine(tmp_path: Path) -> None:
     memory = open_store(NodeConfig.from_options({"node_id": "n1"}))
     assert isinstance(memory, MemoryStore)
     memory.close()
-    durable = open_store(NodeConfig.from_options({"node_id": "n1", "data_dir": str(tmp_path), "fsync": "always"}))
+    default = open_store(NodeConfig.from_options({"node_id": "n1", "data_dir": str(tmp_path), "fsync": "always"}))
     try:
-        assert isinstance(durable, LmdbStore)
-        assert durable.wait_durable() is not None
+        assert isinstance(default, LmdbStore)
+        assert default.wait_durable() is not None
     finally:
-        durable.close()
+        default.close()
+    rocks_dir = str(tmp_path / "rocks")
+    rocks = open_store(NodeConfig.from_options({"node_id": "n1", "data_dir": rocks_dir, "storage": "rocksdb"}))
+    assert isinstance(rocks, RocksDbStore)
+    rocks.close()
+    # Without --storage, an existing data dir opens with the engine that wrote it.
+    again = open_store(NodeConfig.from_options({"node_id": "n1", "data_dir": rocks_dir}))
+    assert isinstance(again, RocksDbStore)
+    again.close()
+
+
+@pytest.mark.parametrize(("written", "asked"), [("lmdb", "rocksdb"), ("rocksdb", "lmdb")])
+def test_a_data_dir_is_never_opened_by_the_other_engine(tmp_path: Path, written: str, asked: str) -> None:
+    path = str(tmp_path / "data")
+    open_store(NodeConfig.from_options({"node_id": "n1", "data_dir": path, "storage": written})).close()
+    before = sorted(p.name for p in (tmp_path / "data").iterdir())
+    config = NodeConfig.from_options({"node_id": "n1", "data_dir": path, "storage": asked})
+    message = rf"holds a {written} store, not {asked}: start the node with --storage {written}"
+    with pytest.raises(ConfigError, match=message):
+        check_data_dir(config)
+    with pytest.raises(ConfigError, match=message):
+        open_store(config)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == before

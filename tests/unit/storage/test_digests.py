@@ -12,15 +12,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lmdb
+import pytest
+import rocksdict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.errors import StorageFullError
 from app.ring import HASH_SPACE, in_arc, stable_hash
-from app.storage import LmdbStore, MemoryStore, Record, Store
+from app.storage import LmdbStore, MemoryStore, Record, RocksDbStore, Store
 from app.storage.base import record_fingerprint
 from app.storage.digests import DigestIndex, Snapshot, split_arc, subarc_boundaries
-from app.storage.lmdb_store import _data_key, _encode
+from app.storage.durable import data_key_of, encode_record
 from tests.unit.storage.fakes import START_MS, FakeClock, put, version
 
 GRACE_S = 0.05  # 50 ms of fake time: histories cross it often
@@ -182,14 +184,18 @@ def test_memory_digests_stay_equal_to_a_full_recomputation(history: list[tuple])
         store.close()
 
 
+DURABLE = {"lmdb": LmdbStore, "rocksdb": RocksDbStore}
+
+
+@pytest.mark.parametrize("engine", DURABLE)
 @settings(max_examples=40, deadline=None)
-@given(st.lists(steps, max_size=40))
-def test_lmdb_digests_stay_equal_to_a_full_recomputation(history: list[tuple]) -> None:
+@given(history=st.lists(steps, max_size=40))
+def test_durable_digests_stay_equal_to_a_full_recomputation(engine: str, history: list[tuple]) -> None:
     with tempfile.TemporaryDirectory() as path:
         current: Store
 
         def opened() -> Store:
-            return LmdbStore(path=path, node_id="x", fsync="never", fsync_window_ms=5, tombstone_grace_s=GRACE_S)
+            return DURABLE[engine](path=path, node_id="x", fsync="never", fsync_window_ms=5, tombstone_grace_s=GRACE_S)
 
         def reopen(store: Store) -> Store:
             nonlocal current
@@ -261,20 +267,34 @@ def test_a_refused_lmdb_commit_leaves_the_digests_alone(tmp_path: Path) -> None:
             store.close()
 
 
-def test_a_saved_index_is_dropped_once_anything_wrote_after_it(tmp_path: Path) -> None:
-    def opened() -> LmdbStore:
-        return LmdbStore(path=str(tmp_path), node_id="n1", fsync="never", fsync_window_ms=5, tombstone_grace_s=60)
+def write_behind_its_back(engine: str, path: Path, key: bytes, record: Record) -> None:
+    """A write by another build of the program (one that knows nothing of the saved index)."""
+    if engine == "lmdb":
+        env = lmdb.open(str(path), max_dbs=4)
+        with env.begin(write=True, db=env.open_db(b"data")) as txn:
+            txn.put(data_key_of(key), encode_record(record))
+        env.close()
+        return
+    families = {cf: rocksdict.Options(raw_mode=True) for cf in ("expiry", "tombstones", "meta")}
+    db = rocksdict.Rdict(str(path), rocksdict.Options(raw_mode=True), column_families=families)
+    db.put(data_key_of(key), encode_record(record))
+    db.close()
+
+
+@pytest.mark.parametrize("engine", DURABLE)
+def test_a_saved_index_is_dropped_once_anything_wrote_after_it(tmp_path: Path, engine: str) -> None:
+    def opened() -> Store:
+        return DURABLE[engine](path=str(tmp_path), node_id="n1", fsync="never", fsync_window_ms=5, tombstone_grace_s=60)
 
     store = opened()
     store.align_digests(ring_arcs([0, 1 << 63]))
     assert store.wait_digests(WAIT_S)
     store.apply(b"a", put(b"1", at=START_MS))
     store.close()
-    # Another build of the program (one that knows nothing of the saved index) writes.
-    env = lmdb.open(str(tmp_path), max_dbs=4)
-    with env.begin(write=True, db=env.open_db(b"data")) as txn:
-        txn.put(_data_key(b"b"), _encode(put(b"2", at=START_MS + 1)))
-    env.close()
+    reopened = opened()
+    assert reopened.digests_ready()  # nothing wrote after it: restored, no scan
+    reopened.close()
+    write_behind_its_back(engine, tmp_path, b"b", put(b"2", at=START_MS + 1))
     store = opened()
     try:
         assert not store.digests_ready()  # stale: rebuilt from the records instead

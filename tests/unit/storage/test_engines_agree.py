@@ -1,6 +1,6 @@
 """Differential test: random histories of writes, deletes, TTLs, clock moves and
-sweeps leave the memory and LMDB engines in the same observable state, and
-both match a plain last-writer-wins model in which expiry is a version: an
+sweeps leave the memory, LMDB and RocksDB engines in the same observable
+state, and all match a plain last-writer-wins model in which expiry is a version: an
 expired record wins like any other until the sweep turns it into a tombstone
 and, after the grace, purges it."""
 
@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import tempfile
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.storage import LmdbStore, MemoryStore, Record
+from app.storage import LmdbStore, MemoryStore, Record, RocksDbStore
 from tests.unit.storage.fakes import START_MS, FakeClock, version
 
 GRACE_S = 0.05  # 50 ms of fake time: histories cross it often
@@ -30,13 +31,14 @@ sweeps = st.tuples(st.just("sweep"))
 histories = st.lists(st.one_of(writes, writes, moves, sweeps), max_size=40)
 
 
+@pytest.mark.parametrize("engine", [LmdbStore, RocksDbStore], ids=["lmdb", "rocksdb"])
 @settings(max_examples=60, deadline=None)
-@given(histories)
-def test_memory_and_lmdb_agree(history: list[tuple]) -> None:
+@given(history=histories)
+def test_memory_and_a_durable_engine_agree(engine: type[LmdbStore] | type[RocksDbStore], history: list[tuple]) -> None:
     clock = FakeClock(START_MS)
     with tempfile.TemporaryDirectory() as path:
         memory = MemoryStore(tombstone_grace_s=GRACE_S)
-        durable = LmdbStore(path=path, node_id="x", fsync="never", fsync_window_ms=5, tombstone_grace_s=GRACE_S)
+        durable = engine(path=path, node_id="x", fsync="never", fsync_window_ms=5, tombstone_grace_s=GRACE_S)
         model: dict[bytes, Record] = {}
         try:
             for step in history:
@@ -70,6 +72,6 @@ def test_memory_and_lmdb_agree(history: list[tuple]) -> None:
                 assert dict(memory.iter_range(0, 0)) == model
                 assert memory.live_count() == durable.live_count()
                 assert memory.digest(0, 0) == durable.digest(0, 0)
-                assert memory.high_water() <= durable.high_water()  # LMDB keeps a ceiling a step above
+                assert memory.high_water() <= durable.high_water()  # the durable engines keep a ceiling a step above
         finally:
             durable.close()

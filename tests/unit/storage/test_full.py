@@ -4,6 +4,7 @@ once reopened with a larger --map-size."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from app.clock import LOGICAL_BITS, Version
 from app.config import MIN_LMDB_MAP_SIZE
 from app.errors import StorageFullError
-from app.storage import LmdbStore, MemoryStore, Record
+from app.storage import LmdbStore, MemoryStore, Record, RocksDbStore
 
 TINY_MAP = 256 << 10  # 64 pages: fills after a few dozen 4 KiB values
 VALUE = b"v" * 4096
@@ -60,4 +61,18 @@ def test_usage_is_none_for_the_memory_engine_and_grows_with_lmdb_data(tmp_path: 
     for i in range(50):
         store.apply(f"k{i}".encode(), put(VALUE, at=i + 1))
     assert store.usage().used_bytes >= before + 50 * len(VALUE)
+    store.close()
+
+
+def test_rocksdb_usage_counts_its_files_against_the_volume(tmp_path: Path) -> None:
+    """RocksDB has no map: its limit is what it uses plus what the volume has left
+    (a full volume is a refused write, StorageFullError: not reproducible without one)."""
+    store = RocksDbStore(path=str(tmp_path), node_id="n1", fsync="never", fsync_window_ms=5, tombstone_grace_s=GRACE_S)
+    before = store.usage()
+    for i in range(50):
+        store.apply(f"k{i}".encode(), put(VALUE, at=i + 1))
+    after = store.usage()  # the log holds them before any flush
+    assert after.used_bytes >= before.used_bytes + 50 * len(VALUE)
+    free = os.statvfs(tmp_path)
+    assert abs(after.limit_bytes - (after.used_bytes + free.f_bavail * free.f_frsize)) < 64 << 20
     store.close()

@@ -5,10 +5,14 @@ prometheus_client. Labels are bounded: op, status, peer; never the key.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from app.storage.flusher import SyncStats
 
 # *_created series double every counter's output and no dashboard of ours reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
@@ -19,6 +23,56 @@ OPS = ("get", "put", "delete")
 REBALANCE_DIRECTIONS = ("in", "out")  # records pulled into this node, records handed off by it
 
 __all__ = ["CONTENT_TYPE_LATEST", "NodeMetrics"]
+
+
+class SyncCollector(Collector):
+    """The stores' fsync counters, read from each store when scraped: the
+    flusher counts its syncs anyway (app.storage.flusher.SyncStats), so
+    nothing is counted per write and app.storage imports no metrics library.
+
+    Counters rather than a histogram of writes per sync: rate(synced_writes)
+    / rate(syncs) is the mean writes per fsync over any window, sums across
+    nodes and stores, and costs nothing per sync; rate(seconds) / rate(syncs)
+    the mean fsync time, the disk's health.
+    """
+
+    def __init__(self) -> None:
+        self._sources: list[tuple[str, str, Callable[[], SyncStats | None]]] = []
+
+    def track(self, *, store: str, policy: str, stats: Callable[[], SyncStats | None]) -> None:
+        self._sources.append((store, policy, stats))
+
+    def _families(self) -> tuple[CounterMetricFamily, CounterMetricFamily, CounterMetricFamily]:
+        labels = ["store", "policy"]
+        return (
+            CounterMetricFamily(
+                "kvstore_storage_syncs",
+                "fsyncs of a local store (store=data or hints), by --fsync policy: under always, one per "
+                "group commit; under batch, at most one per window.",
+                labels=labels,
+            ),
+            CounterMetricFamily(
+                "kvstore_storage_synced_writes",
+                "Writes (records changed) those fsyncs made durable; divided by kvstore_storage_syncs_total, "
+                "the writes that shared each fsync.",
+                labels=labels,
+            ),
+            CounterMetricFamily("kvstore_storage_sync_seconds", "Time spent in those fsyncs.", labels=labels),
+        )
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        syncs, writes, seconds = self._families()
+        for store, policy, read in self._sources:
+            stats = read()
+            if stats is None:
+                continue  # an engine that never syncs (memory): no series
+            syncs.add_metric([store, policy], stats.syncs)
+            writes.add_metric([store, policy], stats.synced_writes)
+            seconds.add_metric([store, policy], stats.sync_seconds)
+        yield from (syncs, writes, seconds)
 
 
 class NodeMetrics:
@@ -237,6 +291,8 @@ class NodeMetrics:
             "Ring arcs with fewer than a quorum of their replicas reachable from this node (writes to them fail).",
             registry=r,
         )
+        self.syncs = SyncCollector()
+        r.register(self.syncs)
         # Every child whose label values are known up front exists from the start, at 0: a rate or an
         # alert over it then reads "none yet", not "no data" (Prometheus' advice on initialising metrics).
         for op in ("read", "write"):
@@ -263,6 +319,10 @@ class NodeMetrics:
         """Storage gauges read when scraped: a full volume shows without a write."""
         self.storage_used.set_function(used)
         self.storage_limit.set_function(limit)
+
+    def track_syncs(self, *, store: str, policy: str, stats: Callable[[], SyncStats | None]) -> None:
+        """A store's fsync counters (store: data or hints), read when scraped."""
+        self.syncs.track(store=store, policy=policy, stats=stats)
 
     def count_tls_handshake(self, side: str) -> None:
         self.tls_handshakes.labels(side).inc()

@@ -104,6 +104,8 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         metrics.track_keys(store.live_count)
         metrics.track_storage(used=lambda: self._usage()[0], limit=lambda: self._usage()[1])
+        metrics.track_syncs(store="data", policy=config.fsync, stats=store.sync_stats)
+        metrics.track_syncs(store="hints", policy=config.fsync, stats=hints.sync_stats)
         metrics.ranges_below_quorum.set_function(self._ranges_below_quorum)
         metrics.digest_index_ready.set_function(lambda: float(store.digests_ready()))
         metrics.membership_staleness.set_function(source.staleness_s)

@@ -13,10 +13,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
 
 from app.clock import HybridClock, wall_ms
-from app.coalesce import Coalescer
+from app.coalesce import Coalescer, DurableWaits
 from app.errors import DigestsBuildingError
 from app.ring import ArcSet, stable_hash
 from app.storage.base import DIGEST_BYTES, ApplyResult, Record, Store
@@ -38,8 +37,12 @@ class Replica:
         self.syncing = ArcSet(())  # ranges still being pulled after a membership change
         # Writes arriving in one event-loop turn are applied together in one
         # storage transaction (one commit instead of one per write); each is
-        # acknowledged only once that transaction committed.
+        # acknowledged only once that transaction committed and (--fsync
+        # always) a sync covered it. Every writer of a turn, whichever path
+        # it came by, shares one durable wait per store.
         self._applies: Coalescer[tuple[bytes, Record], ApplyResult] = Coalescer(self._apply_batch)
+        self._store_durable = DurableWaits(store.wait_durable)
+        self._hints_durable = DurableWaits(hints.wait_durable)
         # id(arcs) -> (arcs, digest generation, combined digest); see combined_digest
         self._combined: dict[int, tuple[list[tuple[int, int]], int, bytes]] = {}
 
@@ -55,14 +58,17 @@ class Replica:
         self.clock.observe(record.version)
         if hint_for is not None:
             self.hints.add(hint_for, key, record)
-            await _durable(self.hints.wait_durable())
+            await self._hints_durable.wait()
             return HELD
-        result = await self._applies.submit((key, record))
-        await _durable(self.store.wait_durable())
+        result = await self._applies.submit((key, record))  # committed and durable
         return ack_for(record, applied=result.applied, previous=result.previous, now_ms=wall_ms())
 
     async def _apply_batch(self, writes: list[tuple[bytes, Record]]) -> list[ApplyResult]:
-        return self.store.apply_many(writes)
+        """One transaction, then one durable wait for the batch: its writers
+        wake once, when both are done (a failed sync fails each of them)."""
+        results = self.store.apply_many(writes)
+        await self._store_durable.wait()
+        return results
 
     def read_many(self, keys: list[bytes]) -> list[ReadAnswer]:
         return [self.read(key) for key in keys]
@@ -85,16 +91,16 @@ class Replica:
             results = self.store.apply_many([(key, record) for _, key, record in local])
             for (position, _, record), result in zip(local, results, strict=True):
                 acks[position] = ack_for(record, applied=result.applied, previous=result.previous, now_ms=now)
-            await _durable(self.store.wait_durable())
+            await self._store_durable.wait()
         if len(local) < len(writes):
-            await _durable(self.hints.wait_durable())
+            await self._hints_durable.wait()
         return [acks[position] for position in range(len(writes))]
 
     async def write_batch(self, records: list[tuple[bytes, Record]]) -> int:
         for _, record in records:
             self.clock.observe(record.version)
         applied = sum(result.applied for result in self.store.apply_many(records))
-        await _durable(self.store.wait_durable())
+        await self._store_durable.wait()
         return applied
 
     async def write_pulled(self, records: list[tuple[bytes, Record]]) -> tuple[int, int]:
@@ -115,7 +121,7 @@ class Replica:
             return applied, new
 
         counts = await asyncio.to_thread(apply)
-        await _durable(self.store.wait_durable())
+        await self._store_durable.wait()
         return counts
 
     def syncing_arcs(self) -> list[tuple[int, int]]:
@@ -179,8 +185,3 @@ class Replica:
     def records_in_arcs(self, arcs: list[tuple[int, int]]) -> list[tuple[bytes, Record]]:
         """Every record inside the arcs; blocking (callers run it in a thread)."""
         return [(key, record) for _, key, record in self._indexed_records(arcs)]
-
-
-async def _durable(waiter: Future[None] | None) -> None:
-    if waiter is not None:
-        await asyncio.wrap_future(waiter)

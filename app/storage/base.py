@@ -22,6 +22,7 @@ from app.clock import Version
 
 if TYPE_CHECKING:
     from app.storage.digests import MaintainedDigests
+    from app.storage.flusher import SyncStats
 
 DIGEST_BYTES = 16  # 128 bits: two differing arcs collide with odds no anti-entropy run will meet
 
@@ -189,7 +190,14 @@ class Store(abc.ABC):
         future that completes after the next group commit, so many concurrent
         writers share one fsync (--fsync always). The coordinator awaits it
         before acknowledging; the engine never blocks the event loop on disk.
+        Whether it answers None is fixed for the store's life (its policy):
+        app.coalesce.DurableWaits stops asking after the first None.
         """
+        return None
+
+    def sync_stats(self) -> SyncStats | None:
+        """What the store's fsyncs did so far (for app.metrics); None for an
+        engine that never syncs (memory)."""
         return None
 
 

@@ -7,20 +7,36 @@ a thread that makes applied writes durable, and the futures writers wait on.
 - batch: a sync every window, when something was applied; nobody waits.
 - never: no thread; the kernel writes back when it likes.
 
-The engine calls applied() after every committed change and hands over the
-blocking sync function. Used by app.storage.lmdb_store; no asyncio here.
+The engine calls applied(count) after every committed transaction (count:
+the records it changed) and hands over the blocking sync function. Used by
+app.storage.lmdb_store; no asyncio here.
+
+Every sync is counted (stats(): syncs, the writes they made durable, the
+seconds they took), from the sequence numbers the flusher keeps anyway:
+nothing is counted per write. app.metrics reads the counts when scraped.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 from app.errors import StorageError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SyncStats:
+    """What a store's syncs did since it opened (monotonic counters)."""
+
+    syncs: int  # fsyncs run (explicit ones, such as at close, included)
+    synced_writes: int  # writes (records changed) they made durable; / syncs = writes per fsync
+    sync_seconds: float  # time spent in them
 
 
 class Flusher:
@@ -28,11 +44,13 @@ class Flusher:
         self._policy = policy
         self._window_s = window_ms / 1000
         self._sync = sync
-        # A sequence number per applied change, and the highest one a sync is
-        # known to cover.
+        # A sequence number per applied write (a record changed), and the
+        # highest one a sync is known to cover.
         self._seq_lock = threading.Lock()
         self._applied_seq = 0
         self._durable_seq = 0
+        self._syncs = 0
+        self._sync_seconds = 0.0
         self._closed = False
         self._wake = threading.Condition()
         self._waiters: list[Future[None]] = []
@@ -42,18 +60,28 @@ class Flusher:
             self._thread = threading.Thread(target=loops[policy], name=f"{name}-{policy}-sync", daemon=True)
             self._thread.start()
 
-    def applied(self) -> None:
-        """A change was committed; the next sync must cover it."""
+    def applied(self, count: int = 1) -> None:
+        """A transaction changing `count` records was committed; the next sync must cover it."""
         with self._seq_lock:
-            self._applied_seq += 1
+            self._applied_seq += count
 
     def sync(self) -> None:
         """Make everything applied so far durable now (blocking)."""
         with self._seq_lock:
             covered = self._applied_seq
+        started = time.perf_counter()
         self._sync()
+        took = time.perf_counter() - started
         with self._seq_lock:
             self._durable_seq = max(self._durable_seq, covered)
+            self._syncs += 1
+            self._sync_seconds += took
+
+    def stats(self) -> SyncStats:
+        with self._seq_lock:
+            # Every write up to durable_seq was covered by exactly one sync:
+            # the durable mark only moves forward, by what each sync covered.
+            return SyncStats(syncs=self._syncs, synced_writes=self._durable_seq, sync_seconds=self._sync_seconds)
 
     def wait_durable(self) -> Future[None] | None:
         """See Store.wait_durable: a future under `always`, else None."""

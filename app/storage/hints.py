@@ -16,6 +16,7 @@ from concurrent.futures import Future
 
 from app.clock import Version
 from app.storage.base import Record, Store
+from app.storage.flusher import SyncStats
 
 SEPARATOR = b"\x00"  # node ids never contain NUL (config refuses control characters)
 
@@ -41,6 +42,9 @@ class HintStore:
     def wait_durable(self) -> Future[None] | None:
         """As Store.wait_durable, for the hints' own engine."""
         return self._store.wait_durable()
+
+    def sync_stats(self) -> SyncStats | None:
+        return self._store.sync_stats()
 
     def targets(self) -> list[str]:
         with self._lock:

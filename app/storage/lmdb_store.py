@@ -65,7 +65,7 @@ from app.storage.durable import (
     format_problem,
     lock_directory,
 )
-from app.storage.flusher import Flusher
+from app.storage.flusher import Flusher, SyncStats
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +410,7 @@ class LmdbStore(Store):
                 self._digests.changed(token, delta)
         if changed:
             self._high_water = highest
-            self._flusher.applied()
+            self._flusher.applied(sum(result.applied for result in results))
         return results
 
     def discard(self, key: bytes, version: Version) -> bool:
@@ -440,7 +440,7 @@ class LmdbStore(Store):
                 for key, stored in gone:
                     self._digests.changed(stable_hash(key), record_fingerprint(key, stored))
         if gone:
-            self._flusher.applied()
+            self._flusher.applied(len(gone))
         return len(gone)
 
     def _index(self, txn: lmdb.Transaction, data_key: bytes, record: Record) -> None:
@@ -462,7 +462,7 @@ class LmdbStore(Store):
         changed = self._sweep_index(self._expiry, limit=now_ms, purge=False)
         changed += self._sweep_index(self._tombs, limit=now_ms - self._grace_ms, purge=True)
         if changed:
-            self._flusher.applied()
+            self._flusher.applied(changed)
         return changed
 
     def _sweep_index(self, index: lmdb._Database, *, limit: int, purge: bool) -> int:
@@ -522,6 +522,9 @@ class LmdbStore(Store):
 
     def wait_durable(self) -> Future[None] | None:
         return self._flusher.wait_durable()
+
+    def sync_stats(self) -> SyncStats:
+        return self._flusher.stats()
 
     def close(self) -> None:
         if self._closing:

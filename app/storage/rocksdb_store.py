@@ -80,7 +80,7 @@ from app.storage.durable import (
     format_problem,
     lock_directory,
 )
-from app.storage.flusher import Flusher
+from app.storage.flusher import Flusher, SyncStats
 
 log = logging.getLogger(__name__)
 
@@ -484,7 +484,7 @@ class RocksDbStore(Store):
             self._high_water = highest
             for token, delta in deltas:
                 self._digests.changed(token, delta)
-        self._flusher.applied()
+        self._flusher.applied(sum(result.applied for result in results))
         return results
 
     def discard(self, key: bytes, version: Version) -> bool:
@@ -523,7 +523,7 @@ class RocksDbStore(Store):
             if self._digests.tracking:  # only once the batch is written
                 for key, stored in gone.values():
                     self._digests.changed(stable_hash(key), record_fingerprint(key, stored))
-        self._flusher.applied()
+        self._flusher.applied(len(gone))
         return len(gone)
 
     def _index(self, batch: WriteBatch, data_key: bytes, record: Record) -> None:
@@ -546,7 +546,7 @@ class RocksDbStore(Store):
         changed = self._sweep_index(self._expiry, limit=now_ms, purge=False)
         changed += self._sweep_index(self._tombs, limit=now_ms - self._grace_ms, purge=True)
         if changed:
-            self._flusher.applied()
+            self._flusher.applied(changed)
         return changed
 
     def _sweep_index(self, index: Rdict, *, limit: int, purge: bool) -> int:
@@ -622,6 +622,9 @@ class RocksDbStore(Store):
 
     def wait_durable(self) -> Future[None] | None:
         return self._flusher.wait_durable()
+
+    def sync_stats(self) -> SyncStats:
+        return self._flusher.stats()
 
     def close(self) -> None:
         if self._closing:

@@ -310,17 +310,19 @@ def run_wrk(
     server_pids: Sequence[int],
     other_pids: Sequence[int] = (),
     script_args: Sequence[str] = (),
+    connections: int = CONNECTIONS,
 ) -> Result:
     """A short warm-up run (discarded), then the measured one; server CPU time
     is sampled from /proc around the measured run. script_args go to the Lua
-    script's init(args) (after wrk's `--`)."""
+    script's init(args) (after wrk's `--`); `connections` keep-alive
+    connections (CONNECTIONS unless a bench varies the concurrency)."""
     base = [
         "taskset",
         "-c",
         LOAD_CORE,
         "wrk",
         f"-t{WRK_THREADS}",
-        f"-c{CONNECTIONS}",
+        f"-c{connections}",
         "--latency",
         f"--timeout={WRK_TIMEOUT}",
         "-s",

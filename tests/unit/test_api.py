@@ -8,6 +8,8 @@ refusal is the unreachable peer they need, so they stay unit tests."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from starlette.testclient import TestClient
 
@@ -79,6 +81,30 @@ def test_ready_ring_metrics(client: TestClient) -> None:
     assert "kvstore_storage_used_bytes 0.0" in text and "kvstore_storage_limit_bytes 0.0" in text
     assert "kvstore_ranges_below_quorum 0.0" in text  # one node, itself up: every arc has its quorum
     assert 'kvstore_rebalance_keys_streamed_total{direction="in"} 0.0' in text, "known label values start at 0"
+
+
+def test_fsync_counters_count_each_sync_and_the_writes_it_covered(tmp_path: Path) -> None:
+    config = single_node_config(storage="lmdb", data_dir=str(tmp_path), fsync="always")
+    with TestClient(create_app(config)) as client:
+        assert client.put("/kv/a", content=b"1").status_code == 204
+        assert client.put("/kv/b", content=b"2").status_code == 204
+        text = client.get("/metrics").text
+        syncs = _sample(text, 'kvstore_storage_syncs_total{policy="always",store="data"}')
+        assert syncs == 2  # one writer at a time: each PUT waits for a sync of its own
+        assert _sample(text, 'kvstore_storage_synced_writes_total{policy="always",store="data"}') == 2
+        assert _sample(text, 'kvstore_storage_sync_seconds_total{policy="always",store="data"}') > 0
+        assert _sample(text, 'kvstore_storage_syncs_total{policy="always",store="hints"}') == 0  # no hint taken
+
+
+def test_an_engine_that_never_syncs_exports_no_fsync_counters(client: TestClient) -> None:
+    assert client.put("/kv/a", content=b"1").status_code == 204
+    assert "kvstore_storage_syncs_total{" not in client.get("/metrics").text  # memory: nothing to sync
+
+
+def _sample(exposition: str, series: str) -> float:
+    found = [line.split()[-1] for line in exposition.splitlines() if line.startswith(series + " ")]
+    assert len(found) == 1, f"{series} not exported once in:\n{exposition}"
+    return float(found[0])
 
 
 def test_openapi_describes_every_route(client: TestClient) -> None:

@@ -1,13 +1,17 @@
-"""Coalescing of single-key peer calls, and the frames they travel in."""
+"""Coalescing of single-key peer calls, the frames they travel in, and the durable waits of one loop turn."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 
 import pytest
 
 from app.clock import Version
-from app.coalesce import Coalescer
+from app.coalesce import Coalescer, DurableWaits
+from app.errors import StorageError
 from app.storage.base import Record
 from app.transport import codec
 
@@ -143,3 +147,120 @@ def test_truncated_frames_are_refused(decode, frames) -> None:
     for cut in range(1, len(frames)):
         with pytest.raises(ValueError):
             decode(frames[:cut])
+
+
+# -- DurableWaits: one durable wait per loop turn --------------------------------
+
+
+class Durability:
+    """A store's wait_durable: each call is logged and answered with a fresh
+    future, settled by the test (from a thread, as the flusher does)."""
+
+    def __init__(self, *, policy_waits: bool = True) -> None:
+        self.log: list[str] = []
+        self.futures: list[Future[None]] = []
+        self.policy_waits = policy_waits
+
+    def __call__(self) -> Future[None] | None:
+        self.log.append("request")
+        if not self.policy_waits:
+            return None
+        future: Future[None] = Future()
+        future.set_running_or_notify_cancel()
+        self.futures.append(future)
+        return future
+
+    def sync_from_a_thread(self, *, error: BaseException | None = None) -> None:
+        future = self.futures[-1]
+        thread = threading.Thread(target=future.set_exception if error else future.set_result, args=(error,))
+        thread.start()
+        thread.join()
+
+
+async def _until(predicate: Callable[[], bool], turns: int = 100) -> None:
+    for _ in range(turns):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"not true after {turns} loop turns")
+
+
+async def test_writers_of_one_turn_share_one_request_made_after_every_commit() -> None:
+    durability = Durability()
+    waits = DurableWaits(durability)
+
+    async def writer(i: int) -> None:
+        durability.log.append(f"commit {i}")
+        await waits.wait()
+
+    tasks = [asyncio.ensure_future(writer(i)) for i in range(5)]
+    await _until(lambda: bool(durability.futures))
+    assert durability.log == [*(f"commit {i}" for i in range(5)), "request"]
+    assert not any(task.done() for task in tasks)  # nobody is answered before the sync
+    durability.sync_from_a_thread()
+    await asyncio.gather(*tasks)
+    assert len(durability.futures) == 1
+
+
+async def test_each_turn_asks_again() -> None:
+    durability = Durability()
+    waits = DurableWaits(durability)
+    first = asyncio.ensure_future(waits.wait())
+    await _until(lambda: len(durability.futures) == 1)
+    second = asyncio.ensure_future(waits.wait())  # a later turn: its commit may follow the first request
+    await _until(lambda: len(durability.futures) == 2)
+    durability.sync_from_a_thread()
+    await second
+    assert not first.done()  # the first request's sync has not ended
+    durability.futures[0].set_result(None)
+    await first
+
+
+async def test_a_waiter_that_gives_up_leaves_the_others_waiting() -> None:
+    durability = Durability()
+    waits = DurableWaits(durability)
+    tasks = [asyncio.ensure_future(waits.wait()) for _ in range(3)]
+    await _until(lambda: bool(durability.futures))
+    tasks[1].cancel()
+    await asyncio.sleep(0)
+    assert tasks[1].cancelled() and not tasks[0].done() and not tasks[2].done()
+    durability.sync_from_a_thread()
+    await asyncio.gather(tasks[0], tasks[2])
+    assert not durability.futures[0].cancelled()
+
+
+async def test_a_failed_sync_fails_every_write_of_the_turn() -> None:
+    durability = Durability()
+    waits = DurableWaits(durability)
+    tasks = [asyncio.ensure_future(waits.wait()) for _ in range(3)]
+    await _until(lambda: bool(durability.futures))
+    durability.sync_from_a_thread(error=StorageError("storage: sync failed: EIO"))
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert [type(result) for result in results] == [StorageError] * 3
+
+
+async def test_a_refused_request_fails_every_write_of_the_turn() -> None:
+    def closed() -> Future[None] | None:
+        raise StorageError("storage: the store is closed")
+
+    waits = DurableWaits(closed)
+    results = await asyncio.gather(waits.wait(), waits.wait(), return_exceptions=True)
+    assert [type(result) for result in results] == [StorageError] * 2
+
+
+async def test_an_already_durable_answer_needs_no_thread() -> None:
+    def done() -> Future[None]:
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
+
+    waits = DurableWaits(done)
+    await asyncio.wait_for(asyncio.gather(waits.wait(), waits.wait()), timeout=5)
+
+
+async def test_a_policy_that_never_waits_is_asked_once() -> None:
+    durability = Durability(policy_waits=False)
+    waits = DurableWaits(durability)
+    await asyncio.gather(waits.wait(), waits.wait())
+    await waits.wait()
+    assert durability.log == ["request"]

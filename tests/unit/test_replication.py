@@ -5,6 +5,7 @@ rebalancing after a membership change, hand-off of foreign records."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from app.errors import QuorumError
 from app.ring import ArcSet, HashRing, in_arc, stable_hash
 from app.storage.base import Record
 from app.storage.hints import HintStore
+from app.storage.lmdb_store import LmdbStore
 from app.storage.memory import MemoryStore
 from tests.unit.in_process import InProcessCluster, members
 
@@ -207,6 +209,32 @@ async def test_local_writes_arriving_together_share_one_storage_transaction() ->
     assert store.get(b"k0").value == b"v7" and store.get(b"k6").value == b"v6"
     await replica.write(b"alone", Record(clock.now(), b"x"))
     assert store.transactions == [10, 1]
+
+
+async def test_writes_of_one_turn_share_one_fsync_whichever_path_they_came_by(tmp_path: Path) -> None:
+    def lmdb(name: str) -> LmdbStore:
+        return LmdbStore(
+            path=str(tmp_path / name), node_id="n1", fsync="always", fsync_window_ms=5, tombstone_grace_s=60
+        )
+
+    store, hints = lmdb("data"), HintStore(lmdb("hints"))
+    try:
+        replica = Replica(store=store, hints=hints, clock=HybridClock("n1"))
+        clock = HybridClock("writer")
+        singles = [replica.write(f"s{i}".encode(), Record(clock.now(), b"v")) for i in range(20)]
+        hinted = [replica.write(f"h{i}".encode(), Record(clock.now(), b"v"), hint_for="n2") for i in range(5)]
+        coalesced = replica.write_many([(f"m{i}".encode(), Record(clock.now(), b"v"), None) for i in range(10)])
+        acks = await asyncio.gather(*singles, *hinted, coalesced)
+        assert len(acks) == 26 and store.live_count() == 30 and hints.pending() == 5
+        data, held = store.sync_stats(), hints.sync_stats()
+        assert data is not None and held is not None
+        assert data.synced_writes == 30 and held.synced_writes == 5  # every acknowledged write is durable
+        # The coalesced call commits in its own turn, the single writes in the
+        # coalescer's: two syncs of the data store at most, one of the hints.
+        assert data.syncs <= 2 and held.syncs == 1
+    finally:
+        store.close()
+        hints.close()
 
 
 async def test_no_record_is_read_at_start_when_every_member_replicates_everything(cluster: InProcessCluster) -> None:

@@ -537,6 +537,22 @@ def test_wait_durable_per_fsync_policy(make_store: StoreFactory, engine: str, fs
     store.sync()
 
 
+def test_sync_stats_count_each_sync_and_the_records_it_made_durable(make_store: StoreFactory, engine: str) -> None:
+    store = make_store(fsync="never")  # no thread: only the explicit syncs below
+    if engine == "memory":
+        assert store.sync_stats() is None  # nothing is ever synced
+        return
+    store.apply_many([(KEYS[0], put(b"v", at=T)), (KEYS[1], put(b"v", at=T)), (KEYS[2], put(b"v", at=T))])
+    store.apply(KEYS[0], put(b"old", at=T - 1))  # not applied: nothing to make durable
+    store.sync()
+    stats = store.sync_stats()
+    assert stats is not None and (stats.syncs, stats.synced_writes) == (1, 3)
+    store.apply(KEYS[0], tombstone(at=T + 1))
+    store.sync()
+    stats = store.sync_stats()
+    assert stats is not None and (stats.syncs, stats.synced_writes) == (2, 4) and stats.sync_seconds > 0
+
+
 @durable_only
 def test_a_waiter_that_gives_up_does_not_break_group_commit(make_store: StoreFactory, engine: str) -> None:
     store = make_store(fsync="always")

@@ -207,7 +207,7 @@ class Coordinator(ClusterWorker):
         newer: Version | None = None
         for _ in range(MAX_WRITE_ROUNDS):
             if len(owners) == 1 and owners[0] == self.node_id:
-                ack = await self.replica.write(key, record)
+                ack = await self.replica.write_soon(key, record)
                 acks, newer = ([ack], None) if ack.won else ([], ack.newer)
             else:
                 round_ = await self._write_round(view, key, record, owners, needed)
@@ -235,15 +235,14 @@ class Coordinator(ClusterWorker):
         """Send the write to every owner at once (the replicas that are still
         running after the quorum still get it). Driven by callbacks on each
         call's future, not a task per replica: the remote calls are the
-        coalescer's own futures, and only a replica that fails or is marked
-        down gets a task, to find a spare node for its hint."""
+        coalescer's own futures, the local copy the replica's, and only a
+        replica that fails or is marked down gets a task, to find a spare
+        node for its hint."""
         round_ = _WriteRound(self, view, key, record, needed, len(owners))
         for node_id in owners:
             peer = view.peers[node_id]
             if node_id == self.node_id:
-                local = asyncio.ensure_future(self.replica.write(key, record))
-                self._keep(local)
-                local.add_done_callback(round_.local_done)
+                self.replica.write_soon(key, record).add_done_callback(round_.local_done)
             elif self.health.is_up(node_id):
                 call = self._write_soon(peer, key, record)
                 call.add_done_callback(functools.partial(round_.remote_done, peer))

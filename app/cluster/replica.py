@@ -63,6 +63,28 @@ class Replica:
         result = await self._applies.submit((key, record))  # committed and durable
         return ack_for(record, applied=result.applied, previous=result.previous, now_ms=wall_ms())
 
+    def write_soon(self, key: bytes, record: Record) -> asyncio.Future[WriteAck]:
+        """write() of a record without a hint, as a future of its ack: the
+        coordinator's own copy of a write, without a task (~3 us) per write.
+        Resolves, like write(), once the record is committed and durable."""
+        self.clock.observe(record.version)
+        applied = self._applies.enqueue((key, record))
+        ack: asyncio.Future[WriteAck] = asyncio.get_running_loop().create_future()
+
+        def answer(done: asyncio.Future[ApplyResult]) -> None:
+            if ack.done():
+                return
+            if done.cancelled():
+                ack.cancel()
+            elif (exc := done.exception()) is not None:
+                ack.set_exception(exc)
+            else:
+                result = done.result()
+                ack.set_result(ack_for(record, applied=result.applied, previous=result.previous, now_ms=wall_ms()))
+
+        applied.add_done_callback(answer)
+        return ack
+
     async def _apply_batch(self, writes: list[tuple[bytes, Record]]) -> list[ApplyResult]:
         """One transaction, then one durable wait for the batch: its writers
         wake once, when both are done (a failed sync fails each of them)."""

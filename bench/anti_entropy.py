@@ -188,6 +188,7 @@ def run_cluster(
             log_dir=logdir / label,
             args=["--anti-entropy-interval", str(interval), "--log-level", "warning"],
             data_root=root,
+            engines=("lmdb",),  # measured on the default engine alone (tests mix engines)
             env_for={node: {"PYTHONPATH": str(app_dir)} for node in NODES},
             launcher=["taskset", "-c", SERVER_CORE],
             cwd=app_dir,

@@ -124,6 +124,7 @@ def start(stack: ExitStack, *, logdir: Path, name: str, data_root: Path) -> Clus
         log_dir=logdir / name,
         args=NODE_ARGS,
         data_root=data_root,
+        engines=("lmdb",),  # measured on the default engine alone (tests mix engines)
         env_for={f"node{i + 1}": {"PYTHONPATH": str(APP_DIR)} for i in range(NODES)},
         launcher=["taskset", "-c", SERVER_CORE],
         cwd=APP_DIR,

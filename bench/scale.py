@@ -168,6 +168,7 @@ def cluster_of(
         log_dir=log_dir,
         args=["--replication-factor", str(N), "--anti-entropy-interval", ae, *(extra or []), *TOKEN_ARGS],
         data_root=data,
+        engines=("lmdb",),  # measured on the default engine alone (tests mix engines)
         env_for={f"node{i + 1}": {"PYTHONPATH": str(APP_DIR)} for i in range(N + 1)},
         launcher=["taskset", "-c", SERVER_CORE] if pinned else [],
         cwd=APP_DIR,

@@ -52,6 +52,7 @@ def start_cluster(
         log_dir=log_dir,
         args=["--replication-factor", str(rf), "--log-level", "warning", *extra],
         data_root=logdir / f"{name}-data" if storage == "lmdb" else None,
+        engines=("lmdb",),  # measured on the default engine alone (tests mix engines)
         peers_for=peers_for,
         env_for={f"node{i + 1}": {"PYTHONPATH": str(APP_DIR)} for i in range(size)},
         launcher=["taskset", "-c", SERVER_CORE],  # taskset execs the node: its pid is the node's

@@ -1,7 +1,8 @@
 """What the durable engines share (app.storage.lmdb_store, app.storage.rocksdb_store):
 the on-disk record encoding, the data-key layout that makes a ring arc one
-key range, the on-disk format check, and the lock that keeps a data dir to one
-process. One copy, so the engines' files hold byte-identical records and a
+key range, the on-disk format check and the owner check at open, the lock that
+keeps a data dir to one process, and the base class that hands durability to
+the Flusher. One copy, so the engines' files hold byte-identical records and a
 record moves between them (backup, hand-off) without re-encoding rules of its own.
 Pure: no engine library, no asyncio.
 """
@@ -11,13 +12,15 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+from concurrent.futures import Future
 from typing import TextIO
 
 from app import __version__
 from app.clock import Version
-from app.errors import StorageError
+from app.errors import NodeIdMismatchError, StorageError
 from app.ring import HASH_SPACE, stable_hash
-from app.storage.base import Record
+from app.storage.base import Record, Store
+from app.storage.flusher import Flusher, SyncStats
 
 U64 = struct.Struct(">Q")  # big-endian, so byte order is numeric order in either engine's memcmp
 # hlc, expires_at_ms, flags, len(node id); then the node id, then the value.
@@ -93,6 +96,38 @@ def format_problem(path: str, layout: bytes | None, written_by: str | None, *, n
             "(a finalised upgrade cannot be rolled back); nothing in it was changed"
         )
     return None
+
+
+def claim_refusal(
+    path: str, node_id: str, owner: bytes | None, layout: bytes | None, written_by: str | None, *, newest: int
+) -> StorageError | None:
+    """Why node_id may not open the store whose meta says owner, layout and
+    written_by (another node's, or a format newer than `newest`), or None."""
+    if owner is None:
+        return None
+    if owner.decode() != node_id:
+        return NodeIdMismatchError(
+            f"storage: data dir {path} belongs to node {owner.decode()!r}, not {node_id!r}; "
+            f"give each node its own --data-dir, or start it as --node-id {owner.decode()}"
+        )
+    problem = format_problem(path, layout, written_by, newest=newest)
+    return None if problem is None else StorageError(problem)
+
+
+class FlushedStore(Store):
+    """An engine whose commits do not fsync: its durability is the Flusher's
+    (app.storage.flusher), set up by the engine as self._flusher."""
+
+    _flusher: Flusher
+
+    def sync(self) -> None:
+        self._flusher.sync()
+
+    def wait_durable(self) -> Future[None] | None:
+        return self._flusher.wait_durable()
+
+    def sync_stats(self) -> SyncStats:
+        return self._flusher.stats()
 
 
 def lock_directory(path: str) -> TextIO:

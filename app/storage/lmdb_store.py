@@ -29,7 +29,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from typing import cast
 
 import lmdb
@@ -44,9 +43,9 @@ from app.config import (
     LMDB_SWEEP_BATCH,
     LMDB_WRITEMAP,
 )
-from app.errors import NodeIdMismatchError, StorageError, StorageFullError
+from app.errors import StorageError, StorageFullError
 from app.ring import stable_hash
-from app.storage.base import ApplyResult, Record, StorageUsage, Store, fingerprint, record_fingerprint
+from app.storage.base import ApplyResult, Record, StorageUsage, fingerprint, record_fingerprint
 from app.storage.digests import DigestIndex, MaintainedDigests, Snapshot
 from app.storage.durable import (
     HEADER,
@@ -57,7 +56,9 @@ from app.storage.durable import (
     META_NODE_ID,
     META_RELEASE,
     U64,
+    FlushedStore,
     arc_spans,
+    claim_refusal,
     data_key_of,
     decode_record,
     encode_record,
@@ -65,7 +66,7 @@ from app.storage.durable import (
     format_problem,
     lock_directory,
 )
-from app.storage.flusher import Flusher, SyncStats
+from app.storage.flusher import Flusher
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def check_format(path: str) -> None:
             raise StorageError(problem)
 
 
-class LmdbStore(Store):
+class LmdbStore(FlushedStore):
     """One LMDB environment in `path`, owned by `node_id`."""
 
     def __init__(
@@ -183,18 +184,11 @@ class LmdbStore(Store):
             owner = txn.get(META_NODE_ID)
             layout = txn.get(META_FORMAT)
             release = txn.get(META_RELEASE)
-        if owner is not None and owner.decode() != node_id:
-            self._env.close()
-            raise NodeIdMismatchError(
-                f"storage: data dir {self._path} belongs to node {owner.decode()!r}, not {node_id!r}; "
-                f"give each node its own --data-dir, or start it as --node-id {owner.decode()}"
-            )
         written_by = release.decode("utf-8", "replace") if release is not None else None
-        if owner is not None:
-            problem = format_problem(self._path, layout, written_by, newest=FORMAT)
-            if problem is not None:
-                self._env.close()
-                raise StorageError(problem)
+        refused = claim_refusal(self._path, node_id, owner, layout, written_by, newest=FORMAT)
+        if refused is not None:
+            self._env.close()
+            raise refused
         with self._env.begin(write=True, db=self._meta) as txn:
             if owner is None:
                 txn.put(META_NODE_ID, node_id.encode())
@@ -516,15 +510,6 @@ class LmdbStore(Store):
             self._env.sync(True)
         except lmdb.Error as exc:
             raise StorageError(f"storage: sync failed: {exc}") from exc
-
-    def sync(self) -> None:
-        self._flusher.sync()
-
-    def wait_durable(self) -> Future[None] | None:
-        return self._flusher.wait_durable()
-
-    def sync_stats(self) -> SyncStats:
-        return self._flusher.stats()
 
     def close(self) -> None:
         if self._closing:

@@ -28,7 +28,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 
 from rocksdict import (
     AccessType,
@@ -57,9 +56,9 @@ from app.config import (
     ROCKSDB_SWEEP_BATCH,
     ROCKSDB_WRITE_BUFFER_BYTES,
 )
-from app.errors import NodeIdMismatchError, StorageError, StorageFullError
+from app.errors import StorageError, StorageFullError
 from app.ring import stable_hash
-from app.storage.base import ApplyResult, Record, StorageUsage, Store, fingerprint, record_fingerprint
+from app.storage.base import ApplyResult, Record, StorageUsage, fingerprint, record_fingerprint
 from app.storage.digests import DigestIndex, MaintainedDigests, Snapshot
 from app.storage.durable import (
     HEADER,
@@ -72,7 +71,9 @@ from app.storage.durable import (
     META_NODE_ID,
     META_RELEASE,
     U64,
+    FlushedStore,
     arc_spans,
+    claim_refusal,
     data_key_of,
     decode_record,
     encode_record,
@@ -80,7 +81,7 @@ from app.storage.durable import (
     format_problem,
     lock_directory,
 )
-from app.storage.flusher import Flusher, SyncStats
+from app.storage.flusher import Flusher
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def check_format(path: str) -> None:
             raise StorageError(problem)
 
 
-class RocksDbStore(Store):
+class RocksDbStore(FlushedStore):
     """One RocksDB database in `path`, owned by `node_id`."""
 
     def __init__(
@@ -250,16 +251,10 @@ class RocksDbStore(Store):
         owner = self._meta.get(META_NODE_ID)
         layout = self._meta.get(META_FORMAT)
         release = self._meta.get(META_RELEASE)
-        if owner is not None and owner.decode() != node_id:
-            raise NodeIdMismatchError(
-                f"storage: data dir {self._path} belongs to node {owner.decode()!r}, not {node_id!r}; "
-                f"give each node its own --data-dir, or start it as --node-id {owner.decode()}"
-            )
         written_by = release.decode("utf-8", "replace") if release is not None else None
-        if owner is not None:
-            problem = format_problem(self._path, layout, written_by, newest=FORMAT)
-            if problem is not None:
-                raise StorageError(problem)
+        refused = claim_refusal(self._path, node_id, owner, layout, written_by, newest=FORMAT)
+        if refused is not None:
+            raise refused
         batch = WriteBatch(raw_mode=True)
         if owner is None:
             batch.put(META_NODE_ID, node_id.encode(), self._meta_cf)
@@ -616,15 +611,6 @@ class RocksDbStore(Store):
             self._db.flush_wal(True)
         except Exception as exc:  # rocksdict raises plain Exception for every RocksDB status
             raise StorageError(f"storage: sync failed: {exc}") from exc
-
-    def sync(self) -> None:
-        self._flusher.sync()
-
-    def wait_durable(self) -> Future[None] | None:
-        return self._flusher.wait_durable()
-
-    def sync_stats(self) -> SyncStats:
-        return self._flusher.stats()
 
     def close(self) -> None:
         if self._closing:

@@ -1,8 +1,9 @@
 """What the durable engines share (app.storage.lmdb_store, app.storage.rocksdb_store):
 the on-disk record encoding, the data-key layout that makes a ring arc one
 key range, the on-disk format check and the owner check at open, the lock that
-keeps a data dir to one process, and the base class that hands durability to
-the Flusher. One copy, so the engines' files hold byte-identical records and a
+keeps a data dir to one process, and the base class both engines build on
+(durability through the Flusher, an arc's records and digest over the
+engine's raw scan). One copy, so the engines' files hold byte-identical records and a
 record moves between them (backup, hand-off) without re-encoding rules of its own.
 Pure: no engine library, no asyncio.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import TextIO
 
@@ -19,7 +21,7 @@ from app import __version__
 from app.clock import Version
 from app.errors import NodeIdMismatchError, StorageError
 from app.ring import HASH_SPACE, stable_hash
-from app.storage.base import Record, Store
+from app.storage.base import Record, Store, fingerprint
 from app.storage.flusher import Flusher, SyncStats
 
 U64 = struct.Struct(">Q")  # big-endian, so byte order is numeric order in either engine's memcmp
@@ -114,11 +116,28 @@ def claim_refusal(
     return None if problem is None else StorageError(problem)
 
 
-class FlushedStore(Store):
-    """An engine whose commits do not fsync: its durability is the Flusher's
-    (app.storage.flusher), set up by the engine as self._flusher."""
+class DurableStore(Store):
+    """What the durable engines do the same way over their own primitives:
+    durability is the Flusher's (set up by the engine as self._flusher), and
+    reads of an arc come from the engine's raw scan (`_scan`: data keys and
+    encoded records, in key order)."""
 
     _flusher: Flusher
+
+    def _scan(self, start: int, end: int) -> Iterator[tuple[bytes, bytes]]:
+        raise NotImplementedError
+
+    def iter_range(self, start: int, end: int) -> Iterator[tuple[bytes, Record]]:
+        for data_key, raw in self._scan(start, end):
+            yield data_key[8:], decode_record(raw)
+
+    def scan_digest(self, start: int, end: int) -> int:
+        # Same value as Store.scan_digest, straight from the raw bytes: no value is decoded.
+        acc = 0
+        for data_key, raw in self._scan(start, end):
+            hlc, _, _, node_len = HEADER.unpack_from(raw)
+            acc ^= fingerprint(data_key[8:], hlc, raw[HEADER.size : HEADER.size + node_len])
+        return acc
 
     def sync(self) -> None:
         self._flusher.sync()

@@ -56,7 +56,7 @@ from app.storage.durable import (
     META_NODE_ID,
     META_RELEASE,
     U64,
-    FlushedStore,
+    DurableStore,
     arc_spans,
     claim_refusal,
     data_key_of,
@@ -111,7 +111,7 @@ def check_format(path: str) -> None:
             raise StorageError(problem)
 
 
-class LmdbStore(FlushedStore):
+class LmdbStore(DurableStore):
     """One LMDB environment in `path`, owned by `node_id`."""
 
     def __init__(
@@ -331,18 +331,6 @@ class LmdbStore(FlushedStore):
                 if len(chunk) < LMDB_SCAN_CHUNK:
                     break
                 position = chunk[-1][0] + b"\x00"  # the smallest key after the last one read
-
-    def iter_range(self, start: int, end: int) -> Iterator[tuple[bytes, Record]]:
-        for data_key, raw in self._scan(start, end):
-            yield data_key[8:], decode_record(raw)
-
-    def scan_digest(self, start: int, end: int) -> int:
-        # Same value as Store.scan_digest, straight from the raw bytes: no value is decoded.
-        acc = 0
-        for data_key, raw in self._scan(start, end):
-            hlc, _, _, node_len = HEADER.unpack_from(raw)
-            acc ^= fingerprint(data_key[8:], hlc, raw[HEADER.size : HEADER.size + node_len])
-        return acc
 
     def _snapshot(self) -> _LmdbSnapshot:
         """A read transaction begun under the write lock (see MaintainedDigests)."""

@@ -22,6 +22,7 @@ from app.clock import Version
 from app.errors import NodeIdMismatchError, StorageError
 from app.ring import HASH_SPACE, stable_hash
 from app.storage.base import Record, Store, fingerprint
+from app.storage.digests import DigestIndex
 from app.storage.flusher import Flusher, SyncStats
 
 U64 = struct.Struct(">Q")  # big-endian, so byte order is numeric order in either engine's memcmp
@@ -100,20 +101,40 @@ def format_problem(path: str, layout: bytes | None, written_by: str | None, *, n
     return None
 
 
+def written_by(release: bytes | None) -> str | None:
+    """The release a store's meta says last opened it (0.1.0 wrote none)."""
+    return release.decode("utf-8", "replace") if release is not None else None
+
+
 def claim_refusal(
-    path: str, node_id: str, owner: bytes | None, layout: bytes | None, written_by: str | None, *, newest: int
+    path: str, node_id: str | None, owner: bytes | None, layout: bytes | None, release: bytes | None, *, newest: int
 ) -> StorageError | None:
-    """Why node_id may not open the store whose meta says owner, layout and
-    written_by (another node's, or a format newer than `newest`), or None."""
+    """Why node_id may not open the store whose meta holds owner, layout and
+    release (another node's, or a format newer than `newest`), or None.
+    node_id None: any owner will do (the check before a node starts)."""
     if owner is None:
         return None
-    if owner.decode() != node_id:
+    if node_id is not None and owner.decode() != node_id:
         return NodeIdMismatchError(
             f"storage: data dir {path} belongs to node {owner.decode()!r}, not {node_id!r}; "
             f"give each node its own --data-dir, or start it as --node-id {owner.decode()}"
         )
-    problem = format_problem(path, layout, written_by, newest=newest)
+    problem = format_problem(path, layout, written_by(release), newest=newest)
     return None if problem is None else StorageError(problem)
+
+
+def saved_digest_index(raw: bytes | None, last_write: int) -> DigestIndex | None:
+    """The digest index a clean close saved in meta (see META_DIGESTS), if
+    `last_write` (the engine's last transaction id or sequence number) is
+    still the one that saved it; else None: build it again."""
+    if raw is None or len(raw) < 8 or int.from_bytes(raw[:8], "big") != last_write:
+        return None
+    return DigestIndex.from_bytes(raw[8:])
+
+
+def digest_index_record(saving_write: int, index: DigestIndex) -> bytes:
+    """What META_DIGESTS holds: the id of the write that saves it, then the index."""
+    return saving_write.to_bytes(8, "big") + index.to_bytes()
 
 
 class DurableStore(Store):
@@ -126,6 +147,11 @@ class DurableStore(Store):
 
     def _scan(self, start: int, end: int) -> Iterator[tuple[bytes, bytes]]:
         raise NotImplementedError
+
+    def _scanned_high_water(self) -> int:
+        """The highest hlc among the stored records, by reading every header
+        (a store written before the ceiling was kept has none in meta)."""
+        return max((HEADER.unpack_from(raw)[0] for _, raw in self._scan(0, 0)), default=0)
 
     def iter_range(self, start: int, end: int) -> Iterator[tuple[bytes, Record]]:
         for data_key, raw in self._scan(start, end):

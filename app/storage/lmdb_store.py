@@ -61,10 +61,12 @@ from app.storage.durable import (
     claim_refusal,
     data_key_of,
     decode_record,
+    digest_index_record,
     encode_record,
     format_number,
-    format_problem,
     lock_directory,
+    saved_digest_index,
+    written_by,
 )
 from app.storage.flusher import Flusher
 
@@ -105,10 +107,9 @@ def check_format(path: str) -> None:
         raise StorageError(f"storage: cannot read the meta of LMDB in {path}: {exc}") from exc
     finally:
         env.close()
-    if owner is not None:
-        problem = format_problem(path, layout, release.decode("utf-8", "replace") if release else None, newest=FORMAT)
-        if problem is not None:
-            raise StorageError(problem)
+    refused = claim_refusal(path, None, owner, layout, release, newest=FORMAT)
+    if refused is not None:
+        raise refused
 
 
 class LmdbStore(DurableStore):
@@ -184,27 +185,27 @@ class LmdbStore(DurableStore):
             owner = txn.get(META_NODE_ID)
             layout = txn.get(META_FORMAT)
             release = txn.get(META_RELEASE)
-        written_by = release.decode("utf-8", "replace") if release is not None else None
-        refused = claim_refusal(self._path, node_id, owner, layout, written_by, newest=FORMAT)
+        refused = claim_refusal(self._path, node_id, owner, layout, release, newest=FORMAT)
         if refused is not None:
             self._env.close()
             raise refused
+        last_release = written_by(release)
         with self._env.begin(write=True, db=self._meta) as txn:
             if owner is None:
                 txn.put(META_NODE_ID, node_id.encode())
                 txn.put(META_FORMAT, str(FORMAT).encode())
             else:
-                self._migrate(txn, format_number(layout) or FORMAT, written_by)
+                self._migrate(txn, format_number(layout) or FORMAT, last_release)
             if release != __version__.encode():
                 txn.put(META_RELEASE, __version__.encode())
         if owner is None:
             self._env.sync(True)
-        elif written_by != __version__:
+        elif last_release != __version__:
             log.warning(
                 "storage: %s (on-disk format %d) was last opened by kvstore %s; now %s",
                 self._path,
                 FORMAT,
-                written_by or "0.1.0 (which records no release)",
+                last_release or "0.1.0 (which records no release)",
                 __version__,
             )
 
@@ -228,9 +229,7 @@ class LmdbStore(DurableStore):
         with self._env.begin(db=self._meta) as txn:
             raw = txn.get(META_DIGESTS)
             last = txn.id()
-        if raw is None or len(raw) < 8 or int.from_bytes(raw[:8], "big") != last:
-            return None
-        return DigestIndex.from_bytes(raw[8:])
+        return saved_digest_index(raw, last)
 
     def _save_digests(self) -> None:
         """At close, under the write lock: keep the digest index for the next open."""
@@ -240,7 +239,7 @@ class LmdbStore(DurableStore):
                 if index is None:
                     txn.delete(META_DIGESTS)
                 else:
-                    txn.put(META_DIGESTS, txn.id().to_bytes(8, "big") + index.to_bytes())
+                    txn.put(META_DIGESTS, digest_index_record(txn.id(), index))
         except lmdb.Error as exc:  # a full map, say: the next open rebuilds the index instead
             log.warning("storage: could not save the digest index (%s); it is rebuilt at the next start", exc)
 
@@ -251,9 +250,7 @@ class LmdbStore(DurableStore):
             raw = txn.get(META_HIGH_WATER)
         if raw is not None:
             return int(U64.unpack(raw)[0])
-        highest = 0
-        for _, value in self._scan(0, 0):
-            highest = max(highest, HEADER.unpack_from(value)[0])
+        highest = self._scanned_high_water()
         with self._env.begin(write=True, db=self._meta) as txn:
             txn.put(META_HIGH_WATER, U64.pack(highest))
         self._env.sync(True)

@@ -76,10 +76,12 @@ from app.storage.durable import (
     claim_refusal,
     data_key_of,
     decode_record,
+    digest_index_record,
     encode_record,
     format_number,
-    format_problem,
     lock_directory,
+    saved_digest_index,
+    written_by,
 )
 from app.storage.flusher import Flusher
 
@@ -161,10 +163,9 @@ def check_format(path: str) -> None:
             db.close()
     except Exception as exc:  # rocksdict raises plain Exception for every RocksDB status
         raise StorageError(f"storage: cannot read the meta of RocksDB in {path}: {exc}") from exc
-    if owner is not None:
-        problem = format_problem(path, layout, release.decode("utf-8", "replace") if release else None, newest=FORMAT)
-        if problem is not None:
-            raise StorageError(problem)
+    refused = claim_refusal(path, None, owner, layout, release, newest=FORMAT)
+    if refused is not None:
+        raise refused
 
 
 class RocksDbStore(DurableStore):
@@ -251,29 +252,29 @@ class RocksDbStore(DurableStore):
         owner = self._meta.get(META_NODE_ID)
         layout = self._meta.get(META_FORMAT)
         release = self._meta.get(META_RELEASE)
-        written_by = release.decode("utf-8", "replace") if release is not None else None
-        refused = claim_refusal(self._path, node_id, owner, layout, written_by, newest=FORMAT)
+        refused = claim_refusal(self._path, node_id, owner, layout, release, newest=FORMAT)
         if refused is not None:
             raise refused
+        last_release = written_by(release)
         batch = WriteBatch(raw_mode=True)
         if owner is None:
             batch.put(META_NODE_ID, node_id.encode(), self._meta_cf)
             batch.put(META_FORMAT, str(FORMAT).encode(), self._meta_cf)
             batch.put(_META_LIVE, U64.pack(0), self._meta_cf)
         else:
-            self._migrate(batch, format_number(layout) or FORMAT, written_by)
+            self._migrate(batch, format_number(layout) or FORMAT, last_release)
         if release != __version__.encode():
             batch.put(META_RELEASE, __version__.encode(), self._meta_cf)
         if len(batch):
             self._db.write(batch, self._write_options)
         if owner is None:
             self._db.flush_wal(True)
-        elif written_by != __version__:
+        elif last_release != __version__:
             log.warning(
                 "storage: %s (RocksDB, on-disk format %d) was last opened by kvstore %s; now %s",
                 self._path,
                 FORMAT,
-                written_by,
+                last_release,
                 __version__,
             )
 
@@ -296,9 +297,7 @@ class RocksDbStore(DurableStore):
         """The digest index saved at the last clean close, if nothing was written since."""
         raw = self._meta.get(META_DIGESTS)
         last = self._db.latest_sequence_number()
-        if raw is None or len(raw) < 8 or int.from_bytes(raw[:8], "big") != last:
-            return None
-        return DigestIndex.from_bytes(raw[8:])
+        return saved_digest_index(raw, last)
 
     def _save_digests(self) -> None:
         """At close, under the write lock: keep the digest index for the next open.
@@ -309,7 +308,7 @@ class RocksDbStore(DurableStore):
             batch.delete(META_DIGESTS, self._meta_cf)
         else:
             seq = self._db.latest_sequence_number() + 1
-            batch.put(META_DIGESTS, seq.to_bytes(8, "big") + index.to_bytes(), self._meta_cf)
+            batch.put(META_DIGESTS, digest_index_record(seq, index), self._meta_cf)
         try:
             self._db.write(batch, self._write_options)
         except Exception as exc:  # noqa: BLE001 - a full volume, say: the next open rebuilds the index instead
@@ -319,9 +318,7 @@ class RocksDbStore(DurableStore):
         raw = self._meta.get(META_HIGH_WATER)
         if raw is not None:
             return int(U64.unpack(raw)[0])
-        highest = 0
-        for _, value in self._scan(0, 0):
-            highest = max(highest, HEADER.unpack_from(value)[0])
+        highest = self._scanned_high_water()
         return highest
 
     def _read_live_count(self) -> int:

@@ -24,6 +24,25 @@ def value(i: int) -> bytes:
     return (f"{i:06d}".encode() * (VALUE_BYTES // 6 + 1))[:VALUE_BYTES]
 
 
+def fill_until_refused(client: httpx.Client, url: str) -> tuple[dict[str, bytes], httpx.Response | None]:
+    """PUT distinct values until the node answers 507 (at most MAX_WRITES):
+    what it acknowledged, and the refusal (None if every write fit)."""
+    acked: dict[str, bytes] = {}
+    for i in range(MAX_WRITES):
+        response = client.put(f"{url}/kv/k{i}", content=value(i))
+        if response.status_code == 507:
+            return acked, response
+        assert response.status_code == 204, response.text
+        acked[f"k{i}"] = value(i)
+    return acked, None
+
+
+def assert_holds(client: httpx.Client, url: str, acked: dict[str, bytes], *, after: str = "") -> None:
+    """Every acknowledged write reads back from the node."""
+    for key, expected in acked.items():
+        assert client.get(f"{url}/kv/{key}").content == expected, f"{key} lost{after}"
+
+
 def _metric(url: str, name: str) -> float:
     for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
         if line.startswith(name + " "):
@@ -34,16 +53,8 @@ def _metric(url: str, name: str) -> float:
 def test_a_full_node_answers_507_and_keeps_every_acknowledged_write(make_cluster: Callable[..., Cluster]) -> None:
     cluster = make_cluster(size=1, durable=True, args=["--map-size", TINY_MAP])
     node = cluster[0]
-    acked: dict[str, bytes] = {}
-    refused: httpx.Response | None = None
     with httpx.Client(timeout=5) as client:
-        for i in range(MAX_WRITES):
-            response = client.put(f"{node.url}/kv/k{i}", content=value(i))
-            if response.status_code == 507:
-                refused = response
-                break
-            assert response.status_code == 204, response.text
-            acked[f"k{i}"] = value(i)
+        acked, refused = fill_until_refused(client, node.url)
         assert refused is not None, f"{MAX_WRITES} writes fit in a {TINY_MAP} map"
         assert refused.headers["content-type"].startswith("application/json")
         assert "full" in refused.json()["error"] and "--map-size" in refused.json()["error"]
@@ -53,14 +64,12 @@ def test_a_full_node_answers_507_and_keeps_every_acknowledged_write(make_cluster
         assert _metric(node.url, "kvstore_storage_used_bytes") / _metric(node.url, "kvstore_storage_limit_bytes") > 0.9
         assert _metric(node.url, "kvstore_storage_limit_bytes") == 1 << 20
         assert client.get(f"{node.url}/ready").status_code == 200, "a full node still serves reads"
-        for key, expected in acked.items():
-            assert client.get(f"{node.url}/kv/{key}").content == expected, key
+        assert_holds(client, node.url, acked)
 
     node.stop()
     node.start().wait_ready()
     with httpx.Client(timeout=5) as client:
-        for key, expected in acked.items():
-            assert client.get(f"{node.url}/kv/{key}").content == expected, f"{key} lost across the restart"
+        assert_holds(client, node.url, acked, after=" across the restart")
 
 
 def test_peers_see_a_full_replica_refuse_not_vanish(make_cluster: Callable[..., Cluster]) -> None:
@@ -118,30 +127,20 @@ def test_a_full_volume_refuses_rocksdb_writes_with_507_and_keeps_every_acknowled
         cluster = Cluster(size=1, log_dir=tmp_path, data_root=volume, args=["--storage", "rocksdb"])
         try:
             node = cluster.start()[0]
-            acked: dict[str, bytes] = {}
-            refused: httpx.Response | None = None
             with httpx.Client(timeout=5) as client:
-                for i in range(MAX_WRITES):
-                    response = client.put(f"{node.url}/kv/k{i}", content=value(i))
-                    if response.status_code == 507:
-                        refused = response
-                        break
-                    assert response.status_code == 204, response.text
-                    acked[f"k{i}"] = value(i)
+                acked, refused = fill_until_refused(client, node.url)
                 assert refused is not None, f"{MAX_WRITES} writes fit in a {TINY_VOLUME} volume"
                 assert "full" in refused.json()["error"] and "grow the volume" in refused.json()["error"]
                 assert len(acked) > 10
                 used = _metric(node.url, "kvstore_storage_used_bytes")
                 assert used / _metric(node.url, "kvstore_storage_limit_bytes") > 0.9
                 assert client.get(f"{node.url}/ready").status_code == 200, "a full node still serves reads"
-                for key, expected in acked.items():
-                    assert client.get(f"{node.url}/kv/{key}").content == expected, key
+                assert_holds(client, node.url, acked)
             node.stop()
             subprocess.run(["mount", "-o", f"remount,size={GROWN_VOLUME}", str(volume)], check=True)
             node.start().wait_ready()
             with httpx.Client(timeout=5) as client:
-                for key, expected in acked.items():
-                    assert client.get(f"{node.url}/kv/{key}").content == expected, f"{key} lost across the restart"
+                assert_holds(client, node.url, acked, after=" across the restart")
                 assert client.put(f"{node.url}/kv/after", content=b"v").status_code == 204
         finally:
             cluster.stop()
